@@ -1,0 +1,81 @@
+"""Sparse Transformer attention (Child et al., 2019) for PyTorch and TensorFlow.
+
+    from sparse_attention import attention_impl, blocksparse_attention_impl
+
+    y = blocksparse_attention_impl(q, k, v, heads=4, attn_mode="fixed", local_attn_ctx=128,
+                                   num_verts=4, vertsize=1)
+
+``q, k, v`` are ``[batch, time, heads * head_dim]`` torch or tf tensors; the framework is
+picked from their type, and neither is imported before a tensor of it arrives.
+"""
+
+from __future__ import annotations
+
+from ._api import backend_for, check_tensors, resolve_spec
+from .layouts import MODES, Layout, allowed, custom_layout, dense_mask, from_dense, make_layout
+from .recompute import recomputable
+
+__all__ = [
+    "MODES",
+    "Layout",
+    "allowed",
+    "attention_impl",
+    "blocksparse_attention_impl",
+    "custom_layout",
+    "dense_mask",
+    "from_dense",
+    "make_layout",
+    "recomputable",
+]
+__version__ = "0.1.0"
+
+
+@recomputable("attention_impl")
+def attention_impl(q, k, v, heads, attn_mode, local_attn_ctx=None, blocksize=32, num_verts=None, vertsize=None):
+    """Dense reference attention: the full ``time x time`` scores, masked by the pattern.
+
+    Same arguments and result as :func:`blocksparse_attention_impl` (``recompute=False`` keyword
+    included); every mode, ``fixed`` and custom layouts too. Memory grows as ``time**2``: use it
+    to check the block-sparse path, not for long sequences.
+    """
+    backend = backend_for(q, k, v)
+    _, time, _ = check_tensors(q, k, v, heads)
+    spec = resolve_spec(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, sparse=False)
+    return backend.dense_attention(q, k, v, heads, spec)
+
+
+@recomputable("blocksparse_attention_impl")
+def blocksparse_attention_impl(
+    q, k, v, heads, attn_mode, local_attn_ctx=None, blocksize=32, num_verts=None, vertsize=None
+):
+    """Block-sparse attention: only the enabled blocks of the layout are computed.
+
+    Args:
+        q, k, v: ``[batch, time, heads * head_dim]``, one framework, dtype and device; float16,
+            bfloat16, float32 or float64 (half inputs are computed in float32 and cast back).
+        heads: number of heads; head ``h`` owns columns ``h*head_dim:(h+1)*head_dim``.
+        attn_mode: ``"all"`` (causal), ``"local"``, ``"strided"``, ``"fixed"``, or a
+            :class:`Layout` (see :func:`custom_layout`, :func:`from_dense`).
+        local_attn_ctx: window (``local``), stride (``strided``) or group length (``fixed``).
+        blocksize: layout block size (16, 32, 64, 128); ``time`` must be a multiple of it.
+        num_verts, vertsize: ``fixed`` only, the summary blocks per head (SEMANTICS.md).
+        recompute: recompute activations in the backward pass instead of storing them.
+
+    Returns:
+        ``[batch, time, heads * head_dim]`` in the dtype of ``q``. A query with no allowed key
+        (custom layouts only) gets 0.
+
+    ``fixed``, ``time=16, blocksize=4, local_attn_ctx=8, num_verts=1, vertsize=1``, one head
+    (``x`` allowed; the last block of every earlier group of 8 is its summary)::
+
+        x . . . . . . . . . . . . . . .
+        x x . . . . . . . . . . . . . .
+        ...
+        x x x x x x x x . . . . . . . .
+        . . . . x x x x x . . . . . . .
+        . . . . x x x x x x x . . . . .
+    """
+    backend = backend_for(q, k, v)
+    _, time, _ = check_tensors(q, k, v, heads)
+    layout = resolve_spec(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, sparse=True)
+    return backend.blocksparse_attention(q, k, v, heads, layout)

@@ -1,0 +1,99 @@
+"""Framework-neutral part of a call: argument checks, layout resolution, backend dispatch.
+
+Each backend (``sparse_attention.torch``, ``sparse_attention.tensorflow``) exposes
+``dense_attention(q, k, v, heads, spec)`` and ``blocksparse_attention(q, k, v, heads, layout)``
+on validated ``[batch, time, dim]`` tensors; ``spec`` is a :class:`~sparse_attention.layouts.Layout`
+or the dict of :func:`~sparse_attention.layouts.validate_pattern`. No framework is imported here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .layouts import Layout, make_layout, validate_pattern
+
+_BACKENDS = {"torch": "sparse_attention.torch", "tensorflow": "sparse_attention.tensorflow"}
+
+
+def framework_of(x) -> str | None:
+    """``"torch"`` or ``"tensorflow"`` from the type of ``x`` (without importing either), else None."""
+    for cls in type(x).__mro__:
+        root = cls.__module__.split(".")[0]
+        if root == "torch":
+            return "torch"
+        if root in ("tensorflow", "tf_keras", "keras"):
+            return "tensorflow"
+    return None
+
+
+def backend_for(q, k, v):
+    """The backend module for the tensors' framework; all three must share it."""
+    names = [framework_of(x) for x in (q, k, v)]
+    for arg, name, x in zip("qkv", names, (q, k, v)):
+        if name is None:
+            raise TypeError(
+                f"{arg} must be a torch.Tensor or a tf.Tensor of shape [batch, time, dim], "
+                f"got {type(x).__module__}.{type(x).__name__}"
+            )
+    if len(set(names)) != 1:
+        raise TypeError(f"q, k and v must come from one framework, got {names}")
+    return importlib.import_module(_BACKENDS[names[0]])
+
+
+def check_tensors(q, k, v, heads) -> tuple[int, int, int]:
+    """Rank, shapes, heads; dtypes and devices are the backend's to check. Returns (batch, time, dim)."""
+    if not isinstance(heads, int) or isinstance(heads, bool):
+        raise TypeError(f"heads must be an int, got {type(heads).__name__} {heads!r}")
+    if heads < 1:
+        raise ValueError(f"heads must be >= 1, got {heads}")
+    shapes = []
+    for name, x in zip("qkv", (q, k, v)):
+        shape = tuple(x.shape)
+        if len(shape) != 3:
+            raise ValueError(
+                f"{name} must have rank 3, [batch, time, heads * head_dim], got shape {list(shape)}"
+            )
+        shapes.append(shape)
+    if not (shapes[0] == shapes[1] == shapes[2]):
+        raise ValueError(f"q, k and v must have the same shape, got {shapes[0]}, {shapes[1]}, {shapes[2]}")
+    batch, time, dim = shapes[0]
+    if time is not None and time < 1:
+        raise ValueError(f"time (q.shape[1]) must be >= 1, got {time}")
+    if dim is not None and dim % heads:
+        raise ValueError(
+            f"dim (q.shape[2] = {dim}) must be divisible by heads ({heads}); "
+            f"valid heads here: {[h for h in range(1, min(dim, 64) + 1) if dim % h == 0]}"
+        )
+    return batch, time, dim
+
+
+def resolve_spec(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, *, sparse: bool):
+    """A Layout (block-sparse path, or a custom layout) or a validated pattern dict (dense path)."""
+    if isinstance(attn_mode, Layout):
+        lay = attn_mode
+        if lay.time != time:
+            raise ValueError(f"the layout covers time={lay.time} but q has time={time}")
+        if lay.heads not in (1, heads):
+            raise ValueError(f"the layout has {lay.heads} heads but heads={heads}")
+        if lay.heads != heads:
+            lay = broadcast_heads(lay, heads)
+        return lay
+    if time is None:
+        raise ValueError("time (q.shape[1]) must be known statically; give the placeholder a fixed time")
+    if sparse:
+        return make_layout(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize)
+    return validate_pattern(
+        time, heads, attn_mode, local_attn_ctx, blocksize if attn_mode == "fixed" else None, num_verts, vertsize
+    )
+
+
+def broadcast_heads(lay: Layout, heads: int) -> Layout:
+    """A one-head layout shared by ``heads`` heads (tables are shared, not copied)."""
+    import dataclasses
+
+    import numpy as np
+
+    if lay.heads == heads:
+        return lay
+    new = dataclasses.replace(lay, heads=heads, head_pattern=np.repeat(lay.head_pattern[:1], heads))
+    return new
