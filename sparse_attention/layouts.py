@@ -303,6 +303,33 @@ class Layout:
             self._cache["col"] = (col_ptr, self.entry_rows()[order], order)
         return self._cache["col"]
 
+    def col_ranges(self):
+        """Transposed structured form (built-in modes): the query-block rows of key block ``c`` are
+        ``range(lo1, hi1 + 1)`` (the rows whose contiguous range holds ``c``) plus
+        ``range(lo2, nb)`` (the rows whose prefix holds ``c``; ``lo2 = nb`` when none).
+
+        Returns ``(lo1, hi1, lo2)``, each ``int32 [P, nb]``. Needs non-decreasing ``row_lo``,
+        ``row_hi`` and ``prefix_len`` along the rows, which every built-in mode has.
+        """
+        if not self.structured:
+            raise ValueError("col_ranges() needs a built-in layout; use col_table() for custom layouts")
+        if "col_ranges" not in self._cache:
+            P, nb = self.n_patterns, self.nb
+            c = np.arange(nb)
+            lo1 = np.empty((P, nb), np.int32)
+            hi1 = np.empty((P, nb), np.int32)
+            lo2 = np.full((P, nb), nb, np.int32)
+            for p in range(P):
+                lo1[p] = np.searchsorted(self.row_hi[p], c, side="left")
+                hi1[p] = np.searchsorted(self.row_lo[p], c, side="right") - 1
+                pre = self.prefix_cols[p]
+                if pre.size:
+                    # prefix slot k (holding column pre[k]) is used by the rows with prefix_len > k
+                    first = np.searchsorted(self.prefix_len[p], np.arange(pre.size), side="right")
+                    lo2[p, pre] = np.minimum(lo2[p, pre], first)
+            self._cache["col_ranges"] = (lo1, hi1, lo2)
+        return self._cache["col_ranges"]
+
     # -- in-block masks --------------------------------------------------------------------
     def token_index(self, positions):
         """Token index of block-order positions (identity unless the layout permutes)."""
