@@ -1,0 +1,203 @@
+"""Block-sparse attention for torch tensors: the front end and the plain-PyTorch block-gather path.
+
+``blocksparse_attention`` (``[batch, time, dim]``) splits heads and calls
+``sparse_attention.torch.ops.blocksparse_attention_bhtd`` (``[batch, heads, time, head_dim]``),
+which runs the fused Triton kernels on CUDA and :func:`gather_attention` elsewhere.
+
+:func:`gather_attention` computes only the enabled blocks: for each chunk of query-block rows it
+gathers their enabled key/value blocks (padded to the chunk's longest row), runs the softmax in
+float32 and keeps only the output and the log-sum-exp. The backward pass recomputes the scores
+chunk by chunk (flash-attention style) and scatter-adds the key/value gradients, so memory is
+the inputs plus one chunk of scores, whatever ``time`` is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..layouts import Layout, allowed
+from .reference import check_tensors, compute_dtype, merge_heads, split_heads
+
+# Scores per chunk (batch * heads * rows * blocksize * keys): about 64 MiB of float32, so the
+# transient tensors of one chunk stay a few hundred MiB.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def blocksparse_attention(q, k, v, heads: int, layout: Layout) -> torch.Tensor:
+    """``blocksparse_attention_impl`` for torch tensors ``[batch, time, dim]`` (arguments validated)."""
+    check_tensors(q, k, v)
+    from .ops import blocksparse_attention_bhtd
+
+    o = blocksparse_attention_bhtd(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), layout)
+    return merge_heads(o)
+
+
+def gather_attention(q, k, v, layout: Layout) -> torch.Tensor:
+    """Block-sparse attention on natural-order ``[batch, heads, time, head_dim]`` tensors in plain
+    PyTorch (any device, differentiable). Returns the same shape and dtype as ``q``."""
+    check_tensors(q, k, v)
+    B, H, T, _ = q.shape
+    if layout.heads != H or layout.time != T:
+        raise ValueError(
+            f"layout is for heads={layout.heads}, time={layout.time}; q has heads={H}, time={T}"
+        )
+    perm = None
+    if layout.perm is not None:
+        perm = _device_cache(layout, "perm", q.device, lambda: torch.from_numpy(layout.perm))
+        q, k, v = (x.index_select(2, perm) for x in (q, k, v))
+    outs = []
+    for p in range(layout.n_patterns):
+        hs = layout.heads_of(p)
+        if len(hs) == H:
+            outs.append(_GatherAttention.apply(q, k, v, layout, p))
+        else:
+            idx = _device_cache(layout, f"heads{p}", q.device, lambda hs=hs: torch.from_numpy(hs))
+            outs.append(_GatherAttention.apply(*(x.index_select(1, idx) for x in (q, k, v)), layout, p))
+    if len(outs) == 1:
+        o = outs[0]
+    else:
+        order = np.argsort(np.concatenate([layout.heads_of(p) for p in range(layout.n_patterns)]))
+        o = torch.cat(outs, dim=1)[:, torch.from_numpy(order).to(q.device)]
+    if perm is not None:
+        inv = _device_cache(layout, "inv_perm", q.device, lambda: torch.from_numpy(np.argsort(layout.perm)))
+        o = o.index_select(2, inv)
+    return o
+
+
+def _device_cache(layout: Layout, key: str, device, make):
+    """Tensors derived from a layout, cached on the layout per device."""
+    full = (key, str(device))
+    cache = layout._cache.setdefault("torch", {})
+    if full not in cache:
+        cache[full] = make().to(device)
+    return cache[full]
+
+
+class _Chunk:
+    """Query-block rows ``r0:r1`` of one pattern with their padded key blocks, on one device."""
+
+    def __init__(self, layout: Layout, pattern: int, r0: int, r1: int, device):
+        cols, valid, entries = layout.padded_rows(pattern, r0, r1)
+        self.r0, self.r1 = r0, r1
+        self.cols = torch.from_numpy(cols).to(device)  # int64 [n, maxc]
+        self.valid = torch.from_numpy(valid).to(device)  # bool [n, maxc]
+        self.mask_ids = None
+        if layout.mode == "custom":
+            # 0: a full block, 1 + i: layout.block_masks[i]
+            ids = np.where(valid, layout.mask_idx[np.maximum(entries, 0)] + 1, 0)
+            self.mask_ids = torch.from_numpy(ids.astype(np.int64)).to(device)
+
+    def mask(self, layout: Layout, pattern: int, device) -> torch.Tensor:
+        """``bool [n, b, maxc, b]``: allowed (query, key) pairs of the chunk's gathered blocks."""
+        b = layout.blocksize
+        n, maxc = self.cols.shape
+        valid = self.valid[:, None, :, None]
+        if self.mask_ids is not None:
+            bank = _device_cache(layout, "block_masks", device, lambda: torch.from_numpy(
+                np.concatenate([np.ones((1, b, b), bool), layout.block_masks])))
+            return bank[self.mask_ids].permute(0, 2, 1, 3) & valid
+        off = torch.arange(b, device=device)
+        qpos = (torch.arange(self.r0, self.r1, device=device)[:, None] * b + off)  # [n, b]
+        kpos = self.cols[:, :, None] * b + off  # [n, maxc, b]
+        if layout.perm is not None:
+            perm = _device_cache(layout, "perm", device, lambda: torch.from_numpy(layout.perm))
+            qpos, kpos = perm[qpos], perm[kpos]
+        h = int(layout.heads_of(pattern)[0])
+        m = allowed(qpos[:, :, None, None], kpos[:, None, :, :], h, layout.mode, **layout._rule_params())
+        return m & valid
+
+
+def _plan(layout: Layout, pattern: int, rows_budget_keys: int, device) -> list[_Chunk]:
+    """Split the rows of a pattern into chunks of at most ``rows_budget_keys`` (rows x padded key
+    blocks) each; cached per (pattern, budget, device)."""
+    key = ("plan", pattern, rows_budget_keys, str(device))
+    cache = layout._cache.setdefault("torch", {})
+    if key not in cache:
+        counts = layout.row_counts()[pattern]
+        chunks, r0, width = [], 0, 0
+        for r in range(layout.nb):
+            w = max(width, int(counts[r]), 1)
+            if r > r0 and (r - r0 + 1) * w > rows_budget_keys:
+                chunks.append((r0, r))
+                r0, w = r, max(int(counts[r]), 1)
+            width = w
+        chunks.append((r0, layout.nb))
+        cache[key] = [_Chunk(layout, pattern, a, b, device) for a, b in chunks]
+    return cache[key]
+
+
+class _GatherAttention(torch.autograd.Function):
+    """Block-sparse attention of one head pattern, ``[B, h, T, d]`` in block order."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout: Layout, pattern: int):
+        B, h, T, d = q.shape
+        b, nb = layout.blocksize, layout.nb
+        cd = compute_dtype(q.dtype)
+        scale = 1.0 / math.sqrt(d)
+        budget = max(CHUNK_ELEMENTS // (B * h * b * b), 1)
+        chunks = _plan(layout, pattern, budget, q.device)
+        qb, kb, vb = (x.reshape(B, h, nb, b, d) for x in (q, k, v))
+        out = torch.empty(B, h, nb, b, d, dtype=cd, device=q.device)
+        lse = torch.empty(B, h, nb, b, dtype=cd, device=q.device)
+        for c in chunks:
+            n, maxc = c.cols.shape
+            s = _scores(qb[:, :, c.r0 : c.r1], kb[:, :, c.cols], cd, scale)  # [B, h, n, b, maxc * b]
+            mask = c.mask(layout, pattern, q.device).reshape(n, b, maxc * b)
+            s.masked_fill_(~mask, float("-inf"))
+            m = s.amax(dim=-1, keepdim=True)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            p = torch.exp(s - m)
+            den = p.sum(dim=-1, keepdim=True)
+            vg = vb[:, :, c.cols].to(cd).reshape(B, h, n, maxc * b, d)
+            out[:, :, c.r0 : c.r1] = torch.matmul(p, vg) / torch.where(den > 0, den, torch.ones_like(den))
+            # An empty row keeps lse = +inf, so that exp(s - lse) = 0 in the backward pass.
+            lse[:, :, c.r0 : c.r1] = torch.where(den > 0, m + torch.log(den), torch.full_like(den, math.inf))[..., 0]
+        out = out.reshape(B, h, T, d)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.pattern, ctx.chunks, ctx.scale = layout, pattern, chunks, scale
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        layout, pattern, scale = ctx.layout, ctx.pattern, ctx.scale
+        B, h, T, d = q.shape
+        b, nb = layout.blocksize, layout.nb
+        cd = out.dtype
+        do = do.to(cd)
+        delta = (do * out).sum(dim=-1).reshape(B, h, nb, b, 1)
+        qb, kb, vb = (x.reshape(B, h, nb, b, d) for x in (q, k, v))
+        dob = do.reshape(B, h, nb, b, d)
+        dq = torch.zeros(B, h, nb, b, d, dtype=cd, device=q.device)
+        dk = torch.zeros(B, h, nb, b, d, dtype=cd, device=q.device)
+        dv = torch.zeros(B, h, nb, b, d, dtype=cd, device=q.device)
+        for c in ctx.chunks:
+            n, maxc = c.cols.shape
+            qc = qb[:, :, c.r0 : c.r1].to(cd).reshape(B, h, n * b, d)
+            kg = kb[:, :, c.cols].to(cd).reshape(B, h, n, maxc * b, d)
+            vg = vb[:, :, c.cols].to(cd).reshape(B, h, n, maxc * b, d)
+            s = torch.matmul(qc.reshape(B, h, n, b, d), kg.transpose(-1, -2)) * scale
+            mask = c.mask(layout, pattern, q.device).reshape(n, b, maxc * b)
+            s.masked_fill_(~mask, float("-inf"))
+            p = torch.exp(s - lse[:, :, c.r0 : c.r1, :, None])  # [B, h, n, b, maxc * b]
+            doc = dob[:, :, c.r0 : c.r1]  # [B, h, n, b, d]
+            dp = torch.matmul(doc, vg.transpose(-1, -2))
+            ds = p * (dp - delta[:, :, c.r0 : c.r1]) * scale
+            dq[:, :, c.r0 : c.r1] = torch.matmul(ds, kg)
+            # Padding slots have p = 0 and ds = 0: their scatter into block 0 adds nothing.
+            flat = c.cols.reshape(-1)
+            dk.index_add_(2, flat, torch.matmul(ds.transpose(-1, -2), qc.reshape(B, h, n, b, d)).reshape(
+                B, h, n * maxc, b, d))
+            dv.index_add_(2, flat, torch.matmul(p.transpose(-1, -2), doc).reshape(B, h, n * maxc, b, d))
+        shape = (B, h, T, d)
+        return dq.reshape(shape).to(q.dtype), dk.reshape(shape).to(k.dtype), dv.reshape(shape).to(v.dtype), None, None
+
+
+def _scores(qc, kg, cd, scale):
+    """``qc [B, h, n, b, d]`` x ``kg [B, h, n, maxc, b, d]`` -> ``[B, h, n, b, maxc * b]`` in ``cd``."""
+    B, h, n, maxc, b, d = kg.shape
+    return torch.matmul(qc.to(cd), kg.to(cd).reshape(B, h, n, maxc * b, d).transpose(-1, -2)) * scale

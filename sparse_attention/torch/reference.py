@@ -1,0 +1,86 @@
+"""Dense masked attention for torch tensors: ``attention_impl``, the reference of every fast path.
+
+It materialises the ``[batch, heads, time, time]`` scores, so it is for checking, not for long
+sequences. The mask comes from the closed form of SEMANTICS.md (``layouts.allowed``), not from
+the block tables, so it checks them independently; custom layouts use ``Layout.to_dense()``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..layouts import Layout, allowed
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensors(q, k, v):
+    """Dtype and device checks shared by both torch paths (shapes are checked by the caller)."""
+    for name, x in zip("qkv", (q, k, v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOATS:
+            raise TypeError(
+                f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}; "
+                f"convert it with {name}.float()"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores, softmax and accumulation run in float32 for half inputs (float64 stays float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[batch, time, heads * d]`` -> ``[batch, heads, time, d]`` (a view)."""
+    b, t, dim = x.shape
+    return x.view(b, t, heads, dim // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[batch, heads, time, d]`` -> ``[batch, time, heads * d]``."""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+def pattern_mask(spec, time: int, heads: int, device) -> torch.Tensor:
+    """The allowed pairs, ``bool [heads or 1, time, time]``."""
+    if isinstance(spec, Layout):
+        return torch.from_numpy(spec.to_dense()).to(device)
+    i = torch.arange(time, device=device)[None, :, None]
+    j = torch.arange(time, device=device)[None, None, :]
+    h = torch.arange(heads, device=device)[:, None, None] if spec["attn_mode"] == "fixed" else 0
+    m = allowed(
+        i, j, h, spec["attn_mode"], spec.get("local_attn_ctx"), spec.get("blocksize"),
+        spec.get("num_verts"), spec.get("vertsize"),
+    )
+    return m
+
+
+def masked_attention(q, k, v, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of ``[batch, heads, time, d]`` tensors under a broadcastable bool mask.
+
+    Rows with no allowed key give 0 and pass 0 gradient (no NaN).
+    """
+    cd = compute_dtype(q.dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = torch.matmul(q.to(cd), k.to(cd).transpose(-1, -2)) * scale
+    any_key = mask.any(dim=-1, keepdim=True)
+    # -inf on masked keys; an empty row gets 0 everywhere (uniform softmax) and is zeroed below.
+    s = s.masked_fill(~mask, float("-inf")).masked_fill(~any_key, 0.0)
+    p = torch.softmax(s, dim=-1) * any_key
+    return torch.matmul(p, v.to(cd)).to(q.dtype)
+
+
+def dense_attention(q, k, v, heads: int, spec) -> torch.Tensor:
+    """``attention_impl`` for torch tensors ``[batch, time, dim]`` (arguments already validated)."""
+    check_tensors(q, k, v)
+    mask = pattern_mask(spec, q.shape[1], heads, q.device)
+    o = masked_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), mask)
+    return merge_heads(o)
