@@ -1,0 +1,246 @@
+"""TensorFlow back end: dense reference and block-gather attention on ``[batch, time, dim]`` tf tensors.
+
+Both work in TF1-style graphs (``tf.compat.v1`` placeholders with a static ``time``), eagerly,
+under ``tf.function`` and ``tf.function(jit_compile=True)``; gradients come from TensorFlow's
+autodiff (``tf.GradientTape`` or ``tf.gradients``).
+
+The block-sparse path never builds a ``time x time`` tensor: for each distinct head pattern and
+each chunk of query-block rows it gathers the enabled key/value blocks of every query block
+(``tf.gather`` with the layout's padded rows), computes the scores of those blocks only
+(``tf.einsum``), masks padding and in-block masks, and takes the softmax over the gathered keys.
+The in-block masks are numpy constants, deduplicated into a small table per layout (a ``local``
+layout has three distinct masks whatever its length) and cached.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import numpy as np
+import tensorflow as tf
+
+from ..layouts import Layout, allowed, fixed_vert_range
+
+_FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+
+# Score elements per batch row of one chunk of query-block rows (all heads of a pattern); bounds
+# the transient memory of the forward pass for long sequences. 4M float32 elements = 16 MiB.
+_CHUNK_ELEMS = 1 << 22
+
+
+def check_inputs(q, k, v, heads):
+    """Dtype and static-shape checks of the tf path; returns ``(time, dim, head_dim)``."""
+    for name, x in zip("qkv", (q, k, v)):
+        dt = tf.as_dtype(x.dtype).base_dtype
+        if dt not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} must be a floating point tensor (float16, bfloat16, float32 or float64), "
+                f"got dtype {dt.name}; cast it first, e.g. tf.cast({name}, tf.float32)"
+            )
+    dts = [tf.as_dtype(x.dtype).base_dtype for x in (q, k, v)]
+    if not dts[0] == dts[1] == dts[2]:
+        raise TypeError(
+            f"q, k and v must have the same dtype, got q: {dts[0].name}, k: {dts[1].name}, v: {dts[2].name}; "
+            "cast them to one dtype with tf.cast"
+        )
+    shape = q.shape.as_list() if isinstance(q.shape, tf.TensorShape) else list(q.shape)
+    time, dim = shape[1], shape[2]
+    if time is None:
+        raise ValueError(
+            "time (q.shape[1]) must be known statically; give the placeholder a fixed time, "
+            "e.g. tf.compat.v1.placeholder(tf.float32, [None, 1024, dim])"
+        )
+    if dim is None:
+        raise ValueError(
+            "dim (q.shape[2]) must be known statically; give the placeholder a fixed last dimension"
+        )
+    return int(time), int(dim), int(dim) // heads
+
+
+def _compute_dtype(dtype):
+    """Scores, softmax and accumulation dtype: float32 for half inputs, else the input dtype."""
+    return tf.float64 if tf.as_dtype(dtype).base_dtype == tf.float64 else tf.float32
+
+
+def _masked_exp(s, mask, axis):
+    """``exp(s - rowmax)`` over the allowed entries and its row sums; empty rows give 0 and 0.
+
+    The row max is a constant of the softmax (stop_gradient): the result does not depend on it.
+    Masked entries are ``-inf`` before ``exp``, so they contribute 0 to values and gradients.
+    """
+    if mask is not None:
+        s = tf.where(mask, s, tf.constant(-np.inf, s.dtype))
+    m = tf.reduce_max(s, axis=axis, keepdims=True)
+    m = tf.stop_gradient(tf.where(tf.math.is_finite(m), m, tf.zeros_like(m)))
+    p = tf.exp(s - m)
+    return p, tf.reduce_sum(p, axis=axis, keepdims=True)
+
+
+def _normalise(out, denom):
+    """``out / denom``: a non-empty row has ``denom >= 1`` (its max contributes ``exp(0)``), an
+    empty row has ``out = 0`` and ``denom = 0``; ``max(denom, 1)`` keeps it at 0 with 0 gradient."""
+    return out / tf.maximum(denom, tf.constant(1, denom.dtype))
+
+
+def _dense_mask(spec, time, heads):
+    """Allowed pairs, a bool tensor broadcastable to ``[heads, time, time]``."""
+    if isinstance(spec, Layout):
+        return tf.constant(spec.to_dense())
+    i = tf.range(time)[:, None]
+    j = tf.range(time)[None, :]
+    mode = spec["attn_mode"]
+    if mode == "fixed":
+        # per-head summary columns: evaluate the closed form with h as a [heads, 1, 1] tensor
+        h = tf.range(heads)[:, None, None]
+        s = spec["local_attn_ctx"] // spec["blocksize"]
+        lo, hi = fixed_vert_range(h, s, spec["num_verts"], spec["vertsize"])
+        col = (j // spec["blocksize"]) % s
+        same_group = (i // spec["local_attn_ctx"]) == (j // spec["local_attn_ctx"])
+        return (j <= i) & (same_group | ((lo <= col) & (col <= hi)))
+    m = allowed(i, j, 0, mode, spec.get("local_attn_ctx"), spec.get("blocksize"))
+    return m[None]
+
+
+def dense_attention(q, k, v, heads, spec):
+    """Masked attention over the full ``time x time`` scores (the reference; small sizes)."""
+    time, dim, hd = check_inputs(q, k, v, heads)
+    out_dtype = q.dtype
+    cdt = _compute_dtype(out_dtype)
+    q, k, v = (tf.reshape(tf.cast(x, cdt), [-1, time, heads, hd]) for x in (q, k, v))
+    q = q * tf.constant(1.0 / math.sqrt(hd), cdt)
+    s = tf.einsum("bihd,bjhd->bhij", q, k)  # [batch, heads, time, time]
+    p, denom = _masked_exp(s, _dense_mask(spec, time, heads), axis=-1)
+    out = tf.einsum("bhij,bjhd->bihd", p, v)  # [batch, time, heads, hd]
+    out = _normalise(out, tf.transpose(denom, [0, 2, 1, 3]))
+    return tf.cast(tf.reshape(out, [-1, time, dim]), out_dtype)
+
+
+# -- block-sparse path ---------------------------------------------------------------------------
+
+
+class _Chunk:
+    """Query-block rows ``r0:r1`` of one pattern: padded key-block columns and mask indices."""
+
+    __slots__ = ("r0", "r1", "cols", "mask_idx")
+
+    def __init__(self, r0, r1, cols, mask_idx):
+        self.r0, self.r1 = r0, r1
+        self.cols = cols  # int32 [n, maxc]
+        self.mask_idx = mask_idx  # int32 [n, maxc] into the plan's mask table, or None: all full
+
+
+class _Plan:
+    """Everything the tf graph needs from a layout, as numpy constants."""
+
+    def __init__(self, heads_of, chunks, masks, perm):
+        self.heads_of = heads_of  # per pattern: int32 [heads of the pattern]
+        self.chunks = chunks  # per pattern: list of _Chunk
+        self.masks = masks  # bool [n_masks, blocksize, blocksize]; 0 = padding, 1 = full block
+        self.perm = perm  # int32 [time] block order -> token, or None
+        self.inv_perm = None if perm is None else np.argsort(perm).astype(np.int32)
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _row_chunks(counts, per_row):
+    """Split rows into chunks ``[r0, r1)`` with ``rows * max(count) * per_row <= _CHUNK_ELEMS``."""
+    nb = len(counts)
+    out, r0 = [], 0
+    while r0 < nb:
+        r1, widest = r0 + 1, max(int(counts[r0]), 1)
+        while r1 < nb and (r1 + 1 - r0) * max(widest, int(counts[r1])) * per_row <= _CHUNK_ELEMS:
+            widest = max(widest, int(counts[r1]))
+            r1 += 1
+        out.append((r0, r1))
+        r0 = r1
+    return out
+
+
+def _plan(layout: Layout) -> _Plan:
+    plan = _PLANS.get(layout)
+    if plan is not None:
+        return plan
+    b = layout.blocksize
+    masks = [np.zeros((b, b), bool), np.ones((b, b), bool)]
+    index = {np.packbits(m).tobytes(): i for i, m in enumerate(masks)}
+    counts = layout.row_counts()
+    heads_of, chunks = [], []
+    for p in range(layout.n_patterns):
+        hs = layout.heads_of(p).astype(np.int32)
+        if hs.size == 0:
+            continue
+        heads_of.append(hs)
+        pchunks = []
+        for r0, r1 in _row_chunks(counts[p], b * b * hs.size):
+            cols, valid, entries = layout.padded_rows(p, r0, r1)
+            rows = np.broadcast_to(np.arange(r0, r1)[:, None], cols.shape)[valid]
+            em = layout.entry_masks(p, rows, cols[valid], None if entries is None else entries[valid])
+            idx = np.zeros(cols.shape, np.int32)
+            if em.shape[0]:
+                packed = np.packbits(em.reshape(em.shape[0], -1), axis=1)
+                uniq, inv = np.unique(packed, axis=0, return_inverse=True)
+                ids = np.empty(len(uniq), np.int32)
+                for u, row in enumerate(uniq):
+                    key = row.tobytes()
+                    if key not in index:
+                        index[key] = len(masks)
+                        masks.append(np.unpackbits(row)[: b * b].reshape(b, b).astype(bool))
+                    ids[u] = index[key]
+                idx[valid] = ids[np.asarray(inv).reshape(-1)]
+            pchunks.append(_Chunk(r0, r1, cols.astype(np.int32), None if np.all(idx == 1) else idx))
+        chunks.append(pchunks)
+    perm = None if layout.perm is None else layout.perm.astype(np.int32)
+    plan = _Plan(heads_of, chunks, np.stack(masks), perm)
+    _PLANS[layout] = plan
+    return plan
+
+
+def _attend_chunk(q, k, v, chunk: _Chunk, masks):
+    """One chunk of query-block rows; q ``[B, nb, b, Hp, hd]``, k, v the same. Returns
+    ``[B, n, b, Hp, hd]``."""
+    qc = q[:, chunk.r0 : chunk.r1]  # [B, n, b, Hp, hd]
+    kc = tf.gather(k, chunk.cols, axis=1)  # [B, n, c, b, Hp, hd]
+    vc = tf.gather(v, chunk.cols, axis=1)
+    s = tf.einsum("bnihd,bncjhd->bhncij", qc, kc)  # [B, Hp, n, c, b, b]
+    mask = None if chunk.mask_idx is None else tf.gather(masks, chunk.mask_idx)  # [n, c, b, b]
+    p, denom = _masked_exp(s, mask, axis=[3, 5])
+    out = tf.einsum("bhncij,bncjhd->bnihd", p, vc)
+    # denom [B, Hp, n, 1, b, 1] -> [B, n, b, Hp, 1]
+    denom = tf.transpose(tf.squeeze(denom, axis=[3, 5]), [0, 2, 3, 1])[..., None]
+    return _normalise(out, denom)
+
+
+def blocksparse_attention(q, k, v, heads, layout: Layout):
+    """Attention over the enabled blocks of ``layout`` only (see the module docstring)."""
+    time, dim, hd = check_inputs(q, k, v, heads)
+    out_dtype = q.dtype
+    cdt = _compute_dtype(out_dtype)
+    plan = _plan(layout)
+    b, nb = layout.blocksize, layout.nb
+    q, k, v = (tf.cast(x, cdt) for x in (q, k, v))
+    if plan.perm is not None:
+        # strided: block order is residue-major, where the pattern is block sparse
+        q, k, v = (tf.gather(x, plan.perm, axis=1) for x in (q, k, v))
+    q = q * tf.constant(1.0 / math.sqrt(hd), cdt)
+    q, k, v = (tf.reshape(x, [-1, nb, b, heads, hd]) for x in (q, k, v))
+    masks = tf.constant(plan.masks)
+    outs = []
+    single = len(plan.heads_of) == 1
+    for hs, chunks in zip(plan.heads_of, plan.chunks):
+        if single:
+            qp, kp, vp = q, k, v
+        else:
+            qp, kp, vp = (tf.gather(x, hs, axis=3) for x in (q, k, v))
+        pieces = [_attend_chunk(qp, kp, vp, c, masks) for c in chunks]
+        outs.append(pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=1))
+    if single:
+        out = outs[0]
+    else:
+        order = np.argsort(np.concatenate(plan.heads_of)).astype(np.int32)
+        out = tf.gather(tf.concat(outs, axis=3), order, axis=3)
+    out = tf.reshape(out, [-1, time, dim])
+    if plan.inv_perm is not None:
+        out = tf.gather(out, plan.inv_perm, axis=1)
+    return tf.cast(out, out_dtype)
