@@ -1,0 +1,359 @@
+"""Attention patterns of one layer, and the paper's ways of factorising them over heads.
+
+A *pattern spec* says which key positions each head of a layer may attend to:
+
+* :class:`Mode` - one built-in mode of the library (``all``, ``local``, ``strided``, ``fixed``);
+* :class:`Custom` - a :class:`~sparse_attention.layouts.Layout` (custom layouts, fixed ``time``);
+* :class:`Merged` - the union of several patterns inside every head (the paper's eq. 7);
+* :class:`PerHead` - the heads split into equal groups, one pattern per group (eq. 8).
+
+Factorising over residual blocks (eq. 6, "interleaved") is a list of specs, block ``r`` using
+``specs[r % len(specs)]``; see :func:`paper_patterns`.
+
+Every spec gives a block-sparse :meth:`layout_args` for the library call and a closed-form
+:meth:`mask` (``torch`` tensors) used for KV-cache sampling and by the dense/FlexAttention paths.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..layouts import MODES, Layout, allowed, custom_layout, from_dense, validate_pattern
+
+# Modes whose allowed(i, j) depends on i - j only: their union is built block by block without
+# any time x time array, whatever the context.
+_SHIFT_INVARIANT = ("all", "local", "strided")
+
+
+class Spec:
+    """Base class of the pattern specs."""
+
+    def check(self, time: int, heads: int, blocksize: int) -> None:
+        """Raise ValueError/TypeError if the spec cannot run at this size."""
+        raise NotImplementedError
+
+    def multiple(self, blocksize: int) -> int:
+        """``time`` must be a multiple of this (the model pads its input up to one)."""
+        raise NotImplementedError
+
+    def mask(self, i, j, heads: int, blocksize: int):
+        """Allowed pairs ``bool [heads or 1, len(i), len(j)]`` for position tensors ``i``, ``j``."""
+        raise NotImplementedError
+
+    def groups(self, heads: int):
+        """``[(first_head, n_heads, attn_mode, kwargs)]``: one library call per group of heads."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Mode(Spec):
+    """A built-in mode of the library: ``Mode("fixed", local_attn_ctx=128, num_verts=1, vertsize=1)``."""
+
+    mode: str
+    local_attn_ctx: int | None = None
+    num_verts: int | None = None
+    vertsize: int | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"Mode.mode must be one of {MODES}, got {self.mode!r}")
+
+    def kwargs(self, blocksize: int) -> dict:
+        out = {"blocksize": blocksize}
+        if self.mode != "all":
+            out["local_attn_ctx"] = self.local_attn_ctx
+        if self.mode == "fixed":
+            out.update(num_verts=self.num_verts, vertsize=self.vertsize)
+        return out
+
+    def check(self, time, heads, blocksize):
+        kw = self.kwargs(blocksize)
+        validate_pattern(time, heads, self.mode, kw.get("local_attn_ctx"), blocksize,
+                         kw.get("num_verts"), kw.get("vertsize"))
+
+    def multiple(self, blocksize):
+        if self.mode == "strided" and isinstance(self.local_attn_ctx, int) and self.local_attn_ctx > 0:
+            return math.lcm(blocksize, self.local_attn_ctx)
+        return blocksize
+
+    def allowed(self, i, j, h, blocksize):
+        return allowed(i, j, h, self.mode, self.local_attn_ctx, blocksize, self.num_verts, self.vertsize)
+
+    def mask(self, i, j, heads, blocksize):
+        h = _arange_like(i, heads)[:, None, None] if self.mode == "fixed" else 0
+        m = self.allowed(i[None, :, None], j[None, None, :], h, blocksize)
+        return m if m.dim() == 3 else m[None]
+
+    def groups(self, heads):
+        return [(0, heads, self.mode, self)]
+
+
+@dataclass(frozen=True, eq=False)
+class Custom(Spec):
+    """A :class:`Layout` used as is (its ``time`` is the only context it runs at)."""
+
+    layout: Layout
+
+    def __post_init__(self):
+        if not isinstance(self.layout, Layout):
+            raise TypeError(f"Custom takes a sparse_attention.Layout, got {type(self.layout).__name__}")
+
+    def check(self, time, heads, blocksize):
+        if time != self.layout.time:
+            raise ValueError(f"the custom layout covers time={self.layout.time}, got time={time}; "
+                             "build the layout for the model's padded context")
+        if self.layout.heads not in (1, heads):
+            raise ValueError(f"the custom layout has {self.layout.heads} heads, the layer {heads}")
+
+    def multiple(self, blocksize):
+        return self.layout.time
+
+    def dense(self, device):
+        import torch
+
+        cache = self.layout._cache.setdefault("models", {})
+        key = ("dense", str(device))
+        if key not in cache:
+            cache[key] = torch.from_numpy(self.layout.to_dense()).to(device)
+        return cache[key]
+
+    def mask(self, i, j, heads, blocksize):
+        return self.dense(i.device)[:, i][:, :, j]
+
+    def groups(self, heads):
+        return [(0, heads, self.layout, self)]
+
+
+@dataclass(frozen=True)
+class Merged(Spec):
+    """The union of several patterns in one head (paper eq. 7), e.g. ``Merged(local, strided)``.
+
+    Unions of ``all``/``local``/``strided`` become one custom layout built block by block at any
+    context (no ``time x time`` array); other unions go through a dense mask (``time <= 8192``).
+    """
+
+    parts: tuple
+
+    def __init__(self, *parts):
+        if len(parts) == 1 and isinstance(parts[0], (list, tuple)):
+            parts = tuple(parts[0])
+        parts = tuple(as_spec(p) for p in parts)
+        if len(parts) < 2 or not all(isinstance(p, (Mode, Group)) for p in parts):
+            raise ValueError("Merged takes two or more built-in modes or Group, e.g. "
+                             f"Merged(Mode('local', 128), Mode('strided', 128)); got {parts}")
+        object.__setattr__(self, "parts", parts)
+
+    def check(self, time, heads, blocksize):
+        for p in self.parts:
+            p.check(time, heads, blocksize)
+        if not self._shift_invariant() and time > 8192:
+            raise ValueError(f"{self} at time={time} needs a dense mask; "
+                             "merge only 'all', 'local' and 'strided' for long contexts")
+
+    def _shift_invariant(self):
+        return all(isinstance(p, Mode) and p.mode in _SHIFT_INVARIANT for p in self.parts)
+
+    def multiple(self, blocksize):
+        return functools.reduce(math.lcm, (p.multiple(blocksize) for p in self.parts))
+
+    def mask(self, i, j, heads, blocksize):
+        ms = [p.mask(i, j, heads, blocksize) for p in self.parts]
+        return functools.reduce(lambda a, b: a | b, ms)
+
+    def layout(self, time, heads, blocksize) -> Layout:
+        return _merged_layout(self, time, heads, blocksize)
+
+    def groups(self, heads):
+        return [(0, heads, self, self)]
+
+
+@dataclass(frozen=True)
+class PerHead(Spec):
+    """Different patterns on different heads (paper eq. 8): ``heads`` split into ``len(parts)``
+    equal contiguous groups, group ``g`` using ``parts[g]``."""
+
+    parts: tuple
+
+    def __init__(self, *parts):
+        if len(parts) == 1 and isinstance(parts[0], (list, tuple)):
+            parts = tuple(parts[0])
+        parts = tuple(as_spec(p) for p in parts)
+        if not parts or any(isinstance(p, PerHead) for p in parts):
+            raise ValueError(f"PerHead takes one or more non-PerHead specs, got {parts}")
+        object.__setattr__(self, "parts", parts)
+
+    def _size(self, heads):
+        if heads % len(self.parts):
+            raise ValueError(f"heads ({heads}) must be a multiple of the number of PerHead parts "
+                             f"({len(self.parts)})")
+        return heads // len(self.parts)
+
+    def check(self, time, heads, blocksize):
+        n = self._size(heads)
+        for p in self.parts:
+            p.check(time, n, blocksize)
+
+    def multiple(self, blocksize):
+        return functools.reduce(math.lcm, (p.multiple(blocksize) for p in self.parts))
+
+    def mask(self, i, j, heads, blocksize):
+        import torch
+
+        n = self._size(heads)
+        ms = [p.mask(i, j, n, blocksize).expand(n, len(i), len(j)) for p in self.parts]
+        return torch.cat(ms, dim=0)
+
+    def groups(self, heads):
+        n = self._size(heads)
+        out = []
+        for g, p in enumerate(self.parts):
+            out += [(g * n + h0, hn, mode, spec) for h0, hn, mode, spec in p.groups(n)]
+        return out
+
+
+@dataclass(frozen=True)
+class Group(Spec):
+    """A1 of the paper's fixed pattern: the earlier tokens of the query's own group of ``l``
+    tokens, ``j <= i`` and ``i // l == j // l`` (``fixed`` without its summary columns)."""
+
+    l: int
+
+    def __post_init__(self):
+        if not isinstance(self.l, int) or self.l <= 0:
+            raise ValueError(f"Group.l must be a positive int, got {self.l!r}")
+
+    def check(self, time, heads, blocksize):
+        if self.l % blocksize:
+            raise ValueError(f"the group length ({self.l}) must be a multiple of blocksize ({blocksize})")
+        if time % blocksize:
+            raise ValueError(f"time ({time}) must be a multiple of blocksize ({blocksize})")
+
+    def multiple(self, blocksize):
+        return blocksize
+
+    def allowed(self, i, j, h, blocksize):
+        return (j <= i) & (i // self.l == j // self.l)
+
+    def mask(self, i, j, heads, blocksize):
+        return self.allowed(i[None, :, None], j[None, None, :], 0, blocksize)
+
+    def layout(self, time, heads, blocksize) -> Layout:
+        return _group_layout(self.l, time, heads, blocksize)
+
+    def groups(self, heads):
+        return [(0, heads, self, self)]
+
+
+@functools.lru_cache(maxsize=16)
+def _group_layout(l: int, time: int, heads: int, blocksize: int) -> Layout:
+    nb, s = time // blocksize, l // blocksize
+    r = np.arange(nb)
+    lay = (r[:, None] // s == r[None, :] // s) & (r[None, :] <= r[:, None])
+    tril = np.tril(np.ones((blocksize, blocksize), bool))
+    return custom_layout(lay, blocksize, heads=heads,
+                         callback=lambda shape, h, q, k, e: tril if q == k else np.ones(shape, bool))
+
+
+def as_spec(x) -> Spec:
+    """A :class:`Spec` from a spec, a :class:`Layout`, a mode name (``"all"``) or a dict of
+    :class:`Mode` fields (``{"mode": "local", "local_attn_ctx": 128}``)."""
+    if isinstance(x, Spec):
+        return x
+    if isinstance(x, Layout):
+        return Custom(x)
+    if isinstance(x, str):
+        return Mode(x)
+    if isinstance(x, dict):
+        return Mode(**x)
+    raise TypeError(f"an attention pattern must be a Spec, a Layout, a mode name or a dict, got {type(x).__name__}")
+
+
+def paper_patterns(kind: str, factorization: str = "merged", stride: int = 128, c: int = 32,
+                   blocksize: int = 32) -> list[Spec]:
+    """The paper's patterns, as a list of per-block specs (cycled over the residual blocks).
+
+    Args:
+        kind: ``"dense"`` (causal), ``"fixed"`` (A1: own group of ``stride`` tokens, A2: the last
+            ``c`` tokens of every earlier group), ``"strided"`` (A1: the last ``stride`` tokens,
+            A2: every ``stride``-th token) or ``"local"`` (A1 alone).
+        factorization: ``"interleaved"`` (eq. 6: blocks alternate A1 and A2), ``"merged"`` (eq. 7:
+            A1 | A2 in every head) or ``"heads"`` (eq. 8: half of the heads A1, half A2).
+        c: ``fixed`` only, a multiple of ``blocksize`` (the summary is ``c / blocksize`` blocks).
+    """
+    if kind == "dense":
+        return [Mode("all")]
+    if kind == "local":
+        return [Mode("local", stride)]
+    if factorization not in ("interleaved", "merged", "heads"):
+        raise ValueError(f"factorization must be 'interleaved', 'merged' or 'heads', got {factorization!r}")
+    if kind == "strided":
+        a1, a2 = Mode("local", stride), Mode("strided", stride)
+    elif kind == "fixed":
+        if c % blocksize:
+            raise ValueError(f"c ({c}) must be a multiple of blocksize ({blocksize}) for the fixed pattern")
+        a1 = Group(stride)
+        a2 = Mode("fixed", stride, num_verts=1, vertsize=c // blocksize)
+        if factorization == "merged":
+            return [a2]
+    else:
+        raise ValueError(f"kind must be 'dense', 'local', 'strided' or 'fixed', got {kind!r}")
+    if factorization == "interleaved":
+        return [a1, a2]
+    if factorization == "merged":
+        return [Merged(a1, a2)]
+    return [PerHead(a1, a2)]
+
+
+def _arange_like(x, n):
+    import torch
+
+    return torch.arange(n, device=x.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _merged_layout(spec: Merged, time: int, heads: int, blocksize: int) -> Layout:
+    spec.check(time, heads, blocksize)
+    if not spec._shift_invariant():
+        i = np.arange(time)
+        m = np.zeros((heads, time, time), bool)
+        for p in spec.parts:
+            h = np.arange(heads)[:, None, None]
+            m |= p.allowed(i[None, :, None], i[None, None, :], h, blocksize)
+        return from_dense(m, blocksize)
+    return shift_invariant_union([p.allowed for p in spec.parts], time, heads, blocksize)
+
+
+def shift_invariant_union(rules, time: int, heads: int, blocksize: int) -> Layout:
+    """A custom layout for the union of rules ``allowed(i, j, h, blocksize)`` that depend on
+    ``i - j`` only (and are causal), built from one ``blocksize x blocksize`` mask per block
+    diagonal: ``O(nb * blocksize**2)`` work, the in-block masks shared by every block of a diagonal.
+    """
+    b, nb = blocksize, time // blocksize
+    a = np.arange(b)
+    # diagonal delta = r - c of the block grid holds the token distances b * delta + (a - a')
+    d = b * np.arange(nb)[:, None, None] + (a[:, None] - a[None, :])[None]  # [nb, b, b]
+    i = np.full_like(d, time - 1)
+    m = functools.reduce(np.logical_or, (np.broadcast_to(rule(i, i - d, 0, b), d.shape) for rule in rules))
+    m = m & (d >= 0)
+    deltas = np.nonzero(m.any(axis=(1, 2)))[0]  # enabled diagonals, ascending
+    full = m[deltas].all(axis=(1, 2))
+    # per row r: columns r - delta for the deltas <= r, ascending in column = descending delta
+    rows = np.repeat(np.arange(nb), len(deltas))
+    dl = np.tile(deltas[::-1], nb)
+    keep = dl <= rows
+    rows, dl = rows[keep], dl[keep]
+    cols = (rows - dl).astype(np.int32)
+    row_ptr = np.zeros((1, nb + 1), np.int64)
+    np.cumsum(np.bincount(rows, minlength=nb), out=row_ptr[0, 1:])
+    partial_deltas = deltas[~full]
+    mask_of_delta = np.full(nb, -1, np.int32)
+    mask_of_delta[partial_deltas] = np.arange(len(partial_deltas), dtype=np.int32)
+    mask_idx = mask_of_delta[dl]
+    block_masks = m[partial_deltas] if len(partial_deltas) else np.zeros((0, b, b), bool)
+    return Layout(time, heads, b, "custom", {}, np.zeros(heads, np.int64), None,
+                  _row_ptr=row_ptr, _cols=cols, _partial=mask_idx >= 0, mask_idx=mask_idx,
+                  block_masks=np.ascontiguousarray(block_masks))

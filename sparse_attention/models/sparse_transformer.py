@@ -1,0 +1,236 @@
+"""The Sparse Transformer of Child et al. (2019), section 5, in PyTorch.
+
+    H_0 = embed(X, W_e)                              token + factorised position embeddings (eq. 15)
+    H_k = H_{k-1} + resblock(H_{k-1})                a(H) + b(H) (eqs. 10-14)
+    a(H) = dropout(attention(norm(H)))               pre-norm, sparse attention of block k
+    b(H) = dropout(ff(norm(H + a(H))))               ff(x) = W_2 gelu(W_1 x + b_1) + b_2
+    y = softmax(norm(H_N) W_out)
+
+``W_p`` (attention output) and ``W_2`` are initialised scaled by ``1 / sqrt(2 N)``; ``gelu(x) =
+x * sigmoid(1.702 x)``. Block ``k`` uses ``patterns[k % len(patterns)]`` (one pattern per block,
+interleaved at any ratio: eq. 6); a pattern may be merged (eq. 7) or split over heads (eq. 8).
+Mixed precision: run the model under ``torch.autocast`` (bf16 or fp16); the loss is in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from ..torch.nn import IMPLS, KVCache, SparseSelfAttention
+from .patterns import as_spec
+
+
+@dataclass
+class SparseTransformerConfig:
+    """Hyper-parameters; the paper's enwik8 model is ``n_ctx=12288, d_model=512, n_head=8,
+    n_layer=30, patterns=paper_patterns("fixed", stride=128, c=32)``.
+
+    ``pos_shape``: the factorised positions (``n_emb = len(pos_shape)``): ``(rows, columns)`` for
+    text and audio, ``(rows, columns, channels)`` for images; its product must cover the context.
+    Default: ``(ceil(n_ctx / w), w)`` with ``w`` the power of two nearest ``sqrt(n_ctx)``.
+    """
+
+    vocab_size: int = 256
+    n_ctx: int = 1024
+    d_model: int = 256
+    n_head: int = 4
+    n_layer: int = 4
+    d_ff: int | None = None
+    dropout: float = 0.0
+    pos_shape: tuple | None = None
+    patterns: list = field(default_factory=lambda: ["all"])
+    blocksize: int = 32
+    impl: str = "sparse"
+    recompute: bool = False
+    attn_recompute: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_ctx", "d_model", "n_head", "n_layer", "blocksize"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.patterns, (str, dict)) or not hasattr(self.patterns, "__len__"):
+            self.patterns = [self.patterns]
+        if len(self.patterns) == 0:
+            raise ValueError("patterns must hold at least one pattern spec")
+        self.patterns = [as_spec(p) for p in self.patterns]
+        if self.pos_shape is None:
+            w = 2 ** round(math.log2(math.sqrt(self.n_ctx)))
+            self.pos_shape = (math.ceil(self.max_time / w), w)
+        self.pos_shape = tuple(int(s) for s in self.pos_shape)
+        if any(s < 1 for s in self.pos_shape):
+            raise ValueError(f"pos_shape entries must be positive, got {self.pos_shape}")
+        if math.prod(self.pos_shape) < self.max_time:
+            raise ValueError(f"pos_shape {self.pos_shape} covers {math.prod(self.pos_shape)} positions; the "
+                             f"(padded) context needs {self.max_time}")
+        for p in self.patterns:
+            p.check(self.max_time, self.n_head, self.blocksize)
+
+    @property
+    def multiple(self) -> int:
+        """Inputs are padded to a multiple of this (blocksize, strides, custom layout lengths)."""
+        return functools.reduce(math.lcm, (p.multiple(self.blocksize) for p in self.patterns))
+
+    @property
+    def max_time(self) -> int:
+        m = self.multiple
+        return math.ceil(self.n_ctx / m) * m
+
+
+class FactorisedEmbedding(nn.Module):
+    """``x_i W_e + sum_j o_i^(j) W_j`` (eq. 15): token embedding plus one learned embedding per
+    position coordinate (mixed radix over ``pos_shape``, the last coordinate fastest)."""
+
+    def __init__(self, vocab_size: int, dim: int, pos_shape: tuple, std: float):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, dim)
+        self.pos = nn.ModuleList(nn.Embedding(n, dim) for n in pos_shape)
+        strides = [math.prod(pos_shape[k + 1:]) for k in range(len(pos_shape))]
+        self.register_buffer("strides", torch.tensor(strides), persistent=False)
+        self.register_buffer("sizes", torch.tensor(pos_shape), persistent=False)
+        nn.init.normal_(self.tok.weight, std=std)
+        for e in self.pos:
+            nn.init.normal_(e.weight, std=std / math.sqrt(len(pos_shape)))
+
+    def forward(self, idx, positions):
+        h = self.tok(idx)
+        coords = (positions[:, None] // self.strides) % self.sizes  # [time, n_emb]
+        for k, e in enumerate(self.pos):
+            h = h + e(coords[:, k])
+        return h
+
+
+class GELU(nn.Module):
+    """``x * sigmoid(1.702 x)``, the paper's approximation."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ResBlock(nn.Module):
+    """``H + a(H) + b(H)`` with ``a(H) = dropout(attn(norm(H)))``, ``b(H) = dropout(ff(norm(H + a(H))))``."""
+
+    def __init__(self, cfg: SparseTransformerConfig, spec, layer_idx: int):
+        super().__init__()
+        d, scale = cfg.d_model, 1.0 / math.sqrt(2 * cfg.n_layer)
+        self.norm1 = nn.LayerNorm(d)
+        self.attn = SparseSelfAttention(d, cfg.n_head, spec, cfg.blocksize, cfg.dropout, cfg.attn_recompute,
+                                        cfg.impl, layer_idx)
+        self.norm2 = nn.LayerNorm(d)
+        d_ff = cfg.d_ff or 4 * d
+        self.ff = nn.Sequential(nn.Linear(d, d_ff), GELU(), nn.Linear(d_ff, d), nn.Dropout(cfg.dropout))
+        for lin in (self.attn.qkv, self.attn.proj, self.ff[0], self.ff[2]):
+            nn.init.normal_(lin.weight, std=cfg.init_std)
+            nn.init.zeros_(lin.bias)
+        with torch.no_grad():
+            self.attn.proj.weight.mul_(scale)
+            self.ff[2].weight.mul_(scale)
+
+    def forward(self, h, cache: KVCache | None = None):
+        a = self.attn(self.norm1(h), cache)
+        b = self.ff(self.norm2(h + a))
+        return h + a + b
+
+
+class SparseTransformer(nn.Module):
+    """Decoder-only Sparse Transformer over a token vocabulary (bytes by default).
+
+    ``forward(idx [batch, time], targets=None)`` -> ``(logits [batch, time, vocab], loss)``; ``time
+    <= n_ctx``, padded internally to a multiple of :attr:`SparseTransformerConfig.multiple`.
+    :meth:`generate` samples with a key/value cache.
+    """
+
+    def __init__(self, cfg: SparseTransformerConfig):
+        super().__init__()
+        if not isinstance(cfg, SparseTransformerConfig):
+            raise TypeError(f"cfg must be a SparseTransformerConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.embed = FactorisedEmbedding(cfg.vocab_size, cfg.d_model, cfg.pos_shape, cfg.init_std)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            ResBlock(cfg, cfg.patterns[k % len(cfg.patterns)], k) for k in range(cfg.n_layer)
+        )
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        nn.init.normal_(self.head.weight, std=cfg.init_std)
+
+    def prepare(self, time: int, device) -> None:
+        """Precompute per-context state (FlexAttention block masks) before ``torch.compile``."""
+        t = math.ceil(time / self.cfg.multiple) * self.cfg.multiple
+        for blk in self.blocks:
+            blk.attn.attn.prepare(t, device)
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None):
+        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"idx must be integer tokens [batch, time], got {idx.dtype} {list(idx.shape)}")
+        B, T = idx.shape
+        start = 0 if cache is None else cache.length
+        if start + T > self.cfg.n_ctx:
+            raise ValueError(f"positions {start}..{start + T - 1} exceed n_ctx ({self.cfg.n_ctx})")
+        if cache is None:
+            pad = -T % self.cfg.multiple
+            if pad:
+                # Every pattern is causal: tokens appended at the end change nothing before them.
+                idx = F.pad(idx, (0, pad))
+        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
+        h = self.drop(self.embed(idx, positions))
+        for blk in self.blocks:
+            if self.cfg.recompute and cache is None and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(blk, h, use_reentrant=False)
+            else:
+                h = blk(h, cache)
+        if cache is not None:
+            cache.length += T
+        logits = self.head(self.norm(h[:, :T]))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(B * T))
+        return logits, loss
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_layer)
+
+    @torch.no_grad()
+    def generate(self, prompt, n_new: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None, prefill_chunk: int = 1024):
+        """Sample ``n_new`` tokens after ``prompt [batch, t0]`` (``t0 >= 1``) with a key/value
+        cache: each new token attends only to the allowed cached positions of its layer's pattern.
+        Returns ``[batch, t0 + n_new]``."""
+        if prompt.dim() != 2 or prompt.shape[1] < 1:
+            raise ValueError(f"prompt must be [batch, t0] with t0 >= 1, got shape {list(prompt.shape)}")
+        if prompt.shape[1] + n_new > self.cfg.n_ctx:
+            raise ValueError(f"prompt ({prompt.shape[1]}) + n_new ({n_new}) exceeds n_ctx ({self.cfg.n_ctx})")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        was_training = self.training
+        self.eval()
+        cache = self.new_cache()
+        for s in range(0, prompt.shape[1], prefill_chunk):
+            logits, _ = self(prompt[:, s:s + prefill_chunk], cache=cache)
+        out = [prompt]
+        for _ in range(n_new):
+            last = logits[:, -1].float() / temperature
+            if top_k is not None:
+                kth = torch.topk(last, min(top_k, last.shape[-1])).values[:, -1:]
+                last = last.masked_fill(last < kth, float("-inf"))
+            tok = torch.multinomial(torch.softmax(last, dim=-1), 1, generator=generator)
+            out.append(tok)
+            if len(out) - 1 == n_new:
+                break
+            logits, _ = self(tok, cache=cache)
+        self.train(was_training)
+        return torch.cat(out, dim=1)

@@ -1,0 +1,234 @@
+"""``torch.nn`` modules around the block-sparse attention call.
+
+* :class:`SparseAttention` - ``forward(q, k, v)`` on ``[batch, time, dim]``, no parameters (the
+  interface other PyTorch ports of the paper expose);
+* :class:`SparseSelfAttention` - a self-attention layer: q/k/v and output projections, dropout,
+  recompute, the pattern factorisations of :mod:`sparse_attention.models.patterns`, and a
+  key/value cache for autoregressive sampling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import attention_impl, blocksparse_attention_impl
+from ..layouts import Layout
+from ..models.patterns import Mode, Spec, as_spec
+
+IMPLS = ("sparse", "dense", "sdpa", "flex")
+
+
+class SparseAttention(nn.Module):
+    """Block-sparse attention as a module: ``y = SparseAttention(heads, "fixed", 128, num_verts=4,
+    vertsize=1)(q, k, v)``.
+
+    Args: those of :func:`sparse_attention.blocksparse_attention_impl` (``attn_mode`` may also be
+    a :class:`Layout` or a pattern spec of :mod:`sparse_attention.models.patterns`, e.g.
+    ``Merged(Mode("local", 128), Mode("strided", 128))``).
+
+    ``forward(q, k, v)``: ``[batch, time, heads * head_dim]`` -> the same shape, dtype of ``q``.
+    """
+
+    def __init__(self, heads: int, attn_mode="all", local_attn_ctx=None, blocksize: int = 32,
+                 num_verts=None, vertsize=None, recompute: bool = False, impl: str = "sparse"):
+        super().__init__()
+        if not isinstance(heads, int) or heads < 1:
+            raise ValueError(f"heads must be a positive int, got {heads!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if not isinstance(recompute, bool):
+            raise TypeError(f"recompute must be True or False, got {recompute!r}")
+        if isinstance(attn_mode, str):
+            spec = Mode(attn_mode, local_attn_ctx, num_verts, vertsize)
+        else:
+            if local_attn_ctx is not None or num_verts is not None or vertsize is not None:
+                raise ValueError("local_attn_ctx, num_verts and vertsize go with a mode name; a Layout "
+                                 "or a pattern spec carries its own parameters")
+            spec = as_spec(attn_mode)
+        self.heads, self.spec, self.blocksize = heads, spec, blocksize
+        self.recompute, self.impl = recompute, impl
+
+    def extra_repr(self):
+        return f"heads={self.heads}, spec={self.spec}, blocksize={self.blocksize}, impl={self.impl!r}"
+
+    def forward(self, q, k, v):
+        return attend(q, k, v, self.heads, self.spec, self.blocksize, self.impl, self.recompute,
+                      block_mask=getattr(self, "_block_mask", None))
+
+    def prepare(self, time: int, device) -> None:
+        """Build what depends on the context only (FlexAttention's block mask) ahead of
+        ``torch.compile``, so the compiled forward just reads it."""
+        if self.impl == "flex":
+            self._block_mask = flex_block_mask(self.spec, self.heads, time, self.blocksize, device)
+
+    def mask(self, i, j):
+        """Allowed pairs ``bool [heads or 1, len(i), len(j)]`` for position tensors ``i``, ``j``."""
+        return self.spec.mask(i, j, self.heads, self.blocksize)
+
+
+def attend(q, k, v, heads: int, spec: Spec, blocksize: int, impl: str = "sparse", recompute: bool = False,
+           block_mask=None):
+    """Attention of ``[batch, time, heads * d]`` tensors under a pattern spec, through ``impl``:
+    ``"sparse"`` (the library's block-sparse call), ``"dense"`` (its dense reference),
+    ``"sdpa"`` (``F.scaled_dot_product_attention``, causal or with a dense mask) or ``"flex"``
+    (FlexAttention with the spec's closed form as ``mask_mod``)."""
+    B, T, dim = q.shape
+    spec.check(T, heads, blocksize)
+    if impl in ("sdpa", "flex"):
+        qh, kh, vh = (x.view(B, T, heads, dim // heads).transpose(1, 2) for x in (q, k, v))
+        if impl == "sdpa":
+            oh = _sdpa(qh, kh, vh, spec, blocksize)
+        else:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            if block_mask is None or block_mask.shape[-1] != T:
+                block_mask = flex_block_mask(spec, heads, T, blocksize, q.device)
+            oh = flex_attention(qh, kh, vh, block_mask=block_mask)
+        return oh.transpose(1, 2).reshape(B, T, dim)
+    fn = blocksparse_attention_impl if impl == "sparse" else attention_impl
+    d = dim // heads
+    outs = []
+    for h0, hn, mode, sub in spec.groups(heads):
+        cols = slice(h0 * d, (h0 + hn) * d)
+        if isinstance(mode, str):
+            kw = sub.kwargs(blocksize)
+        else:
+            kw = {"blocksize": blocksize}
+            if not isinstance(mode, Layout):
+                mode = mode.layout(T, hn, blocksize)
+        outs.append(fn(q[..., cols], k[..., cols], v[..., cols], hn, mode, recompute=recompute, **kw))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def _sdpa(q, k, v, spec, blocksize):
+    import torch.nn.functional as F
+
+    if isinstance(spec, Mode) and spec.mode == "all":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    pos = torch.arange(q.shape[2], device=q.device)
+    return masked_attention(q, k, v, spec.mask(pos, pos, q.shape[1], blocksize))
+
+
+def flex_block_mask(spec, heads: int, time: int, blocksize: int, device):
+    """FlexAttention ``BlockMask`` (its default 128-blocks) of a spec, from its closed form."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, i, j):
+        return flex_mask(spec, h, i, j, heads, blocksize)
+
+    return create_block_mask(mask_mod, None, heads, time, time, device=device)
+
+
+def flex_mask(spec, h, i, j, heads, blocksize):
+    """The spec's allowed pairs for scalar-like index tensors (a FlexAttention ``mask_mod``)."""
+    from ..models.patterns import Group, Merged, PerHead
+
+    if isinstance(spec, (Mode, Group)):
+        return spec.allowed(i, j, h, blocksize)
+    if isinstance(spec, Merged):
+        out = flex_mask(spec.parts[0], h, i, j, heads, blocksize)
+        for p in spec.parts[1:]:
+            out = out | flex_mask(p, h, i, j, heads, blocksize)
+        return out
+    if isinstance(spec, PerHead):
+        n = heads // len(spec.parts)
+        out = flex_mask(spec.parts[-1], h - n * (len(spec.parts) - 1), i, j, n, blocksize)
+        for g in range(len(spec.parts) - 2, -1, -1):
+            out = torch.where(h < n * (g + 1), flex_mask(spec.parts[g], h - n * g, i, j, n, blocksize), out)
+        return out
+    raise TypeError(f"impl='flex' supports Mode, Group, Merged and PerHead specs, got {type(spec).__name__}")
+
+
+def masked_attention(q, k, v, mask):
+    """Softmax attention of ``[batch, heads, tq, d]`` queries over ``[batch, heads, tk, d]`` keys
+    under a broadcastable bool ``mask [heads or 1, tq, tk]``; float32 softmax for half inputs,
+    0 for rows with no allowed key."""
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.matmul(q.to(cd), k.to(cd).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~mask, float("-inf"))
+    has_key = mask.any(dim=-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(~has_key, 0.0), dim=-1) * has_key
+    return torch.matmul(p, v.to(cd)).to(q.dtype)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one ``[batch, heads, n_ctx, head_dim]`` pair per
+    layer, filled by :meth:`SparseSelfAttention.forward` when passed ``cache=``."""
+
+    def __init__(self, n_layers: int):
+        self.k: list = [None] * n_layers
+        self.v: list = [None] * n_layers
+        self.length = 0
+
+    def reset(self):
+        self.k = [None] * len(self.k)
+        self.v = [None] * len(self.v)
+        self.length = 0
+
+
+class SparseSelfAttention(nn.Module):
+    """Self-attention with the paper's sparse patterns: ``x [batch, time, dim]`` -> same shape.
+
+    ``W_p . attend(x, S)`` with ``q, k, v = W_q x, W_k x, W_v x`` (paper eqs. 2-5).
+
+    Args:
+        dim, heads: model width and head count (``dim % heads == 0``).
+        spec: a pattern spec (:mod:`sparse_attention.models.patterns`), a mode name, a dict of
+            :class:`Mode` fields or a :class:`Layout`.
+        blocksize: layout block size.
+        dropout: on the attention output (after the output projection).
+        recompute: recompute the attention in the backward pass (activation checkpointing).
+        impl: ``"sparse"`` (default), ``"dense"``, ``"sdpa"`` or ``"flex"`` (see :func:`attend`).
+        layer_idx: this layer's slot in a :class:`KVCache`.
+        out_scale: the output projection's initial weights are scaled by it (the paper uses
+            ``1 / sqrt(2 * n_layers)``).
+    """
+
+    def __init__(self, dim: int, heads: int, spec="all", blocksize: int = 32, dropout: float = 0.0,
+                 recompute: bool = False, impl: str = "sparse", layer_idx: int = 0, out_scale: float = 1.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        self.attn = SparseAttention(heads, as_spec(spec), blocksize=blocksize, recompute=recompute, impl=impl)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+        self.heads, self.layer_idx = heads, layer_idx
+        with torch.no_grad():
+            self.proj.weight.mul_(out_scale)
+
+    def forward(self, x, cache: KVCache | None = None):
+        """``x [batch, time, dim]``. With ``cache``: ``x`` holds the tokens at positions
+        ``cache.length ...``, which attend to the cached keys/values plus their own (the caller
+        advances ``cache.length`` once every layer has run)."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if cache is None:
+            y = self.attn(q, k, v)
+        else:
+            y = self._cached(q, k, v, cache)
+        return self.drop(self.proj(y))
+
+    def _cached(self, q, k, v, cache):
+        B, t, dim = q.shape
+        H, d = self.heads, dim // self.heads
+        qh, kh, vh = (x.reshape(B, t, H, d).transpose(1, 2) for x in (q, k, v))
+        n0, n1, i = cache.length, cache.length + t, self.layer_idx
+        if cache.k[i] is None or cache.k[i].shape[2] < n1:
+            size = max(n1, 2 * (0 if cache.k[i] is None else cache.k[i].shape[2]), 256)
+            kc = kh.new_zeros(B, H, size, d)
+            vc = vh.new_zeros(B, H, size, d)
+            if cache.k[i] is not None:
+                kc[:, :, :n0] = cache.k[i][:, :, :n0]
+                vc[:, :, :n0] = cache.v[i][:, :, :n0]
+            cache.k[i], cache.v[i] = kc, vc
+        cache.k[i][:, :, n0:n1] = kh
+        cache.v[i][:, :, n0:n1] = vh
+        keys, vals = cache.k[i][:, :, :n1], cache.v[i][:, :, :n1]
+        pos_q = torch.arange(n0, n1, device=q.device)
+        pos_k = torch.arange(n1, device=q.device)
+        # Only the allowed cached positions of each new token (closed form of the pattern).
+        o = masked_attention(qh, keys, vals, self.attn.mask(pos_q, pos_k))
+        return o.transpose(1, 2).reshape(B, t, dim)
