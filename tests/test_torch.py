@@ -1,0 +1,250 @@
+"""The torch front end: block-sparse vs dense vs float64, gradients, recompute, errors (CPU)."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from sparse_attention import (  # noqa: E402
+    attention_impl,
+    blocksparse_attention_impl,
+    custom_layout,
+    from_dense,
+    make_layout,
+    recomputable,
+)
+from sparse_attention.torch.blocksparse import gather_attention  # noqa: E402
+from sparse_attention.torch.reference import merge_heads, split_heads  # noqa: E402
+
+MODES = {
+    "all": {},
+    "local": {"local_attn_ctx": 64},
+    "strided": {"local_attn_ctx": 8},
+    "fixed": {"num_verts": 2, "vertsize": 1},  # local_attn_ctx = 4 * blocksize
+}
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def _inputs(B, T, dim, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = [torch.randn(B, T, dim, generator=g, dtype=torch.float64).to(dtype) for _ in range(4)]
+    return x[:3], x[3]
+
+
+def _fwd_bwd(fn, qkv, dout):
+    qkv = [x.detach().clone().requires_grad_(True) for x in qkv]
+    out = fn(*qkv)
+    grads = torch.autograd.grad(out, qkv, dout)
+    return [out.detach()] + list(grads)
+
+
+def _err(a, ref):
+    return (a.double() - ref.double()).abs().max().item()
+
+
+def check_against_reference(fn_fast, fn_dense, qkv, dout):
+    """The fast path's max error vs float64 is at most 2x the dense same-dtype path's + a floor,
+    for the output and each of the three gradients (flash-attention's rule)."""
+    dtype = qkv[0].dtype
+    ref = _fwd_bwd(fn_dense, [x.double() for x in qkv], dout.double())
+    fast = _fwd_bwd(fn_fast, qkv, dout)
+    dense = _fwd_bwd(fn_dense, qkv, dout)
+    for name, f, d, r in zip(["out", "dq", "dk", "dv"], fast, dense, ref):
+        assert f.dtype == dtype and f.shape == r.shape
+        assert torch.isfinite(f).all(), name
+        assert _err(f, r) <= 2 * _err(d, r) + FLOOR[dtype], (name, _err(f, r), _err(d, r))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("head_dim,blocksize", [(32, 16), (48, 32), (64, 16), (16, 64)], ids=lambda x: str(x))
+def test_blocksparse_matches_reference(mode, dtype, head_dim, blocksize):
+    heads, T = 2, 256
+    kw = dict(MODES[mode], heads=heads, attn_mode=mode, blocksize=blocksize)
+    if mode == "fixed":
+        kw["local_attn_ctx"] = 4 * blocksize
+    qkv, dout = _inputs(2, T, heads * head_dim, dtype, seed=hash((mode, head_dim, blocksize)) % 1000)
+    check_against_reference(
+        lambda q, k, v: blocksparse_attention_impl(q, k, v, **kw),
+        lambda q, k, v: attention_impl(q, k, v, **kw),
+        qkv,
+        dout,
+    )
+
+
+@pytest.mark.parametrize("T,stride,blocksize", [(96, 3, 16), (160, 10, 32), (256, 256, 16), (256, 1, 32)])
+def test_strided_odd_strides(T, stride, blocksize):
+    # (time / stride) % blocksize != 0: the original refused these; this path does not transpose
+    kw = dict(heads=3, attn_mode="strided", local_attn_ctx=stride, blocksize=blocksize)
+    qkv, dout = _inputs(1, T, 3 * 16, torch.float32, seed=T + stride)
+    check_against_reference(
+        lambda q, k, v: blocksparse_attention_impl(q, k, v, **kw), lambda q, k, v: attention_impl(q, k, v, **kw),
+        qkv, dout,
+    )
+
+
+@pytest.mark.parametrize("num_verts,vertsize", [(4, 1), (2, 2), (1, 4), (1, 1)])
+def test_fixed_per_head_layouts(num_verts, vertsize):
+    kw = dict(heads=4, attn_mode="fixed", local_attn_ctx=64, blocksize=16, num_verts=num_verts, vertsize=vertsize)
+    qkv, dout = _inputs(2, 256, 4 * 32, torch.float32, seed=num_verts * 10 + vertsize)
+    check_against_reference(
+        lambda q, k, v: blocksparse_attention_impl(q, k, v, **kw), lambda q, k, v: attention_impl(q, k, v, **kw),
+        qkv, dout,
+    )
+
+
+def _custom(H=3, nb=8, b=16):
+    lay = np.tril(np.ones((H, nb, nb), int))
+    lay[1, 3] = 0  # head 1, query block 3: no key block
+    lay[2, :, 0] = 0
+
+    def cb(shape, h, qi, ki, bi):
+        m = np.ones(shape, bool)
+        if qi == ki:
+            m = np.tril(m)
+        if h == 0 and qi == 5:
+            m[2] = False  # query row 5 * 16 + 2 of head 0 sees nothing in this block
+        if (bi + h) % 5 == 0:
+            m[:, ::2] = False
+        return m
+
+    return custom_layout(lay, b, cb)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_custom_layout_with_callback_and_empty_rows(dtype):
+    layout = _custom()
+    dense = layout.to_dense()
+    empty = ~dense.any(axis=-1)  # [H, T]
+    assert empty.any()
+    qkv, dout = _inputs(2, layout.time, 3 * 32, dtype, seed=7)
+    kw = dict(heads=3, attn_mode=layout)
+    check_against_reference(
+        lambda q, k, v: blocksparse_attention_impl(q, k, v, **kw), lambda q, k, v: attention_impl(q, k, v, **kw),
+        qkv, dout,
+    )
+    q, k, v = (x.clone().requires_grad_(True) for x in qkv)
+    out = blocksparse_attention_impl(q, k, v, **kw)
+    out.backward(dout)
+    o = split_heads(out.detach(), 3)
+    dq = split_heads(q.grad, 3)
+    for h in range(3):
+        rows = torch.from_numpy(np.nonzero(empty[h])[0])
+        assert torch.all(o[:, h, rows] == 0) and torch.all(dq[:, h, rows] == 0)
+
+
+def test_one_head_layout_broadcasts_over_heads():
+    lay = from_dense(np.tril(np.ones((128, 128), bool)), 32)
+    qkv, dout = _inputs(1, 128, 4 * 16, torch.float32, seed=3)
+    check_against_reference(
+        lambda q, k, v: blocksparse_attention_impl(q, k, v, 4, lay),
+        lambda q, k, v: attention_impl(q, k, v, 4, "all"),
+        qkv, dout,
+    )
+
+
+def test_gather_path_chunks_many_rows(monkeypatch):
+    # a tiny chunk budget forces one query-block row per chunk: results must not change
+    import sparse_attention.torch.blocksparse as bs
+
+    layout = make_layout(512, 2, "fixed", 64, 16, 2, 1)
+    qkv, dout = _inputs(1, 512, 2 * 16, torch.float64, seed=5)
+    heads = [split_heads(x, 2) for x in qkv]
+    doh = split_heads(dout, 2)
+    want = _fwd_bwd(lambda q, k, v: gather_attention(q, k, v, layout), heads, doh)
+    monkeypatch.setattr(bs, "CHUNK_ELEMENTS", 1)
+    got = _fwd_bwd(lambda q, k, v: gather_attention(q, k, v, layout), heads, doh)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_outputs_are_written_everywhere():
+    # no NaN-poisoned or uninitialised element survives: every output element depends on v
+    layout = make_layout(256, 2, "local", 32, 16)
+    q, k, v = (torch.randn(1, 2, 256, 16) for _ in range(3))
+    o1 = gather_attention(q, k, v, layout)
+    o2 = gather_attention(q, k, v + 1.0, layout)
+    assert torch.isfinite(o1).all()
+    torch.testing.assert_close(o2 - o1, torch.ones_like(o1))
+
+
+@pytest.mark.parametrize("fn", [attention_impl, blocksparse_attention_impl])
+def test_recompute_gives_identical_gradients(fn):
+    kw = dict(heads=2, attn_mode="fixed", local_attn_ctx=64, blocksize=16, num_verts=2, vertsize=1)
+    qkv, dout = _inputs(2, 128, 64, torch.float32, seed=11)
+    plain = _fwd_bwd(lambda q, k, v: fn(q, k, v, **kw), qkv, dout)
+    again = _fwd_bwd(lambda q, k, v: fn(q, k, v, recompute=True, **kw), qkv, dout)
+    for a, b in zip(plain, again):
+        assert torch.equal(a, b)
+
+
+def test_recompute_runs_the_forward_again():
+    calls = []
+
+    @recomputable("square")
+    def square(x):
+        calls.append(1)
+        return x * x
+
+    x = torch.randn(4, requires_grad=True)
+    square(x, recompute=True).sum().backward()
+    assert len(calls) == 2
+    torch.testing.assert_close(x.grad, 2 * x.detach())
+    calls.clear()
+    square(x).sum().backward()
+    assert len(calls) == 1
+    with pytest.raises(TypeError, match="recompute must be True or False"):
+        square(x, recompute="yes")
+
+
+def _qkv(shape=(2, 128, 64), dtype=torch.float32):
+    return [torch.randn(*shape, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("fn", [attention_impl, blocksparse_attention_impl])
+@pytest.mark.parametrize(
+    "make,kw,exc,match",
+    [
+        (lambda: _qkv((128, 64)), {}, ValueError, "rank 3"),
+        (lambda: _qkv() [:2] + [torch.randn(2, 128, 32)], {}, ValueError, "same shape"),
+        (lambda: _qkv(), dict(heads=3), ValueError, "divisible by heads"),
+        (lambda: _qkv(), dict(heads=0), ValueError, "heads must be >= 1"),
+        (lambda: _qkv(), dict(heads=2.0), TypeError, "heads must be an int"),
+        (lambda: _qkv(), dict(attn_mode="dilated"), ValueError, "unknown attn_mode"),
+        (lambda: _qkv(), dict(attn_mode="local"), ValueError, "local_attn_ctx is required"),
+        (lambda: _qkv(), dict(attn_mode="fixed", local_attn_ctx=64), ValueError, "num_verts is required"),
+        (lambda: _qkv(), dict(attn_mode="strided", local_attn_ctx=100), ValueError, "must divide time"),
+        (lambda: [torch.ones(2, 128, 64, dtype=torch.int32)] * 3, {}, TypeError, "float16, bfloat16, float32 or float64"),
+        (lambda: _qkv()[:2] + [torch.randn(2, 128, 64, dtype=torch.float64)], {}, TypeError, "one dtype"),
+        (lambda: _qkv()[:2] + [torch.randn(2, 128, 64, device="meta")], {}, ValueError, "one device"),
+        (lambda: _qkv()[:2] + [np.zeros((2, 128, 64))], {}, TypeError, "v must be a torch.Tensor or a tf.Tensor"),
+    ],
+)
+def test_bad_input_errors(fn, make, kw, exc, match):
+    args = dict(heads=2, attn_mode="all", blocksize=32)
+    args.update(kw)
+    with pytest.raises(exc, match=match):
+        fn(*make(), **args)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(attn_mode="local", local_attn_ctx=40), "multiple of blocksize"),
+        (dict(attn_mode="all", blocksize=48), "power of two"),
+        (dict(attn_mode="all", blocksize=256), "multiple of blocksize"),
+    ],
+)
+def test_blocksparse_only_errors(kw, match):
+    args = dict(heads=2, blocksize=32)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        blocksparse_attention_impl(*_qkv((2, 160, 64)), **args)
+
+
+def test_layout_shape_errors():
+    lay = make_layout(256, 2, "all", blocksize=32)
+    with pytest.raises(ValueError, match="time=256"):
+        blocksparse_attention_impl(*_qkv((1, 128, 64)), 2, lay)
+    with pytest.raises(ValueError, match="2 heads"):
+        blocksparse_attention_impl(*_qkv((1, 256, 64)), 4, lay)
