@@ -65,15 +65,15 @@ def blocksparse_attention_impl(
         ``[batch, time, heads * head_dim]`` in the dtype of ``q``. A query with no allowed key
         (custom layouts only) gets 0.
 
-    ``fixed``, ``time=16, blocksize=4, local_attn_ctx=8, num_verts=1, vertsize=1``, one head
-    (``x`` allowed; the last block of every earlier group of 8 is its summary)::
+    ``fixed`` at a toy size (``time=16``, ``blocksize=4``, ``local_attn_ctx=8``, one head,
+    ``num_verts=1``, ``vertsize=1``; rows are queries, ``x`` allowed): each query sees its own
+    group of 8 up to itself, plus the last block of every earlier group (its summary)::
 
         x . . . . . . . . . . . . . . .
         x x . . . . . . . . . . . . . .
-        ...
-        x x x x x x x x . . . . . . . .
-        . . . . x x x x x . . . . . . .
-        . . . . x x x x x x x . . . . .
+        x x x x x x x x . . . . . . . .      (row 7)
+        . . . . x x x x x . . . . . . .      (row 8)
+        . . . . x x x x x x x x x x x x      (row 15)
     """
     backend = backend_for(q, k, v)
     _, time, _ = check_tensors(q, k, v, heads)
