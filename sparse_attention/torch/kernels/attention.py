@@ -1,0 +1,464 @@
+"""Fused block-sparse attention in Triton: forward, delta precompute, dK/dV and dQ kernels.
+
+Flash-attention style: each program owns one tile of queries (forward, dQ) or keys (dK/dV), walks
+only the key (query) tiles its pattern enables, keeps an online softmax in float32 and never
+builds a ``time x time`` buffer. No atomics: dK/dV walk key-tile columns, dQ walks query-tile
+rows, so reruns are bitwise equal.
+
+Built-in modes need no lookup tables: each program derives its tile range from the pattern's
+closed form (SEMANTICS.md) and splits it into *full* tiles (no mask inside, the common case) and
+*masked* tiles (diagonal, band or segment edges), where the exact in-block rule is evaluated on
+positions in the kernel. Positions are in block order: ``strided`` loads its rows through the
+residue-major permutation ``token = (pos % n) * l + pos // n`` (``n = time / l``), so each
+residue class is a causal segment of ``n`` positions and no copy of q, k, v is made.
+
+``fixed`` splits its pairs in two disjoint parts: the *local* part (same group of ``l`` tokens,
+causal) and the *summary* part (summary block of an earlier group). The summary keys of a head
+are gathered into a dense virtual key sequence ``v -> (v // c) * l + vlo + v % c`` (``c =
+vertsize * blocksize``), so a query tile reads them as full 64/128-wide tiles whatever the
+blocksize; the backward pass runs dK/dV once per part (the second accumulates).
+
+Custom layouts run with tiles of one layout block and walk the CSR tables (``row_ptr, cols,
+mask_idx`` per pattern for forward/dQ, the transposed ``col_table`` for dK/dV); partial blocks
+apply their boolean mask from ``block_masks``.
+
+Offsets are 64-bit (``time`` up to 2**20 and beyond); scores use ``exp2`` with the softmax scale
+folded into ``qk_scale = log2(e) / sqrt(head_dim)``; the log-sum-exp is kept in base 2. A row with
+no allowed key gets output 0 and ``lse = +inf``, so the backward pass gives it zero gradient.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+MODE_ALL = 0
+MODE_LOCAL = 1
+MODE_STRIDED = 2
+MODE_FIXED = 3
+MODE_CUSTOM = 4
+MODE_IDS = {"all": MODE_ALL, "local": MODE_LOCAL, "strided": MODE_STRIDED, "fixed": MODE_FIXED, "custom": MODE_CUSTOM}
+
+
+@triton.jit
+def _tok(pos, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, VSB: tl.constexpr,
+         vlo):
+    """Natural token index (int64) of block-order positions (or of virtual summary keys)."""
+    if SUMMARY:
+        # fixed: virtual summary key -> its group start + the head's first summary token + offset
+        t = (pos // VSB).to(tl.int64) * P1 + vlo + pos % VSB
+    elif MODE == 2:
+        # strided, residue-major: P1 = n = time / l positions per residue class, P2 = l
+        t = (pos % P1).to(tl.int64) * P2 + pos // P1
+    else:
+        t = pos.to(tl.int64)
+    return t
+
+
+@triton.jit
+def _allowed(qp, kp, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1: tl.constexpr, VSB: tl.constexpr):
+    """The in-block rule on positions ``qp [M, 1]`` / ``kp [1, N]`` (or transposed)."""
+    if SUMMARY:
+        ok = kp // VSB < qp // P1
+    elif MODE == 0:
+        ok = kp <= qp
+    elif MODE == 1:
+        ok = (kp <= qp) & (qp - kp < P1)
+    else:
+        # strided (segments of n positions) and fixed's local part (groups of l tokens)
+        ok = (kp <= qp) & (qp // P1 == kp // P1)
+    return ok
+
+
+@triton.jit
+def _row_bounds(m0, T, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, P1: tl.constexpr):
+    """Key positions of the query tile [m0, m0 + BM): masked [lo, flo), full [flo, fhi), masked [fhi, hi)."""
+    hi = tl.minimum((m0 + BM + BN - 1) // BN * BN, T)
+    fhi = (m0 + 1) // BN * BN
+    if MODE == 1:
+        lo = tl.maximum(m0 - P1 + 1, 0) // BN * BN
+        flo = (tl.maximum(m0 + BM - P1, 0) + BN - 1) // BN * BN
+    elif MODE == 0:
+        lo = m0 * 0
+        flo = m0 * 0
+    else:
+        seg0 = m0 // P1 * P1
+        lo = seg0 // BN * BN
+        same = (m0 + BM - 1) // P1 == m0 // P1
+        flo = tl.where(same, (seg0 + BN - 1) // BN * BN, hi)
+    fhi = tl.maximum(fhi, lo)
+    flo = tl.minimum(tl.maximum(flo, lo), fhi)
+    return lo, flo, fhi, hi
+
+
+@triton.jit
+def _col_bounds(n0, T, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, SUMMARY: tl.constexpr,
+                P1: tl.constexpr, VSB: tl.constexpr):
+    """Query positions of the key tile [n0, n0 + BN): masked [lo, flo), full [flo, fhi), masked [fhi, hi)."""
+    if SUMMARY:
+        lo = tl.minimum((n0 // VSB + 1) * P1 // BM * BM, T)
+        flo = ((n0 + BN - 1) // VSB + 1) * P1
+        flo = (flo + BM - 1) // BM * BM
+        hi = T + n0 * 0
+        fhi = T + n0 * 0
+    else:
+        lo = n0 // BM * BM
+        # the first query tile whose rows all come at or after the tile's last key
+        flo = (n0 + BN - 1 + BM - 1) // BM * BM
+        if MODE == 0:
+            hi = T + n0 * 0
+            fhi = T + n0 * 0
+        elif MODE == 1:
+            hi = tl.minimum((n0 + BN + P1 - 1 + BM - 1) // BM * BM, T)
+            fhi = (n0 + P1) // BM * BM
+        else:
+            sa = n0 // P1
+            sb = (n0 + BN - 1) // P1
+            hi = tl.minimum(((sb + 1) * P1 + BM - 1) // BM * BM, T)
+            fhi = tl.where(sa == sb, (sa + 1) * P1 // BM * BM, lo)
+    fhi = tl.maximum(tl.minimum(fhi, hi), lo)
+    flo = tl.minimum(tl.maximum(flo, lo), fhi)
+    return lo, flo, fhi, hi
+
+
+@triton.jit
+def _load_rows(base, tok, stride_t, offs_d, rmask, MASK_ROWS: tl.constexpr, PAD_D: tl.constexpr,
+               HEAD_D: tl.constexpr):
+    ptrs = base + tok[:, None] * stride_t + offs_d[None, :]
+    if MASK_ROWS:
+        if PAD_D:
+            x = tl.load(ptrs, mask=rmask[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rmask[:, None], other=0.0)
+    else:
+        if PAD_D:
+            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_D, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, k, v, ok, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    # [BM, BN] scores in base 2
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if MASKED:
+        qk = tl.where(ok, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # a row with nothing allowed so far keeps m = -inf; subtract 0 instead to avoid inf - inf
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = m_new
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, start, end, T, vlo, qk_scale,
+               offs_d, BN: tl.constexpr, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1: tl.constexpr,
+               P2: tl.constexpr, VSB: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
+               HEAD_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    for n0 in range(start, end, BN):
+        kpos = n0 + tl.arange(0, BN)
+        ktok = _tok(kpos, MODE, SUMMARY, P1, P2, VSB, vlo)
+        rmask = ktok < T
+        k = _load_rows(k_base, ktok, skt, offs_d, rmask, MASKED and SUMMARY, PAD_D, HEAD_D)
+        v = _load_rows(v_base, ktok, svt, offs_d, rmask, MASKED and SUMMARY, PAD_D, HEAD_D)
+        if MASKED:
+            ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, VSB)
+        else:
+            ok = None
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, ok, qk_scale, MASKED, DOT_PREC)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, VLO, HEAD_PAT, ROW_PTR, COLS, MASK_IDX, MASKS,
+                sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                T, H, NBLK, qk_scale,
+                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                MODE: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, VSB: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    m_blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    q_base = Q + b * sqb + h.to(tl.int64) * sqh
+    k_base = K + b * skb + h.to(tl.int64) * skh
+    v_base = V + b * svb + h.to(tl.int64) * svh
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_D
+    offs_d = tl.arange(0, BLOCK_D)
+    m0 = m_blk * BM
+    qpos = m0 + tl.arange(0, BM)
+    qtok = _tok(qpos, MODE, False, P1, P2, VSB, 0)
+    q = _load_rows(q_base, qtok, sqt, offs_d, None, False, PAD_D, HEAD_D)  # [BM, BLOCK_D]
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BLOCK_D], tl.float32)
+    if MODE == 4:
+        pat = tl.load(HEAD_PAT + h)
+        rp = ROW_PTR + pat.to(tl.int64) * (NBLK + 1) + m_blk
+        start = tl.load(rp)
+        end = tl.load(rp + 1)
+        for e in range(start, end):
+            c = tl.load(COLS + e)
+            mi = tl.load(MASK_IDX + e)
+            ktok = (c * BN + tl.arange(0, BN)).to(tl.int64)
+            k = _load_rows(k_base, ktok, skt, offs_d, None, False, PAD_D, HEAD_D)
+            v = _load_rows(v_base, ktok, svt, offs_d, None, False, PAD_D, HEAD_D)
+            if mi >= 0:
+                mp = MASKS + mi.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+                ok = tl.load(mp) != 0
+                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, ok, qk_scale, True, DOT_PREC)
+            else:
+                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, None, qk_scale, False, DOT_PREC)
+    else:
+        vlo = 0
+        if MODE == 3:
+            vlo = tl.load(VLO + h).to(tl.int64)
+            # summary part: every summary key of the groups before the tile's first group is allowed
+            g0 = m0 // P1
+            g1 = (m0 + BM - 1) // P1
+            sf = g0 * VSB // BN * BN
+            se = (g1 * VSB + BN - 1) // BN * BN
+            acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, 0, sf, T, vlo, qk_scale,
+                                       offs_d, BN, MODE, True, P1, P2, VSB, False, PAD_D, HEAD_D, DOT_PREC)
+            acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, sf, se, T, vlo, qk_scale,
+                                       offs_d, BN, MODE, True, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+        lo, flo, fhi, hi = _row_bounds(m0, T, BM, BN, MODE, P1)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, lo, flo, T, vlo, qk_scale,
+                                   offs_d, BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, flo, fhi, T, vlo, qk_scale,
+                                   offs_d, BN, MODE, False, P1, P2, VSB, False, PAD_D, HEAD_D, DOT_PREC)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, fhi, hi, T, vlo, qk_scale,
+                                   offs_d, BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_i))
+    o_ptrs = O + b * sob + h.to(tl.int64) * soh + qtok[:, None] * sot + offs_d[None, :]
+    if PAD_D:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_d[None, :] < HEAD_D)
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty))
+    tl.store(LSE + bh.to(tl.int64) * T + qtok, lse)
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, T, H,
+                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr):
+    # delta[b, h, t] = rowsum(dO * O), natural order
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    t = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = offs_d[None, :] < HEAD_D
+    o = tl.load(O + b * sob + h * soh + t[:, None] * sot + offs_d[None, :], mask=msk, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + t[:, None] * sdt + offs_d[None, :], mask=msk, other=0.0)
+    tl.store(DELTA + bh.to(tl.int64) * T + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1))
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q, do, lse, delta, ok, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BN, BM]
+    pT = tl.math.exp2(qkT - lse[None, :])
+    if MASKED:
+        pT = tl.where(ok, pT, 0.0)
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BN, BM]
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_range(dk, dv, k, v, kpos, q_base, do_base, lse_base, d_base, sqt, sdt, start, end, qk_scale, offs_d,
+                BM: tl.constexpr, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                VSB: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr, HEAD_D: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    for m0 in range(start, end, BM):
+        qpos = m0 + tl.arange(0, BM)
+        qtok = _tok(qpos, MODE, False, P1, P2, VSB, 0)
+        q = _load_rows(q_base, qtok, sqt, offs_d, None, False, PAD_D, HEAD_D)
+        do = _load_rows(do_base, qtok, sdt, offs_d, None, False, PAD_D, HEAD_D)
+        lse = tl.load(lse_base + qtok)
+        delta = tl.load(d_base + qtok)
+        if MASKED:
+            ok = _allowed(qpos[None, :], kpos[:, None], MODE, SUMMARY, P1, VSB)
+        else:
+            ok = None
+        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, ok, qk_scale, MASKED, DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, VLO, HEAD_PAT, COL_PTR, ROWS, ENTRY_MASK, MASKS,
+                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+                 sgkb, sgkh, sgkt, sgvb, sgvh, sgvt,
+                 T, H, NBLK, NKEYS, qk_scale, sm_scale,
+                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 MODE: tl.constexpr, SUMMARY: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                 VSB: tl.constexpr, DOT_PREC: tl.constexpr):
+    n_blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hh = h.to(tl.int64)
+    q_base = Q + b * sqb + hh * sqh
+    do_base = DO + b * sdb + hh * sdh
+    lse_base = LSE + bh.to(tl.int64) * T
+    d_base = DELTA + bh.to(tl.int64) * T
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_D
+    offs_d = tl.arange(0, BLOCK_D)
+    n0 = n_blk * BN
+    kpos = n0 + tl.arange(0, BN)
+    vlo = 0
+    if SUMMARY:
+        vlo = tl.load(VLO + h).to(tl.int64)
+    ktok = _tok(kpos, MODE, SUMMARY, P1, P2, VSB, vlo)
+    kvalid = (kpos < NKEYS) & (ktok < T)
+    k = _load_rows(K + b * skb + hh * skh, ktok, skt, offs_d, kvalid, SUMMARY, PAD_D, HEAD_D)  # [BN, BLOCK_D]
+    v = _load_rows(V + b * svb + hh * svh, ktok, svt, offs_d, kvalid, SUMMARY, PAD_D, HEAD_D)
+    dk = tl.zeros([BN, BLOCK_D], tl.float32)
+    dv = tl.zeros([BN, BLOCK_D], tl.float32)
+    if MODE == 4:
+        pat = tl.load(HEAD_PAT + h)
+        cp = COL_PTR + pat.to(tl.int64) * (NBLK + 1) + n_blk
+        start = tl.load(cp)
+        end = tl.load(cp + 1)
+        for e in range(start, end):
+            r = tl.load(ROWS + e)
+            mi = tl.load(ENTRY_MASK + e)
+            qtok = (r * BM + tl.arange(0, BM)).to(tl.int64)
+            q = _load_rows(q_base, qtok, sqt, offs_d, None, False, PAD_D, HEAD_D)
+            do = _load_rows(do_base, qtok, sdt, offs_d, None, False, PAD_D, HEAD_D)
+            lse = tl.load(lse_base + qtok)
+            delta = tl.load(d_base + qtok)
+            if mi >= 0:
+                # the block mask is [query, key]; read it transposed
+                mp = MASKS + mi.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[None, :] * BN + tl.arange(0, BN)[:, None]
+                ok = tl.load(mp) != 0
+                dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, ok, qk_scale, True, DOT_PREC)
+            else:
+                dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, None, qk_scale, False, DOT_PREC)
+    else:
+        lo, flo, fhi, hi = _col_bounds(n0, T, BM, BN, MODE, SUMMARY, P1, VSB)
+        dk, dv = _dkdv_range(dk, dv, k, v, kpos, q_base, do_base, lse_base, d_base, sqt, sdt, lo, flo, qk_scale,
+                             offs_d, BM, MODE, SUMMARY, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+        dk, dv = _dkdv_range(dk, dv, k, v, kpos, q_base, do_base, lse_base, d_base, sqt, sdt, flo, fhi, qk_scale,
+                             offs_d, BM, MODE, SUMMARY, P1, P2, VSB, False, PAD_D, HEAD_D, DOT_PREC)
+        dk, dv = _dkdv_range(dk, dv, k, v, kpos, q_base, do_base, lse_base, d_base, sqt, sdt, fhi, hi, qk_scale,
+                             offs_d, BM, MODE, SUMMARY, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+    dk = dk * sm_scale
+    dk_ptrs = DK + b * sgkb + hh * sgkh + ktok[:, None] * sgkt + offs_d[None, :]
+    dv_ptrs = DV + b * sgvb + hh * sgvh + ktok[:, None] * sgvt + offs_d[None, :]
+    smask = kvalid[:, None] & (offs_d[None, :] < HEAD_D)
+    if SUMMARY:
+        # second pass of fixed: add to the local part's gradients (each key lies in one tile: no race)
+        dk += tl.load(dk_ptrs, mask=smask, other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptrs, mask=smask, other=0.0).to(tl.float32)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=smask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=smask)
+
+
+@triton.jit
+def _dq_step(dq, q, do, k, v, lse, delta, ok, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BM, BN]
+    p = tl.math.exp2(qk - lse[:, None])
+    if MASKED:
+        p = tl.where(ok, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, start, end, T, vlo, qk_scale, offs_d,
+              BN: tl.constexpr, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+              VSB: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr, HEAD_D: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    for n0 in range(start, end, BN):
+        kpos = n0 + tl.arange(0, BN)
+        ktok = _tok(kpos, MODE, SUMMARY, P1, P2, VSB, vlo)
+        rmask = ktok < T
+        k = _load_rows(k_base, ktok, skt, offs_d, rmask, MASKED and SUMMARY, PAD_D, HEAD_D)
+        v = _load_rows(v_base, ktok, svt, offs_d, rmask, MASKED and SUMMARY, PAD_D, HEAD_D)
+        if MASKED:
+            ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, VSB)
+        else:
+            ok = None
+        dq = _dq_step(dq, q, do, k, v, lse, delta, ok, qk_scale, MASKED, DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, VLO, HEAD_PAT, ROW_PTR, COLS, MASK_IDX, MASKS,
+               sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt,
+               T, H, NBLK, qk_scale, sm_scale,
+               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+               MODE: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, VSB: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    m_blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hh = h.to(tl.int64)
+    k_base = K + b * skb + hh * skh
+    v_base = V + b * svb + hh * svh
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_D
+    offs_d = tl.arange(0, BLOCK_D)
+    m0 = m_blk * BM
+    qpos = m0 + tl.arange(0, BM)
+    qtok = _tok(qpos, MODE, False, P1, P2, VSB, 0)
+    q = _load_rows(Q + b * sqb + hh * sqh, qtok, sqt, offs_d, None, False, PAD_D, HEAD_D)
+    do = _load_rows(DO + b * sdb + hh * sdh, qtok, sdt, offs_d, None, False, PAD_D, HEAD_D)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + qtok)
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + qtok)
+    dq = tl.zeros([BM, BLOCK_D], tl.float32)
+    if MODE == 4:
+        pat = tl.load(HEAD_PAT + h)
+        rp = ROW_PTR + pat.to(tl.int64) * (NBLK + 1) + m_blk
+        start = tl.load(rp)
+        end = tl.load(rp + 1)
+        for e in range(start, end):
+            c = tl.load(COLS + e)
+            mi = tl.load(MASK_IDX + e)
+            ktok = (c * BN + tl.arange(0, BN)).to(tl.int64)
+            k = _load_rows(k_base, ktok, skt, offs_d, None, False, PAD_D, HEAD_D)
+            v = _load_rows(v_base, ktok, svt, offs_d, None, False, PAD_D, HEAD_D)
+            if mi >= 0:
+                mp = MASKS + mi.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+                ok = tl.load(mp) != 0
+                dq = _dq_step(dq, q, do, k, v, lse, delta, ok, qk_scale, True, DOT_PREC)
+            else:
+                dq = _dq_step(dq, q, do, k, v, lse, delta, None, qk_scale, False, DOT_PREC)
+    else:
+        vlo = 0
+        if MODE == 3:
+            vlo = tl.load(VLO + h).to(tl.int64)
+            g0 = m0 // P1
+            g1 = (m0 + BM - 1) // P1
+            sf = g0 * VSB // BN * BN
+            se = (g1 * VSB + BN - 1) // BN * BN
+            dq = _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, 0, sf, T, vlo, qk_scale, offs_d,
+                           BN, MODE, True, P1, P2, VSB, False, PAD_D, HEAD_D, DOT_PREC)
+            dq = _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, sf, se, T, vlo, qk_scale, offs_d,
+                           BN, MODE, True, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+        lo, flo, fhi, hi = _row_bounds(m0, T, BM, BN, MODE, P1)
+        dq = _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, lo, flo, T, vlo, qk_scale, offs_d,
+                       BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+        dq = _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, flo, fhi, T, vlo, qk_scale, offs_d,
+                       BN, MODE, False, P1, P2, VSB, False, PAD_D, HEAD_D, DOT_PREC)
+        dq = _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, fhi, hi, T, vlo, qk_scale, offs_d,
+                       BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+    dq = dq * sm_scale
+    dq_ptrs = DQ + b * sgb + hh * sgh + qtok[:, None] * sgt + offs_d[None, :]
+    if PAD_D:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=offs_d[None, :] < HEAD_D)
+    else:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))

@@ -1,0 +1,231 @@
+"""Host side of the fused kernels: capability checks, per-layout device tables, tile configs and
+launchers for the forward and backward passes on natural-order ``[batch, heads, time, head_dim]``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+
+import numpy as np
+import torch
+import triton
+
+from ...layouts import Layout, fixed_vert_range
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+MAX_BLOCKSIZE_CUSTOM = 128
+
+# Tiles (queries x keys), warps and pipeline stages per kernel and head-dim bucket; the
+# benchmark may override entries. Keys: (kernel, head_dim <= 64).
+CONFIGS = {
+    ("fwd", True): dict(BM=128, BN=64, num_warps=4, num_stages=3),
+    ("fwd", False): dict(BM=128, BN=64, num_warps=8, num_stages=3),
+    ("dkdv", True): dict(BM=32, BN=128, num_warps=4, num_stages=3),
+    ("dkdv", False): dict(BM=64, BN=64, num_warps=4, num_stages=2),
+    ("dq", True): dict(BM=128, BN=32, num_warps=4, num_stages=3),
+    ("dq", False): dict(BM=64, BN=64, num_warps=4, num_stages=2),
+}
+# Tests set this to fill outputs with NaN before the kernels run, so a skipped tile fails loudly.
+POISON_OUTPUTS = False
+
+_tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _patch_interpreter() -> None:
+    """Triton 3.6's interpreter turns scalars into Python ints with ``int(array_of_one)``, which
+    numpy >= 2.4 refuses; make its ``tensor.__index__`` take the single element instead."""
+    try:
+        from triton.runtime import interpreter as itp
+    except ImportError:  # pragma: no cover - other Triton layouts
+        return
+    orig = getattr(itp, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_sparse_attention_fix", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    patched._sparse_attention_fix = True
+    itp._patch_lang_tensor = patched
+
+
+if interpreting():
+    _patch_interpreter()
+
+
+def unsupported_reasons(q: torch.Tensor, layout: Layout) -> list[str]:
+    """Why the fused kernels cannot run these inputs (empty list: they can)."""
+    why = []
+    if not (q.is_cuda or interpreting()):
+        why.append(f"tensors are on {q.device}, the kernels need CUDA (or TRITON_INTERPRET=1)")
+    if q.dtype not in SUPPORTED_DTYPES:
+        why.append(f"dtype {q.dtype} is not one of {SUPPORTED_DTYPES}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        why.append(f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}")
+    if layout.mode == "custom" and layout.blocksize > MAX_BLOCKSIZE_CUSTOM:
+        why.append(f"custom layout blocksize {layout.blocksize} > {MAX_BLOCKSIZE_CUSTOM}")
+    if layout.mode == "custom" and layout.blocksize < 16:
+        why.append(f"custom layout blocksize {layout.blocksize} < 16")
+    return why
+
+
+def _pow2_divisor(n: int) -> int:
+    return n & (-n)
+
+
+def _tiles(kind: str, T: int, D: int) -> dict:
+    cfg = dict(CONFIGS[(kind, D <= 64)])
+    cap = _pow2_divisor(T)
+    if interpreting():
+        cfg["BM"], cfg["BN"] = min(cfg["BM"], 32), min(cfg["BN"], 32)
+    cfg["BM"], cfg["BN"] = min(cfg["BM"], cap), min(cfg["BN"], cap)
+    return cfg
+
+
+def _device_tables(layout: Layout, device) -> dict:
+    per = _tables.setdefault(layout, {})
+    key = str(device)
+    if key in per:
+        return per[key]
+    p = layout.params
+    T, b = layout.time, layout.blocksize
+    t = dict(P1=1, P2=1, VSB=1, NSUM=0)
+    dummy_i32 = torch.zeros(1, dtype=torch.int32, device=device)
+    dummy_i64 = torch.zeros(1, dtype=torch.int64, device=device)
+    t.update(VLO=dummy_i32, HEAD_PAT=dummy_i32, ROW_PTR=dummy_i64, COLS=dummy_i32, MASK_IDX=dummy_i32,
+             MASKS=torch.zeros(1, dtype=torch.int8, device=device), COL_PTR=dummy_i64, ROWS=dummy_i32,
+             ENTRY_MASK=dummy_i32)
+    if layout.mode == "local":
+        t["P1"] = p["local_attn_ctx"]
+    elif layout.mode == "strided":
+        t["P1"], t["P2"] = T // p["local_attn_ctx"], p["local_attn_ctx"]
+    elif layout.mode == "fixed":
+        l, nv, vs = p["local_attn_ctx"], p["num_verts"], p["vertsize"]
+        s = l // b
+        t["P1"], t["VSB"] = l, vs * b
+        t["NSUM"] = math.ceil(T / l) * vs * b
+        vlo = [fixed_vert_range(h, s, nv, vs)[0] * b for h in range(layout.heads)]
+        t["VLO"] = torch.tensor(vlo, dtype=torch.int32, device=device)
+    elif layout.mode == "custom":
+        col_ptr, rows, entry = layout.col_table()
+
+        def dev(x, dt):
+            x = np.ascontiguousarray(x)
+            return torch.from_numpy(x).to(device=device, dtype=dt) if x.size else torch.zeros(1, dtype=dt,
+                                                                                             device=device)
+
+        t.update(
+            HEAD_PAT=dev(layout.head_pattern, torch.int32),
+            ROW_PTR=dev(layout.row_ptr, torch.int64),
+            COLS=dev(layout.cols, torch.int32),
+            MASK_IDX=dev(layout.mask_idx, torch.int32),
+            MASKS=dev(layout.block_masks.astype(np.int8), torch.int8),
+            COL_PTR=dev(col_ptr, torch.int64),
+            ROWS=dev(rows, torch.int32),
+            ENTRY_MASK=dev(layout.mask_idx[entry], torch.int32),
+        )
+    elif layout.mode != "all":
+        raise ValueError(f"unknown layout mode {layout.mode!r}")
+    per[key] = t
+    return t
+
+
+def _prep(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _new(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+    shape = like.shape if shape is None else shape
+    dtype = like.dtype if dtype is None else dtype
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _common(q: torch.Tensor, layout: Layout):
+    from . import attention as K
+
+    B, H, T, D = q.shape
+    tab = _device_tables(layout, q.device)
+    mode = K.MODE_IDS[layout.mode]
+    consts = dict(
+        HEAD_D=D,
+        BLOCK_D=max(16, triton_next_pow2(D)),
+        MODE=mode,
+        P1=tab["P1"],
+        P2=tab["P2"],
+        VSB=tab["VSB"],
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return K, tab, consts, mode
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def forward(q, k, v, layout: Layout):
+    """``(o [B, H, T, D] dtype of q, lse [B, H, T] float32, base 2)``."""
+    q, k, v = _prep(q), _prep(k), _prep(v)
+    B, H, T, D = q.shape
+    K, tab, consts, mode = _common(q, layout)
+    cfg = _tiles("fwd", T, D)
+    if mode == K.MODE_CUSTOM:
+        cfg["BM"] = cfg["BN"] = layout.blocksize
+    o = _new(q, (B, H, T, D))
+    lse = _new(q, (B, H, T), torch.float32)
+    grid = (T // cfg["BM"], B * H)
+    K._fwd_kernel[grid](
+        q, k, v, o, lse, tab["VLO"], tab["HEAD_PAT"], tab["ROW_PTR"], tab["COLS"], tab["MASK_IDX"], tab["MASKS"],
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        T, H, layout.nb, math.log2(math.e) / math.sqrt(D),
+        **consts, **cfg,
+    )
+    return o, lse
+
+
+def backward(do, q, k, v, o, lse, layout: Layout):
+    """``(dq, dk, dv)`` for upstream gradient ``do`` (same shapes and dtypes as q, k, v)."""
+    do, q, k, v, o = (_prep(x) for x in (do, q, k, v, o))
+    B, H, T, D = q.shape
+    K, tab, consts, mode = _common(q, layout)
+    sm_scale = 1.0 / math.sqrt(D)
+    qk_scale = math.log2(math.e) * sm_scale
+    delta = _new(q, (B, H, T), torch.float32)
+    bm = min(64, _pow2_divisor(T))
+    K._delta_kernel[(T // bm, B * H)](
+        o, do, delta, *o.stride()[:3], *do.stride()[:3], T, H,
+        HEAD_D=D, BLOCK_D=consts["BLOCK_D"], BM=bm,
+    )
+    dq, dk, dv = _new(q), _new(k), _new(v)
+    c1 = _tiles("dkdv", T, D)
+    c2 = _tiles("dq", T, D)
+    if mode == K.MODE_CUSTOM:
+        c1["BM"] = c1["BN"] = c2["BM"] = c2["BN"] = layout.blocksize
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    passes = [(False, T)] + ([(True, tab["NSUM"])] if mode == K.MODE_FIXED else [])
+    for summary, nkeys in passes:
+        if nkeys == 0:
+            continue
+        K._dkdv_kernel[(triton.cdiv(nkeys, c1["BN"]), B * H)](
+            q, k, v, do, dk, dv, lse, delta, tab["VLO"], tab["HEAD_PAT"], tab["COL_PTR"], tab["ROWS"],
+            tab["ENTRY_MASK"], tab["MASKS"], *strides, *dk.stride()[:3], *dv.stride()[:3],
+            T, H, layout.nb, nkeys, qk_scale, sm_scale,
+            SUMMARY=summary, **consts, **c1,
+        )
+    K._dq_kernel[(T // c2["BM"], B * H)](
+        q, k, v, do, dq, lse, delta, tab["VLO"], tab["HEAD_PAT"], tab["ROW_PTR"], tab["COLS"], tab["MASK_IDX"],
+        tab["MASKS"], *strides, *dq.stride()[:3],
+        T, H, layout.nb, qk_scale, sm_scale,
+        **consts, **c2,
+    )
+    return dq, dk, dv
+
