@@ -351,9 +351,14 @@ def shift_invariant_union(rules, time: int, heads: int, blocksize: int) -> Layou
     np.cumsum(np.bincount(rows, minlength=nb), out=row_ptr[0, 1:])
     partial_deltas = deltas[~full]
     mask_of_delta = np.full(nb, -1, np.int32)
-    mask_of_delta[partial_deltas] = np.arange(len(partial_deltas), dtype=np.int32)
+    block_masks = np.zeros((0, b, b), bool)
+    if len(partial_deltas):
+        # diagonals with the same in-block mask (e.g. every stride diagonal) share one entry
+        block_masks, inverse = np.unique(m[partial_deltas].reshape(len(partial_deltas), -1), axis=0,
+                                         return_inverse=True)
+        block_masks = block_masks.reshape(-1, b, b)
+        mask_of_delta[partial_deltas] = inverse.reshape(-1).astype(np.int32)
     mask_idx = mask_of_delta[dl]
-    block_masks = m[partial_deltas] if len(partial_deltas) else np.zeros((0, b, b), bool)
     return Layout(time, heads, b, "custom", {}, np.zeros(heads, np.int64), None,
                   _row_ptr=row_ptr, _cols=cols, _partial=mask_idx >= 0, mask_idx=mask_idx,
                   block_masks=np.ascontiguousarray(block_masks))

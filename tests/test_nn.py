@@ -1,0 +1,212 @@
+"""Modules and pattern specs: SparseAttention / SparseSelfAttention against independent dense masks."""
+
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from sparse_attention import attention_impl, dense_mask, make_layout  # noqa: E402
+from sparse_attention.models.patterns import (  # noqa: E402
+    Custom,
+    Group,
+    Merged,
+    Mode,
+    PerHead,
+    paper_patterns,
+    shift_invariant_union,
+)
+from sparse_attention.torch.nn import (  # noqa: E402
+    KVCache,
+    SparseAttention,
+    SparseSelfAttention,
+    attend,
+    masked_attention,
+)
+
+B, T, H, D, BS = 2, 128, 4, 8, 16
+
+
+def _qkv(seed=0, T=T, H=H, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, T, H * D, generator=g, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+
+def _reference_mask(spec, T, H):
+    """Dense [H, T, T] masks built from the library's numpy closed form, independently of the specs."""
+    def one(s, n):
+        if isinstance(s, Mode):
+            kw = {"local_attn_ctx": s.local_attn_ctx, "blocksize": BS, "num_verts": s.num_verts,
+                  "vertsize": s.vertsize}
+            return dense_mask(T, n, s.mode, **{k: v for k, v in kw.items() if v is not None})
+        if isinstance(s, Group):
+            i = np.arange(T)
+            m = (i[None, :] <= i[:, None]) & (i[:, None] // s.l == i[None, :] // s.l)
+            return np.broadcast_to(m, (n, T, T))
+        if isinstance(s, Merged):
+            return np.logical_or.reduce([one(p, n) for p in s.parts])
+        if isinstance(s, PerHead):
+            return np.concatenate([one(p, n // len(s.parts)) for p in s.parts])
+        raise TypeError(s)
+
+    return torch.from_numpy(np.ascontiguousarray(one(spec, H)))
+
+
+def _dense_attend(q, k, v, mask):
+    qh, kh, vh = (x.view(B, x.shape[1], H, D).transpose(1, 2) for x in (q, k, v))
+    s = torch.matmul(qh, kh.transpose(-1, -2)) / D**0.5
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.matmul(p, vh).transpose(1, 2).reshape(q.shape)
+
+
+SPECS = {
+    "fixed": Mode("fixed", 64, num_verts=2, vertsize=1),
+    "local": Mode("local", 32),
+    "strided": Mode("strided", 32),
+    "merged-local-strided": Merged(Mode("local", 32), Mode("strided", 32)),
+    "heads-local-strided": PerHead(Mode("local", 32), Mode("strided", 32)),
+    "group": Group(32),
+    "heads-group-fixed": PerHead(Group(64), Mode("fixed", 64, num_verts=1, vertsize=1)),
+    "merged-group-fixed": Merged(Group(32), Mode("fixed", 64, num_verts=2, vertsize=1)),
+}
+
+
+@pytest.mark.parametrize("impl", ["sparse", "dense", "sdpa"])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_attend_matches_dense_mask(name, impl):
+    spec = SPECS[name]
+    q, k, v = _qkv()
+    mask = _reference_mask(spec, T, H)
+    want = _dense_attend(q, k, v, mask)
+    got = attend(q, k, v, H, spec, BS, impl)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    dout = torch.randn_like(want)
+    g_want = torch.autograd.grad(want, (q, k, v), dout)
+    g_got = torch.autograd.grad(got, (q, k, v), dout)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["fixed", "merged-local-strided", "heads-local-strided"])
+def test_flex_matches_dense_mask(name):
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    spec = SPECS[name]
+    q, k, v = (x.detach().float() for x in _qkv())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager flex_attention warns that it is not fused
+        got = attend(q, k, v, H, spec, BS, "flex")
+    want = _dense_attend(q, k, v, _reference_mask(spec, T, H))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_spec_mask_is_the_reference_mask(name):
+    spec = SPECS[name]
+    pos = torch.arange(T)
+    got = spec.mask(pos, pos, H, BS).expand(H, T, T)
+    assert torch.equal(got, _reference_mask(spec, T, H))
+    # a window of positions, as the KV cache asks for it
+    i, j = torch.arange(50, 70), torch.arange(70)
+    assert torch.equal(spec.mask(i, j, H, BS).expand(H, 20, 70), _reference_mask(spec, T, H)[:, 50:70, :70])
+
+
+def test_shift_invariant_union_long_context_is_cheap_and_right():
+    """Merged local+strided at the paper's audio context, built block by block in well under a second."""
+    T_long, b, l = 65536, 32, 128
+    spec = Merged(Mode("local", l), Mode("strided", l))
+    t0 = time.perf_counter()
+    lay = spec.layout(T_long, 8, b)
+    assert time.perf_counter() - t0 < 5.0
+    nb = T_long // b
+    # row r: the local diagonals 0..4 and every diagonal that is a multiple of l / b = 4
+    r = 1000
+    cols = lay.cols[lay.row_ptr[0, r]:lay.row_ptr[0, r + 1]]
+    want = sorted({r - d for d in range(0, r + 1) if d <= l // b or d % (l // b) == 0})
+    assert cols.tolist() == want
+    assert lay.nb == nb and lay.block_masks.shape[0] <= 3  # diagonals 0, 4 (edge) and 4k (stride) only
+    # and the small case equals the union of the numpy closed forms exactly
+    small = shift_invariant_union([Mode("local", 32).allowed, Mode("strided", 48).allowed], 192, 2, 16)
+    want = dense_mask(192, 2, "local", 32) | dense_mask(192, 2, "strided", 48)
+    assert np.array_equal(small.to_dense(), want)
+
+
+def test_sparse_attention_module_matches_attention_impl():
+    q, k, v = _qkv(1)
+    mod = SparseAttention(H, "fixed", 64, blocksize=BS, num_verts=2, vertsize=1)
+    want = attention_impl(q, k, v, H, "fixed", 64, blocksize=BS, num_verts=2, vertsize=1)
+    torch.testing.assert_close(mod(q, k, v), want, rtol=1e-10, atol=1e-10)
+    lay = make_layout(T, H, "local", 32, BS)
+    torch.testing.assert_close(SparseAttention(H, lay, blocksize=BS)(q, k, v),
+                               attention_impl(q, k, v, H, "local", 32, blocksize=BS), rtol=1e-10, atol=1e-10)
+
+
+def test_self_attention_recompute_gives_equal_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(B, T, H * D, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for recompute in (False, True):
+        torch.manual_seed(1)
+        layer = SparseSelfAttention(H * D, H, SPECS["merged-local-strided"], BS, recompute=recompute).double()
+        y = layer(x)
+        grads.append(torch.autograd.grad(y.square().sum(), [x] + list(layer.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["fixed", "heads-local-strided", "merged-group-fixed"])
+def test_self_attention_kv_cache_equals_full_pass(name):
+    torch.manual_seed(0)
+    layer = SparseSelfAttention(H * D, H, SPECS[name], BS).double().eval()
+    x = torch.randn(B, T, H * D, dtype=torch.float64)
+    full = layer(x)
+    cache = KVCache(1)
+    parts = []
+    for s, e in [(0, 37), (37, 38), (38, 100), (100, 128)]:
+        parts.append(layer(x[:, s:e], cache=cache))
+        cache.length = e
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_masked_attention_empty_rows_are_zero():
+    q, k, v = (torch.randn(1, 2, 3, 4) for _ in range(3))
+    mask = torch.tensor([[True, False, False], [False, False, False], [True, True, True]])
+    out = masked_attention(q, k, v, mask)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+
+
+def test_paper_patterns_shapes():
+    assert paper_patterns("dense") == [Mode("all")]
+    inter = paper_patterns("strided", "interleaved", stride=128)
+    assert inter == [Mode("local", 128), Mode("strided", 128)]
+    assert paper_patterns("fixed", "merged", stride=128, c=64, blocksize=32) == [
+        Mode("fixed", 128, num_verts=1, vertsize=2)]
+    assert isinstance(paper_patterns("strided", "heads")[0], PerHead)
+    assert isinstance(paper_patterns("fixed", "interleaved")[0], Group)
+
+
+def test_errors_name_the_argument():
+    with pytest.raises(ValueError, match="impl"):
+        SparseAttention(H, "all", impl="cuda")
+    with pytest.raises(ValueError, match="heads"):
+        SparseAttention(0, "all")
+    with pytest.raises(ValueError, match="Mode.mode"):
+        Mode("diagonal")
+    with pytest.raises(ValueError, match="local_attn_ctx"):
+        SparseAttention(H, make_layout(T, H, "all", blocksize=BS), local_attn_ctx=32)
+    with pytest.raises(ValueError, match="PerHead parts"):
+        attend(*_qkv(), 3, PerHead(Mode("all"), Mode("local", 32)), BS)
+    with pytest.raises(ValueError, match="Merged"):
+        Merged(Mode("all"))
+    with pytest.raises(TypeError, match="pattern"):
+        SparseAttention(H, 3.5)
+    with pytest.raises(ValueError, match="time=64"):
+        attend(*_qkv(), H, Custom(make_layout(64, H, "all", blocksize=BS)), BS)
+    with pytest.raises(ValueError, match="local_attn_ctx"):
+        attend(*_qkv(), H, Mode("local", 24), BS)
+    with pytest.raises(ValueError, match="factorization"):
+        paper_patterns("strided", "mixed")
+    with pytest.raises(ValueError, match="c \\(40\\)"):
+        paper_patterns("fixed", c=40, blocksize=32)
