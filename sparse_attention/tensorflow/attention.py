@@ -90,16 +90,19 @@ def _dense_mask(spec, time, heads):
     i = tf.range(time)[:, None]
     j = tf.range(time)[None, :]
     mode = spec["attn_mode"]
+    # tf.equal, not ==: in a TF1-style graph, Tensor.__eq__ compares identity, not elements
+    if mode == "strided":
+        return tf.logical_and(j <= i, tf.equal((i - j) % spec["local_attn_ctx"], 0))[None]
     if mode == "fixed":
-        # per-head summary columns: evaluate the closed form with h as a [heads, 1, 1] tensor
+        # per-head summary columns: the closed form with h as a [heads, 1, 1] tensor
         h = tf.range(heads)[:, None, None]
         s = spec["local_attn_ctx"] // spec["blocksize"]
         lo, hi = fixed_vert_range(h, s, spec["num_verts"], spec["vertsize"])
         col = (j // spec["blocksize"]) % s
-        same_group = (i // spec["local_attn_ctx"]) == (j // spec["local_attn_ctx"])
+        same_group = tf.equal(i // spec["local_attn_ctx"], j // spec["local_attn_ctx"])
         return (j <= i) & (same_group | ((lo <= col) & (col <= hi)))
-    m = allowed(i, j, 0, mode, spec.get("local_attn_ctx"), spec.get("blocksize"))
-    return m[None]
+    # all, local: only <=, - and < (elementwise in every mode)
+    return allowed(i, j, 0, mode, spec.get("local_attn_ctx"), spec.get("blocksize"))[None]
 
 
 def dense_attention(q, k, v, heads, spec):
