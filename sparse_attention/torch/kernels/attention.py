@@ -237,8 +237,9 @@ def _fwd_kernel(Q, K, V, O, LSE, VLO, HEAD_PAT, ROW_PTR, COLS, MASK_IDX, MASKS,
         acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, fhi, hi, T, vlo, qk_scale,
                                    offs_d, BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_i))
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     o_ptrs = O + b * sob + h.to(tl.int64) * soh + qtok[:, None] * sot + offs_d[None, :]
     if PAD_D:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_d[None, :] < HEAD_D)

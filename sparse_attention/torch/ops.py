@@ -1,0 +1,198 @@
+"""``blocksparse_attention_bhtd``: block-sparse attention on ``[batch, heads, time, head_dim]``.
+
+The public lower-level entry point (the ``[batch, time, dim]`` front end calls it too). It runs the
+fused Triton kernels (:mod:`sparse_attention.torch.kernels`) for CUDA tensors they support and the
+plain-PyTorch block-gather path (:func:`sparse_attention.torch.blocksparse.gather_attention`)
+everywhere else, behind one ``torch.library`` custom op pair (``sparse_attention::attn_fwd`` and
+``sparse_attention::attn_bwd``) so that ``torch.compile`` traces it without graph breaks.
+
+Layouts are Python objects, not op arguments: each is given an integer key in a module-level
+registry on first use, and the ops take the key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..layouts import Layout
+
+__all__ = ["blocksparse_attention_bhtd", "fused_unsupported_reasons", "layout_key"]
+
+_REGISTRY: list[Layout] = []
+_KEYS: dict[int, int] = {}
+
+
+def layout_key(layout: Layout) -> int:
+    """The registry key of a layout (registered on first use; layouts live as long as the process)."""
+    k = _KEYS.get(id(layout))
+    if k is None or _REGISTRY[k] is not layout:
+        k = len(_REGISTRY)
+        _REGISTRY.append(layout)
+        _KEYS[id(layout)] = k
+    return k
+
+
+def fused_unsupported_reasons(q: torch.Tensor, layout: Layout) -> list[str]:
+    """Why the fused kernels would not run ``q`` with ``layout`` (empty: they would)."""
+    if os.environ.get("SPARSE_ATTENTION_DISABLE_FUSED", "0") == "1":
+        return ["SPARSE_ATTENTION_DISABLE_FUSED=1"]
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return [f"tensors are on {q.device}; the fused kernels need CUDA"]
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return ["triton is not installed"]
+    from .kernels.launch import unsupported_reasons
+
+    return unsupported_reasons(q, layout)
+
+
+def _use_fused(q: torch.Tensor, layout: Layout) -> bool:
+    return not fused_unsupported_reasons(q, layout)
+
+
+@torch.library.custom_op("sparse_attention::attn_fwd", mutates_args=())
+def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    layout = _REGISTRY[key]
+    if _use_fused(q, layout):
+        from .kernels.launch import forward
+
+        return forward(q, k, v, layout)
+    from .blocksparse import gather_attention
+
+    with torch.no_grad():
+        o = gather_attention(q, k, v, layout)
+    # the fallback recomputes in its backward pass and needs no log-sum-exp
+    return o.contiguous(), q.new_zeros(q.shape[:-1], dtype=torch.float32)
+
+
+@_attn_fwd.register_fake
+def _(q, k, v, key):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+def _autograd_inside_op():
+    """A custom op's body runs with the autograd dispatch keys excluded; the fallback's backward
+    differentiates the block-gather path, so it lifts that exclusion for its own scope."""
+    autograd = torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)
+    for name in ("AutogradOther", "AutogradCPU", "AutogradCUDA", "AutogradNestedTensor"):
+        autograd = autograd | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, name))
+    return torch._C._ForceDispatchKeyGuard(
+        torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set() - autograd
+    )
+
+
+@torch.library.custom_op("sparse_attention::attn_bwd", mutates_args=())
+def _attn_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, key: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    layout = _REGISTRY[key]
+    if _use_fused(q, layout):
+        from .kernels.launch import backward
+
+        return backward(do, q, k, v, o, lse, layout)
+    from .blocksparse import gather_attention
+
+    with _autograd_inside_op(), torch.enable_grad():
+        qd, kd, vd = (x.detach().requires_grad_() for x in (q, k, v))
+        out = gather_attention(qd, kd, vd, layout)
+        dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), do)
+    return dq, dk, dv
+
+
+@_attn_bwd.register_fake
+def _(do, q, k, v, o, lse, key):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.key = key
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _attn_bwd(do.contiguous(), q, k, v, o, lse, ctx.key)
+    return dq, dk, dv, None
+
+
+_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(q, k, v, layout):
+    if not isinstance(layout, Layout):
+        raise TypeError(f"layout must be a sparse_attention.layouts.Layout, got {type(layout).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have shape [batch, heads, time, head_dim], got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    _, H, T, _ = q.shape
+    if layout.heads != H or layout.time != T:
+        raise ValueError(
+            f"layout is for heads={layout.heads}, time={layout.time}; the tensors have heads={H}, time={T}"
+        )
+
+
+def blocksparse_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Block-sparse attention on natural-order ``[batch, heads, time, head_dim]`` tensors.
+
+    Computes, for each head ``h`` and query ``i``, ``softmax_j(q[i] . k[j] / sqrt(head_dim))`` over the
+    keys ``j`` that ``layout`` allows (SEMANTICS.md), then the weighted sum of ``v[j]``; float32
+    softmax and accumulation for fp16/bf16; a row with no allowed key outputs 0. Differentiable
+    in ``q``, ``k``, ``v``; works under ``torch.compile(fullgraph=True)``.
+
+    Dispatch: CUDA tensors run the fused Triton kernels (fp16, bf16, fp32; any head_dim up to 256,
+    padded to a power of two inside the kernel); ``all`` with fp16/bf16 runs PyTorch's causal
+    SDPA (cuDNN / flash), which is the fastest dense causal kernel; everything else runs the
+    block-gather path in plain PyTorch.
+
+    Args:
+        q, k, v: ``[batch, heads, time, head_dim]``, same shape, dtype and device; any strides with
+            a contiguous last dimension (e.g. ``x.view(B, T, H, D).transpose(1, 2)``) avoid a copy.
+        layout: a :class:`~sparse_attention.layouts.Layout` with ``layout.time == time`` and
+            ``layout.heads == heads``.
+
+    Returns:
+        ``[batch, heads, time, head_dim]`` in the dtype of ``q``.
+
+    Example::
+
+        >>> from sparse_attention.layouts import make_layout
+        >>> lay = make_layout(1024, 4, "local", local_attn_ctx=128, blocksize=32)
+        >>> q = k = v = torch.randn(2, 4, 1024, 64)
+        >>> blocksparse_attention_bhtd(q, k, v, lay).shape
+        torch.Size([2, 4, 1024, 64])
+
+    The pattern of ``local`` (``L = 3`` tokens, ``x`` = allowed)::
+
+        x . . . .
+        x x . . .
+        x x x . .
+        . x x x .
+        . . x x x
+    """
+    _check(q, k, v, layout)
+    if (
+        layout.mode == "all"
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and os.environ.get("SPARSE_ATTENTION_ALL_FUSED", "0") != "1"
+    ):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                 scale=1.0 / math.sqrt(q.shape[-1]))
+    o, _ = _attn_fwd(q, k, v, layout_key(layout))
+    return o

@@ -1,0 +1,135 @@
+"""The fused Triton kernels at tiny sizes, forward and backward, against a float64 reference.
+
+On a machine without CUDA (CI) the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``,
+set here before the kernels are imported); with a CUDA build of torch they run compiled on the
+GPU. The full GPU suite (every mode, dtype, blocksize, head_dim; 1M tokens) is ``tests/gpu/``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.backends.cuda.is_built():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from _attn_ref import fwd_bwd, masked_reference, rel_err  # noqa: E402
+
+from sparse_attention.layouts import custom_layout, from_dense, make_layout  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@pytest.fixture(scope="module")
+def launch():
+    if not INTERPRET and not torch.cuda.is_available():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1 (a CPU-only torch sets it)")
+    from sparse_attention.torch.kernels import launch as L
+
+    if INTERPRET and not getattr(triton.runtime.interpreter._patch_lang_tensor, "_sparse_attention_fix", False):
+        pytest.skip("the kernels module was imported before TRITON_INTERPRET=1 was set")
+    L.POISON_OUTPUTS = True
+    yield L
+    L.POISON_OUTPUTS = False
+
+
+def _device():
+    return "cpu" if INTERPRET else "cuda"
+
+
+def _custom_empty_row():
+    nb = 8
+    lay = np.tril(np.ones((2, nb, nb), int))
+    lay[0, 3, :] = 0  # head 0: query block 3 has no key at all
+    lay[1] = np.eye(nb, dtype=int)
+    lay[1, 5, 2] = 1
+
+    def cb(shape, h, qi, ki, e):
+        if qi == ki:
+            return np.arange(shape[0])[:, None] >= np.arange(shape[1])[None, :]
+        return np.random.RandomState(e).rand(*shape) > 0.3
+
+    return custom_layout(lay, 16, callback=cb)
+
+
+def _from_dense_row_gaps():
+    T = 128
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    m = (j <= i) & ((i - j) % 3 != 1)
+    m[7] = False  # a token row with no allowed key inside an enabled block
+    return from_dense(m[None], 32)
+
+
+CASES = [
+    pytest.param(lambda: make_layout(128, 2, "all", blocksize=16), 32, torch.float32, id="all-T128-b16-D32-fp32"),
+    pytest.param(lambda: make_layout(128, 2, "local", local_attn_ctx=48, blocksize=16), 32, torch.float32,
+                 id="local-T128-L48-b16-D32-fp32"),
+    pytest.param(lambda: make_layout(192, 2, "strided", local_attn_ctx=8, blocksize=16), 16, torch.float32,
+                 id="strided-T192-l8-b16-D16-fp32"),
+    pytest.param(lambda: make_layout(128, 4, "fixed", local_attn_ctx=32, blocksize=16, num_verts=2, vertsize=1),
+                 32, torch.float32, id="fixed-T128-l32-b16-nv2-D32-fp32"),
+    pytest.param(lambda: make_layout(128, 2, "fixed", local_attn_ctx=16, blocksize=16, num_verts=1, vertsize=1),
+                 32, torch.float32, id="fixed-T128-l16-tile-over-groups-fp32"),
+    pytest.param(_custom_empty_row, 32, torch.float32, id="custom-perhead-emptyrow-callback-fp32"),
+    pytest.param(_from_dense_row_gaps, 48, torch.float32, id="custom-fromdense-b32-D48pad-fp32"),
+    pytest.param(lambda: make_layout(128, 2, "local", local_attn_ctx=32, blocksize=32), 32, torch.float16,
+                 id="local-T128-L32-b32-D32-fp16"),
+    pytest.param(lambda: make_layout(128, 2, "strided", local_attn_ctx=16, blocksize=16), 32, torch.float16,
+                 id="strided-T128-l16-D32-fp16"),
+]
+
+
+@pytest.mark.parametrize("make, D, dtype", CASES)
+def test_forward_backward(launch, make, D, dtype):
+    lay = make()
+    B, H, T = 2, lay.heads, lay.time
+    dev = _device()
+    g = torch.Generator().manual_seed(1)
+    q, k, v, do = (torch.randn(B, H, T, D, generator=g).to(dev, dtype) for _ in range(4))
+    mask = lay.to_dense()
+    ref = fwd_bwd(lambda a, b, c: masked_reference(a, b, c, mask), q, k, v, do)
+
+    o, lse = launch.forward(q, k, v, lay)
+    got = [o, *launch.backward(do, q, k, v, o, lse, lay)]
+    # the budget: a plain same-dtype PyTorch computation (for fp32 a fixed bound)
+    if dtype == torch.float32:
+        budget = [1e-5] * 4
+    else:
+        same = fwd_bwd(lambda a, b, c: masked_reference(a, b, c, mask, dtype=dtype), q, k, v, do)
+        budget = [2 * rel_err(s, r) + 1e-4 for s, r in zip(same, ref)]
+    for name, x, r, tol in zip(("out", "dq", "dk", "dv"), got, ref, budget):
+        assert torch.isfinite(x).all(), f"{name}: non-finite values (unwritten or NaN)"
+        assert x.dtype == dtype
+        err = rel_err(x, r)
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.2e}"
+    empty = ~mask.any(-1)  # [H, T]
+    if empty.any():
+        assert (o[:, torch.from_numpy(empty)] == 0).all(), "rows with no allowed key must output 0"
+
+
+def test_rerun_is_bitwise_equal(launch):
+    lay = make_layout(128, 4, "fixed", local_attn_ctx=32, blocksize=16, num_verts=2, vertsize=1)
+    g = torch.Generator().manual_seed(2)
+    q, k, v, do = (torch.randn(1, 4, 128, 32, generator=g).to(_device()) for _ in range(4))
+    runs = []
+    for _ in range(2):
+        o, lse = launch.forward(q, k, v, lay)
+        runs.append([o, *launch.backward(do, q, k, v, o, lse, lay)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_strided_views_need_no_copy(launch):
+    """``[B, T, H, D]`` memory seen as ``[B, H, T, D]`` (what the front end passes)."""
+    lay = make_layout(64, 2, "local", local_attn_ctx=16, blocksize=16)
+    g = torch.Generator().manual_seed(3)
+    x = [torch.randn(2, 64, 2, 32, generator=g).to(_device()) for _ in range(3)]
+    q, k, v = (t.transpose(1, 2) for t in x)
+    o, _ = launch.forward(q, k, v, lay)
+    ref = masked_reference(q, k, v, lay.to_dense())
+    assert rel_err(o, ref) < 1e-5
