@@ -1,0 +1,47 @@
+"""`python attention.py` (the original's comparison script) at small sizes."""
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("attention_script", ROOT / "attention.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_every_mode_passes(dtype, capsys):
+    script = _load()
+    rc = script.main([dtype, "--batch", "1", "--time", "256", "--dim", "64", "--heads", "4", "--reps", "1",
+                      "--device", "cpu", "--framework", "torch"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert out.count("PASS") == 5  # four modes and the summary line
+    for mode in ("all", "local", "strided", "fixed"):
+        assert f"\n{mode} " in out
+
+
+def test_failure_exits_nonzero(monkeypatch, capsys):
+    import sparse_attention
+
+    script = _load()
+    real = sparse_attention.blocksparse_attention_impl
+    monkeypatch.setattr(script, "blocksparse_attention_impl", lambda q, k, v, **kw: real(q, k, v, **kw) * 1.01)
+    rc = script.main(["--batch", "1", "--time", "128", "--dim", "32", "--heads", "2", "--reps", "1",
+                      "--modes", "local", "--device", "cpu", "--framework", "torch"])
+    assert rc == 1
+    assert "FAIL: local" in capsys.readouterr().out
+
+
+def test_bad_mode_is_a_usage_error():
+    r = subprocess.run([sys.executable, str(ROOT / "attention.py"), "--modes", "nope"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown mode 'nope'" in r.stderr
