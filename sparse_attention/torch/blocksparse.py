@@ -39,32 +39,97 @@ def gather_attention(q, k, v, layout: Layout) -> torch.Tensor:
     """Block-sparse attention on natural-order ``[batch, heads, time, head_dim]`` tensors in plain
     PyTorch (any device, differentiable). Returns the same shape and dtype as ``q``."""
     check_tensors(q, k, v)
-    B, H, T, _ = q.shape
-    if layout.heads != H or layout.time != T:
-        raise ValueError(
-            f"layout is for heads={layout.heads}, time={layout.time}; q has heads={H}, time={T}"
-        )
-    perm = None
-    if layout.perm is not None:
-        perm = _device_cache(layout, "perm", q.device, lambda: torch.from_numpy(layout.perm))
+    _check_layout(q, layout)
+    return _GatherAttention.apply(q, k, v, layout)
+
+
+def gather_forward(q, k, v, layout: Layout):
+    """Forward pass: ``(out [B, H, T, d] in q's dtype, lse [B, H, T])``, natural order; ``lse``
+    is float64 for float64 inputs, else float32.
+
+    ``lse`` is the log-sum-exp of each row's scaled scores (``+inf`` for a row with no allowed
+    key); :func:`gather_backward` takes it back.
+    """
+    perm = _perm(layout, q.device)
+    if perm is not None:
         q, k, v = (x.index_select(2, perm) for x in (q, k, v))
-    outs = []
+    outs, lses = [], []
+    for p, x in _per_pattern(layout, q.device, q, k, v):
+        o, lse = _pattern_forward(*x, layout, p)
+        outs.append(o)
+        lses.append(lse)
+    o, lse = _merge_heads(layout, q.device, outs), _merge_heads(layout, q.device, lses)
+    if perm is not None:
+        inv = _inv_perm(layout, q.device)
+        o, lse = o.index_select(2, inv), lse.index_select(2, inv)
+    return o.to(q.dtype), lse
+
+
+def gather_backward(do, q, k, v, o, lse, layout: Layout):
+    """Backward pass: ``(dq, dk, dv)`` from the output gradient and :func:`gather_forward`'s results."""
+    perm = _perm(layout, q.device)
+    if perm is not None:
+        do, q, k, v, o, lse = (x.index_select(2, perm) for x in (do, q, k, v, o, lse))
+    grads = [[], [], []]
+    for p, x in _per_pattern(layout, q.device, do, q, k, v, o, lse):
+        for acc, g in zip(grads, _pattern_backward(*x, layout, p)):
+            acc.append(g)
+    dq, dk, dv = (_merge_heads(layout, q.device, g) for g in grads)
+    if perm is not None:
+        inv = _inv_perm(layout, q.device)
+        dq, dk, dv = (x.index_select(2, inv) for x in (dq, dk, dv))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _GatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout):
+        o, lse = gather_forward(q, k, v, layout)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.layout = layout
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        return (*gather_backward(do, *ctx.saved_tensors, ctx.layout), None)
+
+
+def _check_layout(q, layout: Layout):
+    if not isinstance(layout, Layout):
+        raise TypeError(f"layout must be a sparse_attention.Layout, got {type(layout).__name__}")
+    _, H, T, _ = q.shape
+    if layout.heads != H or layout.time != T:
+        raise ValueError(f"layout is for heads={layout.heads}, time={layout.time}; q has heads={H}, time={T}")
+
+
+def _perm(layout: Layout, device):
+    if layout.perm is None:
+        return None
+    return _device_cache(layout, "perm", device, lambda: torch.from_numpy(layout.perm))
+
+
+def _inv_perm(layout: Layout, device):
+    return _device_cache(layout, "inv_perm", device, lambda: torch.from_numpy(np.argsort(layout.perm)))
+
+
+def _per_pattern(layout: Layout, device, *xs):
+    """``(pattern, xs restricted to its heads)`` for each distinct head pattern."""
     for p in range(layout.n_patterns):
         hs = layout.heads_of(p)
-        if len(hs) == H:
-            outs.append(_GatherAttention.apply(q, k, v, layout, p))
+        if len(hs) == layout.heads:
+            yield p, xs
         else:
-            idx = _device_cache(layout, f"heads{p}", q.device, lambda hs=hs: torch.from_numpy(hs))
-            outs.append(_GatherAttention.apply(*(x.index_select(1, idx) for x in (q, k, v)), layout, p))
-    if len(outs) == 1:
-        o = outs[0]
-    else:
-        order = np.argsort(np.concatenate([layout.heads_of(p) for p in range(layout.n_patterns)]))
-        o = torch.cat(outs, dim=1)[:, torch.from_numpy(order).to(q.device)]
-    if perm is not None:
-        inv = _device_cache(layout, "inv_perm", q.device, lambda: torch.from_numpy(np.argsort(layout.perm)))
-        o = o.index_select(2, inv)
-    return o
+            idx = _device_cache(layout, f"heads{p}", device, lambda hs=hs: torch.from_numpy(hs))
+            yield p, tuple(x.index_select(1, idx) for x in xs)
+
+
+def _merge_heads(layout: Layout, device, parts):
+    """Inverse of :func:`_per_pattern`: put each pattern's heads back in head order."""
+    if len(parts) == 1:
+        return parts[0]
+    order = _device_cache(layout, "head_order", device, lambda: torch.from_numpy(
+        np.argsort(np.concatenate([layout.heads_of(p) for p in range(layout.n_patterns)]))))
+    return torch.cat(parts, dim=1).index_select(1, order)
 
 
 def _device_cache(layout: Layout, key: str, device, make):
@@ -129,72 +194,67 @@ def _plan(layout: Layout, pattern: int, rows_budget_keys: int, device) -> list[_
     return cache[key]
 
 
-class _GatherAttention(torch.autograd.Function):
-    """Block-sparse attention of one head pattern, ``[B, h, T, d]`` in block order."""
+def _pattern_forward(q, k, v, layout: Layout, pattern: int):
+    """One head pattern, ``[B, h, T, d]`` in block order -> (out in the compute dtype, lse)."""
+    B, h, T, d = q.shape
+    b, nb = layout.blocksize, layout.nb
+    cd = compute_dtype(q.dtype)
+    scale = 1.0 / math.sqrt(d)
+    budget = max(CHUNK_ELEMENTS // (B * h * b * b), 1)
+    chunks = _plan(layout, pattern, budget, q.device)
+    qb, kb, vb = (x.reshape(B, h, nb, b, d) for x in (q, k, v))
+    out = torch.empty(B, h, nb, b, d, dtype=cd, device=q.device)
+    lse = torch.empty(B, h, nb, b, dtype=cd, device=q.device)
+    for c in chunks:
+        n, maxc = c.cols.shape
+        s = _scores(qb[:, :, c.r0 : c.r1], kb[:, :, c.cols], cd, scale)  # [B, h, n, b, maxc * b]
+        mask = c.mask(layout, pattern, q.device).reshape(n, b, maxc * b)
+        s.masked_fill_(~mask, float("-inf"))
+        m = s.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        den = p.sum(dim=-1, keepdim=True)
+        vg = vb[:, :, c.cols].to(cd).reshape(B, h, n, maxc * b, d)
+        out[:, :, c.r0 : c.r1] = torch.matmul(p, vg) / torch.where(den > 0, den, torch.ones_like(den))
+        # An empty row keeps lse = +inf, so that exp(s - lse) = 0 in the backward pass.
+        lse[:, :, c.r0 : c.r1] = torch.where(den > 0, m + torch.log(den), torch.full_like(den, math.inf))[..., 0]
+    return out.reshape(B, h, T, d), lse.reshape(B, h, T)
 
-    @staticmethod
-    def forward(ctx, q, k, v, layout: Layout, pattern: int):
-        B, h, T, d = q.shape
-        b, nb = layout.blocksize, layout.nb
-        cd = compute_dtype(q.dtype)
-        scale = 1.0 / math.sqrt(d)
-        budget = max(CHUNK_ELEMENTS // (B * h * b * b), 1)
-        chunks = _plan(layout, pattern, budget, q.device)
-        qb, kb, vb = (x.reshape(B, h, nb, b, d) for x in (q, k, v))
-        out = torch.empty(B, h, nb, b, d, dtype=cd, device=q.device)
-        lse = torch.empty(B, h, nb, b, dtype=cd, device=q.device)
-        for c in chunks:
-            n, maxc = c.cols.shape
-            s = _scores(qb[:, :, c.r0 : c.r1], kb[:, :, c.cols], cd, scale)  # [B, h, n, b, maxc * b]
-            mask = c.mask(layout, pattern, q.device).reshape(n, b, maxc * b)
-            s.masked_fill_(~mask, float("-inf"))
-            m = s.amax(dim=-1, keepdim=True)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            p = torch.exp(s - m)
-            den = p.sum(dim=-1, keepdim=True)
-            vg = vb[:, :, c.cols].to(cd).reshape(B, h, n, maxc * b, d)
-            out[:, :, c.r0 : c.r1] = torch.matmul(p, vg) / torch.where(den > 0, den, torch.ones_like(den))
-            # An empty row keeps lse = +inf, so that exp(s - lse) = 0 in the backward pass.
-            lse[:, :, c.r0 : c.r1] = torch.where(den > 0, m + torch.log(den), torch.full_like(den, math.inf))[..., 0]
-        out = out.reshape(B, h, T, d)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.pattern, ctx.chunks, ctx.scale = layout, pattern, chunks, scale
-        return out.to(q.dtype)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        layout, pattern, scale = ctx.layout, ctx.pattern, ctx.scale
-        B, h, T, d = q.shape
-        b, nb = layout.blocksize, layout.nb
-        cd = out.dtype
-        do = do.to(cd)
-        delta = (do * out).sum(dim=-1).reshape(B, h, nb, b, 1)
-        qb, kb, vb = (x.reshape(B, h, nb, b, d) for x in (q, k, v))
-        dob = do.reshape(B, h, nb, b, d)
-        dq = torch.zeros(B, h, nb, b, d, dtype=cd, device=q.device)
-        dk = torch.zeros(B, h, nb, b, d, dtype=cd, device=q.device)
-        dv = torch.zeros(B, h, nb, b, d, dtype=cd, device=q.device)
-        for c in ctx.chunks:
-            n, maxc = c.cols.shape
-            qc = qb[:, :, c.r0 : c.r1].to(cd).reshape(B, h, n * b, d)
-            kg = kb[:, :, c.cols].to(cd).reshape(B, h, n, maxc * b, d)
-            vg = vb[:, :, c.cols].to(cd).reshape(B, h, n, maxc * b, d)
-            s = torch.matmul(qc.reshape(B, h, n, b, d), kg.transpose(-1, -2)) * scale
-            mask = c.mask(layout, pattern, q.device).reshape(n, b, maxc * b)
-            s.masked_fill_(~mask, float("-inf"))
-            p = torch.exp(s - lse[:, :, c.r0 : c.r1, :, None])  # [B, h, n, b, maxc * b]
-            doc = dob[:, :, c.r0 : c.r1]  # [B, h, n, b, d]
-            dp = torch.matmul(doc, vg.transpose(-1, -2))
-            ds = p * (dp - delta[:, :, c.r0 : c.r1]) * scale
-            dq[:, :, c.r0 : c.r1] = torch.matmul(ds, kg)
-            # Padding slots have p = 0 and ds = 0: their scatter into block 0 adds nothing.
-            flat = c.cols.reshape(-1)
-            dk.index_add_(2, flat, torch.matmul(ds.transpose(-1, -2), qc.reshape(B, h, n, b, d)).reshape(
-                B, h, n * maxc, b, d))
-            dv.index_add_(2, flat, torch.matmul(p.transpose(-1, -2), doc).reshape(B, h, n * maxc, b, d))
-        shape = (B, h, T, d)
-        return dq.reshape(shape).to(q.dtype), dk.reshape(shape).to(k.dtype), dv.reshape(shape).to(v.dtype), None, None
+def _pattern_backward(do, q, k, v, out, lse, layout: Layout, pattern: int):
+    """One head pattern, block order: ``(dq, dk, dv)`` in the compute dtype."""
+    B, h, T, d = q.shape
+    b, nb = layout.blocksize, layout.nb
+    cd = compute_dtype(q.dtype)
+    scale = 1.0 / math.sqrt(d)
+    chunks = _plan(layout, pattern, max(CHUNK_ELEMENTS // (B * h * b * b), 1), q.device)
+    do, out, lse = do.to(cd), out.to(cd), lse.to(cd).reshape(B, h, nb, b)
+    delta = (do * out).sum(dim=-1).reshape(B, h, nb, b, 1)
+    qb, kb, vb = (x.reshape(B, h, nb, b, d) for x in (q, k, v))
+    dob = do.reshape(B, h, nb, b, d)
+    dq = torch.zeros(B, h, nb, b, d, dtype=cd, device=q.device)
+    dk = torch.zeros(B, h, nb, b, d, dtype=cd, device=q.device)
+    dv = torch.zeros(B, h, nb, b, d, dtype=cd, device=q.device)
+    for c in chunks:
+        n, maxc = c.cols.shape
+        qc = qb[:, :, c.r0 : c.r1].to(cd).reshape(B, h, n * b, d)
+        kg = kb[:, :, c.cols].to(cd).reshape(B, h, n, maxc * b, d)
+        vg = vb[:, :, c.cols].to(cd).reshape(B, h, n, maxc * b, d)
+        s = torch.matmul(qc.reshape(B, h, n, b, d), kg.transpose(-1, -2)) * scale
+        mask = c.mask(layout, pattern, q.device).reshape(n, b, maxc * b)
+        s.masked_fill_(~mask, float("-inf"))
+        p = torch.exp(s - lse[:, :, c.r0 : c.r1, :, None])  # [B, h, n, b, maxc * b]
+        doc = dob[:, :, c.r0 : c.r1]  # [B, h, n, b, d]
+        dp = torch.matmul(doc, vg.transpose(-1, -2))
+        ds = p * (dp - delta[:, :, c.r0 : c.r1]) * scale
+        dq[:, :, c.r0 : c.r1] = torch.matmul(ds, kg)
+        # Padding slots have p = 0 and ds = 0: their scatter into block 0 adds nothing.
+        flat = c.cols.reshape(-1)
+        dk.index_add_(2, flat, torch.matmul(ds.transpose(-1, -2), qc.reshape(B, h, n, b, d)).reshape(
+            B, h, n * maxc, b, d))
+        dv.index_add_(2, flat, torch.matmul(p.transpose(-1, -2), doc).reshape(B, h, n * maxc, b, d))
+    shape = (B, h, T, d)
+    return dq.reshape(shape), dk.reshape(shape), dv.reshape(shape)
 
 
 def _scores(qc, kg, cd, scale):
