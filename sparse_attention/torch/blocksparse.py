@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from ..layouts import Layout, allowed
+from ..layouts import Layout
 from .reference import check_tensors, compute_dtype, merge_heads, split_heads
 
 # Scores per chunk (batch * heads * rows * blocksize * keys): about 64 MiB of float32, so the
@@ -142,37 +142,46 @@ def _device_cache(layout: Layout, key: str, device, make):
 
 
 class _Chunk:
-    """Query-block rows ``r0:r1`` of one pattern with their padded key blocks, on one device."""
+    """Query-block rows ``r0:r1`` of one pattern with their padded key blocks, on one device.
+
+    Only the *partial* enabled blocks (diagonals, band edges, callback masks) get an in-block
+    mask; full blocks and padding slots cost one broadcast ``masked_fill`` per chunk.
+    """
 
     def __init__(self, layout: Layout, pattern: int, r0: int, r1: int, device):
+        from ..layouts import _partial_blocks
+
         cols, valid, entries = layout.padded_rows(pattern, r0, r1)
         self.r0, self.r1 = r0, r1
         self.cols = torch.from_numpy(cols).to(device)  # int64 [n, maxc]
-        self.valid = torch.from_numpy(valid).to(device)  # bool [n, maxc]
-        self.mask_ids = None
+        self.invalid = None if valid.all() else torch.from_numpy(~valid).to(device)  # bool [n, maxc]
         if layout.mode == "custom":
-            # 0: a full block, 1 + i: layout.block_masks[i]
-            ids = np.where(valid, layout.mask_idx[np.maximum(entries, 0)] + 1, 0)
-            self.mask_ids = torch.from_numpy(ids.astype(np.int64)).to(device)
+            partial = valid & layout.partial[np.maximum(entries, 0)]
+        else:
+            rows = np.broadcast_to(np.arange(r0, r1)[:, None], cols.shape)
+            partial = valid & _partial_blocks(layout, rows, cols)
+        pr, ps = np.nonzero(partial)
+        self.part_row = torch.from_numpy(pr).to(device)  # [npart] row within the chunk
+        self.part_slot = torch.from_numpy(ps).to(device)  # [npart] slot within the row
+        self.part_masks = torch.from_numpy(self._masks(layout, pattern, pr, ps, cols, entries)).to(device)
 
-    def mask(self, layout: Layout, pattern: int, device) -> torch.Tensor:
-        """``bool [n, b, maxc, b]``: allowed (query, key) pairs of the chunk's gathered blocks."""
-        b = layout.blocksize
-        n, maxc = self.cols.shape
-        valid = self.valid[:, None, :, None]
-        if self.mask_ids is not None:
-            bank = _device_cache(layout, "block_masks", device, lambda: torch.from_numpy(
-                np.concatenate([np.ones((1, b, b), bool), layout.block_masks])))
-            return bank[self.mask_ids].permute(0, 2, 1, 3) & valid
-        off = torch.arange(b, device=device)
-        qpos = (torch.arange(self.r0, self.r1, device=device)[:, None] * b + off)  # [n, b]
-        kpos = self.cols[:, :, None] * b + off  # [n, maxc, b]
-        if layout.perm is not None:
-            perm = _device_cache(layout, "perm", device, lambda: torch.from_numpy(layout.perm))
-            qpos, kpos = perm[qpos], perm[kpos]
-        h = int(layout.heads_of(pattern)[0])
-        m = allowed(qpos[:, :, None, None], kpos[:, None, :, :], h, layout.mode, **layout._rule_params())
-        return m & valid
+    def _masks(self, layout, pattern, pr, ps, cols, entries):
+        """In-block masks of the partial entries, ``bool [npart, b, b]`` (numpy)."""
+        e = None if entries is None else entries[pr, ps]
+        return layout.entry_masks(pattern, self.r0 + pr, cols[pr, ps], e)
+
+    def apply_mask(self, s: torch.Tensor) -> torch.Tensor:
+        """Set disallowed scores of ``s [B, h, n, b, maxc * b]`` to ``-inf`` (in place)."""
+        B, h, n, b, _ = s.shape
+        maxc = self.cols.shape[1]
+        s6 = s.view(B, h, n, b, maxc, b)
+        if self.invalid is not None:
+            s6.masked_fill_(self.invalid[:, None, :, None], float("-inf"))
+        if len(self.part_row):
+            blocks = s6[:, :, self.part_row, :, self.part_slot, :]  # [npart, B, h, b, b]
+            s6[:, :, self.part_row, :, self.part_slot, :] = blocks.masked_fill(
+                ~self.part_masks[:, None, None], float("-inf"))
+        return s
 
 
 def _plan(layout: Layout, pattern: int, rows_budget_keys: int, device) -> list[_Chunk]:
@@ -208,8 +217,7 @@ def _pattern_forward(q, k, v, layout: Layout, pattern: int):
     for c in chunks:
         n, maxc = c.cols.shape
         s = _scores(qb[:, :, c.r0 : c.r1], kb[:, :, c.cols], cd, scale)  # [B, h, n, b, maxc * b]
-        mask = c.mask(layout, pattern, q.device).reshape(n, b, maxc * b)
-        s.masked_fill_(~mask, float("-inf"))
+        c.apply_mask(s)
         m = s.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)
@@ -241,8 +249,7 @@ def _pattern_backward(do, q, k, v, out, lse, layout: Layout, pattern: int):
         kg = kb[:, :, c.cols].to(cd).reshape(B, h, n, maxc * b, d)
         vg = vb[:, :, c.cols].to(cd).reshape(B, h, n, maxc * b, d)
         s = torch.matmul(qc.reshape(B, h, n, b, d), kg.transpose(-1, -2)) * scale
-        mask = c.mask(layout, pattern, q.device).reshape(n, b, maxc * b)
-        s.masked_fill_(~mask, float("-inf"))
+        c.apply_mask(s)
         p = torch.exp(s - lse[:, :, c.r0 : c.r1, :, None])  # [B, h, n, b, maxc * b]
         doc = dob[:, :, c.r0 : c.r1]  # [B, h, n, b, d]
         dp = torch.matmul(doc, vg.transpose(-1, -2))
