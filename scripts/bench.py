@@ -1,0 +1,388 @@
+"""Benchmark the fused block-sparse kernels against SDPA (cuDNN, flash) and FlexAttention.
+
+A correctness gate runs first (every mode, fwd and the three gradients against a float32
+reference); no timing is reported if it fails. Then, per configuration: forward and
+forward+backward time (median, CUDA events) and peak memory of ours and the peers, with ratios
+and the floor (the larger of allowed FLOPs at 400 TFLOP/s and the bytes of q, k, v, o at 3 TB/s).
+Writes ``benchmarks/bench-<tag>.json``, ``.md`` and ``.png``.
+
+    python scripts/bench.py                 # the issue's target configuration + 1M-token runs
+    python scripts/bench.py --full          # time 4096/16384/65536, fp16/bf16, head_dim 64/128
+    python scripts/bench.py --sweep         # also try a few tile configs on the target shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sparse_attention.layouts import fixed_vert_range, make_layout  # noqa: E402
+from sparse_attention.torch.kernels import launch  # noqa: E402
+from sparse_attention.torch.ops import blocksparse_attention_bhtd  # noqa: E402
+
+PEAK_FLOPS = 400e12
+PEAK_BYTES = 3e12
+DT = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# the issue's target patterns (time 16384): local L=128, strided l=128, fixed l=128 b=32 nv=4 vs=1
+PATTERNS = {
+    "all": dict(blocksize=128),
+    "local": dict(local_attn_ctx=128, blocksize=128),
+    "strided": dict(local_attn_ctx=128, blocksize=128),
+    "fixed": dict(local_attn_ctx=128, blocksize=32, num_verts=4, vertsize=1),
+}
+
+
+def allowed_pairs(mode: str, T: int, H: int, p: dict) -> int:
+    """Allowed (query, key) pairs summed over heads (closed forms of SEMANTICS.md)."""
+    i = torch.arange(T, dtype=torch.float64)
+    if mode == "all":
+        per = (i + 1).sum()
+    elif mode == "local":
+        per = torch.clamp(i + 1, max=p["local_attn_ctx"]).sum()
+    elif mode == "strided":
+        per = (i // p["local_attn_ctx"] + 1).sum()
+    else:
+        l, b, vs = p["local_attn_ctx"], p["blocksize"], p["vertsize"]
+        per = ((i % l) + 1 + (i // l) * vs * b).sum()
+    return int(per.item()) * H
+
+
+def floors(mode, B, H, T, D, p, elt=2):
+    f = 4.0 * D * allowed_pairs(mode, T, H, p) * B
+    n = B * H * T * D * elt
+    fwd = max(f / PEAK_FLOPS, 4 * n / PEAK_BYTES)
+    fb = max(3.5 * f / PEAK_FLOPS, 12 * n / PEAK_BYTES)
+    return fwd * 1e3, fb * 1e3
+
+
+def timeit(fn, budget_s=1.0, max_reps=100):
+    """Median milliseconds of ``fn`` with CUDA events (one warm-up, reps fitted to the budget)."""
+    fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    fn()
+    e.record()
+    torch.cuda.synchronize()
+    est = s.elapsed_time(e)
+    reps = max(3, min(max_reps, int(budget_s * 1e3 / max(est, 1e-3))))
+    times = []
+    for _ in range(reps):
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_mem(fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def fwd_and_fb(f, q, k, v, do):
+    qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+
+    def fwd():
+        with torch.no_grad():
+            f(q, k, v)
+
+    def fb():
+        for x in (qs, ks, vs):
+            x.grad = None
+        f(qs, ks, vs).backward(do)
+
+    return fwd, fb
+
+
+def mask_mods(mode, T, H, p):
+    """FlexAttention mask_mod(s) for the pattern: [(name, mask_mod, permuted, per_head)]."""
+    if mode == "all":
+        return [("flex", lambda b, h, qi, kv: kv <= qi, False, False)]
+    if mode == "local":
+        L = p["local_attn_ctx"]
+        return [("flex", lambda b, h, qi, kv: (kv <= qi) & (qi - kv < L), False, False)]
+    if mode == "strided":
+        l = p["local_attn_ctx"]
+        n = T // l
+        return [
+            ("flex", lambda b, h, qi, kv: (kv <= qi) & ((qi - kv) % l == 0), False, False),
+            # residue-major (transposed) order: causal inside segments of n positions
+            ("flex-transposed", lambda b, h, qi, kv: (kv <= qi) & (qi // n == kv // n), True, False),
+        ]
+    l, b, nv, vs = p["local_attn_ctx"], p["blocksize"], p["num_verts"], p["vertsize"]
+    s = l // b
+    his = torch.tensor([fixed_vert_range(hh, s, nv, vs)[1] for hh in range(H)], device="cuda")
+
+    def fixed(bb, h, qi, kv):
+        col = (kv // b) % s
+        hi = his[h]
+        return (kv <= qi) & ((qi // l == kv // l) | ((col <= hi) & (col > hi - vs)))
+
+    return [("flex", fixed, False, True)]
+
+
+def correctness_gate(dtype) -> list[str]:
+    """Every mode at time 2048 (fwd, dq, dk, dv) against float32; returns the failures."""
+    fails = []
+    for mode, p in PATTERNS.items():
+        kw = dict(p)
+        if mode in ("local", "strided"):
+            kw["blocksize"] = 32
+        for dt in (dtype,):
+            lay = make_layout(2048, 4, mode, **kw)
+            q, k, v, do = (torch.randn(2, 4, 2048, 64, device="cuda", dtype=dt) for _ in range(4))
+            mask = torch.from_numpy(lay.to_dense()).cuda()
+            outs = []
+            for fn in (lambda a, b_, c: blocksparse_attention_bhtd(a, b_, c, lay),
+                       lambda a, b_, c: _dense(a.float(), b_.float(), c.float(), mask)):
+                xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+                o = fn(*xs)
+                o.backward(do.to(o.dtype))
+                outs.append([o, *(x.grad for x in xs)])
+            for name, a, r in zip(("out", "dq", "dk", "dv"), *outs):
+                err = ((a.float() - r).norm() / r.norm()).item()
+                ok = math.isfinite(err) and err < 2e-2
+                print(f"gate {mode:8s} {name}: rel err {err:.2e} {'ok' if ok else 'FAIL'}")
+                if not ok:
+                    fails.append(f"{mode} {name} {err:.2e}")
+    return fails
+
+
+def _dense(q, k, v, mask):
+    s = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return torch.softmax(s.masked_fill(~mask[None], float("-inf")), -1).nan_to_num(0.0) @ v
+
+
+def run_case(mode, dtype_name, B, H, T, D, peers=True, budget=1.0):
+    dtype = DT[dtype_name]
+    p = dict(PATTERNS[mode])
+    lay = make_layout(T, H, mode, **p)
+    q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype) for _ in range(4))
+    rec = dict(mode=mode, dtype=dtype_name, batch=B, heads=H, time=T, head_dim=D, params=p)
+    rec["floor_fwd_ms"], rec["floor_fb_ms"] = floors(mode, B, H, T, D, p)
+    res = {}
+
+    def measure(name, f, qq=q, kk=k, vv=v, dd=do):
+        try:
+            fwd, fb = fwd_and_fb(f, qq, kk, vv, dd)
+            r = dict(fwd_ms=timeit(fwd, budget), fb_ms=timeit(fb, budget), fb_mem_mib=peak_mem(fb))
+        except Exception as e:  # a peer that cannot run this shape is reported, not fatal
+            r = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+        res[name] = r
+        print(f"  {mode:8s} {dtype_name} T={T:8d} D={D:3d} {name:16s} "
+              + (f"fwd {r['fwd_ms']:9.3f} ms  fwd+bwd {r['fb_ms']:9.3f} ms  mem {r['fb_mem_mib']:8.0f} MiB"
+                 if "error" not in r else r["error"]), flush=True)
+
+    measure("ours", lambda a, b_, c: blocksparse_attention_bhtd(a, b_, c, lay))
+    if mode == "all":
+        os.environ["SPARSE_ATTENTION_ALL_FUSED"] = "1"
+        measure("ours-fused", lambda a, b_, c: blocksparse_attention_bhtd(a, b_, c, lay))
+        os.environ.pop("SPARSE_ATTENTION_ALL_FUSED")
+    if peers:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for name, be in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
+            def f(a, b_, c, be=be):
+                with sdpa_kernel(be):
+                    return torch.nn.functional.scaled_dot_product_attention(a, b_, c, is_causal=True)
+
+            measure(name, f)
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            flex = torch.compile(flex_attention, dynamic=False)
+            for name, mm, permuted, per_head in mask_mods(mode, T, H, p):
+                bm = create_block_mask(mm, None, H if per_head else None, T, T, device="cuda", BLOCK_SIZE=128)
+                if permuted:
+                    perm = torch.from_numpy(lay.perm).cuda()
+                    qq, kk, vv, dd = (x.index_select(2, perm).contiguous() for x in (q, k, v, do))
+                else:
+                    qq, kk, vv, dd = q, k, v, do
+                measure(name, lambda a, b_, c, bm=bm: flex(a, b_, c, block_mask=bm), qq, kk, vv, dd)
+        except Exception as e:
+            res["flex"] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+            print("  flex failed:", res["flex"]["error"])
+    rec["results"] = res
+    ours = res["ours"]
+    flex = [r for n, r in res.items() if n.startswith("flex") and "error" not in r]
+    if flex and "error" not in ours:
+        rec["flex_best_fwd_ms"] = min(r["fwd_ms"] for r in flex)
+        rec["flex_best_fb_ms"] = min(r["fb_ms"] for r in flex)
+        rec["speedup_vs_flex_fwd"] = rec["flex_best_fwd_ms"] / ours["fwd_ms"]
+        rec["speedup_vs_flex_fb"] = rec["flex_best_fb_ms"] / ours["fb_ms"]
+    cud = res.get("sdpa-cudnn", {})
+    if "fwd_ms" in cud and "error" not in ours:
+        rec["speedup_vs_cudnn_fwd"] = cud["fwd_ms"] / ours["fwd_ms"]
+        rec["speedup_vs_cudnn_fb"] = cud["fb_ms"] / ours["fb_ms"]
+    del q, k, v, do
+    torch.cuda.empty_cache()
+    return rec
+
+
+def sweep(dtype_name="fp16", B=2, H=8, T=16384, D=64):
+    """Try a few tile configs per kernel on the target shapes (forward; forward+backward)."""
+    cands = {
+        "fwd": [dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=128, BN=128, num_warps=8, num_stages=3),
+                dict(BM=64, BN=64, num_warps=4, num_stages=3), dict(BM=128, BN=32, num_warps=4, num_stages=4)],
+        "dkdv": [dict(BM=32, BN=128, num_warps=4, num_stages=3), dict(BM=64, BN=128, num_warps=8, num_stages=3),
+                 dict(BM=64, BN=64, num_warps=4, num_stages=3), dict(BM=32, BN=64, num_warps=4, num_stages=4)],
+        "dq": [dict(BM=128, BN=32, num_warps=4, num_stages=3), dict(BM=128, BN=64, num_warps=8, num_stages=3),
+               dict(BM=64, BN=64, num_warps=4, num_stages=3), dict(BM=64, BN=32, num_warps=4, num_stages=4)],
+    }
+    out = {}
+    dtype = DT[dtype_name]
+    for mode in ("local", "strided", "fixed"):
+        lay = make_layout(T, H, mode, **PATTERNS[mode])
+        q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype) for _ in range(4))
+        o, lse = launch.forward(q, k, v, lay)
+        for kind, cs in cands.items():
+            saved = dict(launch.CONFIGS[(kind, D <= 64)])
+            for c in cs:
+                launch.CONFIGS[(kind, D <= 64)] = c
+                if kind == "fwd":
+                    fn = lambda: launch.forward(q, k, v, lay)  # noqa: E731
+                else:
+                    fn = lambda: launch.backward(do, q, k, v, o, lse, lay)  # noqa: E731
+                try:
+                    ms = timeit(fn, 0.3)
+                except Exception as e:
+                    ms = float("nan")
+                    print("   ", kind, c, type(e).__name__, str(e)[:100])
+                out.setdefault(mode, {}).setdefault(kind, []).append((c, ms))
+                print(f"  sweep {mode:8s} {kind:5s} {c} {ms:.3f} ms", flush=True)
+            launch.CONFIGS[(kind, D <= 64)] = saved
+    return out
+
+
+def fmt(x, nd=3):
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def write(records, meta, tag, outdir: Path):
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / f"bench-{tag}.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+    lines = [
+        f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['date']}",
+        f"Command: `{meta['command']}`",
+        "",
+        "| mode | dtype | B×H×T×D | ours fwd / fwd+bwd (ms) | SDPA cuDNN | SDPA flash | Flex best | "
+        "× vs Flex (fwd / f+b) | × vs cuDNN (fwd / f+b) | floor (ms) | ours mem (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        res = r["results"]
+
+        def pair(name):
+            x = res.get(name)
+            return "–" if not x or "error" in x else f"{x['fwd_ms']:.3f} / {x['fb_ms']:.3f}"
+
+        flex = "–" if "flex_best_fwd_ms" not in r else f"{r['flex_best_fwd_ms']:.3f} / {r['flex_best_fb_ms']:.3f}"
+        vf = ("–" if "speedup_vs_flex_fwd" not in r
+              else f"{r['speedup_vs_flex_fwd']:.2f} / {r['speedup_vs_flex_fb']:.2f}")
+        vc = ("–" if "speedup_vs_cudnn_fwd" not in r
+              else f"{r['speedup_vs_cudnn_fwd']:.2f} / {r['speedup_vs_cudnn_fb']:.2f}")
+        mem = res["ours"].get("fb_mem_mib")
+        lines.append(
+            f"| {r['mode']} | {r['dtype']} | {r['batch']}×{r['heads']}×{r['time']}×{r['head_dim']} | "
+            f"{pair('ours')} | {pair('sdpa-cudnn')} | {pair('sdpa-flash')} | {flex} | {vf} | {vc} | "
+            f"{r['floor_fwd_ms']:.3f} / {r['floor_fb_ms']:.3f} | {fmt(mem, 0)} |"
+        )
+    md = "\n".join(lines) + "\n"
+    (outdir / f"bench-{tag}.md").write_text(md)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        recs = [r for r in records if "error" not in r["results"]["ours"]]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+        names = ["ours", "sdpa-cudnn", "sdpa-flash", "flex", "flex-transposed"]
+        for ax, key, title in ((axes[0], "fwd_ms", "forward"), (axes[1], "fb_ms", "forward + backward")):
+            w = 0.16
+            for ni, n in enumerate(names):
+                ys = [r["results"].get(n, {}).get(key, 0) or 0 for r in recs]
+                ax.bar([x + ni * w for x in range(len(recs))], ys, w, label=n)
+            ax.set_xticks([x + 2 * w for x in range(len(recs))])
+            ax.set_xticklabels([f"{r['mode']}\n{r['dtype']} T={r['time']}\nD={r['head_dim']}" for r in recs],
+                               fontsize=7)
+            ax.set_yscale("log")
+            ax.set_ylabel("ms (log)")
+            ax.set_title(title)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{meta['device']}, batch×heads as in the table", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(outdir / f"bench-{tag}.png", dpi=110)
+    except Exception as e:  # the plot is optional (matplotlib: the bench extra)
+        print("plot skipped:", e)
+    return md
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="time 4096/16384/65536 x fp16/bf16 x head_dim 64/128")
+    ap.add_argument("--modes", default="all,local,strided,fixed")
+    ap.add_argument("--no-million", action="store_true", help="skip the time=1,048,576 runs")
+    ap.add_argument("--sweep", action="store_true", help="try tile configs on the target shapes first")
+    ap.add_argument("--budget", type=float, default=0.5, help="seconds of repeats per measurement")
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--outdir", default=str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench.py needs a CUDA GPU")
+    import triton
+
+    meta = dict(
+        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        command="python " + " ".join(sys.argv), configs={f"{k[0]}-{'d64' if k[1] else 'd128'}": v
+                                                          for k, v in launch.CONFIGS.items()},
+    )
+    t0 = time.time()
+    fails = correctness_gate(torch.float16) + correctness_gate(torch.bfloat16)
+    if fails:
+        print("correctness gate FAILED, no timings reported:", fails)
+        sys.exit(1)
+    if args.sweep:
+        meta["sweep"] = {m: {k: [(c, ms) for c, ms in v] for k, v in d.items()} for m, d in sweep().items()}
+    modes = args.modes.split(",")
+    cases = []
+    if args.full:
+        for T in (4096, 16384, 65536):
+            for dt in ("fp16", "bf16"):
+                for D in (64, 128):
+                    cases += [(m, dt, 2, 8, T, D, True) for m in modes]
+    else:
+        cases += [(m, "fp16", 2, 8, 16384, 64, True) for m in modes]
+    if not args.no_million:
+        cases += [(m, "fp16", 1, 8, 1 << 20, 64, False) for m in modes if m != "all"]
+    records = []
+    for c in cases:
+        records.append(run_case(*c, budget=args.budget))
+    tag = args.tag or ("full" if args.full else "target")
+    md = write(records, meta, tag, Path(args.outdir))
+    print(f"\n({time.time() - t0:.0f} s)\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
