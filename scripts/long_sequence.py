@@ -45,9 +45,11 @@ def main():
     args = ap.parse_args()
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     T, H, D = args.time, args.heads, args.head_dim
-    print(f"torch {torch.__version__} on {dev}; batch {args.batch}, time {T}, heads {H}, head_dim {D}, "
-          f"blocksize {args.blocksize}, {args.dtype}; dense fp32 scores would be "
-          f"{args.batch * H * T * T * 4 / 2**30:.0f} GiB")
+    print(
+        f"torch {torch.__version__} on {dev}; batch {args.batch}, time {T}, heads {H}, head_dim {D}, "
+        f"blocksize {args.blocksize}, {args.dtype}; dense fp32 scores would be "
+        f"{args.batch * H * T * T * 4 / 2**30:.0f} GiB"
+    )
     for mode in args.modes.split(","):
         kw = dict(CASES[mode], heads=H, attn_mode=mode, blocksize=args.blocksize)
         t0 = time.perf_counter()
@@ -75,8 +77,10 @@ def main():
         t_fb = time.perf_counter() - t0
         peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else _rss("VmHWM:")) - base
         ok = all(torch.isfinite(x).all().item() for x in (out, q.grad, k.grad, v.grad))
-        print(f"{mode:8} layout {t_layout * 1e3:7.1f} ms ({lay.density():.4f} of blocks)  fwd {t_fwd:7.2f} s  "
-              f"fwd+bwd {t_fb:7.2f} s  peak +{peak / 2**30:.2f} GiB  finite={ok}")
+        print(
+            f"{mode:8} layout {t_layout * 1e3:7.1f} ms ({lay.density():.4f} of blocks)  fwd {t_fwd:7.2f} s  "
+            f"fwd+bwd {t_fb:7.2f} s  peak +{peak / 2**30:.2f} GiB  finite={ok}"
+        )
 
 
 if __name__ == "__main__":

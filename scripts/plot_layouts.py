@@ -1,6 +1,6 @@
 """Draw the four built-in modes (token-level masks, natural order) into one PNG.
 
-    python scripts/plot_layouts.py docs/layouts.png
+python scripts/plot_layouts.py docs/layouts.png
 """
 
 import sys

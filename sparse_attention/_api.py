@@ -50,9 +50,7 @@ def check_tensors(q, k, v, heads) -> tuple[int, int, int]:
     for name, x in zip("qkv", (q, k, v)):
         shape = tuple(x.shape)
         if len(shape) != 3:
-            raise ValueError(
-                f"{name} must have rank 3, [batch, time, heads * head_dim], got shape {list(shape)}"
-            )
+            raise ValueError(f"{name} must have rank 3, [batch, time, heads * head_dim], got shape {list(shape)}")
         shapes.append(shape)
     if not (shapes[0] == shapes[1] == shapes[2]):
         raise ValueError(f"q, k and v must have the same shape, got {shapes[0]}, {shapes[1]}, {shapes[2]}")

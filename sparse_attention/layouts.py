@@ -65,9 +65,7 @@ def validate_pattern(
     naming the argument, the value and what would be accepted.
     """
     if not isinstance(attn_mode, str):
-        raise TypeError(
-            f"attn_mode must be one of {MODES} or a Layout, got {type(attn_mode).__name__}"
-        )
+        raise TypeError(f"attn_mode must be one of {MODES} or a Layout, got {type(attn_mode).__name__}")
     if attn_mode not in MODES:
         raise ValueError(f"unknown attn_mode {attn_mode!r}; expected one of {MODES} or a Layout")
     time = _check_pos_int("time", time)
@@ -111,13 +109,10 @@ def validate_pattern(
         if heads % nv:
             raise ValueError(f"heads ({heads}) must be a multiple of num_verts ({nv}) for attn_mode='fixed'")
         if vs > s or s % vs:
-            raise ValueError(
-                f"vertsize ({vs}) must divide local_attn_ctx / blocksize ({s}) for attn_mode='fixed'"
-            )
+            raise ValueError(f"vertsize ({vs}) must divide local_attn_ctx / blocksize ({s}) for attn_mode='fixed'")
         if nv * vs > s:
             raise ValueError(
-                f"num_verts * vertsize ({nv} * {vs}) must be <= local_attn_ctx / blocksize ({s}) "
-                "for attn_mode='fixed'"
+                f"num_verts * vertsize ({nv} * {vs}) must be <= local_attn_ctx / blocksize ({s}) for attn_mode='fixed'"
             )
         p.update(local_attn_ctx=l, num_verts=nv, vertsize=vs)
     return p
@@ -151,8 +146,9 @@ def fixed_vert_range(h, s: int, num_verts: int, vertsize: int):
 
 def dense_mask(time, heads, attn_mode, local_attn_ctx=None, blocksize=32, num_verts=None, vertsize=None):
     """The allowed pairs as a dense bool array ``[heads, time, time]`` (closed form; small sizes)."""
-    p = validate_pattern(time, heads, attn_mode, local_attn_ctx, None if attn_mode != "fixed" else blocksize,
-                         num_verts, vertsize)
+    p = validate_pattern(
+        time, heads, attn_mode, local_attn_ctx, None if attn_mode != "fixed" else blocksize, num_verts, vertsize
+    )
     i = np.arange(time)[None, :, None]
     j = np.arange(time)[None, None, :]
     h = np.arange(heads)[:, None, None]
@@ -218,9 +214,7 @@ class Layout:
         """Enabled blocks per (pattern, query-block row), ``int64 [P, nb]``."""
         if self._row_ptr is not None:
             return np.diff(self._row_ptr, axis=1)
-        return self.prefix_len.astype(np.int64) + np.maximum(
-            self.row_hi.astype(np.int64) - self.row_lo + 1, 0
-        )
+        return self.prefix_len.astype(np.int64) + np.maximum(self.row_hi.astype(np.int64) - self.row_lo + 1, 0)
 
     @property
     def cols(self) -> np.ndarray:
@@ -513,16 +507,24 @@ def make_layout(time, heads, attn_mode, local_attn_ctx=None, blocksize=32, num_v
         s, nv, vs = p["local_attn_ctx"] // b, p["num_verts"], p["vertsize"]
         lo = (r // s) * s
         groups = np.arange(max(nb // s, 1), dtype=np.int32)
-        prefix_cols = np.stack([
-            (groups[:, None] * s + fixed_vert_range(hp, s, nv, vs)[0] + np.arange(vs, dtype=np.int32)).reshape(-1)
-            for hp in range(nv)
-        ])
+        prefix_cols = np.stack(
+            [
+                (groups[:, None] * s + fixed_vert_range(hp, s, nv, vs)[0] + np.arange(vs, dtype=np.int32)).reshape(-1)
+                for hp in range(nv)
+            ]
+        )
         prefix_len = np.broadcast_to((r // s) * vs, (nv, nb))
         head_pattern = np.arange(heads, dtype=np.int64) % nv
     P = prefix_len.shape[0]
     params = {k: v for k, v in p.items() if k in ("local_attn_ctx", "num_verts", "vertsize")}
     return Layout(
-        time, heads, b, attn_mode, params, head_pattern, perm,
+        time,
+        heads,
+        b,
+        attn_mode,
+        params,
+        head_pattern,
+        perm,
         row_lo=np.ascontiguousarray(np.broadcast_to(lo, (P, nb)), dtype=np.int32),
         row_hi=np.ascontiguousarray(np.broadcast_to(r, (P, nb)), dtype=np.int32),
         prefix_cols=prefix_cols.astype(np.int32),
@@ -588,9 +590,20 @@ def custom_layout(layout, blocksize: int, callback=None, heads: int | None = Non
                 mask_idx[e] = len(masks)
                 masks.append(m)
     block_masks = np.stack(masks) if masks else np.zeros((0, blocksize, blocksize), bool)
-    return Layout(nb * blocksize, heads, blocksize, "custom", {}, head_pattern, None,
-                  _row_ptr=row_ptr, _cols=cc.astype(np.int32), _partial=mask_idx >= 0,
-                  mask_idx=mask_idx, block_masks=block_masks)
+    return Layout(
+        nb * blocksize,
+        heads,
+        blocksize,
+        "custom",
+        {},
+        head_pattern,
+        None,
+        _row_ptr=row_ptr,
+        _cols=cc.astype(np.int32),
+        _partial=mask_idx >= 0,
+        mask_idx=mask_idx,
+        block_masks=block_masks,
+    )
 
 
 def from_dense(mask, blocksize: int) -> Layout:

@@ -29,9 +29,7 @@ def _first_tensor_framework(args, kwargs):
 def recomputable(name: str):
     """Decorate ``fn`` so that it takes a ``recompute=False`` keyword (see the module docstring)."""
     if not isinstance(name, str):
-        raise TypeError(
-            f"recomputable takes the function's name, as in @recomputable('attention'); got {name!r}"
-        )
+        raise TypeError(f"recomputable takes the function's name, as in @recomputable('attention'); got {name!r}")
 
     def decorator(fn):
         @functools.wraps(fn)

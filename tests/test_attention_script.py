@@ -21,8 +21,25 @@ def _load():
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 def test_every_mode_passes(dtype, capsys):
     script = _load()
-    rc = script.main([dtype, "--batch", "1", "--time", "256", "--dim", "64", "--heads", "4", "--reps", "1",
-                      "--device", "cpu", "--framework", "torch"])
+    rc = script.main(
+        [
+            dtype,
+            "--batch",
+            "1",
+            "--time",
+            "256",
+            "--dim",
+            "64",
+            "--heads",
+            "4",
+            "--reps",
+            "1",
+            "--device",
+            "cpu",
+            "--framework",
+            "torch",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert out.count("PASS") == 5  # four modes and the summary line
@@ -36,8 +53,26 @@ def test_failure_exits_nonzero(monkeypatch, capsys):
     script = _load()
     real = sparse_attention.blocksparse_attention_impl
     monkeypatch.setattr(script, "blocksparse_attention_impl", lambda q, k, v, **kw: real(q, k, v, **kw) * 1.01)
-    rc = script.main(["--batch", "1", "--time", "128", "--dim", "32", "--heads", "2", "--reps", "1",
-                      "--modes", "local", "--device", "cpu", "--framework", "torch"])
+    rc = script.main(
+        [
+            "--batch",
+            "1",
+            "--time",
+            "128",
+            "--dim",
+            "32",
+            "--heads",
+            "2",
+            "--reps",
+            "1",
+            "--modes",
+            "local",
+            "--device",
+            "cpu",
+            "--framework",
+            "torch",
+        ]
+    )
     assert rc == 1
     assert "FAIL: local" in capsys.readouterr().out
 

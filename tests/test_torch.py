@@ -14,7 +14,7 @@ from sparse_attention import (  # noqa: E402
     recomputable,
 )
 from sparse_attention.torch.blocksparse import gather_attention  # noqa: E402
-from sparse_attention.torch.reference import merge_heads, split_heads  # noqa: E402
+from sparse_attention.torch.reference import split_heads  # noqa: E402
 
 MODES = {
     "all": {},
@@ -78,8 +78,10 @@ def test_strided_odd_strides(T, stride, blocksize):
     kw = dict(heads=3, attn_mode="strided", local_attn_ctx=stride, blocksize=blocksize)
     qkv, dout = _inputs(1, T, 3 * 16, torch.float32, seed=T + stride)
     check_against_reference(
-        lambda q, k, v: blocksparse_attention_impl(q, k, v, **kw), lambda q, k, v: attention_impl(q, k, v, **kw),
-        qkv, dout,
+        lambda q, k, v: blocksparse_attention_impl(q, k, v, **kw),
+        lambda q, k, v: attention_impl(q, k, v, **kw),
+        qkv,
+        dout,
     )
 
 
@@ -88,8 +90,10 @@ def test_fixed_per_head_layouts(num_verts, vertsize):
     kw = dict(heads=4, attn_mode="fixed", local_attn_ctx=64, blocksize=16, num_verts=num_verts, vertsize=vertsize)
     qkv, dout = _inputs(2, 256, 4 * 32, torch.float32, seed=num_verts * 10 + vertsize)
     check_against_reference(
-        lambda q, k, v: blocksparse_attention_impl(q, k, v, **kw), lambda q, k, v: attention_impl(q, k, v, **kw),
-        qkv, dout,
+        lambda q, k, v: blocksparse_attention_impl(q, k, v, **kw),
+        lambda q, k, v: attention_impl(q, k, v, **kw),
+        qkv,
+        dout,
     )
 
 
@@ -120,8 +124,10 @@ def test_custom_layout_with_callback_and_empty_rows(dtype):
     qkv, dout = _inputs(2, layout.time, 3 * 32, dtype, seed=7)
     kw = dict(heads=3, attn_mode=layout)
     check_against_reference(
-        lambda q, k, v: blocksparse_attention_impl(q, k, v, **kw), lambda q, k, v: attention_impl(q, k, v, **kw),
-        qkv, dout,
+        lambda q, k, v: blocksparse_attention_impl(q, k, v, **kw),
+        lambda q, k, v: attention_impl(q, k, v, **kw),
+        qkv,
+        dout,
     )
     q, k, v = (x.clone().requires_grad_(True) for x in qkv)
     out = blocksparse_attention_impl(q, k, v, **kw)
@@ -139,7 +145,8 @@ def test_one_head_layout_broadcasts_over_heads():
     check_against_reference(
         lambda q, k, v: blocksparse_attention_impl(q, k, v, 4, lay),
         lambda q, k, v: attention_impl(q, k, v, 4, "all"),
-        qkv, dout,
+        qkv,
+        dout,
     )
 
 
@@ -206,7 +213,7 @@ def _qkv(shape=(2, 128, 64), dtype=torch.float32):
     "make,kw,exc,match",
     [
         (lambda: _qkv((128, 64)), {}, ValueError, "rank 3"),
-        (lambda: _qkv() [:2] + [torch.randn(2, 128, 32)], {}, ValueError, "same shape"),
+        (lambda: _qkv()[:2] + [torch.randn(2, 128, 32)], {}, ValueError, "same shape"),
         (lambda: _qkv(), dict(heads=3), ValueError, "divisible by heads"),
         (lambda: _qkv(), dict(heads=0), ValueError, "heads must be >= 1"),
         (lambda: _qkv(), dict(heads=2.0), TypeError, "heads must be an int"),
@@ -214,7 +221,7 @@ def _qkv(shape=(2, 128, 64), dtype=torch.float32):
         (lambda: _qkv(), dict(attn_mode="local"), ValueError, "local_attn_ctx is required"),
         (lambda: _qkv(), dict(attn_mode="fixed", local_attn_ctx=64), ValueError, "num_verts is required"),
         (lambda: _qkv(), dict(attn_mode="strided", local_attn_ctx=100), ValueError, "must divide time"),
-        (lambda: [torch.ones(2, 128, 64, dtype=torch.int32)] * 3, {}, TypeError, "float16, bfloat16, float32 or float64"),
+        (lambda: [torch.ones(2, 128, 64, dtype=torch.int32)] * 3, {}, TypeError, "float16, bfloat16, float32"),
         (lambda: _qkv()[:2] + [torch.randn(2, 128, 64, dtype=torch.float64)], {}, TypeError, "one dtype"),
         (lambda: _qkv()[:2] + [torch.randn(2, 128, 64, device="meta")], {}, ValueError, "one device"),
         (lambda: _qkv()[:2] + [np.zeros((2, 128, 64))], {}, TypeError, "v must be a torch.Tensor or a tf.Tensor"),

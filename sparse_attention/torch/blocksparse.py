@@ -127,8 +127,12 @@ def _merge_heads(layout: Layout, device, parts):
     """Inverse of :func:`_per_pattern`: put each pattern's heads back in head order."""
     if len(parts) == 1:
         return parts[0]
-    order = _device_cache(layout, "head_order", device, lambda: torch.from_numpy(
-        np.argsort(np.concatenate([layout.heads_of(p) for p in range(layout.n_patterns)]))))
+    order = _device_cache(
+        layout,
+        "head_order",
+        device,
+        lambda: torch.from_numpy(np.argsort(np.concatenate([layout.heads_of(p) for p in range(layout.n_patterns)]))),
+    )
     return torch.cat(parts, dim=1).index_select(1, order)
 
 
@@ -180,7 +184,8 @@ class _Chunk:
         if len(self.part_row):
             blocks = s6[:, :, self.part_row, :, self.part_slot, :]  # [npart, B, h, b, b]
             s6[:, :, self.part_row, :, self.part_slot, :] = blocks.masked_fill(
-                ~self.part_masks[:, None, None], float("-inf"))
+                ~self.part_masks[:, None, None], float("-inf")
+            )
         return s
 
 
@@ -257,8 +262,9 @@ def _pattern_backward(do, q, k, v, out, lse, layout: Layout, pattern: int):
         dq[:, :, c.r0 : c.r1] = torch.matmul(ds, kg)
         # Padding slots have p = 0 and ds = 0: their scatter into block 0 adds nothing.
         flat = c.cols.reshape(-1)
-        dk.index_add_(2, flat, torch.matmul(ds.transpose(-1, -2), qc.reshape(B, h, n, b, d)).reshape(
-            B, h, n * maxc, b, d))
+        dk.index_add_(
+            2, flat, torch.matmul(ds.transpose(-1, -2), qc.reshape(B, h, n, b, d)).reshape(B, h, n * maxc, b, d)
+        )
         dv.index_add_(2, flat, torch.matmul(p.transpose(-1, -2), doc).reshape(B, h, n * maxc, b, d))
     shape = (B, h, T, d)
     return dq.reshape(shape), dk.reshape(shape), dv.reshape(shape)

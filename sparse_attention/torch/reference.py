@@ -23,8 +23,7 @@ def check_tensors(q, k, v):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in _FLOATS:
             raise TypeError(
-                f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}; "
-                f"convert it with {name}.float()"
+                f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}; convert it with {name}.float()"
             )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -57,8 +56,14 @@ def pattern_mask(spec, time: int, heads: int, device) -> torch.Tensor:
     j = torch.arange(time, device=device)[None, None, :]
     h = torch.arange(heads, device=device)[:, None, None] if spec["attn_mode"] == "fixed" else 0
     m = allowed(
-        i, j, h, spec["attn_mode"], spec.get("local_attn_ctx"), spec.get("blocksize"),
-        spec.get("num_verts"), spec.get("vertsize"),
+        i,
+        j,
+        h,
+        spec["attn_mode"],
+        spec.get("local_attn_ctx"),
+        spec.get("blocksize"),
+        spec.get("num_verts"),
+        spec.get("vertsize"),
     )
     return m
 
