@@ -123,14 +123,19 @@ def dense_attention(q, k, v, heads, spec):
 
 
 class _Chunk:
-    """Query-block rows ``r0:r1`` of one pattern: padded key-block columns and mask indices."""
+    """Query-block rows ``r0:r1`` of one pattern: padded key-block columns and in-block masks."""
 
-    __slots__ = ("r0", "r1", "cols", "mask_idx")
+    __slots__ = ("r0", "r1", "cols", "mask_rows")
 
-    def __init__(self, r0, r1, cols, mask_idx):
+    def __init__(self, r0, r1, cols, mask_idx, b):
         self.r0, self.r1 = r0, r1
-        self.cols = cols  # int32 [n, maxc]
-        self.mask_idx = mask_idx  # int32 [n, maxc] into the plan's mask table, or None: all full
+        self.cols = cols  # int32 [n, c]
+        # Rows of the flattened mask table [n_masks * b, b] giving the chunk's mask [n, b, c, b]
+        # (the layout of its scores) in one gather; None when every block is full.
+        self.mask_rows = None
+        if not np.all(mask_idx == 1):
+            i = np.arange(b, dtype=np.int32)[None, :, None]
+            self.mask_rows = mask_idx[:, None, :] * b + i  # int32 [n, b, c]
 
 
 class _Plan:
@@ -148,14 +153,21 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _row_chunks(counts, per_row):
-    """Split rows into chunks ``[r0, r1)`` with ``rows * max(count) * per_row <= _CHUNK_ELEMS``."""
+    """Split query-block rows into chunks ``[r0, r1)``. A chunk is padded to its longest row, so it
+    ends where its padded size would pass ``_CHUNK_ELEMS``, or, once past an eighth of that, where
+    padding would exceed a quarter of its real work (rows of growing length, as in ``all``)."""
     nb = len(counts)
     out, r0 = [], 0
     while r0 < nb:
-        r1, widest = r0 + 1, max(int(counts[r0]), 1)
-        while r1 < nb and (r1 + 1 - r0) * max(widest, int(counts[r1])) * per_row <= _CHUNK_ELEMS:
-            widest = max(widest, int(counts[r1]))
-            r1 += 1
+        r1, widest, total = r0 + 1, max(int(counts[r0]), 1), int(counts[r0])
+        while r1 < nb:
+            w = max(widest, int(counts[r1]))
+            padded = (r1 + 1 - r0) * w
+            if padded * per_row > _CHUNK_ELEMS or (
+                padded * per_row > _CHUNK_ELEMS // 8 and padded > 1.25 * (total + int(counts[r1]))
+            ):
+                break
+            widest, total, r1 = w, total + int(counts[r1]), r1 + 1
         out.append((r0, r1))
         r0 = r1
     return out
@@ -192,7 +204,7 @@ def _plan(layout: Layout) -> _Plan:
                         masks.append(np.unpackbits(row)[: b * b].reshape(b, b).astype(bool))
                     ids[u] = index[key]
                 idx[valid] = ids[np.asarray(inv).reshape(-1)]
-            pchunks.append(_Chunk(r0, r1, cols.astype(np.int32), None if np.all(idx == 1) else idx))
+            pchunks.append(_Chunk(r0, r1, cols.astype(np.int32), idx, b))
         chunks.append(pchunks)
     perm = None if layout.perm is None else layout.perm.astype(np.int32)
     plan = _Plan(heads_of, chunks, np.stack(masks), perm)
@@ -201,18 +213,21 @@ def _plan(layout: Layout) -> _Plan:
 
 
 def _attend_chunk(q, k, v, chunk: _Chunk, masks):
-    """One chunk of query-block rows; q ``[B, nb, b, Hp, hd]``, k, v the same. Returns
-    ``[B, n, b, Hp, hd]``."""
-    qc = q[:, chunk.r0 : chunk.r1]  # [B, n, b, Hp, hd]
-    kc = tf.gather(k, chunk.cols, axis=1)  # [B, n, c, b, Hp, hd]
-    vc = tf.gather(v, chunk.cols, axis=1)
-    s = tf.einsum("bnihd,bncjhd->bhncij", qc, kc)  # [B, Hp, n, c, b, b]
-    mask = None if chunk.mask_idx is None else tf.gather(masks, chunk.mask_idx)  # [n, c, b, b]
-    p, denom = _masked_exp(s, mask, axis=[3, 5])
-    out = tf.einsum("bhncij,bncjhd->bnihd", p, vc)
-    # denom [B, Hp, n, 1, b, 1] -> [B, n, b, Hp, 1]
-    denom = tf.transpose(tf.squeeze(denom, axis=[3, 5]), [0, 2, 3, 1])[..., None]
-    return _normalise(out, denom)
+    """One chunk of query-block rows; q, k, v ``[B, Hp, nb, b, hd]``. Returns ``[B, Hp, n, b, hd]``.
+
+    Every operand is laid out as ``[batch dims, rows, cols]`` for batched matmuls, so the einsums
+    need no transposes of the gathered or score tensors.
+    """
+    qc = q[:, :, chunk.r0 : chunk.r1]  # [B, Hp, n, b, hd]
+    kc = tf.gather(k, chunk.cols, axis=2)  # [B, Hp, n, c, b, hd]
+    vc = tf.gather(v, chunk.cols, axis=2)
+    s = tf.einsum("bhnid,bhncjd->bhnicj", qc, kc)  # [B, Hp, n, b, c, b]
+    mask = None
+    if chunk.mask_rows is not None:
+        mask = tf.gather(masks, chunk.mask_rows)[None, None]  # [1, 1, n, b, c, b]
+    p, denom = _masked_exp(s, mask, axis=[-2, -1])
+    out = tf.einsum("bhnicj,bhncjd->bhnid", p, vc)
+    return _normalise(out, denom[..., 0])  # denom [B, Hp, n, b, 1, 1] -> [B, Hp, n, b, 1]
 
 
 def blocksparse_attention(q, k, v, heads, layout: Layout):
@@ -227,23 +242,24 @@ def blocksparse_attention(q, k, v, heads, layout: Layout):
         # strided: block order is residue-major, where the pattern is block sparse
         q, k, v = (tf.gather(x, plan.perm, axis=1) for x in (q, k, v))
     q = q * tf.constant(1.0 / math.sqrt(hd), cdt)
-    q, k, v = (tf.reshape(x, [-1, nb, b, heads, hd]) for x in (q, k, v))
-    masks = tf.constant(plan.masks)
+    # [B, T, H*hd] -> [B, H, nb, b, hd]
+    q, k, v = (tf.transpose(tf.reshape(x, [-1, nb, b, heads, hd]), [0, 3, 1, 2, 4]) for x in (q, k, v))
+    masks = tf.constant(plan.masks.reshape(-1, b))  # [n_masks * b, b]: row i of mask m is m * b + i
     outs = []
     single = len(plan.heads_of) == 1
     for hs, chunks in zip(plan.heads_of, plan.chunks):
         if single:
             qp, kp, vp = q, k, v
         else:
-            qp, kp, vp = (tf.gather(x, hs, axis=3) for x in (q, k, v))
+            qp, kp, vp = (tf.gather(x, hs, axis=1) for x in (q, k, v))
         pieces = [_attend_chunk(qp, kp, vp, c, masks) for c in chunks]
-        outs.append(pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=1))
+        outs.append(pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=2))
     if single:
         out = outs[0]
     else:
         order = np.argsort(np.concatenate(plan.heads_of)).astype(np.int32)
-        out = tf.gather(tf.concat(outs, axis=3), order, axis=3)
-    out = tf.reshape(out, [-1, time, dim])
+        out = tf.gather(tf.concat(outs, axis=1), order, axis=1)
+    out = tf.reshape(tf.transpose(out, [0, 2, 3, 1, 4]), [-1, time, dim])  # [B, nb, b, H, hd] -> [B, T, D]
     if plan.inv_perm is not None:
         out = tf.gather(out, plan.inv_perm, axis=1)
     return tf.cast(out, out_dtype)
