@@ -52,9 +52,7 @@ def check_inputs(q, k, v, heads):
             "e.g. tf.compat.v1.placeholder(tf.float32, [None, 1024, dim])"
         )
     if dim is None:
-        raise ValueError(
-            "dim (q.shape[2]) must be known statically; give the placeholder a fixed last dimension"
-        )
+        raise ValueError("dim (q.shape[2]) must be known statically; give the placeholder a fixed last dimension")
     return int(time), int(dim), int(dim) // heads
 
 

@@ -41,9 +41,7 @@ def recompute_call(fn, name, args, kwargs):
                 tape.watch(again)
                 out2 = call(again)
             grads = tape.gradient(out2, again, output_gradients=dy)
-            return [
-                tf.zeros_like(t) if g is None and t.dtype.is_floating else g for g, t in zip(grads, tensors)
-            ]
+            return [tf.zeros_like(t) if g is None and t.dtype.is_floating else g for g, t in zip(grads, tensors)]
 
         return out, grad
 
