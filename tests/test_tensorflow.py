@@ -166,6 +166,23 @@ def test_matches_float64_reference(impl, execution, recompute, time, heads, hd, 
     _check(got, want, atol=2e-5, rtol=2e-4)
 
 
+@pytest.mark.parametrize("source", ["from_dense", "shared-2d"])
+def test_other_custom_layouts(source):
+    """A layout from a dense mask (max-pool + in-block masks), and a 2-D layout shared by every head."""
+    T, H = 64, 2
+    rng = np.random.default_rng(2)
+    if source == "from_dense":
+        mask = (rng.random((H, T, T)) < 0.3) & np.tril(np.ones((T, T), bool))
+        lay = layouts.from_dense(mask, blocksize=16)
+    else:
+        lay = layouts.custom_layout(np.tril(np.ones((4, 4), int)) - np.eye(4, k=-2, dtype=int), blocksize=16)
+        mask = np.broadcast_to(lay.to_dense(), (H, T, T))
+    arrays = _inputs(2, T, H * 8, seed=4)
+    want = reference(*arrays, H, mask)
+    for execution in ("eager", "graph"):
+        _check(EXECS[execution]("sparse", H, lay, {}, False, arrays), want, atol=2e-5, rtol=2e-4)
+
+
 def test_empty_rows_give_zero_output_and_zero_gradient():
     lay = _custom_layout()
     dense = lay.to_dense()
