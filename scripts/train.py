@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--recompute", action="store_true", help="recompute each residual block in backward")
     p.add_argument("--batch-size", type=int, default=8, help="global batch (split over processes)")
     p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this step (split a run into jobs; the schedule still follows --steps)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -278,7 +280,8 @@ def _train(args, rank, world, device) -> list[dict]:
     bar = tqdm(total=args.steps, initial=step, disable=not is_main or args.no_progress, unit="step")
     t0 = time.perf_counter()
     model.train()
-    while step < args.steps:
+    last = args.steps if args.stop_at is None else min(args.stop_at, args.steps)
+    while step < last:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         # Dropout masks depend on (seed, step, rank) only: a resumed run repeats them.
@@ -309,7 +312,7 @@ def _train(args, rank, world, device) -> list[dict]:
                 with open(out / "samples.txt", "a") as f:
                     f.write(f"--- step {step}, val {rec['val_bpb']:.4f} bits/byte\n{text}\n")
         log(rec)
-        if step % args.ckpt_interval == 0 or step == args.steps:
+        if step % args.ckpt_interval == 0 or step == last:
             save()
     bar.close()
     if is_main and records and "val_bpb" in records[-1]:

@@ -1,0 +1,154 @@
+"""The paper's model: embedding, resblock, init, factorisations, recompute, mixed precision, sampling."""
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from sparse_attention.models import (  # noqa: E402
+    Mode,
+    SparseTransformer,
+    SparseTransformerConfig,
+    paper_patterns,
+)
+from sparse_attention.models.sparse_transformer import GELU  # noqa: E402
+
+FACTORISATIONS = {
+    "dense": paper_patterns("dense"),
+    "fixed-merged": paper_patterns("fixed", "merged", stride=32, c=16, blocksize=16),
+    "fixed-interleaved": paper_patterns("fixed", "interleaved", stride=32, c=16, blocksize=16),
+    "strided-interleaved": paper_patterns("strided", "interleaved", stride=16, blocksize=16),
+    "strided-merged": paper_patterns("strided", "merged", stride=16, blocksize=16),
+    "strided-heads": paper_patterns("strided", "heads", stride=16, blocksize=16),
+    "per-block-ratio": [Mode("local", 32), Mode("local", 32), Mode("strided", 16)],
+}
+
+
+def _model(patterns, n_ctx=96, n_layer=3, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = SparseTransformerConfig(n_ctx=n_ctx, d_model=32, n_head=2, n_layer=n_layer, patterns=patterns,
+                                  blocksize=16, **kw)
+    return SparseTransformer(cfg)
+
+
+@pytest.mark.parametrize("name", list(FACTORISATIONS))
+def test_sampling_with_kv_cache_equals_full_forward(name):
+    """Logits of a prefill plus token-by-token steps through the cache equal one full pass."""
+    model = _model(FACTORISATIONS[name]).double().eval()
+    x = torch.randint(0, 256, (2, 75), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, _ = model(x)
+        cache = model.new_cache()
+        steps = [model(x[:, :20], cache=cache)[0]]
+        for t in range(20, 75):
+            steps.append(model(x[:, t:t + 1], cache=cache)[0])
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+    assert cache.length == 75
+
+
+def test_blocks_cycle_through_patterns():
+    model = _model(FACTORISATIONS["per-block-ratio"], n_layer=5)
+    specs = [blk.attn.attn.spec for blk in model.blocks]
+    assert specs == [Mode("local", 32), Mode("local", 32), Mode("strided", 16), Mode("local", 32),
+                     Mode("local", 32)]
+
+
+def test_generate_is_reproducible_and_extends_the_prompt():
+    model = _model(FACTORISATIONS["fixed-merged"])
+    prompt = torch.randint(0, 256, (2, 7))
+    a = model.generate(prompt, 12, generator=torch.Generator().manual_seed(3), prefill_chunk=4)
+    b = model.generate(prompt, 12, generator=torch.Generator().manual_seed(3))
+    assert a.shape == (2, 19) and torch.equal(a[:, :7], prompt) and torch.equal(a, b)
+    assert model.training  # restored
+    with pytest.raises(ValueError, match="n_ctx"):
+        model.generate(prompt, 90)
+
+
+def test_padding_is_invisible_to_earlier_positions():
+    model = _model(FACTORISATIONS["strided-merged"]).double().eval()
+    x = torch.randint(0, 256, (1, 96))
+    with torch.no_grad():
+        long, _ = model(x)
+        short, _ = model(x[:, :50])  # padded to 64 internally
+    torch.testing.assert_close(short, long[:, :50], rtol=1e-10, atol=1e-10)
+
+
+def test_factorised_position_embedding():
+    model = _model(FACTORISATIONS["dense"], n_ctx=64, pos_shape=(4, 4, 4))
+    emb = model.embed
+    idx = torch.randint(0, 256, (1, 64))
+    pos = torch.arange(64)
+    want = emb.tok(idx)[0] + emb.pos[0].weight[pos // 16] + emb.pos[1].weight[(pos // 4) % 4] + \
+        emb.pos[2].weight[pos % 4]
+    torch.testing.assert_close(emb(idx, pos)[0], want)
+    cfg = SparseTransformerConfig(n_ctx=12288, d_model=16, n_head=2, n_layer=1)
+    assert cfg.pos_shape == (96, 128)  # rows x columns for text
+
+
+def test_resblock_formula_and_gelu():
+    model = _model(FACTORISATIONS["fixed-merged"], n_layer=2).double()
+    blk = model.blocks[0]
+    h = torch.randn(2, 64, 32, dtype=torch.float64)
+    a = blk.attn(blk.norm1(h))
+    lin1, lin2 = blk.ff[0], blk.ff[2]
+    u = lin1(blk.norm2(h + a))
+    b = lin2(u * torch.sigmoid(1.702 * u))
+    torch.testing.assert_close(blk(h), h + a + b)
+    x = torch.linspace(-4, 4, 9)
+    torch.testing.assert_close(GELU()(x), x / (1 + torch.exp(-1.702 * x)))
+
+
+def test_output_projections_scaled_by_inverse_sqrt_2n():
+    n_layer = 8
+    cfg = SparseTransformerConfig(n_ctx=64, d_model=128, n_head=2, n_layer=n_layer, d_ff=512)
+    torch.manual_seed(0)
+    model = SparseTransformer(cfg)
+    blk = model.blocks[0]
+    want = cfg.init_std / math.sqrt(2 * n_layer)
+    for w in (blk.attn.proj.weight, blk.ff[2].weight):
+        assert abs(w.std().item() / want - 1) < 0.05
+    assert abs(blk.attn.qkv.weight.std().item() / cfg.init_std - 1) < 0.05
+
+
+def test_per_block_recompute_gives_equal_gradients():
+    x = torch.randint(0, 256, (2, 64))
+    grads = []
+    for recompute in (False, True):
+        model = _model(FACTORISATIONS["strided-heads"], n_ctx=64, recompute=recompute, dropout=0.1).double()
+        torch.manual_seed(5)  # same dropout masks; checkpoint replays the RNG state
+        _, loss = model(x, x)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_autocast(dtype):
+    model = _model(FACTORISATIONS["fixed-merged"], n_ctx=64)
+    x = torch.randint(0, 256, (2, 64))
+    _, ref = model(x, x)
+    with torch.autocast("cpu", dtype=dtype):
+        logits, loss = model(x, x)
+    assert logits.dtype == dtype and loss.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) < 0.05
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_config_errors_name_the_argument():
+    with pytest.raises(ValueError, match="d_model"):
+        SparseTransformerConfig(d_model=30, n_head=4)
+    with pytest.raises(ValueError, match="pos_shape"):
+        SparseTransformerConfig(n_ctx=64, pos_shape=(4, 4))
+    with pytest.raises(ValueError, match="impl"):
+        SparseTransformerConfig(impl="xla")
+    with pytest.raises(ValueError, match="local_attn_ctx"):
+        SparseTransformerConfig(n_ctx=64, patterns=[Mode("local", 40)])
+    with pytest.raises(ValueError, match="patterns"):
+        SparseTransformerConfig(patterns=[])
+    model = _model(FACTORISATIONS["dense"], n_ctx=64)
+    with pytest.raises(ValueError, match="n_ctx"):
+        model(torch.zeros(1, 65, dtype=torch.int64))
+    with pytest.raises(ValueError, match="idx"):
+        model(torch.zeros(1, 8))

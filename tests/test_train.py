@@ -1,0 +1,98 @@
+"""scripts/train.py on CPU: a tiny model learns, resumes exactly, and two gloo processes follow one."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("tqdm")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "train.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("train_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+train = _load()
+
+TINY = ["--n-ctx", "64", "--d-model", "32", "--n-head", "2", "--n-layer", "2", "--stride", "32", "--c", "16",
+        "--blocksize", "16", "--batch-size", "4", "--lr", "3e-3", "--warmup", "2", "--eval-batches", "1",
+        "--sample-len", "16", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Repetitive text: a tiny model must lower its loss on it within a few steps."""
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    line = b"the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n"
+    path.write_bytes(line * 400)
+    return path
+
+
+def test_tiny_model_loss_falls_and_writes_outputs(corpus, tmp_path):
+    recs = train.main(TINY + ["--data", str(corpus), "--out", str(tmp_path), "--steps", "12",
+                              "--eval-interval", "12", "--attn", "strided", "--factorization", "merged"])
+    losses = [r["loss"] for r in recs]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.5
+    assert 0 < recs[-1]["val_bpb"] < 8
+    assert (tmp_path / "ckpt.pt").exists()
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 12
+    assert "--- step 12" in (tmp_path / "samples.txt").read_text()
+
+
+def test_resume_continues_exactly(corpus, tmp_path):
+    args = TINY + ["--data", str(corpus), "--steps", "6", "--eval-interval", "6", "--ckpt-interval", "3",
+                   "--dropout", "0.1", "--sample-len", "0"]
+    straight = train.main(args + ["--out", str(tmp_path / "a")])
+    train.main(args + ["--out", str(tmp_path / "b"), "--stop-at", "3"])  # interrupted after step 3
+    resumed = train.main(args + ["--out", str(tmp_path / "b"), "--resume"])
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="d_model"):
+        train.main(args + ["--out", str(tmp_path / "b"), "--resume", "--d-model", "64"])
+
+
+def test_two_gloo_processes_follow_one(corpus, tmp_path):
+    """DDP over 2 CPU processes (torchrun, gloo) with the global batch split in two gives the
+    one-process losses and bits per byte."""
+    args = TINY + ["--data", str(corpus), "--steps", "3", "--eval-interval", "3", "--sample-len", "0"]
+    one = train.main(args + ["--out", str(tmp_path / "one")])
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(SCRIPT)] + args + ["--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "2 process(es)" in proc.stdout + proc.stderr
+    two = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert len(two) == 3
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) < 1e-4
+    assert abs(one[-1]["val_bpb"] - two[-1]["val_bpb"]) < 1e-4
+
+
+def test_default_corpus_is_the_stdlib_with_a_held_out_split():
+    tr, va = train.default_corpus(300_000, 0.1)
+    assert len(tr) + len(va) >= 300_000
+    assert 0.05 < len(va) / (len(tr) + len(va)) < 0.2
+    assert b"def " in tr and b"def " in va
+
+
+def test_too_little_data_is_a_clear_error(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"x" * 100)
+    with pytest.raises(ValueError, match="too small"):
+        train.main(TINY + ["--data", str(small), "--out", str(tmp_path), "--steps", "1"])
