@@ -216,18 +216,19 @@ def _pattern_forward(q, k, v, layout: Layout, pattern: int):
     scale = 1.0 / math.sqrt(d)
     budget = max(CHUNK_ELEMENTS // (B * h * b * b), 1)
     chunks = _plan(layout, pattern, budget, q.device)
-    qb, kb, vb = (x.reshape(B, h, nb, b, d) for x in (q, k, v))
+    qb = q.to(cd).reshape(B, h, nb, b, d)
+    kf, vf = _flat_blocks(k, cd, b), _flat_blocks(v, cd, b)
     out = torch.empty(B, h, nb, b, d, dtype=cd, device=q.device)
     lse = torch.empty(B, h, nb, b, dtype=cd, device=q.device)
     for c in chunks:
         n, maxc = c.cols.shape
-        s = _scores(qb[:, :, c.r0 : c.r1], kb[:, :, c.cols], cd, scale)  # [B, h, n, b, maxc * b]
+        kg, vg = _gather(kf, c.cols, B, h, d), _gather(vf, c.cols, B, h, d)  # [B, h, n, maxc * b, d]
+        s = torch.matmul(qb[:, :, c.r0 : c.r1], kg.transpose(-1, -2)).mul_(scale)  # [B, h, n, b, maxc * b]
         c.apply_mask(s)
         m = s.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        p = torch.exp(s - m)
+        p = torch.exp_(s.sub_(m))
         den = p.sum(dim=-1, keepdim=True)
-        vg = vb[:, :, c.cols].to(cd).reshape(B, h, n, maxc * b, d)
         out[:, :, c.r0 : c.r1] = torch.matmul(p, vg) / torch.where(den > 0, den, torch.ones_like(den))
         # An empty row keeps lse = +inf, so that exp(s - lse) = 0 in the backward pass.
         lse[:, :, c.r0 : c.r1] = torch.where(den > 0, m + torch.log(den), torch.full_like(den, math.inf))[..., 0]
@@ -243,34 +244,38 @@ def _pattern_backward(do, q, k, v, out, lse, layout: Layout, pattern: int):
     chunks = _plan(layout, pattern, max(CHUNK_ELEMENTS // (B * h * b * b), 1), q.device)
     do, out, lse = do.to(cd), out.to(cd), lse.to(cd).reshape(B, h, nb, b)
     delta = (do * out).sum(dim=-1).reshape(B, h, nb, b, 1)
-    qb, kb, vb = (x.reshape(B, h, nb, b, d) for x in (q, k, v))
+    qb = q.to(cd).reshape(B, h, nb, b, d)
+    kf, vf = _flat_blocks(k, cd, b), _flat_blocks(v, cd, b)
     dob = do.reshape(B, h, nb, b, d)
     dq = torch.zeros(B, h, nb, b, d, dtype=cd, device=q.device)
-    dk = torch.zeros(B, h, nb, b, d, dtype=cd, device=q.device)
-    dv = torch.zeros(B, h, nb, b, d, dtype=cd, device=q.device)
+    dk = torch.zeros(B * h, nb, b * d, dtype=cd, device=q.device)
+    dv = torch.zeros(B * h, nb, b * d, dtype=cd, device=q.device)
     for c in chunks:
         n, maxc = c.cols.shape
-        qc = qb[:, :, c.r0 : c.r1].to(cd).reshape(B, h, n * b, d)
-        kg = kb[:, :, c.cols].to(cd).reshape(B, h, n, maxc * b, d)
-        vg = vb[:, :, c.cols].to(cd).reshape(B, h, n, maxc * b, d)
-        s = torch.matmul(qc.reshape(B, h, n, b, d), kg.transpose(-1, -2)) * scale
+        qc = qb[:, :, c.r0 : c.r1]  # [B, h, n, b, d]
+        kg, vg = _gather(kf, c.cols, B, h, d), _gather(vf, c.cols, B, h, d)  # [B, h, n, maxc * b, d]
+        s = torch.matmul(qc, kg.transpose(-1, -2)).mul_(scale)
         c.apply_mask(s)
-        p = torch.exp(s - lse[:, :, c.r0 : c.r1, :, None])  # [B, h, n, b, maxc * b]
+        p = torch.exp_(s.sub_(lse[:, :, c.r0 : c.r1, :, None]))  # [B, h, n, b, maxc * b]
         doc = dob[:, :, c.r0 : c.r1]  # [B, h, n, b, d]
         dp = torch.matmul(doc, vg.transpose(-1, -2))
-        ds = p * (dp - delta[:, :, c.r0 : c.r1]) * scale
+        ds = dp.sub_(delta[:, :, c.r0 : c.r1]).mul_(p).mul_(scale)
         dq[:, :, c.r0 : c.r1] = torch.matmul(ds, kg)
         # Padding slots have p = 0 and ds = 0: their scatter into block 0 adds nothing.
         flat = c.cols.reshape(-1)
-        dk.index_add_(
-            2, flat, torch.matmul(ds.transpose(-1, -2), qc.reshape(B, h, n, b, d)).reshape(B, h, n * maxc, b, d)
-        )
-        dv.index_add_(2, flat, torch.matmul(p.transpose(-1, -2), doc).reshape(B, h, n * maxc, b, d))
+        dk.index_add_(1, flat, torch.matmul(ds.transpose(-1, -2), qc).reshape(B * h, n * maxc, b * d))
+        dv.index_add_(1, flat, torch.matmul(p.transpose(-1, -2), doc).reshape(B * h, n * maxc, b * d))
     shape = (B, h, T, d)
     return dq.reshape(shape), dk.reshape(shape), dv.reshape(shape)
 
 
-def _scores(qc, kg, cd, scale):
-    """``qc [B, h, n, b, d]`` x ``kg [B, h, n, maxc, b, d]`` -> ``[B, h, n, b, maxc * b]`` in ``cd``."""
-    B, h, n, maxc, b, d = kg.shape
-    return torch.matmul(qc.to(cd), kg.to(cd).reshape(B, h, n, maxc * b, d).transpose(-1, -2)) * scale
+def _flat_blocks(x, cd, b):
+    """``[B, h, T, d]`` -> ``[B * h, nb, b * d]`` in ``cd``, contiguous (one copy), ready to gather."""
+    B, h, T, d = x.shape
+    return x.to(cd).reshape(B * h, T // b, b * d).contiguous()
+
+
+def _gather(xf, cols, B, h, d):
+    """Blocks ``cols [n, maxc]`` of ``xf [B * h, nb, b * d]`` -> ``[B, h, n, maxc * b, d]``."""
+    n, maxc = cols.shape
+    return torch.index_select(xf, 1, cols.reshape(-1)).view(B, h, n, -1, d)
