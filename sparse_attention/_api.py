@@ -48,7 +48,8 @@ def check_tensors(q, k, v, heads) -> tuple[int, int, int]:
         raise ValueError(f"heads must be >= 1, got {heads}")
     shapes = []
     for name, x in zip("qkv", (q, k, v)):
-        shape = tuple(x.shape)
+        # TF1 shapes hold Dimension objects (or None where unknown): take their int values
+        shape = tuple(getattr(d, "value", d) for d in x.shape)
         if len(shape) != 3:
             raise ValueError(f"{name} must have rank 3, [batch, time, heads * head_dim], got shape {list(shape)}")
         shapes.append(shape)
