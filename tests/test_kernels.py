@@ -7,39 +7,16 @@ GPU. The full GPU suite (every mode, dtype, blocksize, head_dim; 1M tokens) is `
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
-if not torch.backends.cuda.is_built():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-triton = pytest.importorskip("triton")
+from _kernel_env import INTERPRET, launch  # noqa: F401  (sets TRITON_INTERPRET first)
+from _kernel_env import device as _device
 
 from _attn_ref import fwd_bwd, masked_reference, rel_err  # noqa: E402
 
 from sparse_attention.layouts import custom_layout, from_dense, make_layout  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@pytest.fixture(scope="module")
-def launch():
-    if not INTERPRET and not torch.cuda.is_available():
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1 (a CPU-only torch sets it)")
-    from sparse_attention.torch.kernels import launch as L
-
-    if INTERPRET and not getattr(triton.runtime.interpreter._patch_lang_tensor, "_sparse_attention_fix", False):
-        pytest.skip("the kernels module was imported before TRITON_INTERPRET=1 was set")
-    L.POISON_OUTPUTS = True
-    yield L
-    L.POISON_OUTPUTS = False
-
-
-def _device():
-    return "cpu" if INTERPRET else "cuda"
 
 
 def _custom_empty_row():
@@ -87,7 +64,7 @@ CASES = [
 @pytest.mark.parametrize("make, D, dtype", CASES)
 def test_forward_backward(launch, make, D, dtype):
     lay = make()
-    B, H, T = 2, lay.heads, lay.time
+    B, H, T = 1, lay.heads, lay.time
     dev = _device()
     g = torch.Generator().manual_seed(1)
     q, k, v, do = (torch.randn(B, H, T, D, generator=g).to(dev, dtype) for _ in range(4))
@@ -133,3 +110,4 @@ def test_strided_views_need_no_copy(launch):
     o, _ = launch.forward(q, k, v, lay)
     ref = masked_reference(q, k, v, lay.to_dense())
     assert rel_err(o, ref) < 1e-5
+

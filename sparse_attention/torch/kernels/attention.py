@@ -182,7 +182,7 @@ def _fwd_kernel(Q, K, V, O, LSE, VLO, HEAD_PAT, ROW_PTR, COLS, MASK_IDX, MASKS,
                 T, H, NBLK, qk_scale,
                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 MODE: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, VSB: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
     m_blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -230,12 +230,17 @@ def _fwd_kernel(Q, K, V, O, LSE, VLO, HEAD_PAT, ROW_PTR, COLS, MASK_IDX, MASKS,
             acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, sf, se, T, vlo, qk_scale,
                                        offs_d, BN, MODE, True, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
         lo, flo, fhi, hi = _row_bounds(m0, T, BM, BN, MODE, P1)
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, lo, flo, T, vlo, qk_scale,
-                                   offs_d, BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, flo, fhi, T, vlo, qk_scale,
-                                   offs_d, BN, MODE, False, P1, P2, VSB, False, PAD_D, HEAD_D, DOT_PREC)
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, fhi, hi, T, vlo, qk_scale,
-                                   offs_d, BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+        if SPLIT:
+            acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, lo, flo, T, vlo, qk_scale,
+                                       offs_d, BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+            acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, flo, fhi, T, vlo, qk_scale,
+                                       offs_d, BN, MODE, False, P1, P2, VSB, False, PAD_D, HEAD_D, DOT_PREC)
+            acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, fhi, hi, T, vlo, qk_scale,
+                                       offs_d, BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+        else:
+            # few tiles per row: one pipelined loop, masking every tile, beats three short loops
+            acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, lo, hi, T, vlo, qk_scale,
+                                       offs_d, BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -348,11 +353,9 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, VLO, HEAD_PAT, COL_PTR, ROWS, 
                 dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, None, qk_scale, False, DOT_PREC)
     else:
         lo, flo, fhi, hi = _col_bounds(n0, T, BM, BN, MODE, SUMMARY, P1, VSB)
-        dk, dv = _dkdv_range(dk, dv, k, v, kpos, q_base, do_base, lse_base, d_base, sqt, sdt, lo, flo, qk_scale,
-                             offs_d, BM, MODE, SUMMARY, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
-        dk, dv = _dkdv_range(dk, dv, k, v, kpos, q_base, do_base, lse_base, d_base, sqt, sdt, flo, fhi, qk_scale,
-                             offs_d, BM, MODE, SUMMARY, P1, P2, VSB, False, PAD_D, HEAD_D, DOT_PREC)
-        dk, dv = _dkdv_range(dk, dv, k, v, kpos, q_base, do_base, lse_base, d_base, sqt, sdt, fhi, hi, qk_scale,
+        # One loop that masks every tile: splitting off the full tiles into their own loop makes
+        # ptxas serialize the wgmma chain here (C7515), which costs more than the mask.
+        dk, dv = _dkdv_range(dk, dv, k, v, kpos, q_base, do_base, lse_base, d_base, sqt, sdt, lo, hi, qk_scale,
                              offs_d, BM, MODE, SUMMARY, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
     dk = dk * sm_scale
     dk_ptrs = DK + b * sgkb + hh * sgkh + ktok[:, None] * sgkt + offs_d[None, :]
@@ -403,7 +406,7 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, VLO, HEAD_PAT, ROW_PTR, COLS, MASK_I
                T, H, NBLK, qk_scale, sm_scale,
                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                MODE: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, VSB: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
     m_blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -451,12 +454,16 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, VLO, HEAD_PAT, ROW_PTR, COLS, MASK_I
             dq = _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, sf, se, T, vlo, qk_scale, offs_d,
                            BN, MODE, True, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
         lo, flo, fhi, hi = _row_bounds(m0, T, BM, BN, MODE, P1)
-        dq = _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, lo, flo, T, vlo, qk_scale, offs_d,
-                       BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
-        dq = _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, flo, fhi, T, vlo, qk_scale, offs_d,
-                       BN, MODE, False, P1, P2, VSB, False, PAD_D, HEAD_D, DOT_PREC)
-        dq = _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, fhi, hi, T, vlo, qk_scale, offs_d,
-                       BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+        if SPLIT:
+            dq = _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, lo, flo, T, vlo, qk_scale, offs_d,
+                           BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+            dq = _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, flo, fhi, T, vlo, qk_scale, offs_d,
+                           BN, MODE, False, P1, P2, VSB, False, PAD_D, HEAD_D, DOT_PREC)
+            dq = _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, fhi, hi, T, vlo, qk_scale, offs_d,
+                           BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+        else:
+            dq = _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, lo, hi, T, vlo, qk_scale, offs_d,
+                           BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
     dq = dq * sm_scale
     dq_ptrs = DQ + b * sgb + hh * sgh + qtok[:, None] * sgt + offs_d[None, :]
     if PAD_D:

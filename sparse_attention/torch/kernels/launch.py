@@ -28,8 +28,20 @@ CONFIGS = {
     ("dq", True): dict(BM=128, BN=32, num_warps=4, num_stages=3),
     ("dq", False): dict(BM=64, BN=64, num_warps=4, num_stages=2),
 }
+# Per-mode overrides (kernel, mode, head_dim <= 64), from sweeps on an H100 (benchmarks/).
+MODE_CONFIGS = {
+    ("fwd", "local", True): dict(BM=64, BN=64, num_warps=4, num_stages=3),
+    ("fwd", "fixed", True): dict(BM=64, BN=64, num_warps=4, num_stages=3),
+    ("dkdv", "local", True): dict(BM=32, BN=64, num_warps=4, num_stages=4),
+    ("dkdv", "strided", True): dict(BM=32, BN=64, num_warps=4, num_stages=4),
+    ("dkdv", "fixed", True): dict(BM=64, BN=64, num_warps=4, num_stages=3),
+    ("dq", "local", True): dict(BM=64, BN=32, num_warps=4, num_stages=4),
+    ("dq", "fixed", True): dict(BM=64, BN=64, num_warps=4, num_stages=3),
+}
 # Tests set this to fill outputs with NaN before the kernels run, so a skipped tile fails loudly.
 POISON_OUTPUTS = False
+# Tests force both the split (full + masked loops) and the single masked loop through this.
+SPLIT_OVERRIDE: bool | None = None
 
 _tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -81,8 +93,8 @@ def _pow2_divisor(n: int) -> int:
     return n & (-n)
 
 
-def _tiles(kind: str, T: int, D: int) -> dict:
-    cfg = dict(CONFIGS[(kind, D <= 64)])
+def _tiles(kind: str, T: int, D: int, mode: str = "all") -> dict:
+    cfg = dict(MODE_CONFIGS.get((kind, mode, D <= 64)) or CONFIGS[(kind, D <= 64)])
     cap = _pow2_divisor(T)
     if interpreting():
         cfg["BM"], cfg["BN"] = min(cfg["BM"], 32), min(cfg["BN"], 32)
@@ -138,6 +150,16 @@ def _device_tables(layout: Layout, device) -> dict:
     return t
 
 
+def _split(layout: Layout, tab: dict, bn: int) -> bool:
+    """Whether a query tile's key range is long enough (>= 4 tiles that may be full) to be worth
+    a separate unmasked loop; short ranges run as one masked, better pipelined loop."""
+    if SPLIT_OVERRIDE is not None:
+        return SPLIT_OVERRIDE
+    if layout.mode in ("all", "custom"):
+        return True
+    return tab["P1"] >= 4 * bn
+
+
 def _prep(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -177,9 +199,10 @@ def forward(q, k, v, layout: Layout):
     q, k, v = _prep(q), _prep(k), _prep(v)
     B, H, T, D = q.shape
     K, tab, consts, mode = _common(q, layout)
-    cfg = _tiles("fwd", T, D)
+    cfg = _tiles("fwd", T, D, layout.mode)
     if mode == K.MODE_CUSTOM:
         cfg["BM"] = cfg["BN"] = layout.blocksize
+    cfg["SPLIT"] = _split(layout, tab, cfg["BN"])
     o = _new(q, (B, H, T, D))
     lse = _new(q, (B, H, T), torch.float32)
     grid = (T // cfg["BM"], B * H)
@@ -206,10 +229,11 @@ def backward(do, q, k, v, o, lse, layout: Layout):
         HEAD_D=D, BLOCK_D=consts["BLOCK_D"], BM=bm,
     )
     dq, dk, dv = _new(q), _new(k), _new(v)
-    c1 = _tiles("dkdv", T, D)
-    c2 = _tiles("dq", T, D)
+    c1 = _tiles("dkdv", T, D, layout.mode)
+    c2 = _tiles("dq", T, D, layout.mode)
     if mode == K.MODE_CUSTOM:
         c1["BM"] = c1["BN"] = c2["BM"] = c2["BN"] = layout.blocksize
+    c2["SPLIT"] = _split(layout, tab, c2["BN"])
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     passes = [(False, T)] + ([(True, tab["NSUM"])] if mode == K.MODE_FIXED else [])
     for summary, nkeys in passes:
