@@ -12,10 +12,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
-from .. import attention_impl, blocksparse_attention_impl
-from ..layouts import Layout
+from .. import attention_impl
+from .._api import resolve_spec
+from ..layouts import Layout, make_layout
 from ..models.patterns import Mode, Spec, as_spec
 
 IMPLS = ("sparse", "dense", "sdpa", "flex")
@@ -50,32 +52,74 @@ class SparseAttention(nn.Module):
             spec = as_spec(attn_mode)
         self.heads, self.spec, self.blocksize = heads, spec, blocksize
         self.recompute, self.impl = recompute, impl
+        self._layouts: dict = {}
+        self._block_masks: dict = {}
 
     def extra_repr(self):
         return f"heads={self.heads}, spec={self.spec}, blocksize={self.blocksize}, impl={self.impl!r}"
 
     def forward(self, q, k, v):
+        T = q.shape[1]
+        layouts = None
+        if self.impl == "sparse":
+            layouts = self._layouts.get(T)
+            if layouts is None:
+                layouts = self._layouts[T] = resolve_layouts(self.spec, T, self.heads, self.blocksize)
         return attend(q, k, v, self.heads, self.spec, self.blocksize, self.impl, self.recompute,
-                      block_mask=getattr(self, "_block_mask", None))
+                      block_mask=self._block_masks.get(T), layouts=layouts)
 
     def prepare(self, time: int, device) -> None:
-        """Build what depends on the context only (FlexAttention's block mask) ahead of
-        ``torch.compile``, so the compiled forward just reads it."""
+        """Build what depends on the context only (the layouts, FlexAttention's block mask) ahead
+        of ``torch.compile``, so that the compiled forward only reads it."""
+        if self.impl == "sparse" and time not in self._layouts:
+            self._layouts[time] = resolve_layouts(self.spec, time, self.heads, self.blocksize)
         if self.impl == "flex":
-            self._block_mask = flex_block_mask(self.spec, self.heads, time, self.blocksize, device)
+            self._block_masks[time] = flex_block_mask(self.spec, self.heads, time, self.blocksize, device)
 
     def mask(self, i, j):
         """Allowed pairs ``bool [heads or 1, len(i), len(j)]`` for position tensors ``i``, ``j``."""
         return self.spec.mask(i, j, self.heads, self.blocksize)
 
 
+def resolve_layouts(spec: Spec, time: int, heads: int, blocksize: int) -> list:
+    """``[(first_head, n_heads, Layout)]``: the block layouts of a spec at one context."""
+    from .ops import layout_key
+
+    spec.check(time, heads, blocksize)
+    out = []
+    for h0, hn, mode, sub in spec.groups(heads):
+        if isinstance(mode, str):
+            kw = sub.kwargs(blocksize)
+            lay = make_layout(time, hn, mode, kw.get("local_attn_ctx"), blocksize, kw.get("num_verts"),
+                              kw.get("vertsize"))
+        elif isinstance(mode, Layout):
+            lay = resolve_spec(time, hn, mode, None, blocksize, None, None, sparse=True)
+        else:
+            lay = mode.layout(time, hn, blocksize)
+        # Register the layout with the op now: a first registration inside a torch.compile trace
+        # would only happen after the compiled graph has run.
+        layout_key(lay)
+        out.append((h0, hn, lay))
+    return out
+
+
 def attend(q, k, v, heads: int, spec: Spec, blocksize: int, impl: str = "sparse", recompute: bool = False,
-           block_mask=None):
+           block_mask=None, layouts=None):
     """Attention of ``[batch, time, heads * d]`` tensors under a pattern spec, through ``impl``:
-    ``"sparse"`` (the library's block-sparse call), ``"dense"`` (its dense reference),
-    ``"sdpa"`` (``F.scaled_dot_product_attention``, causal or with a dense mask) or ``"flex"``
-    (FlexAttention with the spec's closed form as ``mask_mod``)."""
+    ``"sparse"`` (the library's block-sparse op, fused kernels on CUDA), ``"dense"`` (the
+    library's dense reference ``attention_impl``), ``"sdpa"`` (``F.scaled_dot_product_attention``,
+    causal, or a dense mask) or ``"flex"`` (FlexAttention, the spec's closed form as ``mask_mod``).
+
+    ``layouts`` (from :func:`resolve_layouts`) and ``block_mask`` (from :func:`flex_block_mask`)
+    may be given precomputed, as ``torch.compile`` wants.
+    """
     B, T, dim = q.shape
+    if impl == "sparse":
+        if layouts is None:
+            layouts = resolve_layouts(spec, T, heads, blocksize)
+        if recompute and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(_sparse_groups, q, k, v, layouts, use_reentrant=False)
+        return _sparse_groups(q, k, v, layouts)
     spec.check(T, heads, blocksize)
     if impl in ("sdpa", "flex"):
         qh, kh, vh = (x.view(B, T, heads, dim // heads).transpose(1, 2) for x in (q, k, v))
@@ -84,11 +128,12 @@ def attend(q, k, v, heads: int, spec: Spec, blocksize: int, impl: str = "sparse"
         else:
             from torch.nn.attention.flex_attention import flex_attention
 
-            if block_mask is None or block_mask.shape[-1] != T:
+            if block_mask is None:
                 block_mask = flex_block_mask(spec, heads, T, blocksize, q.device)
             oh = flex_attention(qh, kh, vh, block_mask=block_mask)
         return oh.transpose(1, 2).reshape(B, T, dim)
-    fn = blocksparse_attention_impl if impl == "sparse" else attention_impl
+    if impl != "dense":
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     d = dim // heads
     outs = []
     for h0, hn, mode, sub in spec.groups(heads):
@@ -99,7 +144,23 @@ def attend(q, k, v, heads: int, spec: Spec, blocksize: int, impl: str = "sparse"
             kw = {"blocksize": blocksize}
             if not isinstance(mode, Layout):
                 mode = mode.layout(T, hn, blocksize)
-        outs.append(fn(q[..., cols], k[..., cols], v[..., cols], hn, mode, recompute=recompute, **kw))
+        outs.append(attention_impl(q[..., cols], k[..., cols], v[..., cols], hn, mode, recompute=recompute, **kw))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def _sparse_groups(q, k, v, layouts):
+    from .ops import blocksparse_attention_bhtd
+
+    B, T, dim = q.shape
+    d = dim // sum(hn for _, hn, _ in layouts)
+    outs = []
+    for h0, hn, lay in layouts:
+        # [B, T, hn * d] column slice -> contiguous [B, hn, T, d]: the op's fake (meta) gradients
+        # copy the input strides while its real backward returns contiguous gradients, so strided
+        # views break the compiled backward; one copy per tensor keeps the two in agreement.
+        qh, kh, vh = (x[..., h0 * d:(h0 + hn) * d].reshape(B, T, hn, d).transpose(1, 2).contiguous()
+                      for x in (q, k, v))
+        outs.append(blocksparse_attention_bhtd(qh, kh, vh, lay).transpose(1, 2).reshape(B, T, hn * d))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 

@@ -1,0 +1,278 @@
+"""Time per training iteration of the paper's enwik8 model: dense SDPA vs FlexAttention vs ours.
+
+    python scripts/bench_train.py --out benchmarks/train_h100          # needs a CUDA GPU
+
+One iteration = forward, backward and an AdamW step of the byte-level Sparse Transformer
+(``d_model`` 512, 8 heads, ``--layers`` blocks, batch 1) under bf16 autocast and ``torch.compile``,
+at each ``--contexts`` length (12288 = the paper's enwik8, 65536 = its audio). Variants
+(``impl:pattern``): ``sdpa:dense`` (causal ``F.scaled_dot_product_attention``), ``flex:*``
+(FlexAttention with the pattern's closed form as ``mask_mod``), ``ours:*`` (this library).
+Patterns: ``fixed`` (stride 128, c 32, merged head), ``strided-interleaved`` / ``-merged`` /
+``-heads`` (local and strided A1/A2 of stride 128, eqs. 6, 7, 8), ``local`` (A1 alone: the floor).
+
+Before timing, each pattern's attention (ours and Flex) is checked against a float32 masked
+reference at a short context; a variant that fails is reported as failed, not timed. Results go
+to ``--out`` as JSON, a markdown table and a PNG, written after every variant (a run cut short
+keeps what it measured). ``--budget`` seconds: no new variant starts after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from sparse_attention.models import SparseTransformer, SparseTransformerConfig, paper_patterns  # noqa: E402
+
+PATTERNS = {
+    "dense": lambda: paper_patterns("dense"),
+    "fixed": lambda: paper_patterns("fixed", "merged", stride=128, c=32, blocksize=32),
+    "strided-interleaved": lambda: paper_patterns("strided", "interleaved", stride=128, blocksize=32),
+    "strided-merged": lambda: paper_patterns("strided", "merged", stride=128, blocksize=32),
+    "strided-heads": lambda: paper_patterns("strided", "heads", stride=128, blocksize=32),
+    "local": lambda: paper_patterns("local", stride=128),
+}
+DEFAULT_VARIANTS = ["sdpa:dense", "ours:fixed", "flex:fixed", "ours:strided-interleaved",
+                    "flex:strided-interleaved", "ours:strided-heads", "ours:strided-merged", "flex:local",
+                    "ours:local", "flex:strided-merged", "flex:strided-heads"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/train_gpu")
+    p.add_argument("--contexts", type=int, nargs="+", default=[12288, 65536])
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--budget", type=float, default=420.0, help="seconds after which no new variant starts")
+    args = p.parse_args(argv)
+    for v in args.variants:
+        impl, _, pat = v.partition(":")
+        if impl not in ("sdpa", "flex", "ours") or pat not in PATTERNS:
+            p.error(f"variant {v!r}: expected IMPL:PATTERN with IMPL in sdpa/flex/ours and PATTERN in "
+                    f"{list(PATTERNS)}")
+    return args
+
+
+def build(pattern: str, impl: str, time_: int, args) -> SparseTransformer:
+    cfg = SparseTransformerConfig(
+        vocab_size=256, n_ctx=time_, d_model=args.d_model, n_head=args.heads, n_layer=args.layers,
+        patterns=PATTERNS[pattern](), blocksize=32, impl={"ours": "sparse"}.get(impl, impl),
+    )
+    return SparseTransformer(cfg)
+
+
+def check_attention(pattern: str, impl: str, heads: int, device) -> float:
+    """Relative error of the pattern's attention (bf16 inputs) against a float32 masked reference."""
+    from sparse_attention.torch.nn import attend
+
+    T, d = 2048, 64
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, T, heads * d, device=device, generator=g).bfloat16() for _ in range(3))
+    spec = PATTERNS[pattern]()
+    err = 0.0
+    for s in spec:
+        got = attend(q, k, v, heads, s, 32, {"ours": "sparse"}.get(impl, impl)).float()
+        want = attend(q.float(), k.float(), v.float(), heads, s, 32, "sdpa")
+        err = max(err, ((got - want).norm() / want.norm()).item())
+    return err
+
+
+def time_variant(variant: str, time_: int, args, device) -> dict:
+    impl, _, pattern = variant.partition(":")
+    torch.manual_seed(0)
+    model = build(pattern, impl, time_, args).to(device)
+    model.prepare(time_, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    fwd = model if args.no_compile else torch.compile(model, dynamic=False)
+    x = torch.randint(0, 256, (args.batch, time_ + 1), device=device)
+    inp, tgt = x[:, :-1], x[:, 1:]
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = fwd(inp, tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        loss = step()
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        loss = step()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    out = {"variant": variant, "context": time_, "ms_median": times[len(times) // 2], "ms_min": times[0],
+           "ms_max": times[-1], "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+           "warmup_s": compile_s, "loss": float(loss), "paths": fused_paths(model, device, impl)}
+    del model, opt, fwd
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return out
+
+
+def fused_paths(model, device, impl) -> list[str]:
+    """For ``ours``: which path each distinct layout takes (fused kernels or the gather fallback)."""
+    if impl != "ours":
+        return []
+    from sparse_attention.layouts import Layout
+    from sparse_attention.torch.ops import fused_unsupported_reasons
+
+    T = model.cfg.max_time
+    seen = []
+    for blk in model.blocks:
+        a = blk.attn.attn
+        for _h0, hn, mode, sub in a.spec.groups(a.heads):
+            if isinstance(mode, str):
+                from sparse_attention import make_layout
+
+                kw = sub.kwargs(a.blocksize)
+                lay = make_layout(T, hn, mode, kw.get("local_attn_ctx"), a.blocksize, kw.get("num_verts"),
+                                  kw.get("vertsize"))
+            else:
+                lay = mode if isinstance(mode, Layout) else mode.layout(T, hn, a.blocksize)
+            q = torch.empty(1, hn, T, model.cfg.d_model // a.heads, device=device, dtype=torch.bfloat16)
+            why = fused_unsupported_reasons(q, lay)
+            desc = f"{lay.mode}: " + ("fused" if not why else "gather (" + "; ".join(why) + ")")
+            if desc not in seen:
+                seen.append(desc)
+    return seen
+
+
+def environment(argv) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    import triton
+
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version(), "commit": commit,
+            "command": "python scripts/bench_train.py " + " ".join(argv)}
+
+
+def write(out: Path, meta: dict, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    by = {(r["variant"], r["context"]): r for r in rows}
+    contexts = sorted({r["context"] for r in rows})
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    lines = [
+        f"# Training iteration time, {meta['model']}",
+        "",
+        f"{meta['device']}; torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; commit "
+        f"`{meta['commit'][:10]}`; `{meta['command']}`",
+        "",
+        "Median ms per iteration (forward + backward + AdamW, bf16 autocast, torch.compile), speed-up over "
+        "`sdpa:dense`, peak memory.",
+        "",
+        "| variant | " + " | ".join(f"T={t} ms | x dense | GiB" for t in contexts) + " |",
+        "| --- |" + " ---: | ---: | ---: |" * len(contexts),
+    ]
+    for v in variants:
+        cells = []
+        for t in contexts:
+            r = by.get((v, t))
+            dense = by.get(("sdpa:dense", t))
+            if r is None:
+                cells += ["-", "-", "-"]
+            elif "error" in r:
+                cells += ["failed", "-", "-"]
+            else:
+                sp = f"{dense['ms_median'] / r['ms_median']:.2f}" if dense and "ms_median" in dense else "-"
+                cells += [f"{r['ms_median']:.1f}", sp, f"{r['peak_mem_gib']:.1f}"]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    notes = [f"- {r['variant']} T={r['context']}: {r['error']}" for r in rows if "error" in r]
+    paths = {r["variant"]: r["paths"] for r in rows if r.get("paths")}
+    if paths:
+        lines += ["", "Paths taken by `ours`:"] + [f"- {v}: {', '.join(p)}" for v, p in paths.items()]
+    if notes:
+        lines += ["", "Failures:"] + notes
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(contexts), figsize=(5.5 * len(contexts), 4), squeeze=False)
+    for ax, t in zip(axes[0], contexts):
+        vs = [v for v in variants if "ms_median" in by.get((v, t), {})]
+        ax.barh(vs, [by[(v, t)]["ms_median"] for v in vs],
+                color=["#888" if v.startswith("sdpa") else "#d62" if v.startswith("flex") else "#26b" for v in vs])
+        ax.set_xlabel("ms per training iteration")
+        ax.set_title(f"context {t}")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_train.py needs a CUDA GPU")
+    device = torch.device("cuda")
+    meta = environment(argv)
+    meta["model"] = (f"{args.layers} layers, d_model {args.d_model}, {args.heads} heads, batch {args.batch}, "
+                     "byte vocabulary")
+    out = Path(args.out)
+    rows, checks = [], {}
+    start = time.perf_counter()
+    for t in args.contexts:
+        for v in args.variants:
+            if time.perf_counter() - start > args.budget:
+                print(f"budget of {args.budget:.0f} s spent: skipping {v} at {t}", flush=True)
+                continue
+            impl, _, pattern = v.partition(":")
+            if impl != "sdpa" and v not in checks:
+                try:
+                    checks[v] = check_attention(pattern, impl, args.heads, device)
+                except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
+                    checks[v] = f"{type(e).__name__}: {e}"
+            c = checks.get(v, 0.0)
+            if isinstance(c, str) or c > 2e-2:
+                rows.append({"variant": v, "context": t, "error": f"correctness check failed: {c}"})
+            else:
+                try:
+                    r = time_variant(v, t, args, device)
+                    r["check_rel_err"] = c
+                    rows.append(r)
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory; reported, the run goes on
+                    rows.append({"variant": v, "context": t, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                    torch._dynamo.reset()
+                    torch.cuda.empty_cache()
+            r = rows[-1]
+            print(f"T={t:6d} {v:28s} " + (f"{r['ms_median']:8.2f} ms  {r['peak_mem_gib']:5.1f} GiB  "
+                                          f"(warm-up {r['warmup_s']:.0f} s)" if "ms_median" in r else r["error"]),
+                  flush=True)
+            write(out, meta, rows)
+    print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
