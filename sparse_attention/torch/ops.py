@@ -25,8 +25,19 @@ _REGISTRY: list[Layout] = []
 _KEYS: dict[int, int] = {}
 
 
+def _assume_constant(fn):
+    try:
+        from torch._dynamo import assume_constant_result
+    except ImportError:  # pragma: no cover - older torch
+        return fn
+    return assume_constant_result(fn)
+
+
+@_assume_constant
 def layout_key(layout: Layout) -> int:
-    """The registry key of a layout (registered on first use; layouts live as long as the process)."""
+    """The registry key of a layout (registered on first use; layouts live as long as the process).
+
+    Under ``torch.compile`` it runs at trace time and its result is a graph constant."""
     k = _KEYS.get(id(layout))
     if k is None or _REGISTRY[k] is not layout:
         k = len(_REGISTRY)
@@ -124,6 +135,29 @@ def _backward(ctx, do, dlse):
 _attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _FusedAttention(torch.autograd.Function):
+    """Eager fast path of the fused kernels: the same launches as the custom ops, without the
+    custom-op dispatch (a few hundred microseconds per forward+backward, which short sparse
+    patterns notice). ``torch.compile`` goes through the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout):
+        from .kernels.launch import forward
+
+        o, lse = forward(q, k, v, layout)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.layout = layout
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from .kernels.launch import backward
+
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = backward(do.contiguous(), q, k, v, o, lse, ctx.layout)
+        return dq, dk, dv, None
+
+
 def _check(q, k, v, layout):
     if not isinstance(layout, Layout):
         raise TypeError(f"layout must be a sparse_attention.layouts.Layout, got {type(layout).__name__}")
@@ -194,5 +228,11 @@ def blocksparse_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                  scale=1.0 / math.sqrt(q.shape[-1]))
+    if not torch.compiler.is_compiling():
+        if _use_fused(q, layout):
+            return _FusedAttention.apply(q, k, v, layout)
+        from .blocksparse import gather_attention
+
+        return gather_attention(q, k, v, layout)
     o, _ = _attn_fwd(q, k, v, layout_key(layout))
     return o
