@@ -42,9 +42,9 @@ PATTERNS = {
     "strided-heads": lambda: paper_patterns("strided", "heads", stride=128, blocksize=32),
     "local": lambda: paper_patterns("local", stride=128),
 }
-DEFAULT_VARIANTS = ["sdpa:dense", "ours:fixed", "flex:fixed", "ours:strided-interleaved",
-                    "flex:strided-interleaved", "ours:strided-heads", "ours:strided-merged", "flex:local",
-                    "ours:local", "flex:strided-merged", "flex:strided-heads"]
+DEFAULT_VARIANTS = ["sdpa:dense", "ours:fixed", "flex:fixed", "ours:strided-interleaved", "ours:strided-heads",
+                    "ours:strided-merged", "flex:strided-interleaved", "flex:local", "ours:local",
+                    "flex:strided-heads", "flex:strided-merged"]
 
 
 def parse_args(argv=None):
@@ -60,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--budget", type=float, default=420.0, help="seconds after which no new variant starts")
+    p.add_argument("--device", default="cuda", help="cpu: a smoke test of the script itself (tiny sizes)")
     args = p.parse_args(argv)
     for v in args.variants:
         impl, _, pat = v.partition(":")
@@ -82,6 +83,8 @@ def check_attention(pattern: str, impl: str, heads: int, device) -> float:
     from sparse_attention.torch.nn import attend
 
     T, d = 2048, 64
+    if device.type != "cuda":
+        T = 512
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, T, heads * d, device=device, generator=g).bfloat16() for _ in range(3))
     spec = PATTERNS[pattern]()
@@ -98,40 +101,48 @@ def time_variant(variant: str, time_: int, args, device) -> dict:
     torch.manual_seed(0)
     model = build(pattern, impl, time_, args).to(device)
     model.prepare(time_, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     fwd = model if args.no_compile else torch.compile(model, dynamic=False)
     x = torch.randint(0, 256, (args.batch, time_ + 1), device=device)
     inp, tgt = x[:, :-1], x[:, 1:]
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             _, loss = fwd(inp, tgt)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
+    cuda = device.type == "cuda"
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         loss = step()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     compile_s = time.perf_counter() - t0
-    torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        loss = step()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            loss = step()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:  # the CPU smoke test (--device cpu) only
+            c0 = time.perf_counter()
+            loss = step()
+            times.append((time.perf_counter() - c0) * 1e3)
     times.sort()
     out = {"variant": variant, "context": time_, "ms_median": times[len(times) // 2], "ms_min": times[0],
-           "ms_max": times[-1], "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+           "ms_max": times[-1], "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
            "warmup_s": compile_s, "loss": float(loss), "paths": fused_paths(model, device, impl)}
     del model, opt, fwd
     torch._dynamo.reset()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return out
 
 
@@ -168,9 +179,14 @@ def environment(argv) -> dict:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
-    import triton
+    try:
+        import triton
 
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"device": name, "torch": torch.__version__, "triton": triton_version,
             "cuda": torch.version.cuda, "python": platform.python_version(), "commit": commit,
             "command": "python scripts/bench_train.py " + " ".join(argv)}
 
@@ -187,7 +203,7 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
         f"{meta['device']}; torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; commit "
         f"`{meta['commit'][:10]}`; `{meta['command']}`",
         "",
-        "Median ms per iteration (forward + backward + AdamW, bf16 autocast, torch.compile), speed-up over "
+        f"Median ms per iteration (forward + backward + AdamW, bf16 autocast, {meta['compile']}), speed-up over "
         "`sdpa:dense`, peak memory.",
         "",
         "| variant | " + " | ".join(f"T={t} ms | x dense | GiB" for t in contexts) + " |",
@@ -234,10 +250,11 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_train.py needs a CUDA GPU")
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_train.py needs a CUDA GPU (or --device cpu for a smoke test)")
     meta = environment(argv)
+    meta["compile"] = "eager" if args.no_compile else "torch.compile"
     meta["model"] = (f"{args.layers} layers, d_model {args.d_model}, {args.heads} heads, batch {args.batch}, "
                      "byte vocabulary")
     out = Path(args.out)

@@ -180,7 +180,8 @@ def flex_block_mask(spec, heads: int, time: int, blocksize: int, device):
     def mask_mod(b, h, i, j):
         return flex_mask(spec, h, i, j, heads, blocksize)
 
-    return create_block_mask(mask_mod, None, heads, time, time, device=device)
+    # Uncompiled, create_block_mask materialises the [heads, time, time] mask: compile it for long contexts.
+    return create_block_mask(mask_mod, None, heads, time, time, device=device, _compile=time > 16384)
 
 
 def flex_mask(spec, h, i, j, heads, blocksize):
