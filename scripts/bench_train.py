@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import subprocess
 import sys
@@ -42,9 +41,19 @@ PATTERNS = {
     "strided-heads": lambda: paper_patterns("strided", "heads", stride=128, blocksize=32),
     "local": lambda: paper_patterns("local", stride=128),
 }
-DEFAULT_VARIANTS = ["sdpa:dense", "ours:fixed", "flex:fixed", "ours:strided-interleaved", "ours:strided-heads",
-                    "ours:strided-merged", "flex:strided-interleaved", "flex:local", "ours:local",
-                    "flex:strided-heads", "flex:strided-merged"]
+DEFAULT_VARIANTS = [
+    "sdpa:dense",
+    "ours:fixed",
+    "flex:fixed",
+    "ours:strided-interleaved",
+    "ours:strided-heads",
+    "ours:strided-merged",
+    "flex:strided-interleaved",
+    "flex:local",
+    "ours:local",
+    "flex:strided-heads",
+    "flex:strided-merged",
+]
 
 
 def parse_args(argv=None):
@@ -65,15 +74,20 @@ def parse_args(argv=None):
     for v in args.variants:
         impl, _, pat = v.partition(":")
         if impl not in ("sdpa", "flex", "ours") or pat not in PATTERNS:
-            p.error(f"variant {v!r}: expected IMPL:PATTERN with IMPL in sdpa/flex/ours and PATTERN in "
-                    f"{list(PATTERNS)}")
+            p.error(f"variant {v!r}: expected IMPL:PATTERN with IMPL in sdpa/flex/ours and PATTERN in {list(PATTERNS)}")
     return args
 
 
 def build(pattern: str, impl: str, time_: int, args) -> SparseTransformer:
     cfg = SparseTransformerConfig(
-        vocab_size=256, n_ctx=time_, d_model=args.d_model, n_head=args.heads, n_layer=args.layers,
-        patterns=PATTERNS[pattern](), blocksize=32, impl={"ours": "sparse"}.get(impl, impl),
+        vocab_size=256,
+        n_ctx=time_,
+        d_model=args.d_model,
+        n_head=args.heads,
+        n_layer=args.layers,
+        patterns=PATTERNS[pattern](),
+        blocksize=32,
+        impl={"ours": "sparse"}.get(impl, impl),
     )
     return SparseTransformer(cfg)
 
@@ -136,10 +150,17 @@ def time_variant(variant: str, time_: int, args, device) -> dict:
             loss = step()
             times.append((time.perf_counter() - c0) * 1e3)
     times.sort()
-    out = {"variant": variant, "context": time_, "ms_median": times[len(times) // 2], "ms_min": times[0],
-           "ms_max": times[-1], "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-           "warmup_s": compile_s, "loss": float(loss), "paths": fused_paths(model, device, impl)}
-    del model, opt, fwd
+    out = {
+        "variant": variant,
+        "context": time_,
+        "ms_median": times[len(times) // 2],
+        "ms_min": times[0],
+        "ms_max": times[-1],
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        "warmup_s": compile_s,
+        "loss": float(loss),
+        "paths": fused_paths(model, device, impl),
+    }
     torch._dynamo.reset()
     if cuda:
         torch.cuda.empty_cache()
@@ -162,8 +183,9 @@ def fused_paths(model, device, impl) -> list[str]:
                 from sparse_attention import make_layout
 
                 kw = sub.kwargs(a.blocksize)
-                lay = make_layout(T, hn, mode, kw.get("local_attn_ctx"), a.blocksize, kw.get("num_verts"),
-                                  kw.get("vertsize"))
+                lay = make_layout(
+                    T, hn, mode, kw.get("local_attn_ctx"), a.blocksize, kw.get("num_verts"), kw.get("vertsize")
+                )
             else:
                 lay = mode if isinstance(mode, Layout) else mode.layout(T, hn, a.blocksize)
             q = torch.empty(1, hn, T, model.cfg.d_model // a.heads, device=device, dtype=torch.bfloat16)
@@ -186,9 +208,15 @@ def environment(argv) -> dict:
     except ImportError:
         triton_version = "none"
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"device": name, "torch": torch.__version__, "triton": triton_version,
-            "cuda": torch.version.cuda, "python": platform.python_version(), "commit": commit,
-            "command": "python scripts/bench_train.py " + " ".join(argv)}
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": commit,
+        "command": "python scripts/bench_train.py " + " ".join(argv),
+    }
 
 
 def write(out: Path, meta: dict, rows: list[dict]) -> None:
@@ -237,8 +265,11 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
     fig, axes = plt.subplots(1, len(contexts), figsize=(5.5 * len(contexts), 4), squeeze=False)
     for ax, t in zip(axes[0], contexts):
         vs = [v for v in variants if "ms_median" in by.get((v, t), {})]
-        ax.barh(vs, [by[(v, t)]["ms_median"] for v in vs],
-                color=["#888" if v.startswith("sdpa") else "#d62" if v.startswith("flex") else "#26b" for v in vs])
+        ax.barh(
+            vs,
+            [by[(v, t)]["ms_median"] for v in vs],
+            color=["#888" if v.startswith("sdpa") else "#d62" if v.startswith("flex") else "#26b" for v in vs],
+        )
         ax.set_xlabel("ms per training iteration")
         ax.set_title(f"context {t}")
         ax.invert_yaxis()
@@ -255,8 +286,9 @@ def main(argv=None):
         raise SystemExit("bench_train.py needs a CUDA GPU (or --device cpu for a smoke test)")
     meta = environment(argv)
     meta["compile"] = "eager" if args.no_compile else "torch.compile"
-    meta["model"] = (f"{args.layers} layers, d_model {args.d_model}, {args.heads} heads, batch {args.batch}, "
-                     "byte vocabulary")
+    meta["model"] = (
+        f"{args.layers} layers, d_model {args.d_model}, {args.heads} heads, batch {args.batch}, byte vocabulary"
+    )
     out = Path(args.out)
     rows, checks = [], {}
     start = time.perf_counter()
@@ -284,9 +316,15 @@ def main(argv=None):
                     torch._dynamo.reset()
                     torch.cuda.empty_cache()
             r = rows[-1]
-            print(f"T={t:6d} {v:28s} " + (f"{r['ms_median']:8.2f} ms  {r['peak_mem_gib']:5.1f} GiB  "
-                                          f"(warm-up {r['warmup_s']:.0f} s)" if "ms_median" in r else r["error"]),
-                  flush=True)
+            print(
+                f"T={t:6d} {v:28s} "
+                + (
+                    f"{r['ms_median']:8.2f} ms  {r['peak_mem_gib']:5.1f} GiB  (warm-up {r['warmup_s']:.0f} s)"
+                    if "ms_median" in r
+                    else r["error"]
+                ),
+                flush=True,
+            )
             write(out, meta, rows)
     print((out / "results.md").read_text())
 

@@ -30,8 +30,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_attention.models import SparseTransformer, SparseTransformerConfig, paper_patterns  # noqa: E402
 
-MODEL_ARGS = ("n_ctx", "d_model", "n_head", "n_layer", "d_ff", "dropout", "attn", "factorization", "stride",
-              "c", "blocksize", "impl")
+MODEL_ARGS = (
+    "n_ctx",
+    "d_model",
+    "n_head",
+    "n_layer",
+    "d_ff",
+    "dropout",
+    "attn",
+    "factorization",
+    "stride",
+    "c",
+    "blocksize",
+    "impl",
+)
 
 
 def parse_args(argv=None):
@@ -56,8 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--recompute", action="store_true", help="recompute each residual block in backward")
     p.add_argument("--batch-size", type=int, default=8, help="global batch (split over processes)")
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--stop-at", type=int, default=None,
-                   help="stop after this step (split a run into jobs; the schedule still follows --steps)")
+    p.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="stop after this step (split a run into jobs; the schedule still follows --steps)",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -115,12 +131,14 @@ def load_bytes(args) -> tuple[np.ndarray, np.ndarray]:
     if args.data:
         raw = Path(args.data).read_bytes()
         n_val = int(len(raw) * args.val_fraction)
-        tr, va = raw[: len(raw) - n_val], raw[len(raw) - n_val:]
+        tr, va = raw[: len(raw) - n_val], raw[len(raw) - n_val :]
     else:
         tr, va = default_corpus(args.max_bytes, args.val_fraction)
     if min(len(tr), len(va)) < args.n_ctx + 2:
-        raise ValueError(f"the data ({len(tr)} train, {len(va)} held-out bytes) is too small for --n-ctx "
-                         f"{args.n_ctx}; use more data, a larger --val-fraction or a shorter context")
+        raise ValueError(
+            f"the data ({len(tr)} train, {len(va)} held-out bytes) is too small for --n-ctx "
+            f"{args.n_ctx}; use more data, a larger --val-fraction or a shorter context"
+        )
     return np.frombuffer(tr, dtype=np.uint8), np.frombuffer(va, dtype=np.uint8)
 
 
@@ -136,7 +154,7 @@ def train_batch(data, step, args, rank, world, device):
     rng = np.random.default_rng([args.seed, step])
     starts = rng.integers(0, len(data) - args.n_ctx - 1, size=args.batch_size)
     per = args.batch_size // world
-    return windows(data, starts[rank * per:(rank + 1) * per], args.n_ctx, device)
+    return windows(data, starts[rank * per : (rank + 1) * per], args.n_ctx, device)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -146,8 +164,14 @@ def build_model(args) -> SparseTransformer:
     kind = "dense" if args.attn == "dense" else args.attn
     patterns = paper_patterns(kind, args.factorization, stride=args.stride, c=args.c, blocksize=args.blocksize)
     cfg = SparseTransformerConfig(
-        n_ctx=args.n_ctx, d_model=args.d_model, n_head=args.n_head, n_layer=args.n_layer, d_ff=args.d_ff,
-        dropout=args.dropout, patterns=patterns, blocksize=args.blocksize,
+        n_ctx=args.n_ctx,
+        d_model=args.d_model,
+        n_head=args.n_head,
+        n_layer=args.n_layer,
+        d_ff=args.d_ff,
+        dropout=args.dropout,
+        patterns=patterns,
+        blocksize=args.blocksize,
         impl="sdpa" if args.attn == "dense" and args.impl == "sparse" else args.impl,
         recompute=args.recompute,
     )
@@ -175,7 +199,7 @@ def evaluate(model, val, args, rank, world, device) -> float:
     starts = np.linspace(0, len(val) - args.n_ctx - 1, n).astype(np.int64)[rank::world]
     tot = torch.zeros(2, dtype=torch.float64, device=device)
     for s in range(0, len(starts), args.batch_size):
-        x, y = windows(val, starts[s:s + args.batch_size], args.n_ctx, device)
+        x, y = windows(val, starts[s : s + args.batch_size], args.n_ctx, device)
         with autocast(args, device):
             _, loss = model(x, y)
         tot += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=device)
@@ -193,7 +217,7 @@ def sample_text(model, val, args, device) -> str:
     with autocast(args, device):
         out = model.generate(prompt, n_new, temperature=0.8, top_k=None, generator=g)
     text = bytes(out[0].tolist()).decode("utf-8", errors="replace")
-    return text[: prompt_len] + " ||| " + text[prompt_len:]
+    return text[:prompt_len] + " ||| " + text[prompt_len:]
 
 
 def model_args(args) -> dict:
@@ -245,8 +269,10 @@ def _train(args, rank, world, device) -> list[dict]:
     if args.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         if ckpt["model_args"] != model_args(args):
-            raise ValueError(f"{ckpt_path} holds a model with {ckpt['model_args']}, the arguments give "
-                             f"{model_args(args)}; pass the same model arguments or another --out")
+            raise ValueError(
+                f"{ckpt_path} holds a model with {ckpt['model_args']}, the arguments give "
+                f"{model_args(args)}; pass the same model arguments or another --out"
+            )
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -255,20 +281,32 @@ def _train(args, rank, world, device) -> list[dict]:
     model.prepare(args.n_ctx, device)
     fwd = model
     if world > 1:
-        fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
+        fwd = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if args.compile:
         fwd = torch.compile(fwd)
     if is_main:
         n_params = sum(p.numel() for p in raw.parameters())
-        tqdm.write(f"{n_params / 1e6:.2f}M parameters, {len(train)} train / {len(val)} held-out bytes, "
-                   f"{world} process(es) on {device}, patterns {[str(p) for p in raw.cfg.patterns]}")
+        tqdm.write(
+            f"{n_params / 1e6:.2f}M parameters, {len(train)} train / {len(val)} held-out bytes, "
+            f"{world} process(es) on {device}, patterns {[str(p) for p in raw.cfg.patterns]}"
+        )
 
     def save():
         if is_main:
             tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                        "step": step, "records": records, "model_args": model_args(args)}, tmp)
+            torch.save(
+                {
+                    "model": raw.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "step": step,
+                    "records": records,
+                    "model_args": model_args(args),
+                },
+                tmp,
+            )
             os.replace(tmp, ckpt_path)
 
     def log(rec):
@@ -300,8 +338,14 @@ def _train(args, rank, world, device) -> list[dict]:
         if world > 1:
             dist.all_reduce(lval)
             lval /= world
-        rec = {"step": step, "loss": lval.item(), "train_bpb": lval.item() / math.log(2),
-               "lr": lr_at(step - 1, args), "grad_norm": float(gnorm), "time": time.perf_counter() - t0}
+        rec = {
+            "step": step,
+            "loss": lval.item(),
+            "train_bpb": lval.item() / math.log(2),
+            "lr": lr_at(step - 1, args),
+            "grad_norm": float(gnorm),
+            "time": time.perf_counter() - t0,
+        }
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
         if step % args.eval_interval == 0 or step == args.steps:

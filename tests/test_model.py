@@ -27,8 +27,9 @@ FACTORISATIONS = {
 
 def _model(patterns, n_ctx=96, n_layer=3, seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = SparseTransformerConfig(n_ctx=n_ctx, d_model=32, n_head=2, n_layer=n_layer, patterns=patterns,
-                                  blocksize=16, **kw)
+    cfg = SparseTransformerConfig(
+        n_ctx=n_ctx, d_model=32, n_head=2, n_layer=n_layer, patterns=patterns, blocksize=16, **kw
+    )
     return SparseTransformer(cfg)
 
 
@@ -42,7 +43,7 @@ def test_sampling_with_kv_cache_equals_full_forward(name):
         cache = model.new_cache()
         steps = [model(x[:, :20], cache=cache)[0]]
         for t in range(20, 75):
-            steps.append(model(x[:, t:t + 1], cache=cache)[0])
+            steps.append(model(x[:, t : t + 1], cache=cache)[0])
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
     assert cache.length == 75
 
@@ -50,8 +51,7 @@ def test_sampling_with_kv_cache_equals_full_forward(name):
 def test_blocks_cycle_through_patterns():
     model = _model(FACTORISATIONS["per-block-ratio"], n_layer=5)
     specs = [blk.attn.attn.spec for blk in model.blocks]
-    assert specs == [Mode("local", 32), Mode("local", 32), Mode("strided", 16), Mode("local", 32),
-                     Mode("local", 32)]
+    assert specs == [Mode("local", 32), Mode("local", 32), Mode("strided", 16), Mode("local", 32), Mode("local", 32)]
 
 
 def test_generate_is_reproducible_and_extends_the_prompt():
@@ -79,8 +79,9 @@ def test_factorised_position_embedding():
     emb = model.embed
     idx = torch.randint(0, 256, (1, 64))
     pos = torch.arange(64)
-    want = emb.tok(idx)[0] + emb.pos[0].weight[pos // 16] + emb.pos[1].weight[(pos // 4) % 4] + \
-        emb.pos[2].weight[pos % 4]
+    want = (
+        emb.tok(idx)[0] + emb.pos[0].weight[pos // 16] + emb.pos[1].weight[(pos // 4) % 4] + emb.pos[2].weight[pos % 4]
+    )
     torch.testing.assert_close(emb(idx, pos)[0], want)
     cfg = SparseTransformerConfig(n_ctx=12288, d_model=16, n_head=2, n_layer=1)
     assert cfg.pos_shape == (96, 128)  # rows x columns for text

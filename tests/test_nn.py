@@ -36,10 +36,10 @@ def _qkv(seed=0, T=T, H=H, dtype=torch.float64):
 
 def _reference_mask(spec, T, H):
     """Dense [H, T, T] masks built from the library's numpy closed form, independently of the specs."""
+
     def one(s, n):
         if isinstance(s, Mode):
-            kw = {"local_attn_ctx": s.local_attn_ctx, "blocksize": BS, "num_verts": s.num_verts,
-                  "vertsize": s.vertsize}
+            kw = {"local_attn_ctx": s.local_attn_ctx, "blocksize": BS, "num_verts": s.num_verts, "vertsize": s.vertsize}
             return dense_mask(T, n, s.mode, **{k: v for k, v in kw.items() if v is not None})
         if isinstance(s, Group):
             i = np.arange(T)
@@ -122,7 +122,7 @@ def test_shift_invariant_union_long_context_is_cheap_and_right():
     nb = T_long // b
     # row r: the local diagonals 0..4 and every diagonal that is a multiple of l / b = 4
     r = 1000
-    cols = lay.cols[lay.row_ptr[0, r]:lay.row_ptr[0, r + 1]]
+    cols = lay.cols[lay.row_ptr[0, r] : lay.row_ptr[0, r + 1]]
     want = sorted({r - d for d in range(0, r + 1) if d <= l // b or d % (l // b) == 0})
     assert cols.tolist() == want
     assert lay.nb == nb and lay.block_masks.shape[0] <= 3  # diagonals 0, 4 (edge) and 4k (stride) only
@@ -138,8 +138,12 @@ def test_sparse_attention_module_matches_attention_impl():
     want = attention_impl(q, k, v, H, "fixed", 64, blocksize=BS, num_verts=2, vertsize=1)
     torch.testing.assert_close(mod(q, k, v), want, rtol=1e-10, atol=1e-10)
     lay = make_layout(T, H, "local", 32, BS)
-    torch.testing.assert_close(SparseAttention(H, lay, blocksize=BS)(q, k, v),
-                               attention_impl(q, k, v, H, "local", 32, blocksize=BS), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        SparseAttention(H, lay, blocksize=BS)(q, k, v),
+        attention_impl(q, k, v, H, "local", 32, blocksize=BS),
+        rtol=1e-10,
+        atol=1e-10,
+    )
 
 
 def test_self_attention_recompute_gives_equal_gradients():
@@ -182,7 +186,8 @@ def test_paper_patterns_shapes():
     inter = paper_patterns("strided", "interleaved", stride=128)
     assert inter == [Mode("local", 128), Mode("strided", 128)]
     assert paper_patterns("fixed", "merged", stride=128, c=64, blocksize=32) == [
-        Mode("fixed", 128, num_verts=1, vertsize=2)]
+        Mode("fixed", 128, num_verts=1, vertsize=2)
+    ]
     assert isinstance(paper_patterns("strided", "heads")[0], PerHead)
     assert isinstance(paper_patterns("fixed", "interleaved")[0], Group)
 

@@ -25,9 +25,33 @@ def _load():
 
 train = _load()
 
-TINY = ["--n-ctx", "64", "--d-model", "32", "--n-head", "2", "--n-layer", "2", "--stride", "32", "--c", "16",
-        "--blocksize", "16", "--batch-size", "4", "--lr", "3e-3", "--warmup", "2", "--eval-batches", "1",
-        "--sample-len", "16", "--no-progress"]
+TINY = [
+    "--n-ctx",
+    "64",
+    "--d-model",
+    "32",
+    "--n-head",
+    "2",
+    "--n-layer",
+    "2",
+    "--stride",
+    "32",
+    "--c",
+    "16",
+    "--blocksize",
+    "16",
+    "--batch-size",
+    "4",
+    "--lr",
+    "3e-3",
+    "--warmup",
+    "2",
+    "--eval-batches",
+    "1",
+    "--sample-len",
+    "16",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +64,23 @@ def corpus(tmp_path_factory):
 
 
 def test_tiny_model_loss_falls_and_writes_outputs(corpus, tmp_path):
-    recs = train.main(TINY + ["--data", str(corpus), "--out", str(tmp_path), "--steps", "12",
-                              "--eval-interval", "12", "--attn", "strided", "--factorization", "merged"])
+    recs = train.main(
+        TINY
+        + [
+            "--data",
+            str(corpus),
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "12",
+            "--eval-interval",
+            "12",
+            "--attn",
+            "strided",
+            "--factorization",
+            "merged",
+        ]
+    )
     losses = [r["loss"] for r in recs]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5
@@ -52,8 +91,20 @@ def test_tiny_model_loss_falls_and_writes_outputs(corpus, tmp_path):
 
 
 def test_resume_continues_exactly(corpus, tmp_path):
-    args = TINY + ["--data", str(corpus), "--steps", "6", "--eval-interval", "6", "--ckpt-interval", "3",
-                   "--dropout", "0.1", "--sample-len", "0"]
+    args = TINY + [
+        "--data",
+        str(corpus),
+        "--steps",
+        "6",
+        "--eval-interval",
+        "6",
+        "--ckpt-interval",
+        "3",
+        "--dropout",
+        "0.1",
+        "--sample-len",
+        "0",
+    ]
     straight = train.main(args + ["--out", str(tmp_path / "a")])
     train.main(args + ["--out", str(tmp_path / "b"), "--stop-at", "3"])  # interrupted after step 3
     resumed = train.main(args + ["--out", str(tmp_path / "b"), "--resume"])
@@ -72,8 +123,11 @@ def test_two_gloo_processes_follow_one(corpus, tmp_path):
     args = TINY + ["--data", str(corpus), "--steps", "3", "--eval-interval", "3", "--sample-len", "0"]
     one = train.main(args + ["--out", str(tmp_path / "one")])
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(SCRIPT)] + args + ["--out", str(tmp_path / "two")]
+    cmd = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT)]
+        + args
+        + ["--out", str(tmp_path / "two")]
+    )
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "2 process(es)" in proc.stdout + proc.stderr

@@ -72,8 +72,9 @@ class Mode(Spec):
 
     def check(self, time, heads, blocksize):
         kw = self.kwargs(blocksize)
-        validate_pattern(time, heads, self.mode, kw.get("local_attn_ctx"), blocksize,
-                         kw.get("num_verts"), kw.get("vertsize"))
+        validate_pattern(
+            time, heads, self.mode, kw.get("local_attn_ctx"), blocksize, kw.get("num_verts"), kw.get("vertsize")
+        )
 
     def multiple(self, blocksize):
         if self.mode == "strided" and isinstance(self.local_attn_ctx, int) and self.local_attn_ctx > 0:
@@ -104,8 +105,10 @@ class Custom(Spec):
 
     def check(self, time, heads, blocksize):
         if time != self.layout.time:
-            raise ValueError(f"the custom layout covers time={self.layout.time}, got time={time}; "
-                             "build the layout for the model's padded context")
+            raise ValueError(
+                f"the custom layout covers time={self.layout.time}, got time={time}; "
+                "build the layout for the model's padded context"
+            )
         if self.layout.heads not in (1, heads):
             raise ValueError(f"the custom layout has {self.layout.heads} heads, the layer {heads}")
 
@@ -143,16 +146,19 @@ class Merged(Spec):
             parts = tuple(parts[0])
         parts = tuple(as_spec(p) for p in parts)
         if len(parts) < 2 or not all(isinstance(p, (Mode, Group)) for p in parts):
-            raise ValueError("Merged takes two or more built-in modes or Group, e.g. "
-                             f"Merged(Mode('local', 128), Mode('strided', 128)); got {parts}")
+            raise ValueError(
+                "Merged takes two or more built-in modes or Group, e.g. "
+                f"Merged(Mode('local', 128), Mode('strided', 128)); got {parts}"
+            )
         object.__setattr__(self, "parts", parts)
 
     def check(self, time, heads, blocksize):
         for p in self.parts:
             p.check(time, heads, blocksize)
         if not self._shift_invariant() and time > 8192:
-            raise ValueError(f"{self} at time={time} needs a dense mask; "
-                             "merge only 'all', 'local' and 'strided' for long contexts")
+            raise ValueError(
+                f"{self} at time={time} needs a dense mask; merge only 'all', 'local' and 'strided' for long contexts"
+            )
 
     def _shift_invariant(self):
         return all(isinstance(p, Mode) and p.mode in _SHIFT_INVARIANT for p in self.parts)
@@ -188,8 +194,7 @@ class PerHead(Spec):
 
     def _size(self, heads):
         if heads % len(self.parts):
-            raise ValueError(f"heads ({heads}) must be a multiple of the number of PerHead parts "
-                             f"({len(self.parts)})")
+            raise ValueError(f"heads ({heads}) must be a multiple of the number of PerHead parts ({len(self.parts)})")
         return heads // len(self.parts)
 
     def check(self, time, heads, blocksize):
@@ -254,8 +259,9 @@ def _group_layout(l: int, time: int, heads: int, blocksize: int) -> Layout:
     r = np.arange(nb)
     lay = (r[:, None] // s == r[None, :] // s) & (r[None, :] <= r[:, None])
     tril = np.tril(np.ones((blocksize, blocksize), bool))
-    return custom_layout(lay, blocksize, heads=heads,
-                         callback=lambda shape, h, q, k, e: tril if q == k else np.ones(shape, bool))
+    return custom_layout(
+        lay, blocksize, heads=heads, callback=lambda shape, h, q, k, e: tril if q == k else np.ones(shape, bool)
+    )
 
 
 def as_spec(x) -> Spec:
@@ -272,8 +278,9 @@ def as_spec(x) -> Spec:
     raise TypeError(f"an attention pattern must be a Spec, a Layout, a mode name or a dict, got {type(x).__name__}")
 
 
-def paper_patterns(kind: str, factorization: str = "merged", stride: int = 128, c: int = 32,
-                   blocksize: int = 32) -> list[Spec]:
+def paper_patterns(
+    kind: str, factorization: str = "merged", stride: int = 128, c: int = 32, blocksize: int = 32
+) -> list[Spec]:
     """The paper's patterns, as a list of per-block specs (cycled over the residual blocks).
 
     Args:
@@ -354,11 +361,23 @@ def shift_invariant_union(rules, time: int, heads: int, blocksize: int) -> Layou
     block_masks = np.zeros((0, b, b), bool)
     if len(partial_deltas):
         # diagonals with the same in-block mask (e.g. every stride diagonal) share one entry
-        block_masks, inverse = np.unique(m[partial_deltas].reshape(len(partial_deltas), -1), axis=0,
-                                         return_inverse=True)
+        block_masks, inverse = np.unique(
+            m[partial_deltas].reshape(len(partial_deltas), -1), axis=0, return_inverse=True
+        )
         block_masks = block_masks.reshape(-1, b, b)
         mask_of_delta[partial_deltas] = inverse.reshape(-1).astype(np.int32)
     mask_idx = mask_of_delta[dl]
-    return Layout(time, heads, b, "custom", {}, np.zeros(heads, np.int64), None,
-                  _row_ptr=row_ptr, _cols=cols, _partial=mask_idx >= 0, mask_idx=mask_idx,
-                  block_masks=np.ascontiguousarray(block_masks))
+    return Layout(
+        time,
+        heads,
+        b,
+        "custom",
+        {},
+        np.zeros(heads, np.int64),
+        None,
+        _row_ptr=row_ptr,
+        _cols=cols,
+        _partial=mask_idx >= 0,
+        mask_idx=mask_idx,
+        block_masks=np.ascontiguousarray(block_masks),
+    )

@@ -75,8 +75,10 @@ class SparseTransformerConfig:
         if any(s < 1 for s in self.pos_shape):
             raise ValueError(f"pos_shape entries must be positive, got {self.pos_shape}")
         if math.prod(self.pos_shape) < self.max_time:
-            raise ValueError(f"pos_shape {self.pos_shape} covers {math.prod(self.pos_shape)} positions; the "
-                             f"(padded) context needs {self.max_time}")
+            raise ValueError(
+                f"pos_shape {self.pos_shape} covers {math.prod(self.pos_shape)} positions; the "
+                f"(padded) context needs {self.max_time}"
+            )
         for p in self.patterns:
             p.check(self.max_time, self.n_head, self.blocksize)
 
@@ -99,7 +101,7 @@ class FactorisedEmbedding(nn.Module):
         super().__init__()
         self.tok = nn.Embedding(vocab_size, dim)
         self.pos = nn.ModuleList(nn.Embedding(n, dim) for n in pos_shape)
-        strides = [math.prod(pos_shape[k + 1:]) for k in range(len(pos_shape))]
+        strides = [math.prod(pos_shape[k + 1 :]) for k in range(len(pos_shape))]
         self.register_buffer("strides", torch.tensor(strides), persistent=False)
         self.register_buffer("sizes", torch.tensor(pos_shape), persistent=False)
         nn.init.normal_(self.tok.weight, std=std)
@@ -128,8 +130,9 @@ class ResBlock(nn.Module):
         super().__init__()
         d, scale = cfg.d_model, 1.0 / math.sqrt(2 * cfg.n_layer)
         self.norm1 = nn.LayerNorm(d)
-        self.attn = SparseSelfAttention(d, cfg.n_head, spec, cfg.blocksize, cfg.dropout, cfg.attn_recompute,
-                                        cfg.impl, layer_idx)
+        self.attn = SparseSelfAttention(
+            d, cfg.n_head, spec, cfg.blocksize, cfg.dropout, cfg.attn_recompute, cfg.impl, layer_idx
+        )
         self.norm2 = nn.LayerNorm(d)
         d_ff = cfg.d_ff or 4 * d
         self.ff = nn.Sequential(nn.Linear(d, d_ff), GELU(), nn.Linear(d_ff, d), nn.Dropout(cfg.dropout))
@@ -161,9 +164,7 @@ class SparseTransformer(nn.Module):
         self.cfg = cfg
         self.embed = FactorisedEmbedding(cfg.vocab_size, cfg.d_model, cfg.pos_shape, cfg.init_std)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(
-            ResBlock(cfg, cfg.patterns[k % len(cfg.patterns)], k) for k in range(cfg.n_layer)
-        )
+        self.blocks = nn.ModuleList(ResBlock(cfg, cfg.patterns[k % len(cfg.patterns)], k) for k in range(cfg.n_layer))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.head.weight, std=cfg.init_std)
@@ -205,8 +206,15 @@ class SparseTransformer(nn.Module):
         return KVCache(self.cfg.n_layer)
 
     @torch.no_grad()
-    def generate(self, prompt, n_new: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None, prefill_chunk: int = 1024):
+    def generate(
+        self,
+        prompt,
+        n_new: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        prefill_chunk: int = 1024,
+    ):
         """Sample ``n_new`` tokens after ``prompt [batch, t0]`` (``t0 >= 1``) with a key/value
         cache: each new token attends only to the allowed cached positions of its layer's pattern.
         Returns ``[batch, t0 + n_new]``."""
@@ -220,7 +228,7 @@ class SparseTransformer(nn.Module):
         self.eval()
         cache = self.new_cache()
         for s in range(0, prompt.shape[1], prefill_chunk):
-            logits, _ = self(prompt[:, s:s + prefill_chunk], cache=cache)
+            logits, _ = self(prompt[:, s : s + prefill_chunk], cache=cache)
         out = [prompt]
         for _ in range(n_new):
             last = logits[:, -1].float() / temperature

@@ -34,8 +34,17 @@ class SparseAttention(nn.Module):
     ``forward(q, k, v)``: ``[batch, time, heads * head_dim]`` -> the same shape, dtype of ``q``.
     """
 
-    def __init__(self, heads: int, attn_mode="all", local_attn_ctx=None, blocksize: int = 32,
-                 num_verts=None, vertsize=None, recompute: bool = False, impl: str = "sparse"):
+    def __init__(
+        self,
+        heads: int,
+        attn_mode="all",
+        local_attn_ctx=None,
+        blocksize: int = 32,
+        num_verts=None,
+        vertsize=None,
+        recompute: bool = False,
+        impl: str = "sparse",
+    ):
         super().__init__()
         if not isinstance(heads, int) or heads < 1:
             raise ValueError(f"heads must be a positive int, got {heads!r}")
@@ -47,8 +56,10 @@ class SparseAttention(nn.Module):
             spec = Mode(attn_mode, local_attn_ctx, num_verts, vertsize)
         else:
             if local_attn_ctx is not None or num_verts is not None or vertsize is not None:
-                raise ValueError("local_attn_ctx, num_verts and vertsize go with a mode name; a Layout "
-                                 "or a pattern spec carries its own parameters")
+                raise ValueError(
+                    "local_attn_ctx, num_verts and vertsize go with a mode name; a Layout "
+                    "or a pattern spec carries its own parameters"
+                )
             spec = as_spec(attn_mode)
         self.heads, self.spec, self.blocksize = heads, spec, blocksize
         self.recompute, self.impl = recompute, impl
@@ -65,8 +76,18 @@ class SparseAttention(nn.Module):
             layouts = self._layouts.get(T)
             if layouts is None:
                 layouts = self._layouts[T] = resolve_layouts(self.spec, T, self.heads, self.blocksize)
-        return attend(q, k, v, self.heads, self.spec, self.blocksize, self.impl, self.recompute,
-                      block_mask=self._block_masks.get(T), layouts=layouts)
+        return attend(
+            q,
+            k,
+            v,
+            self.heads,
+            self.spec,
+            self.blocksize,
+            self.impl,
+            self.recompute,
+            block_mask=self._block_masks.get(T),
+            layouts=layouts,
+        )
 
     def prepare(self, time: int, device) -> None:
         """Build what depends on the context only (the layouts, FlexAttention's block mask) ahead
@@ -90,8 +111,9 @@ def resolve_layouts(spec: Spec, time: int, heads: int, blocksize: int) -> list:
     for h0, hn, mode, sub in spec.groups(heads):
         if isinstance(mode, str):
             kw = sub.kwargs(blocksize)
-            lay = make_layout(time, hn, mode, kw.get("local_attn_ctx"), blocksize, kw.get("num_verts"),
-                              kw.get("vertsize"))
+            lay = make_layout(
+                time, hn, mode, kw.get("local_attn_ctx"), blocksize, kw.get("num_verts"), kw.get("vertsize")
+            )
         elif isinstance(mode, Layout):
             lay = resolve_spec(time, hn, mode, None, blocksize, None, None, sparse=True)
         else:
@@ -103,8 +125,18 @@ def resolve_layouts(spec: Spec, time: int, heads: int, blocksize: int) -> list:
     return out
 
 
-def attend(q, k, v, heads: int, spec: Spec, blocksize: int, impl: str = "sparse", recompute: bool = False,
-           block_mask=None, layouts=None):
+def attend(
+    q,
+    k,
+    v,
+    heads: int,
+    spec: Spec,
+    blocksize: int,
+    impl: str = "sparse",
+    recompute: bool = False,
+    block_mask=None,
+    layouts=None,
+):
     """Attention of ``[batch, time, heads * d]`` tensors under a pattern spec, through ``impl``:
     ``"sparse"`` (the library's block-sparse op, fused kernels on CUDA), ``"dense"`` (the
     library's dense reference ``attention_impl``), ``"sdpa"`` (``F.scaled_dot_product_attention``,
@@ -158,8 +190,9 @@ def _sparse_groups(q, k, v, layouts):
         # [B, T, hn * d] column slice -> contiguous [B, hn, T, d]: the op's fake (meta) gradients
         # copy the input strides while its real backward returns contiguous gradients, so strided
         # views break the compiled backward; one copy per tensor keeps the two in agreement.
-        qh, kh, vh = (x[..., h0 * d:(h0 + hn) * d].reshape(B, T, hn, d).transpose(1, 2).contiguous()
-                      for x in (q, k, v))
+        qh, kh, vh = (
+            x[..., h0 * d : (h0 + hn) * d].reshape(B, T, hn, d).transpose(1, 2).contiguous() for x in (q, k, v)
+        )
         outs.append(blocksparse_attention_bhtd(qh, kh, vh, lay).transpose(1, 2).reshape(B, T, hn * d))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
@@ -249,8 +282,18 @@ class SparseSelfAttention(nn.Module):
             ``1 / sqrt(2 * n_layers)``).
     """
 
-    def __init__(self, dim: int, heads: int, spec="all", blocksize: int = 32, dropout: float = 0.0,
-                 recompute: bool = False, impl: str = "sparse", layer_idx: int = 0, out_scale: float = 1.0):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        spec="all",
+        blocksize: int = 32,
+        dropout: float = 0.0,
+        recompute: bool = False,
+        impl: str = "sparse",
+        layer_idx: int = 0,
+        out_scale: float = 1.0,
+    ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
