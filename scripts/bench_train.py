@@ -1,6 +1,7 @@
 """Time per training iteration of the paper's enwik8 model: dense SDPA vs FlexAttention vs ours.
 
     python scripts/bench_train.py --out benchmarks/train_h100          # needs a CUDA GPU
+    python scripts/bench_train.py --merge --out benchmarks/train_h100 run1 run2   # combine runs' tables
 
 One iteration = forward, backward and an AdamW step of the byte-level Sparse Transformer
 (``d_model`` 512, 8 heads, ``--layers`` blocks, batch 1) under bf16 autocast and ``torch.compile``,
@@ -231,8 +232,8 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
         f"{meta['device']}; torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; commit "
         f"`{meta['commit'][:10]}`; `{meta['command']}`",
         "",
-        f"Median ms per iteration (forward + backward + AdamW, bf16 autocast, {meta['compile']}), speed-up over "
-        "`sdpa:dense`, peak memory.",
+        "Median ms per iteration (forward + backward + AdamW, bf16 autocast, "
+        f"{meta.get('compile', 'torch.compile')}), speed-up over `sdpa:dense`, peak memory.",
         "",
         "| variant | " + " | ".join(f"T={t} ms | x dense | GiB" for t in contexts) + " |",
         "| --- |" + " ---: | ---: | ---: |" * len(contexts),
@@ -278,8 +279,32 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def merge(out: Path, dirs: list[str]) -> None:
+    """Rewrite the tables of ``out`` from the ``results.json`` of several runs (later runs win)."""
+    rows, meta = {}, None
+    for d in dirs:
+        data = json.loads((Path(d) / "results.json").read_text())
+        meta = meta or data["meta"]
+        for key in ("device", "model"):
+            if data["meta"][key] != meta[key]:
+                raise ValueError(f"{d} has {key} {data['meta'][key]!r}, the first run {meta[key]!r}: not comparable")
+        for r in data["results"]:
+            rows[(r["variant"], r["context"])] = r
+        if data["meta"]["command"] not in meta["command"]:
+            meta["command"] += " ; " + data["meta"]["command"]
+    write(out, meta, list(rows.values()))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--merge":
+        p = argparse.ArgumentParser(prog="bench_train.py --merge")
+        p.add_argument("--out", required=True)
+        p.add_argument("dirs", nargs="+")
+        a = p.parse_args(argv[1:])
+        merge(Path(a.out), a.dirs)
+        print((Path(a.out) / "results.md").read_text())
+        return
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -292,8 +317,9 @@ def main(argv=None):
     out = Path(args.out)
     rows, checks = [], {}
     start = time.perf_counter()
-    for t in args.contexts:
-        for v in args.variants:
+    # Variant-major: the first variants get every context before later variants start.
+    for v in args.variants:
+        for t in args.contexts:
             if time.perf_counter() - start > args.budget:
                 print(f"budget of {args.budget:.0f} s spent: skipping {v} at {t}", flush=True)
                 continue
