@@ -2,17 +2,27 @@
 
 import math
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from sparse_attention import from_dense  # noqa: E402
 from sparse_attention.models import (  # noqa: E402
+    Custom,
     Mode,
     SparseTransformer,
     SparseTransformerConfig,
     paper_patterns,
 )
 from sparse_attention.models.sparse_transformer import GELU  # noqa: E402
+
+
+def _random_causal_mask(T, H):
+    """A per-head random causal pattern with the diagonal (no empty rows), as a dense mask."""
+    g = np.random.default_rng(0)
+    return np.tril(g.random((H, T, T)) < 0.3) | np.eye(T, dtype=bool)[None]
+
 
 FACTORISATIONS = {
     "dense": paper_patterns("dense"),
@@ -22,6 +32,7 @@ FACTORISATIONS = {
     "strided-merged": paper_patterns("strided", "merged", stride=16, blocksize=16),
     "strided-heads": paper_patterns("strided", "heads", stride=16, blocksize=16),
     "per-block-ratio": [Mode("local", 32), Mode("local", 32), Mode("strided", 16)],
+    "custom-layout": [Custom(from_dense(_random_causal_mask(96, 2), 16))],
 }
 
 

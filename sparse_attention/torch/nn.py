@@ -269,6 +269,13 @@ class SparseSelfAttention(nn.Module):
 
     ``W_p . attend(x, S)`` with ``q, k, v = W_q x, W_k x, W_v x`` (paper eqs. 2-5).
 
+    Example (local and strided patterns merged in every head, the paper's eq. 7)::
+
+        >>> from sparse_attention.models import Merged, Mode
+        >>> layer = SparseSelfAttention(256, 4, Merged(Mode("local", 128), Mode("strided", 128)))
+        >>> layer(torch.randn(2, 1024, 256)).shape
+        torch.Size([2, 1024, 256])
+
     Args:
         dim, heads: model width and head count (``dim % heads == 0``).
         spec: a pattern spec (:mod:`sparse_attention.models.patterns`), a mode name, a dict of
