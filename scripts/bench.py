@@ -208,12 +208,12 @@ def run_case(mode, dtype_name, B, H, T, D, peers=True, budget=1.0):
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-            import torch._dynamo
+            from torch import _dynamo
 
             # forward (no_grad) and forward+backward of several masks: more than the default 8 variants
             for name in ("recompile_limit", "cache_size_limit"):
                 try:
-                    setattr(torch._dynamo.config, name, 64)
+                    setattr(_dynamo.config, name, 64)
                 except Exception:
                     pass
             flex = torch.compile(flex_attention, dynamic=False)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device-machine script: GPU tests, then the benchmark; logs and results under $OUT (default ./gpu_out).
+# Device-machine script: the benchmark, then the GPU tests; logs and results under $OUT (default ./gpu_out).
 # Usage: scripts/gpu_run.sh [tests|bench|all] [extra bench args...]
 set -o pipefail
 OUT=${OUT:-gpu_out}
@@ -8,10 +8,10 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 what=${1:-all}; shift || true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$OUT/device.txt"
-if [[ $what == tests || $what == all ]]; then
-  timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/test_kernels.py tests/test_kernels_gpu.py tests/test_ops.py \
-    -q -n 8 -p no:cacheprovider 2>&1 | tail -n 60 | tee "$OUT/gpu_tests.log"
-fi
 if [[ $what == bench || $what == all ]]; then
   timeout ${BENCH_TIMEOUT:-420} python3 scripts/bench.py --outdir "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+fi
+if [[ $what == tests || $what == all ]]; then
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/test_kernels.py tests/test_kernels_split.py tests/test_kernels_gpu.py tests/test_ops.py \
+    -n 12 --dist load -v -rf --tb=short -p no:cacheprovider -W ignore > "$OUT/gpu_tests.log" 2>&1; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -n 30
 fi
