@@ -149,17 +149,29 @@ def _check(got, want, atol, rtol, what=("out", "dq", "dk", "dv")):
         assert np.all(err <= bound), f"{name}: max error {err.max():.3g} (worst excess {(err - bound).max():.3g})"
 
 
-@pytest.mark.parametrize("time,heads,hd,mode,kw", CASES)
-@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute"])
-@pytest.mark.parametrize("execution", list(EXECS))
-@pytest.mark.parametrize("impl", ["sparse", "dense"])
+def _matrix():
+    """(impl, execution, recompute, case) combinations. XLA compiles are slow on CPU: graph, eager
+    and tf.function run everything (dense recompute only in graph and eager); XLA runs every
+    pattern on the block-sparse path, and recompute and the dense path on `local` only."""
+    out = []
+    for impl in ("sparse", "dense"):
+        for execution in EXECS:
+            for recompute in (False, True):
+                for case in CASES:
+                    mode = case.values[3]
+                    if impl == "dense" and execution in ("function", "xla") and recompute:
+                        continue
+                    if execution == "xla" and (recompute or impl == "dense") and mode != "local":
+                        continue
+                    rc = "recompute" if recompute else "plain"
+                    out.append(
+                        pytest.param(impl, execution, recompute, *case.values, id=f"{impl}-{execution}-{rc}-{case.id}")
+                    )
+    return out
+
+
+@pytest.mark.parametrize("impl,execution,recompute,time,heads,hd,mode,kw", _matrix())
 def test_matches_float64_reference(impl, execution, recompute, time, heads, hd, mode, kw):
-    # XLA compiles are slow on CPU: the full matrix runs in graph, eager and tf.function; XLA runs
-    # every pattern on the block-sparse path, and recompute and the dense path on `local` only.
-    if (impl == "dense" and execution in ("function", "xla") and recompute) or (
-        execution == "xla" and (recompute or impl == "dense") and mode != "local"
-    ):
-        pytest.skip("covered by the other executions (keeps the suite fast)")
     arrays = _inputs(2, time, heads * hd)
     want = reference(*arrays, heads, _mask(time, heads, mode, kw))
     got = EXECS[execution](impl, heads, _pattern(mode), kw, recompute, arrays)
