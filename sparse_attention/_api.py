@@ -8,7 +8,7 @@ or the dict of :func:`~sparse_attention.layouts.validate_pattern`. No framework 
 
 from __future__ import annotations
 
-import importlib
+import sys
 
 from .layouts import Layout, make_layout, validate_pattern
 
@@ -37,7 +37,11 @@ def backend_for(q, k, v):
             )
     if len(set(names)) != 1:
         raise TypeError(f"q, k and v must come from one framework, got {names}")
-    return importlib.import_module(_BACKENDS[names[0]])
+    name = _BACKENDS[names[0]]
+    # __import__ rather than importlib: AutoGraph cannot convert importlib's frames and warns
+    # when the first call happens inside a tf.function
+    __import__(name)
+    return sys.modules[name]
 
 
 def check_tensors(q, k, v, heads) -> tuple[int, int, int]:

@@ -121,8 +121,9 @@ def validate_pattern(
 def allowed(i, j, h, attn_mode: str, local_attn_ctx=None, blocksize=None, num_verts=None, vertsize=None):
     """Closed form of SEMANTICS.md: may query token ``i`` of head ``h`` attend to key token ``j``?
 
-    Works elementwise with broadcasting on numpy arrays, torch and tf tensors (only ``<=``,
-    ``//``, ``%``, ``==``, ``&``, ``|`` are used).
+    Works elementwise with broadcasting on numpy arrays, torch and tf tensors: only ``<=``, ``<``,
+    ``//``, ``%``, ``&`` and ``|`` are used (never ``==``, which compares identity on TF1 graph
+    tensors).
     """
     causal = j <= i
     if attn_mode == "all":
@@ -130,11 +131,13 @@ def allowed(i, j, h, attn_mode: str, local_attn_ctx=None, blocksize=None, num_ve
     if attn_mode == "local":
         return causal & (i - j < local_attn_ctx)
     if attn_mode == "strided":
-        return causal & ((i - j) % local_attn_ctx == 0)
+        return causal & ((i - j) % local_attn_ctx < 1)
     if attn_mode == "fixed":
         lo, hi = fixed_vert_range(h, local_attn_ctx // blocksize, num_verts, vertsize)
         col = (j // blocksize) % (local_attn_ctx // blocksize)
-        return causal & ((i // local_attn_ctx == j // local_attn_ctx) | ((lo <= col) & (col <= hi)))
+        # with j <= i, "same group" (i div l == j div l) is i div l <= j div l
+        same_group = i // local_attn_ctx <= j // local_attn_ctx
+        return causal & (same_group | ((lo <= col) & (col <= hi)))
     raise ValueError(f"unknown attn_mode {attn_mode!r}; expected one of {MODES}")
 
 
