@@ -6,7 +6,8 @@
     y = my_attention(q, k, v, 4, recompute=True)   # activations freed after the forward pass
 
 With ``recompute=True`` the call runs through activation checkpointing of the tensors'
-framework (``torch.utils.checkpoint`` for torch tensors, ``tf.recompute_grad`` for tf tensors):
+framework (``torch.utils.checkpoint`` for torch tensors; for tf tensors a ``tf.custom_gradient``
+that reruns the call under a ``GradientTape``):
 only the inputs are kept, and the forward pass runs again during the backward pass. Gradients
 are identical to ``recompute=False``. Calls without tensors that need gradients run plainly.
 """
