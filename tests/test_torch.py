@@ -14,7 +14,7 @@ from sparse_attention import (  # noqa: E402
     recomputable,
 )
 from sparse_attention.torch.blocksparse import gather_attention  # noqa: E402
-from sparse_attention.torch.reference import split_heads  # noqa: E402
+from sparse_attention.torch.reference import masked_attention, split_heads  # noqa: E402
 
 MODES = {
     "all": {},
@@ -150,19 +150,30 @@ def test_one_head_layout_broadcasts_over_heads():
     )
 
 
-def test_gather_path_chunks_many_rows(monkeypatch):
-    # a tiny chunk budget forces one query-block row per chunk: results must not change
+@pytest.mark.parametrize("budget", [1, 4 * 16 * 16 * 8, 1 << 24], ids=["row-per-chunk", "few-rows", "one-chunk"])
+@pytest.mark.parametrize("mode", ["all", "fixed", "custom"])
+def test_gather_path_chunking(monkeypatch, budget, mode):
+    # Chunks of several rows share key blocks (gathered once); one-row chunks share none. Every
+    # chunking must give the reference's result.
     import sparse_attention.torch.blocksparse as bs
 
-    layout = make_layout(512, 2, "fixed", 64, 16, 2, 1)
+    monkeypatch.setattr(bs, "CHUNK_ELEMENTS", budget)
+    layout = {
+        "all": lambda: make_layout(512, 2, "all", blocksize=16),
+        "fixed": lambda: make_layout(512, 2, "fixed", 64, 16, 2, 1),
+        "custom": lambda: from_dense(np.random.default_rng(0).random((2, 512, 512)) < 0.3, 16),
+    }[mode]()
     qkv, dout = _inputs(1, 512, 2 * 16, torch.float64, seed=5)
     heads = [split_heads(x, 2) for x in qkv]
-    doh = split_heads(dout, 2)
-    want = _fwd_bwd(lambda q, k, v: gather_attention(q, k, v, layout), heads, doh)
-    monkeypatch.setattr(bs, "CHUNK_ELEMENTS", 1)
-    got = _fwd_bwd(lambda q, k, v: gather_attention(q, k, v, layout), heads, doh)
+    got = _fwd_bwd(lambda q, k, v: gather_attention(q, k, v, layout), heads, split_heads(dout, 2))
+    mask = torch.from_numpy(layout.to_dense())
+    want = _fwd_bwd(lambda q, k, v: masked_attention(q, k, v, mask), heads, split_heads(dout, 2))
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    chunks = [c for key, cs in layout._cache["torch"].items() if key[0] == "plan" for c in cs]
+    shared = sum(0 if c.shared is None else len(c.shared) for c in chunks)
+    if mode != "custom":  # a random custom layout has no block shared by whole chunks
+        assert (shared > 0) == (budget > 1)
 
 
 def test_outputs_are_written_everywhere():

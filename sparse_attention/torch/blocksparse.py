@@ -157,17 +157,69 @@ class _Chunk:
 
         cols, valid, entries = layout.padded_rows(pattern, r0, r1)
         self.r0, self.r1 = r0, r1
-        self.cols = torch.from_numpy(cols).to(device)  # int64 [n, maxc]
-        self.invalid = None if valid.all() else torch.from_numpy(~valid).to(device)  # bool [n, maxc]
         if layout.mode == "custom":
             partial = valid & layout.partial[np.maximum(entries, 0)]
         else:
             rows = np.broadcast_to(np.arange(r0, r1)[:, None], cols.shape)
             partial = valid & _partial_blocks(layout, rows, cols)
+        # Key blocks that every row of the chunk uses in full (fixed's summary blocks, the
+        # columns left of the diagonal for all) are gathered once and multiplied as one dense
+        # tile; each row keeps only the rest, padded to the longest.
+        shared = np.zeros(0, np.int64)
+        if r1 - r0 > 1:
+            u, count = np.unique(cols[valid & ~partial], return_counts=True)
+            shared = u[count == r1 - r0]
+        if shared.size:
+            rest = valid & ~np.isin(cols, shared)
+            width = max(int(rest.sum(axis=1).max()), 1)
+            order = np.argsort(~rest, axis=1, kind="stable")[:, :width]
+            cols, partial = np.take_along_axis(cols, order, 1), np.take_along_axis(partial, order, 1)
+            entries = None if entries is None else np.take_along_axis(entries, order, 1)
+            valid = np.take_along_axis(rest, order, 1)
+            cols = np.where(valid, cols, 0)
+        self.shared = torch.from_numpy(shared).to(device) if shared.size else None  # int64 [nsh]
+        self.cols = torch.from_numpy(cols).to(device)  # int64 [n, maxc]
+        self.invalid = None if valid.all() else torch.from_numpy(~valid).to(device)  # bool [n, maxc]
         pr, ps = np.nonzero(partial)
         self.part_row = torch.from_numpy(pr).to(device)  # [npart] row within the chunk
         self.part_slot = torch.from_numpy(ps).to(device)  # [npart] slot within the row
         self.part_masks = torch.from_numpy(self._masks(layout, pattern, pr, ps, cols, entries)).to(device)
+
+    @property
+    def n_keys(self) -> int:
+        """Key blocks per row as computed (shared + padded rest)."""
+        return self.cols.shape[1] + (0 if self.shared is None else len(self.shared))
+
+    def scores(self, qc, kf, scale):
+        """Masked scores ``[B, h, n, b, n_keys * b]`` (shared blocks first) and the gathered keys."""
+        B, h, n, b, d = qc.shape
+        keys = _gather_chunk(self, kf, B, h, d)
+        s = _times_t(qc, keys).mul_(scale)
+        nsh = 0 if self.shared is None else len(self.shared) * b
+        self.apply_mask(s[..., nsh:])
+        return s, keys
+
+    def times(self, p, parts):
+        """``p [B, h, n, b, n_keys * b] @`` the gathered blocks ``parts`` -> ``[B, h, n, b, d]``."""
+        shared, rest = parts
+        if shared is None:
+            return torch.matmul(p, rest)
+        B, h, n, b, _ = p.shape
+        nsh = shared.shape[2]
+        out = torch.matmul(p[..., nsh:], rest)
+        return out.add_(torch.matmul(p[..., :nsh].reshape(B, h, n * b, nsh), shared).view_as(out))
+
+    def scatter_add(self, acc, g, x):
+        """Add ``g^T @ x`` (``g [B, h, n, b, n_keys * b]``, ``x [B, h, n, b, d]``) into the key
+        blocks ``acc [B * h, nb, b * d]``. Padding slots carry g = 0 and add nothing."""
+        B, h, n, b, d = x.shape
+        maxc = self.cols.shape[1]
+        nsh = 0 if self.shared is None else len(self.shared) * b
+        rest = torch.matmul(g[..., nsh:].transpose(-1, -2), x).reshape(B * h, n * maxc, b * d)
+        acc.index_add_(1, self.cols.reshape(-1), rest)
+        if nsh:
+            sh = torch.matmul(g[..., :nsh].reshape(B, h, n * b, nsh).transpose(-1, -2), x.reshape(B, h, n * b, d))
+            acc.index_add_(1, self.shared, sh.reshape(B * h, nsh // b, b * d))
 
     def _masks(self, layout, pattern, pr, ps, cols, entries):
         """In-block masks of the partial entries, ``bool [npart, b, b]`` (numpy)."""
@@ -178,7 +230,7 @@ class _Chunk:
         """Set disallowed scores of ``s [B, h, n, b, maxc * b]`` to ``-inf`` (in place)."""
         B, h, n, b, _ = s.shape
         maxc = self.cols.shape[1]
-        s6 = s.view(B, h, n, b, maxc, b)
+        s6 = s.view(B, h, n, b, maxc, b)  # a view even of a slice of the last dim: masks land in s
         if self.invalid is not None:
             s6.masked_fill_(self.invalid[:, None, :, None], float("-inf"))
         if len(self.part_row):
@@ -221,15 +273,13 @@ def _pattern_forward(q, k, v, layout: Layout, pattern: int):
     out = torch.empty(B, h, nb, b, d, dtype=cd, device=q.device)
     lse = torch.empty(B, h, nb, b, dtype=cd, device=q.device)
     for c in chunks:
-        n, maxc = c.cols.shape
-        kg, vg = _gather(kf, c.cols, B, h, d), _gather(vf, c.cols, B, h, d)  # [B, h, n, maxc * b, d]
-        s = torch.matmul(qb[:, :, c.r0 : c.r1], kg.transpose(-1, -2)).mul_(scale)  # [B, h, n, b, maxc * b]
-        c.apply_mask(s)
+        s, _ = c.scores(qb[:, :, c.r0 : c.r1], kf, scale)  # [B, h, n, b, n_keys * b]
         m = s.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp_(s.sub_(m))
         den = p.sum(dim=-1, keepdim=True)
-        out[:, :, c.r0 : c.r1] = torch.matmul(p, vg) / torch.where(den > 0, den, torch.ones_like(den))
+        pv = c.times(p, _gather_chunk(c, vf, B, h, d))
+        out[:, :, c.r0 : c.r1] = pv / torch.where(den > 0, den, torch.ones_like(den))
         # An empty row keeps lse = +inf, so that exp(s - lse) = 0 in the backward pass.
         lse[:, :, c.r0 : c.r1] = torch.where(den > 0, m + torch.log(den), torch.full_like(den, math.inf))[..., 0]
     return out.reshape(B, h, T, d), lse.reshape(B, h, T)
@@ -251,20 +301,16 @@ def _pattern_backward(do, q, k, v, out, lse, layout: Layout, pattern: int):
     dk = torch.zeros(B * h, nb, b * d, dtype=cd, device=q.device)
     dv = torch.zeros(B * h, nb, b * d, dtype=cd, device=q.device)
     for c in chunks:
-        n, maxc = c.cols.shape
         qc = qb[:, :, c.r0 : c.r1]  # [B, h, n, b, d]
-        kg, vg = _gather(kf, c.cols, B, h, d), _gather(vf, c.cols, B, h, d)  # [B, h, n, maxc * b, d]
-        s = torch.matmul(qc, kg.transpose(-1, -2)).mul_(scale)
-        c.apply_mask(s)
-        p = torch.exp_(s.sub_(lse[:, :, c.r0 : c.r1, :, None]))  # [B, h, n, b, maxc * b]
+        s, keys = c.scores(qc, kf, scale)
+        p = torch.exp_(s.sub_(lse[:, :, c.r0 : c.r1, :, None]))  # [B, h, n, b, n_keys * b]
         doc = dob[:, :, c.r0 : c.r1]  # [B, h, n, b, d]
-        dp = torch.matmul(doc, vg.transpose(-1, -2))
+        vals = _gather_chunk(c, vf, B, h, d)
+        dp = _times_t(doc, vals)
         ds = dp.sub_(delta[:, :, c.r0 : c.r1]).mul_(p).mul_(scale)
-        dq[:, :, c.r0 : c.r1] = torch.matmul(ds, kg)
-        # Padding slots have p = 0 and ds = 0: their scatter into block 0 adds nothing.
-        flat = c.cols.reshape(-1)
-        dk.index_add_(1, flat, torch.matmul(ds.transpose(-1, -2), qc).reshape(B * h, n * maxc, b * d))
-        dv.index_add_(1, flat, torch.matmul(p.transpose(-1, -2), doc).reshape(B * h, n * maxc, b * d))
+        dq[:, :, c.r0 : c.r1] = c.times(ds, keys)
+        c.scatter_add(dk, ds, qc)
+        c.scatter_add(dv, p, doc)
     shape = (B, h, T, d)
     return dq.reshape(shape), dk.reshape(shape), dv.reshape(shape)
 
@@ -279,3 +325,21 @@ def _gather(xf, cols, B, h, d):
     """Blocks ``cols [n, maxc]`` of ``xf [B * h, nb, b * d]`` -> ``[B, h, n, maxc * b, d]``."""
     n, maxc = cols.shape
     return torch.index_select(xf, 1, cols.reshape(-1)).view(B, h, n, -1, d)
+
+
+def _gather_chunk(c: _Chunk, xf, B, h, d):
+    """The chunk's key or value blocks in the order of its scores: ``(shared [B, h, nsh * b, d]
+    or None, rest [B, h, n, maxc * b, d])``."""
+    rest = _gather(xf, c.cols, B, h, d)
+    return (None if c.shared is None else _gather(xf, c.shared[None], B, h, d)[:, :, 0]), rest
+
+
+def _times_t(x, parts):
+    """``x [B, h, n, b, d] @`` the gathered blocks transposed -> ``[B, h, n, b, n_keys * b]``."""
+    shared, rest = parts
+    out = torch.matmul(x, rest.transpose(-1, -2))
+    if shared is None:
+        return out
+    B, h, n, b, d = x.shape
+    sh = torch.matmul(x.reshape(B, h, n * b, d), shared.transpose(-1, -2)).view(B, h, n, b, -1)
+    return torch.cat([sh, out], dim=-1)
