@@ -7,7 +7,7 @@ import torch
 from _attn_ref import fwd_bwd, masked_reference, rel_err
 
 from sparse_attention.layouts import make_layout
-from sparse_attention.torch.ops import blocksparse_attention_bhtd, layout_key
+from sparse_attention.torch.ops import blocksparse_attention_bhtd, layout_spec, register_layout
 
 
 def _inputs(lay, D=16, seed=0, dtype=torch.float32):
@@ -46,7 +46,7 @@ def test_compile_fullgraph_matches_eager():
 def test_opcheck():
     lay = make_layout(64, 2, "local", local_attn_ctx=16, blocksize=16)
     q, k, v, do = _inputs(lay, seed=2)
-    key = layout_key(lay)
+    key = layout_spec(lay)
     torch.library.opcheck(torch.ops.sparse_attention.attn_fwd.default, (q, k, v, key))
     o, lse = torch.ops.sparse_attention.attn_fwd(q, k, v, key)
     torch.library.opcheck(torch.ops.sparse_attention.attn_bwd.default, (do, q, k, v, o, lse, key))
@@ -63,3 +63,17 @@ def test_errors_name_the_argument():
         blocksparse_attention_bhtd(q, k, v, "local")
     with pytest.raises(ValueError, match="batch, heads, time, head_dim"):
         blocksparse_attention_bhtd(q[0], k[0], v[0], lay)
+
+
+def test_compile_custom_layout_registered():
+    import numpy as np
+
+    from sparse_attention.layouts import custom_layout
+
+    lay = custom_layout(np.tril(np.ones((4, 4), int)), 16, heads=2)
+    register_layout(lay)
+    q, k, v, do = _inputs(lay, seed=3)
+    f = torch.compile(lambda a, b, c: blocksparse_attention_bhtd(a, b, c, lay), fullgraph=True, backend="aot_eager")
+    for x, r in zip(fwd_bwd(f, q, k, v, do), fwd_bwd(lambda a, b, c: masked_reference(a, b, c, lay.to_dense()),
+                                                   q, k, v, do)):
+        assert rel_err(x, r) < 1e-5

@@ -6,8 +6,9 @@ plain-PyTorch block-gather path (:func:`sparse_attention.torch.blocksparse.gathe
 everywhere else, behind one ``torch.library`` custom op pair (``sparse_attention::attn_fwd`` and
 ``sparse_attention::attn_bwd``) so that ``torch.compile`` traces it without graph breaks.
 
-Layouts are Python objects, not op arguments: each is given an integer key in a module-level
-registry on first use, and the ops take the key.
+Layouts are Python objects, not op arguments: the ops take ``layout_spec(layout)``, a list of
+ints (a built-in mode's parameters, rebuilt by the cached ``make_layout``; or the key of a custom
+layout in a module-level registry).
 """
 
 from __future__ import annotations
@@ -19,31 +20,55 @@ import torch
 
 from ..layouts import Layout
 
-__all__ = ["blocksparse_attention_bhtd", "fused_unsupported_reasons", "layout_key"]
+__all__ = ["blocksparse_attention_bhtd", "fused_unsupported_reasons", "layout_spec", "register_layout"]
 
 _REGISTRY: list[Layout] = []
-_KEYS: dict[int, int] = {}
+_MODES = ("all", "local", "strided", "fixed", "custom")
+_KEY_ATTR = "sparse_attention_op_key"
 
 
-def _assume_constant(fn):
-    try:
-        from torch._dynamo import assume_constant_result
-    except ImportError:  # pragma: no cover - older torch
-        return fn
-    return assume_constant_result(fn)
-
-
-@_assume_constant
-def layout_key(layout: Layout) -> int:
-    """The registry key of a layout (registered on first use; layouts live as long as the process).
-
-    Under ``torch.compile`` it runs at trace time and its result is a graph constant."""
-    k = _KEYS.get(id(layout))
-    if k is None or _REGISTRY[k] is not layout:
+def register_layout(layout: Layout) -> int:
+    """Register a custom layout for the custom ops (done by the first eager call; call it yourself
+    before ``torch.compile`` if the first call of a custom layout is inside a compiled region)."""
+    k = layout._cache.get(_KEY_ATTR)
+    if k is None:
         k = len(_REGISTRY)
         _REGISTRY.append(layout)
-        _KEYS[id(layout)] = k
+        layout._cache[_KEY_ATTR] = k
     return k
+
+
+def layout_spec(layout: Layout) -> list[int]:
+    """The op argument naming a layout: the parameters of a built-in mode (the op rebuilds it
+    with the cached ``make_layout``), or ``[4, key]`` of a registered custom layout. Built from
+    constants only, so ``torch.compile`` folds it into the graph."""
+    if layout.mode == "custom":
+        k = layout._cache.get(_KEY_ATTR)
+        if k is None:
+            raise RuntimeError(
+                "a custom layout must be registered before torch.compile traces it: call "
+                "sparse_attention.torch.ops.register_layout(layout) once (an eager call does it too)"
+            )
+        return [4, k]
+    p = layout.params
+    return [
+        _MODES.index(layout.mode), layout.time, layout.heads, layout.blocksize,
+        p.get("local_attn_ctx", 0), p.get("num_verts", 0), p.get("vertsize", 0),
+    ]
+
+
+def _layout_of(spec: list[int]) -> Layout:
+    if spec[0] == 4:
+        return _REGISTRY[spec[1]]
+    from ..layouts import make_layout
+
+    mode, T, H, b, ctx, nv, vs = spec
+    kw = {}
+    if ctx:
+        kw["local_attn_ctx"] = ctx
+    if nv:
+        kw.update(num_verts=nv, vertsize=vs)
+    return make_layout(T, H, _MODES[mode], blocksize=b, **kw)
 
 
 def fused_unsupported_reasons(q: torch.Tensor, layout: Layout) -> list[str]:
@@ -66,8 +91,8 @@ def _use_fused(q: torch.Tensor, layout: Layout) -> bool:
 
 
 @torch.library.custom_op("sparse_attention::attn_fwd", mutates_args=())
-def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor]:
-    layout = _REGISTRY[key]
+def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    layout = _layout_of(key)
     if _use_fused(q, layout):
         from .kernels.launch import forward
 
@@ -98,9 +123,9 @@ def _autograd_inside_op():
 
 @torch.library.custom_op("sparse_attention::attn_bwd", mutates_args=())
 def _attn_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, key: int
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, key: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    layout = _REGISTRY[key]
+    layout = _layout_of(key)
     if _use_fused(q, layout):
         from .kernels.launch import backward
 
@@ -229,10 +254,12 @@ def blocksparse_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                  scale=1.0 / math.sqrt(q.shape[-1]))
     if not torch.compiler.is_compiling():
+        if layout.mode == "custom":
+            register_layout(layout)
         if _use_fused(q, layout):
             return _FusedAttention.apply(q, k, v, layout)
         from .blocksparse import gather_attention
 
         return gather_attention(q, k, v, layout)
-    o, _ = _attn_fwd(q, k, v, layout_key(layout))
+    o, _ = _attn_fwd(q, k, v, layout_spec(layout))
     return o
