@@ -15,3 +15,11 @@ if [[ $what == tests || $what == all ]]; then
   timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/test_kernels.py tests/test_kernels_split.py tests/test_kernels_gpu.py tests/test_ops.py \
     -n 12 --dist load -v -rf --tb=short -p no:cacheprovider -W ignore > "$OUT/gpu_tests.log" 2>&1; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -n 30
 fi
+if [[ $what == memcheck ]]; then
+  CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+  [[ -z $CS ]] && CS=$(find /usr /opt -name compute-sanitizer -type f 2>/dev/null | head -n 1)
+  echo "compute-sanitizer: ${CS:-not found}"
+  if [[ -n $CS ]]; then
+    timeout ${MEMCHECK_TIMEOUT:-150} "$CS" --tool memcheck --error-exitcode 1 python3 scripts/gpu_memcheck.py 2>&1 | tail -n 25 | tee "$OUT/memcheck.log"
+  fi
+fi
