@@ -104,7 +104,7 @@ class SparseAttention(nn.Module):
 
 def resolve_layouts(spec: Spec, time: int, heads: int, blocksize: int) -> list:
     """``[(first_head, n_heads, Layout)]``: the block layouts of a spec at one context."""
-    from .ops import layout_key
+    from .ops import register_layout
 
     spec.check(time, heads, blocksize)
     out = []
@@ -118,9 +118,9 @@ def resolve_layouts(spec: Spec, time: int, heads: int, blocksize: int) -> list:
             lay = resolve_spec(time, hn, mode, None, blocksize, None, None, sparse=True)
         else:
             lay = mode.layout(time, hn, blocksize)
-        # Register the layout with the op now: a first registration inside a torch.compile trace
-        # would only happen after the compiled graph has run.
-        layout_key(lay)
+        if lay.mode == "custom":
+            # custom layouts must be registered with the op before torch.compile traces a call
+            register_layout(lay)
         out.append((h0, hn, lay))
     return out
 
