@@ -151,8 +151,10 @@ def correctness_gate(dtype) -> list[str]:
             q, k, v, do = (torch.randn(2, 4, 2048, 64, device="cuda", dtype=dt) for _ in range(4))
             mask = torch.from_numpy(lay.to_dense()).cuda()
             outs = []
-            for fn in (lambda a, b_, c: blocksparse_attention_bhtd(a, b_, c, lay),
-                       lambda a, b_, c: _dense(a.float(), b_.float(), c.float(), mask)):
+            for fn in (
+                lambda a, b_, c, lay=lay: blocksparse_attention_bhtd(a, b_, c, lay),
+                lambda a, b_, c, mask=mask: _dense(a.float(), b_.float(), c.float(), mask),
+            ):
                 xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
                 o = fn(*xs)
                 o.backward(do.to(o.dtype))
@@ -187,9 +189,15 @@ def run_case(mode, dtype_name, B, H, T, D, peers=True, budget=1.0):
         except Exception as e:  # a peer that cannot run this shape is reported, not fatal
             r = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
         res[name] = r
-        print(f"  {mode:8s} {dtype_name} T={T:8d} D={D:3d} {name:16s} "
-              + (f"fwd {r['fwd_ms']:9.3f} ms  fwd+bwd {r['fb_ms']:9.3f} ms  mem {r['fb_mem_mib']:8.0f} MiB"
-                 if "error" not in r else r["error"]), flush=True)
+        print(
+            f"  {mode:8s} {dtype_name} T={T:8d} D={D:3d} {name:16s} "
+            + (
+                f"fwd {r['fwd_ms']:9.3f} ms  fwd+bwd {r['fb_ms']:9.3f} ms  mem {r['fb_mem_mib']:8.0f} MiB"
+                if "error" not in r
+                else r["error"]
+            ),
+            flush=True,
+        )
 
     measure("ours", lambda a, b_, c: blocksparse_attention_bhtd(a, b_, c, lay))
     if mode == "all":
@@ -200,15 +208,15 @@ def run_case(mode, dtype_name, B, H, T, D, peers=True, budget=1.0):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         for name, be in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
+
             def f(a, b_, c, be=be):
                 with sdpa_kernel(be):
                     return torch.nn.functional.scaled_dot_product_attention(a, b_, c, is_causal=True)
 
             measure(name, f)
         try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
             from torch import _dynamo
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
             # forward (no_grad) and forward+backward of several masks: more than the default 8 variants
             for name in ("recompile_limit", "cache_size_limit"):
@@ -267,9 +275,9 @@ def sweep(dtype_name="fp16", B=2, H=8, T=16384, D=64):
             for c in cs:
                 launch.MODE_CONFIGS[key] = c
                 if kind == "fwd":
-                    fn = lambda: launch.forward(q, k, v, lay)  # noqa: E731
+                    fn = lambda a=(q, k, v, lay): launch.forward(*a)  # noqa: E731
                 else:
-                    fn = lambda: launch.backward(do, q, k, v, o, lse, lay)  # noqa: E731
+                    fn = lambda a=(do, q, k, v, o, lse, lay): launch.backward(*a)  # noqa: E731
                 try:
                     ms = timeit(fn, 0.2)
                 except Exception as e:
@@ -281,7 +289,6 @@ def sweep(dtype_name="fp16", B=2, H=8, T=16384, D=64):
             launch.MODE_CONFIGS[key] = best[0] if math.isfinite(best[1]) else saved
             out.setdefault(mode, {})[kind] = dict(tried=res, chosen=launch.MODE_CONFIGS[key])
             print(f"  sweep {mode:8s} {kind:5s} chosen {launch.MODE_CONFIGS[key]}", flush=True)
-        del q, k, v, do, o, lse
     return out
 
 
@@ -303,15 +310,19 @@ def write(records, meta, tag, outdir: Path):
     for r in records:
         res = r["results"]
 
-        def pair(name):
+        def pair(name, res=res):
             x = res.get(name)
             return "–" if not x or "error" in x else f"{x['fwd_ms']:.3f} / {x['fb_ms']:.3f}"
 
         flex = "–" if "flex_best_fwd_ms" not in r else f"{r['flex_best_fwd_ms']:.3f} / {r['flex_best_fb_ms']:.3f}"
-        vf = ("–" if "speedup_vs_flex_fwd" not in r
-              else f"{r['speedup_vs_flex_fwd']:.2f} / {r['speedup_vs_flex_fb']:.2f}")
-        vc = ("–" if "speedup_vs_cudnn_fwd" not in r
-              else f"{r['speedup_vs_cudnn_fwd']:.2f} / {r['speedup_vs_cudnn_fb']:.2f}")
+        vf = (
+            "–" if "speedup_vs_flex_fwd" not in r else f"{r['speedup_vs_flex_fwd']:.2f} / {r['speedup_vs_flex_fb']:.2f}"
+        )
+        vc = (
+            "–"
+            if "speedup_vs_cudnn_fwd" not in r
+            else f"{r['speedup_vs_cudnn_fwd']:.2f} / {r['speedup_vs_cudnn_fb']:.2f}"
+        )
         mem = res["ours"].get("fb_mem_mib")
         lines.append(
             f"| {r['mode']} | {r['dtype']} | {r['batch']}×{r['heads']}×{r['time']}×{r['head_dim']} | "
@@ -335,8 +346,9 @@ def write(records, meta, tag, outdir: Path):
                 ys = [r["results"].get(n, {}).get(key, 0) or 0 for r in recs]
                 ax.bar([x + ni * w for x in range(len(recs))], ys, w, label=n)
             ax.set_xticks([x + 2 * w for x in range(len(recs))])
-            ax.set_xticklabels([f"{r['mode']}\n{r['dtype']} T={r['time']}\nD={r['head_dim']}" for r in recs],
-                               fontsize=7)
+            ax.set_xticklabels(
+                [f"{r['mode']}\n{r['dtype']} T={r['time']}\nD={r['head_dim']}" for r in recs], fontsize=7
+            )
             ax.set_yscale("log")
             ax.set_ylabel("ms (log)")
             ax.set_title(title)
@@ -364,11 +376,15 @@ def main():
     import triton
 
     meta = dict(
-        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-        cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version(),
+        python=platform.python_version(),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        command="python " + " ".join(sys.argv), configs={f"{k[0]}-{'d64' if k[1] else 'd128'}": v
-                                                          for k, v in launch.CONFIGS.items()},
+        command="python " + " ".join(sys.argv),
+        configs={f"{k[0]}-{'d64' if k[1] else 'd128'}": v for k, v in launch.CONFIGS.items()},
     )
     t0 = time.time()
     fails = correctness_gate(torch.float16) + correctness_gate(torch.bfloat16)

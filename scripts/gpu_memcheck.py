@@ -1,6 +1,6 @@
 """Small fused forward+backward per mode, for ``compute-sanitizer --tool memcheck`` (device script).
 
-    compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/gpu_memcheck.py
+compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/gpu_memcheck.py
 """
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ def main():
         (make_layout(256, 2, "local", local_attn_ctx=64, blocksize=32), 64),
         (make_layout(256, 2, "strided", local_attn_ctx=16, blocksize=32), 64),
         (make_layout(256, 2, "fixed", local_attn_ctx=64, blocksize=16, num_verts=2, vertsize=1), 48),
-        (custom_layout(lay3, 32, callback=lambda s, h, q, k, e: np.tri(*s, dtype=bool) if q == k else np.ones(s, bool)),
-         64),
+        (
+            custom_layout(
+                lay3, 32, callback=lambda s, h, q, k, e: np.tri(*s, dtype=bool) if q == k else np.ones(s, bool)
+            ),
+            64,
+        ),
     ]
     for lay, D in layouts:
         q, k, v, do = (torch.randn(1, lay.heads, lay.time, D, device="cuda", dtype=torch.float16) for _ in range(4))

@@ -19,8 +19,8 @@ def device() -> str:
     return "cpu" if INTERPRET else "cuda"
 
 
-@pytest.fixture(scope="module")
-def launch():
+@pytest.fixture(scope="module", name="launch")
+def launch_fixture():
     """The launchers, with NaN-poisoned outputs (a skipped tile fails loudly)."""
     triton = pytest.importorskip("triton")
     if not INTERPRET and not torch.cuda.is_available():

@@ -10,13 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from _kernel_env import INTERPRET, launch  # noqa: F401  (sets TRITON_INTERPRET first)
+from _attn_ref import fwd_bwd, masked_reference, rel_err
+from _kernel_env import INTERPRET, launch_fixture  # noqa: F401  (sets TRITON_INTERPRET; the `launch` fixture)
 from _kernel_env import device as _device
 
-from _attn_ref import fwd_bwd, masked_reference, rel_err  # noqa: E402
-
-from sparse_attention.layouts import custom_layout, from_dense, make_layout  # noqa: E402
+from sparse_attention.layouts import custom_layout, from_dense, make_layout
 
 
 def _custom_empty_row():
@@ -44,20 +42,44 @@ def _from_dense_row_gaps():
 
 CASES = [
     pytest.param(lambda: make_layout(128, 2, "all", blocksize=16), 32, torch.float32, id="all-T128-b16-D32-fp32"),
-    pytest.param(lambda: make_layout(128, 2, "local", local_attn_ctx=48, blocksize=16), 32, torch.float32,
-                 id="local-T128-L48-b16-D32-fp32"),
-    pytest.param(lambda: make_layout(192, 2, "strided", local_attn_ctx=8, blocksize=16), 16, torch.float32,
-                 id="strided-T192-l8-b16-D16-fp32"),
-    pytest.param(lambda: make_layout(128, 4, "fixed", local_attn_ctx=32, blocksize=16, num_verts=2, vertsize=1),
-                 32, torch.float32, id="fixed-T128-l32-b16-nv2-D32-fp32"),
-    pytest.param(lambda: make_layout(128, 2, "fixed", local_attn_ctx=16, blocksize=16, num_verts=1, vertsize=1),
-                 32, torch.float32, id="fixed-T128-l16-tile-over-groups-fp32"),
+    pytest.param(
+        lambda: make_layout(128, 2, "local", local_attn_ctx=48, blocksize=16),
+        32,
+        torch.float32,
+        id="local-T128-L48-b16-D32-fp32",
+    ),
+    pytest.param(
+        lambda: make_layout(192, 2, "strided", local_attn_ctx=8, blocksize=16),
+        16,
+        torch.float32,
+        id="strided-T192-l8-b16-D16-fp32",
+    ),
+    pytest.param(
+        lambda: make_layout(128, 4, "fixed", local_attn_ctx=32, blocksize=16, num_verts=2, vertsize=1),
+        32,
+        torch.float32,
+        id="fixed-T128-l32-b16-nv2-D32-fp32",
+    ),
+    pytest.param(
+        lambda: make_layout(128, 2, "fixed", local_attn_ctx=16, blocksize=16, num_verts=1, vertsize=1),
+        32,
+        torch.float32,
+        id="fixed-T128-l16-tile-over-groups-fp32",
+    ),
     pytest.param(_custom_empty_row, 32, torch.float32, id="custom-perhead-emptyrow-callback-fp32"),
     pytest.param(_from_dense_row_gaps, 48, torch.float32, id="custom-fromdense-b32-D48pad-fp32"),
-    pytest.param(lambda: make_layout(128, 2, "local", local_attn_ctx=32, blocksize=32), 32, torch.float16,
-                 id="local-T128-L32-b32-D32-fp16"),
-    pytest.param(lambda: make_layout(128, 2, "strided", local_attn_ctx=16, blocksize=16), 32, torch.float16,
-                 id="strided-T128-l16-D32-fp16"),
+    pytest.param(
+        lambda: make_layout(128, 2, "local", local_attn_ctx=32, blocksize=32),
+        32,
+        torch.float16,
+        id="local-T128-L32-b32-D32-fp16",
+    ),
+    pytest.param(
+        lambda: make_layout(128, 2, "strided", local_attn_ctx=16, blocksize=16),
+        32,
+        torch.float16,
+        id="strided-T128-l16-D32-fp16",
+    ),
 ]
 
 
@@ -110,4 +132,3 @@ def test_strided_views_need_no_copy(launch):
     o, _ = launch.forward(q, k, v, lay)
     ref = masked_reference(q, k, v, lay.to_dense())
     assert rel_err(o, ref) < 1e-5
-

@@ -44,10 +44,21 @@ def _layout(mode, T, H, b):
     return make_layout(T, H, "fixed", local_attn_ctx=4 * b, blocksize=b, num_verts=2, vertsize=1)
 
 
-COMBOS = [("fp16", 32, 64), ("bf16", 32, 64), ("fp32", 32, 64), ("fp16", 16, 64), ("fp16", 128, 64),
-          ("bf16", 64, 128), ("fp16", 64, 32), ("bf16", 32, 48)]
-PARAMS = [pytest.param(m, dt, b, D, id=f"{m}-{dt}-b{b}-D{D}") for m in ("all", "local", "strided", "fixed")
-          for dt, b, D in COMBOS]
+COMBOS = [
+    ("fp16", 32, 64),
+    ("bf16", 32, 64),
+    ("fp32", 32, 64),
+    ("fp16", 16, 64),
+    ("fp16", 128, 64),
+    ("bf16", 64, 128),
+    ("fp16", 64, 32),
+    ("bf16", 32, 48),
+]
+PARAMS = [
+    pytest.param(m, dt, b, D, id=f"{m}-{dt}-b{b}-D{D}")
+    for m in ("all", "local", "strided", "fixed")
+    for dt, b, D in COMBOS
+]
 
 
 def _check(launch, lay, D, dtype, B=2, seed=0):
@@ -131,8 +142,7 @@ def test_million_tokens_64bit_offsets(launch):
     sl = slice(T - n - L, T)
     small = make_layout(n + L, H, "local", local_attn_ctx=L, blocksize=64)
     mask = torch.from_numpy(small.to_dense()).cuda()
-    ref = fwd_bwd(lambda a, b, c: masked_reference(a, b, c, mask), q[:, :, sl], k[:, :, sl], v[:, :, sl],
-                  do[:, :, sl])
+    ref = fwd_bwd(lambda a, b, c: masked_reference(a, b, c, mask), q[:, :, sl], k[:, :, sl], v[:, :, sl], do[:, :, sl])
     for x, r in zip((o, dq, dk, dv), ref):
         assert torch.isfinite(x[:, -1]).all()
         assert rel_err(x[:, :, -n:], r[:, :, -n:]) < 5e-3
@@ -144,10 +154,19 @@ def test_ops_dispatch_and_compile(launch):
     for lay in (_layout("fixed", 2048, 4, 32), _layout("all", 2048, 4, 32)):
         q, k, v, do = (torch.randn(2, 4, 2048, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         mask = torch.from_numpy(lay.to_dense()).cuda()
-        ref = fwd_bwd(lambda a, b, c: masked_reference(a, b, c, mask), q, k, v, do)
-        eager = fwd_bwd(lambda a, b, c: blocksparse_attention_bhtd(a, b, c, lay), q, k, v, do)
-        comp = fwd_bwd(torch.compile(lambda a, b, c: blocksparse_attention_bhtd(a, b, c, lay), fullgraph=True),
-                       q, k, v, do)
+        # the lambdas run inside this iteration, so late binding of lay/mask is harmless
+        ref = fwd_bwd(lambda a, b, c: masked_reference(a, b, c, mask), q, k, v, do)  # noqa: B023
+        eager = fwd_bwd(lambda a, b, c: blocksparse_attention_bhtd(a, b, c, lay), q, k, v, do)  # noqa: B023
+        comp = fwd_bwd(
+            torch.compile(
+                lambda a, b, c: blocksparse_attention_bhtd(a, b, c, lay),  # noqa: B023
+                fullgraph=True,
+            ),
+            q,
+            k,
+            v,
+            do,
+        )
         for e, c, r in zip(eager, comp, ref):
             assert rel_err(e, r) < 1e-2
             assert rel_err(c, r) < 1e-2

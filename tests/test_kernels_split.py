@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _kernel_env import launch  # noqa: F401  (sets TRITON_INTERPRET first)
+from _attn_ref import fwd_bwd, masked_reference, rel_err
 from _kernel_env import device as _device
+from _kernel_env import launch_fixture  # noqa: F401  (sets TRITON_INTERPRET; the `launch` fixture)
 
-from _attn_ref import fwd_bwd, masked_reference, rel_err  # noqa: E402
-
-from sparse_attention.layouts import make_layout  # noqa: E402
+from sparse_attention.layouts import make_layout
 
 
 @pytest.mark.parametrize("split", [True, False])
-@pytest.mark.parametrize("mode, kw", [
-    ("local", dict(local_attn_ctx=48)),
-    ("strided", dict(local_attn_ctx=4)),
-    ("fixed", dict(local_attn_ctx=64, num_verts=2, vertsize=2)),
-])
+@pytest.mark.parametrize(
+    "mode, kw",
+    [
+        ("local", dict(local_attn_ctx=48)),
+        ("strided", dict(local_attn_ctx=4)),
+        ("fixed", dict(local_attn_ctx=64, num_verts=2, vertsize=2)),
+    ],
+)
 def test_split_and_single_loop(launch, mode, kw, split):
     """Full tiles in their own unmasked loop, or every tile masked in one loop: same result."""
     lay = make_layout(128, 2, mode, blocksize=16, **kw)

@@ -15,12 +15,15 @@ def _inputs(lay, D=16, seed=0, dtype=torch.float32):
     return [torch.randn(2, lay.heads, lay.time, D, generator=g, dtype=dtype) for _ in range(4)]
 
 
-@pytest.mark.parametrize("mode, kw", [
-    ("all", {}),
-    ("local", dict(local_attn_ctx=32)),
-    ("strided", dict(local_attn_ctx=8)),
-    ("fixed", dict(local_attn_ctx=32, num_verts=2, vertsize=1)),
-])
+@pytest.mark.parametrize(
+    "mode, kw",
+    [
+        ("all", {}),
+        ("local", dict(local_attn_ctx=32)),
+        ("strided", dict(local_attn_ctx=8)),
+        ("fixed", dict(local_attn_ctx=32, num_verts=2, vertsize=1)),
+    ],
+)
 def test_fallback_matches_reference(mode, kw):
     lay = make_layout(128, 2, mode, blocksize=16, **kw)
     q, k, v, do = _inputs(lay)
@@ -74,6 +77,7 @@ def test_compile_custom_layout_registered():
     register_layout(lay)
     q, k, v, do = _inputs(lay, seed=3)
     f = torch.compile(lambda a, b, c: blocksparse_attention_bhtd(a, b, c, lay), fullgraph=True, backend="aot_eager")
-    for x, r in zip(fwd_bwd(f, q, k, v, do), fwd_bwd(lambda a, b, c: masked_reference(a, b, c, lay.to_dense()),
-                                                   q, k, v, do)):
+    for x, r in zip(
+        fwd_bwd(f, q, k, v, do), fwd_bwd(lambda a, b, c: masked_reference(a, b, c, lay.to_dense()), q, k, v, do)
+    ):
         assert rel_err(x, r) < 1e-5

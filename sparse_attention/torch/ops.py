@@ -52,8 +52,13 @@ def layout_spec(layout: Layout) -> list[int]:
         return [4, k]
     p = layout.params
     return [
-        _MODES.index(layout.mode), layout.time, layout.heads, layout.blocksize,
-        p.get("local_attn_ctx", 0), p.get("num_verts", 0), p.get("vertsize", 0),
+        _MODES.index(layout.mode),
+        layout.time,
+        layout.heads,
+        layout.blocksize,
+        p.get("local_attn_ctx", 0),
+        p.get("num_verts", 0),
+        p.get("vertsize", 0),
     ]
 
 
@@ -123,7 +128,13 @@ def _autograd_inside_op():
 
 @torch.library.custom_op("sparse_attention::attn_bwd", mutates_args=())
 def _attn_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, key: list[int]
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    key: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layout = _layout_of(key)
     if _use_fused(q, layout):
@@ -251,8 +262,9 @@ def blocksparse_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         and q.dtype in (torch.float16, torch.bfloat16)
         and os.environ.get("SPARSE_ATTENTION_ALL_FUSED", "0") != "1"
     ):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                 scale=1.0 / math.sqrt(q.shape[-1]))
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=1.0 / math.sqrt(q.shape[-1])
+        )
     if not torch.compiler.is_compiling():
         if layout.mode == "custom":
             register_layout(layout)

@@ -6,9 +6,12 @@ builds a ``time x time`` buffer. No atomics: dK/dV walk key-tile columns, dQ wal
 rows, so reruns are bitwise equal.
 
 Built-in modes need no lookup tables: each program derives its tile range from the pattern's
-closed form (SEMANTICS.md) and splits it into *full* tiles (no mask inside, the common case) and
-*masked* tiles (diagonal, band or segment edges), where the exact in-block rule is evaluated on
-positions in the kernel. Positions are in block order: ``strided`` loads its rows through the
+closed form (SEMANTICS.md, the same pattern the layout's structured rows describe) and evaluates
+the exact in-block rule on positions in the kernel. Where a range is long (``SPLIT``), *full*
+tiles (no mask inside) run in their own unmasked loop and only the edge tiles (diagonal, band or
+segment edges) pay for the mask; short ranges (e.g. ``local`` with L=128) and all dK/dV loops run
+as one masked loop, which pipelines better (and, for dK/dV, keeps ptxas from serialising the
+wgmma chain, warning C7515). Positions are in block order: ``strided`` loads its rows through the
 residue-major permutation ``token = (pos % n) * l + pos // n`` (``n = time / l``), so each
 residue class is a causal segment of ``n`` positions and no copy of q, k, v is made.
 
@@ -41,8 +44,7 @@ MODE_IDS = {"all": MODE_ALL, "local": MODE_LOCAL, "strided": MODE_STRIDED, "fixe
 
 
 @triton.jit
-def _tok(pos, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, VSB: tl.constexpr,
-         vlo):
+def _tok(pos, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, VSB: tl.constexpr, vlo):
     """Natural token index (int64) of block-order positions (or of virtual summary keys)."""
     if SUMMARY:
         # fixed: virtual summary key -> its group start + the head's first summary token + offset
@@ -92,8 +94,16 @@ def _row_bounds(m0, T, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, P
 
 
 @triton.jit
-def _col_bounds(n0, T, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, SUMMARY: tl.constexpr,
-                P1: tl.constexpr, VSB: tl.constexpr):
+def _col_bounds(
+    n0,
+    T,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    MODE: tl.constexpr,
+    SUMMARY: tl.constexpr,
+    P1: tl.constexpr,
+    VSB: tl.constexpr,
+):
     """Query positions of the key tile [n0, n0 + BN): masked [lo, flo), full [flo, fhi), masked [fhi, hi)."""
     if SUMMARY:
         lo = tl.minimum((n0 // VSB + 1) * P1 // BM * BM, T)
@@ -122,8 +132,7 @@ def _col_bounds(n0, T, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, S
 
 
 @triton.jit
-def _load_rows(base, tok, stride_t, offs_d, rmask, MASK_ROWS: tl.constexpr, PAD_D: tl.constexpr,
-               HEAD_D: tl.constexpr):
+def _load_rows(base, tok, stride_t, offs_d, rmask, MASK_ROWS: tl.constexpr, PAD_D: tl.constexpr, HEAD_D: tl.constexpr):
     ptrs = base + tok[:, None] * stride_t + offs_d[None, :]
     if MASK_ROWS:
         if PAD_D:
@@ -158,10 +167,33 @@ def _fwd_step(acc, l_i, m_i, q, k, v, ok, qk_scale, MASKED: tl.constexpr, DOT_PR
 
 
 @triton.jit
-def _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, start, end, T, vlo, qk_scale,
-               offs_d, BN: tl.constexpr, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1: tl.constexpr,
-               P2: tl.constexpr, VSB: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
-               HEAD_D: tl.constexpr, DOT_PREC: tl.constexpr):
+def _fwd_range(
+    acc,
+    l_i,
+    m_i,
+    q,
+    qpos,
+    k_base,
+    v_base,
+    skt,
+    svt,
+    start,
+    end,
+    T,
+    vlo,
+    qk_scale,
+    offs_d,
+    BN: tl.constexpr,
+    MODE: tl.constexpr,
+    SUMMARY: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    VSB: tl.constexpr,
+    MASKED: tl.constexpr,
+    PAD_D: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     for n0 in range(start, end, BN):
         kpos = n0 + tl.arange(0, BN)
         ktok = _tok(kpos, MODE, SUMMARY, P1, P2, VSB, vlo)
@@ -177,12 +209,45 @@ def _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, start, end, T, 
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, VLO, HEAD_PAT, ROW_PTR, COLS, MASK_IDX, MASKS,
-                sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-                T, H, NBLK, qk_scale,
-                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                MODE: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, VSB: tl.constexpr,
-                DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    VLO,
+    HEAD_PAT,
+    ROW_PTR,
+    COLS,
+    MASK_IDX,
+    MASKS,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    svb,
+    svh,
+    svt,
+    sob,
+    soh,
+    sot,
+    T,
+    H,
+    NBLK,
+    qk_scale,
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    MODE: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    VSB: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     m_blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -225,22 +290,172 @@ def _fwd_kernel(Q, K, V, O, LSE, VLO, HEAD_PAT, ROW_PTR, COLS, MASK_IDX, MASKS,
             g1 = (m0 + BM - 1) // P1
             sf = g0 * VSB // BN * BN
             se = (g1 * VSB + BN - 1) // BN * BN
-            acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, 0, sf, T, vlo, qk_scale,
-                                       offs_d, BN, MODE, True, P1, P2, VSB, False, PAD_D, HEAD_D, DOT_PREC)
-            acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, sf, se, T, vlo, qk_scale,
-                                       offs_d, BN, MODE, True, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+            acc, l_i, m_i = _fwd_range(
+                acc,
+                l_i,
+                m_i,
+                q,
+                qpos,
+                k_base,
+                v_base,
+                skt,
+                svt,
+                0,
+                sf,
+                T,
+                vlo,
+                qk_scale,
+                offs_d,
+                BN,
+                MODE,
+                True,
+                P1,
+                P2,
+                VSB,
+                False,
+                PAD_D,
+                HEAD_D,
+                DOT_PREC,
+            )
+            acc, l_i, m_i = _fwd_range(
+                acc,
+                l_i,
+                m_i,
+                q,
+                qpos,
+                k_base,
+                v_base,
+                skt,
+                svt,
+                sf,
+                se,
+                T,
+                vlo,
+                qk_scale,
+                offs_d,
+                BN,
+                MODE,
+                True,
+                P1,
+                P2,
+                VSB,
+                True,
+                PAD_D,
+                HEAD_D,
+                DOT_PREC,
+            )
         lo, flo, fhi, hi = _row_bounds(m0, T, BM, BN, MODE, P1)
         if SPLIT:
-            acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, lo, flo, T, vlo, qk_scale,
-                                       offs_d, BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
-            acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, flo, fhi, T, vlo, qk_scale,
-                                       offs_d, BN, MODE, False, P1, P2, VSB, False, PAD_D, HEAD_D, DOT_PREC)
-            acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, fhi, hi, T, vlo, qk_scale,
-                                       offs_d, BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+            acc, l_i, m_i = _fwd_range(
+                acc,
+                l_i,
+                m_i,
+                q,
+                qpos,
+                k_base,
+                v_base,
+                skt,
+                svt,
+                lo,
+                flo,
+                T,
+                vlo,
+                qk_scale,
+                offs_d,
+                BN,
+                MODE,
+                False,
+                P1,
+                P2,
+                VSB,
+                True,
+                PAD_D,
+                HEAD_D,
+                DOT_PREC,
+            )
+            acc, l_i, m_i = _fwd_range(
+                acc,
+                l_i,
+                m_i,
+                q,
+                qpos,
+                k_base,
+                v_base,
+                skt,
+                svt,
+                flo,
+                fhi,
+                T,
+                vlo,
+                qk_scale,
+                offs_d,
+                BN,
+                MODE,
+                False,
+                P1,
+                P2,
+                VSB,
+                False,
+                PAD_D,
+                HEAD_D,
+                DOT_PREC,
+            )
+            acc, l_i, m_i = _fwd_range(
+                acc,
+                l_i,
+                m_i,
+                q,
+                qpos,
+                k_base,
+                v_base,
+                skt,
+                svt,
+                fhi,
+                hi,
+                T,
+                vlo,
+                qk_scale,
+                offs_d,
+                BN,
+                MODE,
+                False,
+                P1,
+                P2,
+                VSB,
+                True,
+                PAD_D,
+                HEAD_D,
+                DOT_PREC,
+            )
         else:
             # few tiles per row: one pipelined loop, masking every tile, beats three short loops
-            acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, qpos, k_base, v_base, skt, svt, lo, hi, T, vlo, qk_scale,
-                                       offs_d, BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+            acc, l_i, m_i = _fwd_range(
+                acc,
+                l_i,
+                m_i,
+                q,
+                qpos,
+                k_base,
+                v_base,
+                skt,
+                svt,
+                lo,
+                hi,
+                T,
+                vlo,
+                qk_scale,
+                offs_d,
+                BN,
+                MODE,
+                False,
+                P1,
+                P2,
+                VSB,
+                True,
+                PAD_D,
+                HEAD_D,
+                DOT_PREC,
+            )
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -254,8 +469,9 @@ def _fwd_kernel(Q, K, V, O, LSE, VLO, HEAD_PAT, ROW_PTR, COLS, MASK_IDX, MASKS,
 
 
 @triton.jit
-def _delta_kernel(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, T, H,
-                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr):
+def _delta_kernel(
+    O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, T, H, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr
+):
     # delta[b, h, t] = rowsum(dO * O), natural order
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -282,10 +498,33 @@ def _dkdv_step(dk, dv, k, v, q, do, lse, delta, ok, qk_scale, MASKED: tl.constex
 
 
 @triton.jit
-def _dkdv_range(dk, dv, k, v, kpos, q_base, do_base, lse_base, d_base, sqt, sdt, start, end, qk_scale, offs_d,
-                BM: tl.constexpr, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                VSB: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr, HEAD_D: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+def _dkdv_range(
+    dk,
+    dv,
+    k,
+    v,
+    kpos,
+    q_base,
+    do_base,
+    lse_base,
+    d_base,
+    sqt,
+    sdt,
+    start,
+    end,
+    qk_scale,
+    offs_d,
+    BM: tl.constexpr,
+    MODE: tl.constexpr,
+    SUMMARY: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    VSB: tl.constexpr,
+    MASKED: tl.constexpr,
+    PAD_D: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     for m0 in range(start, end, BM):
         qpos = m0 + tl.arange(0, BM)
         qtok = _tok(qpos, MODE, False, P1, P2, VSB, 0)
@@ -302,13 +541,56 @@ def _dkdv_range(dk, dv, k, v, kpos, q_base, do_base, lse_base, d_base, sqt, sdt,
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, VLO, HEAD_PAT, COL_PTR, ROWS, ENTRY_MASK, MASKS,
-                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-                 sgkb, sgkh, sgkt, sgvb, sgvh, sgvt,
-                 T, H, NBLK, NKEYS, qk_scale, sm_scale,
-                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 MODE: tl.constexpr, SUMMARY: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                 VSB: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    LSE,
+    DELTA,
+    VLO,
+    HEAD_PAT,
+    COL_PTR,
+    ROWS,
+    ENTRY_MASK,
+    MASKS,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    svb,
+    svh,
+    svt,
+    sdb,
+    sdh,
+    sdt,
+    sgkb,
+    sgkh,
+    sgkt,
+    sgvb,
+    sgvh,
+    sgvt,
+    T,
+    H,
+    NBLK,
+    NKEYS,
+    qk_scale,
+    sm_scale,
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    MODE: tl.constexpr,
+    SUMMARY: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    VSB: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     n_blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -355,8 +637,33 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, VLO, HEAD_PAT, COL_PTR, ROWS, 
         lo, flo, fhi, hi = _col_bounds(n0, T, BM, BN, MODE, SUMMARY, P1, VSB)
         # One loop that masks every tile: splitting off the full tiles into their own loop makes
         # ptxas serialize the wgmma chain here (C7515), which costs more than the mask.
-        dk, dv = _dkdv_range(dk, dv, k, v, kpos, q_base, do_base, lse_base, d_base, sqt, sdt, lo, hi, qk_scale,
-                             offs_d, BM, MODE, SUMMARY, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+        dk, dv = _dkdv_range(
+            dk,
+            dv,
+            k,
+            v,
+            kpos,
+            q_base,
+            do_base,
+            lse_base,
+            d_base,
+            sqt,
+            sdt,
+            lo,
+            hi,
+            qk_scale,
+            offs_d,
+            BM,
+            MODE,
+            SUMMARY,
+            P1,
+            P2,
+            VSB,
+            True,
+            PAD_D,
+            HEAD_D,
+            DOT_PREC,
+        )
     dk = dk * sm_scale
     dk_ptrs = DK + b * sgkb + hh * sgkh + ktok[:, None] * sgkt + offs_d[None, :]
     dv_ptrs = DV + b * sgvb + hh * sgvh + ktok[:, None] * sgvt + offs_d[None, :]
@@ -382,10 +689,34 @@ def _dq_step(dq, q, do, k, v, lse, delta, ok, qk_scale, MASKED: tl.constexpr, DO
 
 
 @triton.jit
-def _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, start, end, T, vlo, qk_scale, offs_d,
-              BN: tl.constexpr, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-              VSB: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr, HEAD_D: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+def _dq_range(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    qpos,
+    k_base,
+    v_base,
+    skt,
+    svt,
+    start,
+    end,
+    T,
+    vlo,
+    qk_scale,
+    offs_d,
+    BN: tl.constexpr,
+    MODE: tl.constexpr,
+    SUMMARY: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    VSB: tl.constexpr,
+    MASKED: tl.constexpr,
+    PAD_D: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     for n0 in range(start, end, BN):
         kpos = n0 + tl.arange(0, BN)
         ktok = _tok(kpos, MODE, SUMMARY, P1, P2, VSB, vlo)
@@ -401,12 +732,51 @@ def _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, start, end,
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, VLO, HEAD_PAT, ROW_PTR, COLS, MASK_IDX, MASKS,
-               sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt,
-               T, H, NBLK, qk_scale, sm_scale,
-               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-               MODE: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, VSB: tl.constexpr,
-               DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+def _dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    LSE,
+    DELTA,
+    VLO,
+    HEAD_PAT,
+    ROW_PTR,
+    COLS,
+    MASK_IDX,
+    MASKS,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    svb,
+    svh,
+    svt,
+    sdb,
+    sdh,
+    sdt,
+    sgb,
+    sgh,
+    sgt,
+    T,
+    H,
+    NBLK,
+    qk_scale,
+    sm_scale,
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    MODE: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    VSB: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     m_blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -449,21 +819,177 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, VLO, HEAD_PAT, ROW_PTR, COLS, MASK_I
             g1 = (m0 + BM - 1) // P1
             sf = g0 * VSB // BN * BN
             se = (g1 * VSB + BN - 1) // BN * BN
-            dq = _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, 0, sf, T, vlo, qk_scale, offs_d,
-                           BN, MODE, True, P1, P2, VSB, False, PAD_D, HEAD_D, DOT_PREC)
-            dq = _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, sf, se, T, vlo, qk_scale, offs_d,
-                           BN, MODE, True, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+            dq = _dq_range(
+                dq,
+                q,
+                do,
+                lse,
+                delta,
+                qpos,
+                k_base,
+                v_base,
+                skt,
+                svt,
+                0,
+                sf,
+                T,
+                vlo,
+                qk_scale,
+                offs_d,
+                BN,
+                MODE,
+                True,
+                P1,
+                P2,
+                VSB,
+                False,
+                PAD_D,
+                HEAD_D,
+                DOT_PREC,
+            )
+            dq = _dq_range(
+                dq,
+                q,
+                do,
+                lse,
+                delta,
+                qpos,
+                k_base,
+                v_base,
+                skt,
+                svt,
+                sf,
+                se,
+                T,
+                vlo,
+                qk_scale,
+                offs_d,
+                BN,
+                MODE,
+                True,
+                P1,
+                P2,
+                VSB,
+                True,
+                PAD_D,
+                HEAD_D,
+                DOT_PREC,
+            )
         lo, flo, fhi, hi = _row_bounds(m0, T, BM, BN, MODE, P1)
         if SPLIT:
-            dq = _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, lo, flo, T, vlo, qk_scale, offs_d,
-                           BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
-            dq = _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, flo, fhi, T, vlo, qk_scale, offs_d,
-                           BN, MODE, False, P1, P2, VSB, False, PAD_D, HEAD_D, DOT_PREC)
-            dq = _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, fhi, hi, T, vlo, qk_scale, offs_d,
-                           BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+            dq = _dq_range(
+                dq,
+                q,
+                do,
+                lse,
+                delta,
+                qpos,
+                k_base,
+                v_base,
+                skt,
+                svt,
+                lo,
+                flo,
+                T,
+                vlo,
+                qk_scale,
+                offs_d,
+                BN,
+                MODE,
+                False,
+                P1,
+                P2,
+                VSB,
+                True,
+                PAD_D,
+                HEAD_D,
+                DOT_PREC,
+            )
+            dq = _dq_range(
+                dq,
+                q,
+                do,
+                lse,
+                delta,
+                qpos,
+                k_base,
+                v_base,
+                skt,
+                svt,
+                flo,
+                fhi,
+                T,
+                vlo,
+                qk_scale,
+                offs_d,
+                BN,
+                MODE,
+                False,
+                P1,
+                P2,
+                VSB,
+                False,
+                PAD_D,
+                HEAD_D,
+                DOT_PREC,
+            )
+            dq = _dq_range(
+                dq,
+                q,
+                do,
+                lse,
+                delta,
+                qpos,
+                k_base,
+                v_base,
+                skt,
+                svt,
+                fhi,
+                hi,
+                T,
+                vlo,
+                qk_scale,
+                offs_d,
+                BN,
+                MODE,
+                False,
+                P1,
+                P2,
+                VSB,
+                True,
+                PAD_D,
+                HEAD_D,
+                DOT_PREC,
+            )
         else:
-            dq = _dq_range(dq, q, do, lse, delta, qpos, k_base, v_base, skt, svt, lo, hi, T, vlo, qk_scale, offs_d,
-                           BN, MODE, False, P1, P2, VSB, True, PAD_D, HEAD_D, DOT_PREC)
+            dq = _dq_range(
+                dq,
+                q,
+                do,
+                lse,
+                delta,
+                qpos,
+                k_base,
+                v_base,
+                skt,
+                svt,
+                lo,
+                hi,
+                T,
+                vlo,
+                qk_scale,
+                offs_d,
+                BN,
+                MODE,
+                False,
+                P1,
+                P2,
+                VSB,
+                True,
+                PAD_D,
+                HEAD_D,
+                DOT_PREC,
+            )
     dq = dq * sm_scale
     dq_ptrs = DQ + b * sgb + hh * sgh + qtok[:, None] * sgt + offs_d[None, :]
     if PAD_D:

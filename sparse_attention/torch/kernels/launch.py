@@ -114,9 +114,17 @@ def _device_tables(layout: Layout, device) -> dict:
     t = dict(P1=1, P2=1, VSB=1, NSUM=0)
     dummy_i32 = torch.zeros(1, dtype=torch.int32, device=device)
     dummy_i64 = torch.zeros(1, dtype=torch.int64, device=device)
-    t.update(VLO=dummy_i32, HEAD_PAT=dummy_i32, ROW_PTR=dummy_i64, COLS=dummy_i32, MASK_IDX=dummy_i32,
-             MASKS=torch.zeros(1, dtype=torch.int8, device=device), COL_PTR=dummy_i64, ROWS=dummy_i32,
-             ENTRY_MASK=dummy_i32)
+    t.update(
+        VLO=dummy_i32,
+        HEAD_PAT=dummy_i32,
+        ROW_PTR=dummy_i64,
+        COLS=dummy_i32,
+        MASK_IDX=dummy_i32,
+        MASKS=torch.zeros(1, dtype=torch.int8, device=device),
+        COL_PTR=dummy_i64,
+        ROWS=dummy_i32,
+        ENTRY_MASK=dummy_i32,
+    )
     if layout.mode == "local":
         t["P1"] = p["local_attn_ctx"]
     elif layout.mode == "strided":
@@ -133,8 +141,9 @@ def _device_tables(layout: Layout, device) -> dict:
 
         def dev(x, dt):
             x = np.ascontiguousarray(x)
-            return torch.from_numpy(x).to(device=device, dtype=dt) if x.size else torch.zeros(1, dtype=dt,
-                                                                                             device=device)
+            return (
+                torch.from_numpy(x).to(device=device, dtype=dt) if x.size else torch.zeros(1, dtype=dt, device=device)
+            )
 
         t.update(
             HEAD_PAT=dev(layout.head_pattern, torch.int32),
@@ -210,10 +219,27 @@ def forward(q, k, v, layout: Layout):
     lse = _new(q, (B, H, T), torch.float32)
     grid = (T // cfg["BM"], B * H)
     K._fwd_kernel[grid](
-        q, k, v, o, lse, tab["VLO"], tab["HEAD_PAT"], tab["ROW_PTR"], tab["COLS"], tab["MASK_IDX"], tab["MASKS"],
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        T, H, layout.nb, math.log2(math.e) / math.sqrt(D),
-        **consts, **cfg,
+        q,
+        k,
+        v,
+        o,
+        lse,
+        tab["VLO"],
+        tab["HEAD_PAT"],
+        tab["ROW_PTR"],
+        tab["COLS"],
+        tab["MASK_IDX"],
+        tab["MASKS"],
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *o.stride()[:3],
+        T,
+        H,
+        layout.nb,
+        math.log2(math.e) / math.sqrt(D),
+        **consts,
+        **cfg,
     )
     return o, lse
 
@@ -228,8 +254,16 @@ def backward(do, q, k, v, o, lse, layout: Layout):
     delta = _new(q, (B, H, T), torch.float32)
     bm = min(64, _pow2_divisor(T))
     K._delta_kernel[(T // bm, B * H)](
-        o, do, delta, *o.stride()[:3], *do.stride()[:3], T, H,
-        HEAD_D=D, BLOCK_D=consts["BLOCK_D"], BM=bm,
+        o,
+        do,
+        delta,
+        *o.stride()[:3],
+        *do.stride()[:3],
+        T,
+        H,
+        HEAD_D=D,
+        BLOCK_D=consts["BLOCK_D"],
+        BM=bm,
     )
     dq, dk, dv = _new(q), _new(k), _new(v)
     c1 = _tiles("dkdv", T, D, layout.mode)
@@ -243,16 +277,55 @@ def backward(do, q, k, v, o, lse, layout: Layout):
         if nkeys == 0:
             continue
         K._dkdv_kernel[(triton.cdiv(nkeys, c1["BN"]), B * H)](
-            q, k, v, do, dk, dv, lse, delta, tab["VLO"], tab["HEAD_PAT"], tab["COL_PTR"], tab["ROWS"],
-            tab["ENTRY_MASK"], tab["MASKS"], *strides, *dk.stride()[:3], *dv.stride()[:3],
-            T, H, layout.nb, nkeys, qk_scale, sm_scale,
-            SUMMARY=summary, **consts, **c1,
+            q,
+            k,
+            v,
+            do,
+            dk,
+            dv,
+            lse,
+            delta,
+            tab["VLO"],
+            tab["HEAD_PAT"],
+            tab["COL_PTR"],
+            tab["ROWS"],
+            tab["ENTRY_MASK"],
+            tab["MASKS"],
+            *strides,
+            *dk.stride()[:3],
+            *dv.stride()[:3],
+            T,
+            H,
+            layout.nb,
+            nkeys,
+            qk_scale,
+            sm_scale,
+            SUMMARY=summary,
+            **consts,
+            **c1,
         )
     K._dq_kernel[(T // c2["BM"], B * H)](
-        q, k, v, do, dq, lse, delta, tab["VLO"], tab["HEAD_PAT"], tab["ROW_PTR"], tab["COLS"], tab["MASK_IDX"],
-        tab["MASKS"], *strides, *dq.stride()[:3],
-        T, H, layout.nb, qk_scale, sm_scale,
-        **consts, **c2,
+        q,
+        k,
+        v,
+        do,
+        dq,
+        lse,
+        delta,
+        tab["VLO"],
+        tab["HEAD_PAT"],
+        tab["ROW_PTR"],
+        tab["COLS"],
+        tab["MASK_IDX"],
+        tab["MASKS"],
+        *strides,
+        *dq.stride()[:3],
+        T,
+        H,
+        layout.nb,
+        qk_scale,
+        sm_scale,
+        **consts,
+        **c2,
     )
     return dq, dk, dv
-
