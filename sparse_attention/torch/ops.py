@@ -104,27 +104,22 @@ def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: list[int])
         from .kernels.launch import forward
 
         return forward(q, k, v, layout)
-    from .blocksparse import gather_attention
+    from .blocksparse import gather_forward
 
-    with torch.no_grad():
-        o = gather_attention(q, k, v, layout)
-    # the fallback recomputes in its backward pass and needs no log-sum-exp
-    return o.contiguous(), q.new_zeros(q.shape[:-1], dtype=torch.float32)
+    o, lse = gather_forward(q, k, v, layout)
+    return o.contiguous(), lse.contiguous()
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    # the fused kernels keep float32; the fallback keeps float64 for float64 inputs
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @_attn_fwd.register_fake
 def _(q, k, v, key):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=torch.float32)
-
-
-def _autograd_inside_op():
-    """A custom op's body runs with the autograd dispatch keys excluded; the fallback's backward
-    differentiates the block-gather path, so it lifts that exclusion for its own scope."""
-    autograd = torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)
-    for name in ("AutogradOther", "AutogradCPU", "AutogradCUDA", "AutogradNestedTensor"):
-        autograd = autograd | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, name))
-    return torch._C._ForceDispatchKeyGuard(
-        torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set() - autograd
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype)),
     )
 
 
@@ -143,13 +138,9 @@ def _attn_bwd(
         from .kernels.launch import backward
 
         return backward(do, q, k, v, o, lse, layout)
-    from .blocksparse import gather_attention
+    from .blocksparse import gather_backward
 
-    with _autograd_inside_op(), torch.enable_grad():
-        qd, kd, vd = (x.detach().requires_grad_() for x in (q, k, v))
-        out = gather_attention(qd, kd, vd, layout)
-        dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), do)
-    return dq, dk, dv
+    return tuple(x.contiguous() for x in gather_backward(do, q, k, v, o, lse, layout))
 
 
 @_attn_bwd.register_fake
