@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -215,6 +217,8 @@ def environment(argv) -> dict:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
+    if not re.fullmatch(r"[0-9a-f]{7,40}", commit):  # a copied tree without history: the caller may say
+        commit = os.environ.get("BENCH_COMMIT", "unknown")
     try:
         import triton
 
