@@ -145,7 +145,8 @@ def _attn_bwd(
 
 @_attn_bwd.register_fake
 def _(do, q, k, v, o, lse, key):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # both real paths return contiguous gradients, whatever the strides of q, k, v
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
