@@ -12,7 +12,7 @@ picked from their type, and neither is imported before a tensor of it arrives.
 from __future__ import annotations
 
 from ._api import backend_for, check_tensors, resolve_spec
-from .layouts import MODES, Layout, allowed, custom_layout, dense_mask, from_dense, make_layout
+from .layouts import MODES, Layout, allowed, csr_layout, custom_layout, dense_mask, from_dense, make_layout
 from .recompute import recomputable
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "allowed",
     "attention_impl",
     "blocksparse_attention_impl",
+    "csr_layout",
     "custom_layout",
     "dense_mask",
     "from_dense",

@@ -593,16 +593,60 @@ def custom_layout(layout, blocksize: int, callback=None, heads: int | None = Non
                 mask_idx[e] = len(masks)
                 masks.append(m)
     block_masks = np.stack(masks) if masks else np.zeros((0, blocksize, blocksize), bool)
+    return csr_layout(row_ptr, cc, blocksize, head_pattern, mask_idx, block_masks)
+
+
+def csr_layout(row_ptr, cols, blocksize: int, head_pattern, mask_idx=None, block_masks=None) -> Layout:
+    """A custom layout from compressed rows, for code that builds large layouts without an
+    ``[nb, nb]`` array (unions of patterns, layouts computed diagonal by diagonal).
+
+    Args:
+        row_ptr: ``int [P, nb + 1]``, one row of pointers per distinct pattern, into ``cols``
+            (pattern ``p``'s entries follow pattern ``p - 1``'s).
+        cols: ``int [nnz]``, the enabled key blocks of each (pattern, query block), ascending.
+        blocksize: tokens per block.
+        head_pattern: ``int [heads]``, the pattern of each head.
+        mask_idx: ``int [nnz]``, the in-block mask of each entry in ``block_masks`` (-1: full).
+        block_masks: ``bool [n, blocksize, blocksize]``.
+    """
+    blocksize = _check_pos_int("blocksize", blocksize)
+    row_ptr = np.asarray(row_ptr, dtype=np.int64)
+    cols = np.asarray(cols, dtype=np.int64)
+    head_pattern = np.asarray(head_pattern, dtype=np.int64)
+    if row_ptr.ndim != 2 or row_ptr.shape[1] < 2:
+        raise ValueError(f"row_ptr must have shape [patterns, nb + 1], got {row_ptr.shape}")
+    P, nb = row_ptr.shape[0], row_ptr.shape[1] - 1
+    flat = np.concatenate([row_ptr[:, :-1].reshape(-1), row_ptr[-1:, -1]])
+    if flat[0] != 0 or np.any(np.diff(flat) < 0) or np.any(row_ptr[1:, 0] != row_ptr[:-1, -1]):
+        raise ValueError("row_ptr must start at 0, never decrease, and each pattern must start where the last ended")
+    if cols.shape != (flat[-1],):
+        raise ValueError(f"cols must have shape [{flat[-1]}] (row_ptr's last pointer), got {cols.shape}")
+    if cols.size and (cols.min() < 0 or cols.max() >= nb):
+        raise ValueError(f"cols must lie in [0, {nb}), got values in [{cols.min()}, {cols.max()}]")
+    counts = np.diff(flat)
+    same_row = np.repeat(np.arange(counts.size), counts)
+    if np.any(np.diff(cols)[np.diff(same_row) == 0] <= 0):
+        raise ValueError("cols must be strictly ascending within each row")
+    if head_pattern.ndim != 1 or head_pattern.size == 0 or head_pattern.min() < 0 or head_pattern.max() >= P:
+        raise ValueError(f"head_pattern must be a non-empty list of pattern indices in [0, {P})")
+    if block_masks is None:
+        block_masks = np.zeros((0, blocksize, blocksize), bool)
+    block_masks = np.ascontiguousarray(block_masks, dtype=bool)
+    if block_masks.ndim != 3 or block_masks.shape[1:] != (blocksize, blocksize):
+        raise ValueError(f"block_masks must have shape [n, {blocksize}, {blocksize}], got {block_masks.shape}")
+    mask_idx = np.full(cols.size, -1, np.int32) if mask_idx is None else np.asarray(mask_idx, dtype=np.int32)
+    if mask_idx.shape != cols.shape or (mask_idx.size and (mask_idx.min() < -1 or mask_idx.max() >= len(block_masks))):
+        raise ValueError(f"mask_idx must have cols' shape and values in [-1, {len(block_masks)})")
     return Layout(
         nb * blocksize,
-        heads,
+        head_pattern.size,
         blocksize,
         "custom",
         {},
         head_pattern,
         None,
         _row_ptr=row_ptr,
-        _cols=cc.astype(np.int32),
+        _cols=cols.astype(np.int32),
         _partial=mask_idx >= 0,
         mask_idx=mask_idx,
         block_masks=block_masks,

@@ -228,3 +228,25 @@ def test_plot_writes_png(tmp_path):
     path = tmp_path / "fixed.png"
     make_layout(512, 4, "fixed", 128, 32, 4, 1).plot(path)
     assert path.stat().st_size > 1000
+
+
+def test_csr_layout_roundtrip_and_errors():
+    from sparse_attention import csr_layout
+
+    rng = np.random.default_rng(2)
+    ref = custom_layout(rng.random((2, 6, 6)) < 0.5, 16, callback=lambda s, h, q, k, e: rng.random(s) < 0.7)
+    lay = csr_layout(ref.row_ptr, ref.cols, 16, ref.head_pattern, ref.mask_idx, ref.block_masks)
+    assert np.array_equal(lay.to_dense(), ref.to_dense())
+    rp = np.array([[0, 1, 3]])
+    with pytest.raises(ValueError, match="row_ptr must start at 0"):
+        csr_layout(np.array([[1, 1, 3]]), [0, 0, 1], 16, [0])
+    with pytest.raises(ValueError, match="cols must have shape"):
+        csr_layout(rp, [0, 1], 16, [0])
+    with pytest.raises(ValueError, match="cols must lie in"):
+        csr_layout(rp, [0, 0, 2], 16, [0])
+    with pytest.raises(ValueError, match="ascending"):
+        csr_layout(rp, [0, 1, 0], 16, [0])
+    with pytest.raises(ValueError, match="head_pattern"):
+        csr_layout(rp, [0, 0, 1], 16, [1])
+    with pytest.raises(ValueError, match="mask_idx"):
+        csr_layout(rp, [0, 0, 1], 16, [0], mask_idx=[0, -1, -1])

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..layouts import MODES, Layout, allowed, custom_layout, from_dense, validate_pattern
+from ..layouts import MODES, Layout, allowed, csr_layout, custom_layout, from_dense, validate_pattern
 
 # Modes whose allowed(i, j) depends on i - j only: their union is built block by block without
 # any time x time array, whatever the context.
@@ -366,18 +366,4 @@ def shift_invariant_union(rules, time: int, heads: int, blocksize: int) -> Layou
         )
         block_masks = block_masks.reshape(-1, b, b)
         mask_of_delta[partial_deltas] = inverse.reshape(-1).astype(np.int32)
-    mask_idx = mask_of_delta[dl]
-    return Layout(
-        time,
-        heads,
-        b,
-        "custom",
-        {},
-        np.zeros(heads, np.int64),
-        None,
-        _row_ptr=row_ptr,
-        _cols=cols,
-        _partial=mask_idx >= 0,
-        mask_idx=mask_idx,
-        block_masks=np.ascontiguousarray(block_masks),
-    )
+    return csr_layout(row_ptr, cols, b, np.zeros(heads, np.int64), mask_of_delta[dl], block_masks)
