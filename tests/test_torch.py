@@ -266,3 +266,18 @@ def test_layout_shape_errors():
         blocksparse_attention_impl(*_qkv((1, 128, 64)), 2, lay)
     with pytest.raises(ValueError, match="2 heads"):
         blocksparse_attention_impl(*_qkv((1, 256, 64)), 4, lay)
+
+
+@pytest.mark.parametrize(
+    "shape,make",
+    [((128, 2, 64), lambda x: x.transpose(0, 1)), ((2, 128, 128), lambda x: x[..., ::2])],
+    ids=["time-major", "strided-dim"],
+)
+def test_non_contiguous_inputs(shape, make):
+    g = torch.Generator().manual_seed(4)
+    qkv = [make(torch.randn(*shape, generator=g)) for _ in range(3)]
+    assert qkv[0].shape == (2, 128, 64) and not qkv[0].is_contiguous()
+    kw = dict(heads=4, attn_mode="local", local_attn_ctx=32, blocksize=16)
+    got = blocksparse_attention_impl(*qkv, **kw)
+    want = attention_impl(*(x.contiguous() for x in qkv), **kw)
+    torch.testing.assert_close(got, want)

@@ -37,9 +37,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[batch, time, heads * d]`` -> ``[batch, heads, time, d]`` (a view)."""
+    """``[batch, time, heads * d]`` -> ``[batch, heads, time, d]`` (a view where the strides allow)."""
     b, t, dim = x.shape
-    return x.view(b, t, heads, dim // heads).transpose(1, 2)
+    return x.reshape(b, t, heads, dim // heads).transpose(1, 2)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
