@@ -250,16 +250,20 @@ def blocksparse_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         . . x x x
     """
     _check(q, k, v, layout)
-    if (
-        layout.mode == "all"
-        and (not q.is_cuda or q.dtype in (torch.float16, torch.bfloat16))
-        and os.environ.get("SPARSE_ATTENTION_ALL_FUSED", "0") != "1"
-    ):
-        # causal SDPA: on CUDA the fastest dense kernel for half inputs; on the CPU its fused
-        # kernel beats the block gather (which pads and gathers every key block)
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=1.0 / math.sqrt(q.shape[-1])
-        )
+    if layout.mode == "all" and os.environ.get("SPARSE_ATTENTION_ALL_FUSED", "0") != "1":
+        # Causal SDPA where it is the faster dense kernel: half inputs on CUDA (cuDNN / flash,
+        # fp32 softmax inside), and every dtype on the CPU, where it runs 8-10x faster than the
+        # block gather; there the inputs are upcast first, since the CPU kernels keep half
+        # precision in parts of the backward pass (the contract: fp32 softmax and accumulation).
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        if not q.is_cuda:
+            cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.to(cd), k.to(cd), v.to(cd), is_causal=True, scale=scale
+            )
+            return o.to(q.dtype)
     if not torch.compiler.is_compiling():
         if layout.mode == "custom":
             register_layout(layout)
