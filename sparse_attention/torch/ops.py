@@ -189,26 +189,16 @@ class _FusedAttention(torch.autograd.Function):
 
 
 def _check(q, k, v, layout):
-    if not isinstance(layout, Layout):
-        raise TypeError(f"layout must be a sparse_attention.layouts.Layout, got {type(layout).__name__}")
+    from .blocksparse import _check_layout
+    from .reference import check_tensors
+
+    check_tensors(q, k, v)  # tensors, floating dtypes, one dtype, one device
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"{name} must have shape [batch, heads, time, head_dim], got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {x.dtype}")
     if not (q.shape == k.shape == v.shape):
         raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on the same device, got {q.device}, {k.device}, {v.device}")
-    _, H, T, _ = q.shape
-    if layout.heads != H or layout.time != T:
-        raise ValueError(
-            f"layout is for heads={layout.heads}, time={layout.time}; the tensors have heads={H}, time={T}"
-        )
+    _check_layout(q, layout)
 
 
 def blocksparse_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> torch.Tensor:
