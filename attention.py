@@ -174,9 +174,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     shape = (args.batch, args.time, args.dim)
     failed = []
-    header = (
-        f"{'mode':8} {'path':11} {'out err abs/rel':>20} {'grad rel':>10} {'fwd ms':>8} {'peak mem':>11}  result"
-    )
+    header = f"{'mode':8} {'path':11} {'out err abs/rel':>20} {'grad rel':>10} {'fwd ms':>8} {'peak mem':>11}  result"
     print(header)
     print("-" * len(header))
     for mode in modes:

@@ -1,4 +1,4 @@
-"""Fused block-sparse attention in Triton: forward, delta precompute, dK/dV and dQ kernels.
+"""Fused block-sparse attention in Triton: forward, dQ (which also stores delta) and dK/dV kernels.
 
 Flash-attention style: each program owns one tile of queries (forward, dQ) or keys (dK/dV), walks
 only the key (query) tiles its pattern enables, keeps an online softmax in float32 and never
@@ -469,22 +469,6 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _delta_kernel(
-    O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, T, H, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr
-):
-    # delta[b, h, t] = rowsum(dO * O), natural order
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    t = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    msk = offs_d[None, :] < HEAD_D
-    o = tl.load(O + b * sob + h * soh + t[:, None] * sot + offs_d[None, :], mask=msk, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + t[:, None] * sdt + offs_d[None, :], mask=msk, other=0.0)
-    tl.store(DELTA + bh.to(tl.int64) * T + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1))
-
-
-@triton.jit
 def _dkdv_step(dk, dv, k, v, q, do, lse, delta, ok, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
     qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BN, BM]
     pT = tl.math.exp2(qkT - lse[None, :])
@@ -737,6 +721,7 @@ def _dq_kernel(
     K,
     V,
     DO,
+    O,
     DQ,
     LSE,
     DELTA,
@@ -758,6 +743,9 @@ def _dq_kernel(
     sdb,
     sdh,
     sdt,
+    sob,
+    soh,
+    sot,
     sgb,
     sgh,
     sgt,
@@ -792,7 +780,10 @@ def _dq_kernel(
     q = _load_rows(Q + b * sqb + hh * sqh, qtok, sqt, offs_d, None, False, PAD_D, HEAD_D)
     do = _load_rows(DO + b * sdb + hh * sdh, qtok, sdt, offs_d, None, False, PAD_D, HEAD_D)
     lse = tl.load(LSE + bh.to(tl.int64) * T + qtok)
-    delta = tl.load(DELTA + bh.to(tl.int64) * T + qtok)
+    # delta = rowsum(dO * O) of this tile's rows, stored for the dK/dV kernel that runs next
+    o = _load_rows(O + b * sob + hh * soh, qtok, sot, offs_d, None, False, PAD_D, HEAD_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * T + qtok, delta)
     dq = tl.zeros([BM, BLOCK_D], tl.float32)
     if MODE == 4:
         pat = tl.load(HEAD_PAT + h)

@@ -46,6 +46,10 @@ POISON_OUTPUTS = False
 SPLIT_OVERRIDE: bool | None = None
 
 _tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Set SPARSE_ATTENTION_TRITON_LAUNCH=1 to launch through Triton's own ``kernel[grid](...)`` on every
+# call instead of the cached compiled kernels of ``_run`` (the benchmark compares the two).
+_TRITON_LAUNCH = os.environ.get("SPARSE_ATTENTION_TRITON_LAUNCH", "0") == "1"
+_compiled: dict = {}
 
 
 def interpreting() -> bool:
@@ -89,6 +93,41 @@ def unsupported_reasons(q: torch.Tensor, layout: Layout) -> list[str]:
     if layout.mode == "custom" and layout.blocksize < 16:
         why.append(f"custom layout blocksize {layout.blocksize} < 16")
     return why
+
+
+def _spec(a):
+    # what Triton specialises a launch on: a tensor's dtype and 16-byte alignment, an int's value
+    return (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
+
+
+def _run(kernel, grid: tuple, args: tuple, meta: dict) -> None:
+    """``kernel[grid](*args, **meta)`` with a lean host path.
+
+    Triton binds and specialises all ~40 arguments and hashes the options on every launch; with
+    the short kernels of ``local`` and ``strided`` that host time is longer than the GPU time. The
+    first launch with a given specialisation (dtypes, 16-byte alignment of the tensors, values of
+    the ints, the constexprs) goes through Triton and keeps the compiled kernel; later ones call its
+    launcher directly with the same arguments Triton would pass it. Launch hooks (profilers) and
+    the interpreter always take Triton's path.
+    """
+    from triton import knobs
+
+    if _TRITON_LAUNCH or interpreting() or knobs.runtime.launch_enter_hook is not None:
+        kernel[grid](*args, **meta)
+        return
+    key = (kernel, tuple(_spec(a) for a in args), tuple(meta.items()))
+    hit = _compiled.get(key)
+    if hit is None:
+        ck = kernel[grid](*args, **meta)
+        names = kernel.arg_names[len(args) :]
+        if hasattr(ck, "result") or not hasattr(ck, "packed_metadata"):  # async compile: no cache
+            return
+        _compiled[key] = (ck, tuple(meta[n] for n in names))
+        return
+    ck, tail = hit
+    dev = args[0].device.index
+    stream = triton.runtime.driver.active.get_current_stream(dev)
+    ck.run(*grid, *(1,) * (3 - len(grid)), stream, ck.function, ck.packed_metadata, None, None, None, *args, *tail)
 
 
 def _pow2_divisor(n: int) -> int:
@@ -206,8 +245,16 @@ def triton_next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _other_device(q: torch.Tensor) -> bool:
+    # Triton launches on the current CUDA device: make it the tensors' one
+    return q.is_cuda and q.device.index != torch.cuda.current_device()
+
+
 def forward(q, k, v, layout: Layout):
     """``(o [B, H, T, D] dtype of q, lse [B, H, T] float32, base 2)``."""
+    if _other_device(q):
+        with torch.cuda.device(q.device):
+            return forward(q, k, v, layout)
     q, k, v = _prep(q), _prep(k), _prep(v)
     B, H, T, D = q.shape
     K, tab, consts, mode = _common(q, layout)
@@ -218,53 +265,23 @@ def forward(q, k, v, layout: Layout):
     o = _new(q, (B, H, T, D))
     lse = _new(q, (B, H, T), torch.float32)
     grid = (T // cfg["BM"], B * H)
-    K._fwd_kernel[grid](
-        q,
-        k,
-        v,
-        o,
-        lse,
-        tab["VLO"],
-        tab["HEAD_PAT"],
-        tab["ROW_PTR"],
-        tab["COLS"],
-        tab["MASK_IDX"],
-        tab["MASKS"],
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *o.stride()[:3],
-        T,
-        H,
-        layout.nb,
-        math.log2(math.e) / math.sqrt(D),
-        **consts,
-        **cfg,
-    )
+    args = (q, k, v, o, lse, tab["VLO"], tab["HEAD_PAT"], tab["ROW_PTR"], tab["COLS"], tab["MASK_IDX"], tab["MASKS"])
+    args += (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], T, H, layout.nb)
+    _run(K._fwd_kernel, grid, (*args, math.log2(math.e) / math.sqrt(D)), {**consts, **cfg})
     return o, lse
 
 
 def backward(do, q, k, v, o, lse, layout: Layout):
     """``(dq, dk, dv)`` for upstream gradient ``do`` (same shapes and dtypes as q, k, v)."""
+    if _other_device(q):
+        with torch.cuda.device(q.device):
+            return backward(do, q, k, v, o, lse, layout)
     do, q, k, v, o = (_prep(x) for x in (do, q, k, v, o))
     B, H, T, D = q.shape
     K, tab, consts, mode = _common(q, layout)
     sm_scale = 1.0 / math.sqrt(D)
     qk_scale = math.log2(math.e) * sm_scale
     delta = _new(q, (B, H, T), torch.float32)
-    bm = min(64, _pow2_divisor(T))
-    K._delta_kernel[(T // bm, B * H)](
-        o,
-        do,
-        delta,
-        *o.stride()[:3],
-        *do.stride()[:3],
-        T,
-        H,
-        HEAD_D=D,
-        BLOCK_D=consts["BLOCK_D"],
-        BM=bm,
-    )
     dq, dk, dv = _new(q), _new(k), _new(v)
     c1 = _tiles("dkdv", T, D, layout.mode)
     c2 = _tiles("dq", T, D, layout.mode)
@@ -272,60 +289,16 @@ def backward(do, q, k, v, o, lse, layout: Layout):
         c1["BM"] = c1["BN"] = c2["BM"] = c2["BN"] = layout.blocksize
     c2["SPLIT"] = _split(layout, tab, c2["BN"])
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    # dQ first: it computes delta = rowsum(dO * O) of its rows and stores it for dK/dV
+    dq_args = (q, k, v, do, o, dq, lse, delta, tab["VLO"], tab["HEAD_PAT"], tab["ROW_PTR"], tab["COLS"])
+    dq_args += (tab["MASK_IDX"], tab["MASKS"], *strides, *o.stride()[:3], *dq.stride()[:3], T, H, layout.nb)
+    _run(K._dq_kernel, (T // c2["BM"], B * H), (*dq_args, qk_scale, sm_scale), {**consts, **c2})
     passes = [(False, T)] + ([(True, tab["NSUM"])] if mode == K.MODE_FIXED else [])
     for summary, nkeys in passes:
         if nkeys == 0:
             continue
-        K._dkdv_kernel[(triton.cdiv(nkeys, c1["BN"]), B * H)](
-            q,
-            k,
-            v,
-            do,
-            dk,
-            dv,
-            lse,
-            delta,
-            tab["VLO"],
-            tab["HEAD_PAT"],
-            tab["COL_PTR"],
-            tab["ROWS"],
-            tab["ENTRY_MASK"],
-            tab["MASKS"],
-            *strides,
-            *dk.stride()[:3],
-            *dv.stride()[:3],
-            T,
-            H,
-            layout.nb,
-            nkeys,
-            qk_scale,
-            sm_scale,
-            SUMMARY=summary,
-            **consts,
-            **c1,
-        )
-    K._dq_kernel[(T // c2["BM"], B * H)](
-        q,
-        k,
-        v,
-        do,
-        dq,
-        lse,
-        delta,
-        tab["VLO"],
-        tab["HEAD_PAT"],
-        tab["ROW_PTR"],
-        tab["COLS"],
-        tab["MASK_IDX"],
-        tab["MASKS"],
-        *strides,
-        *dq.stride()[:3],
-        T,
-        H,
-        layout.nb,
-        qk_scale,
-        sm_scale,
-        **consts,
-        **c2,
-    )
+        args = (q, k, v, do, dk, dv, lse, delta, tab["VLO"], tab["HEAD_PAT"], tab["COL_PTR"], tab["ROWS"])
+        args += (tab["ENTRY_MASK"], tab["MASKS"], *strides, *dk.stride()[:3], *dv.stride()[:3], T, H, layout.nb)
+        grid = (triton.cdiv(nkeys, c1["BN"]), B * H)
+        _run(K._dkdv_kernel, grid, (*args, nkeys, qk_scale, sm_scale), {"SUMMARY": summary, **consts, **c1})
     return dq, dk, dv
