@@ -253,18 +253,67 @@ def run_case(mode, dtype_name, B, H, T, D, peers=True, budget=1.0):
     return rec
 
 
-def sweep(dtype_name="fp16", B=2, H=8, T=16384, D=64):
-    """Try a few tile configs per kernel and mode on the target shapes; keep the fastest for the
-    timings that follow (recorded in the JSON). Backward variants time the whole backward pass."""
+def graph_ms(fn, reps=30):
+    """Median milliseconds of one CUDA-graph replay of ``fn``: GPU time alone, without the host
+    work of the call (which, for short kernels on a slow host, the event timing of ``timeit``
+    measures instead)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return timeit(g.replay, max_reps=reps, budget_s=0.1)
+
+
+def sweep(dtype_name="fp16", B=2, H=8, T=16384, D=64, modes=("local", "strided", "fixed")):
+    """Try tile configs per kernel and mode on the target shapes, timed as CUDA-graph replays (GPU
+    time: host time would swamp the short kernels); keep the fastest for the timings that follow
+    (recorded in the JSON). Backward variants time the whole backward pass with the other
+    backward kernel at its current config."""
     C = lambda bm, bn, w, s: dict(BM=bm, BN=bn, num_warps=w, num_stages=s)  # noqa: E731
     cands = {
-        "fwd": [C(64, 64, 4, 3), C(128, 64, 4, 3), C(64, 32, 4, 4), C(128, 128, 8, 3), C(128, 64, 8, 3)],
-        "dkdv": [C(32, 64, 4, 4), C(64, 64, 4, 3), C(32, 128, 4, 3), C(64, 128, 8, 3)],
-        "dq": [C(64, 32, 4, 4), C(64, 64, 4, 3), C(128, 32, 4, 3), C(128, 64, 8, 3)],
+        "fwd": [
+            C(64, 64, 4, 3),
+            C(128, 64, 4, 3),
+            C(64, 32, 4, 4),
+            C(128, 32, 4, 4),
+            C(128, 128, 8, 3),
+            C(128, 64, 8, 3),
+            C(64, 128, 4, 3),
+            C(32, 32, 4, 4),
+            C(64, 64, 4, 2),
+            C(128, 64, 4, 2),
+        ],
+        "dkdv": [
+            C(32, 64, 4, 4),
+            C(64, 64, 4, 3),
+            C(32, 128, 4, 3),
+            C(64, 128, 8, 3),
+            C(64, 32, 4, 4),
+            C(128, 64, 8, 3),
+            C(32, 32, 4, 4),
+            C(64, 64, 4, 2),
+            C(128, 128, 8, 3),
+        ],
+        "dq": [
+            C(64, 32, 4, 4),
+            C(64, 64, 4, 3),
+            C(128, 32, 4, 3),
+            C(128, 64, 8, 3),
+            C(32, 64, 4, 4),
+            C(32, 32, 4, 4),
+            C(64, 128, 4, 3),
+            C(128, 64, 4, 3),
+            C(64, 64, 4, 2),
+        ],
     }
     out = {}
     dtype = DT[dtype_name]
-    for mode in ("local", "strided", "fixed"):
+    for mode in modes:
         lay = make_layout(T, H, mode, **PATTERNS[mode])
         q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype) for _ in range(4))
         o, lse = launch.forward(q, k, v, lay)
@@ -279,12 +328,12 @@ def sweep(dtype_name="fp16", B=2, H=8, T=16384, D=64):
                 else:
                     fn = lambda a=(do, q, k, v, o, lse, lay): launch.backward(*a)  # noqa: E731
                 try:
-                    ms = timeit(fn, 0.2)
+                    ms = graph_ms(fn)
                 except Exception as e:
                     ms = float("inf")
                     print("   ", kind, c, type(e).__name__, str(e)[:100])
                 res.append((c, ms))
-                print(f"  sweep {mode:8s} {kind:5s} {c} {ms:.3f} ms", flush=True)
+                print(f"  sweep {mode:8s} {kind:5s} {c} {ms:.4f} ms", flush=True)
             best = min(res, key=lambda r: r[1])
             launch.MODE_CONFIGS[key] = best[0] if math.isfinite(best[1]) else saved
             out.setdefault(mode, {})[kind] = dict(tried=res, chosen=launch.MODE_CONFIGS[key])
@@ -368,6 +417,7 @@ def main():
     ap.add_argument("--no-million", action="store_true", help="skip the time=1,048,576 runs")
     ap.add_argument("--sweep", action="store_true", help="try tile configs on the target shapes first")
     ap.add_argument("--budget", type=float, default=0.5, help="seconds of repeats per measurement")
+    ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--outdir", default=str(Path(__file__).resolve().parents[1] / "benchmarks"))
     args = ap.parse_args()
@@ -391,10 +441,14 @@ def main():
     if fails:
         print("correctness gate FAILED, no timings reported:", fails)
         sys.exit(1)
-    if args.sweep:
-        meta["sweep"] = sweep()
-    meta["mode_configs"] = {"-".join(map(str, k)): v for k, v in launch.MODE_CONFIGS.items()}
     modes = args.modes.split(",")
+    if args.sweep:
+        meta["sweep"] = sweep(modes=[m for m in modes if m != "all"])
+        if args.sweep_only:
+            for k, v in launch.MODE_CONFIGS.items():
+                print(k, v)
+            return
+    meta["mode_configs"] = {"-".join(map(str, k)): v for k, v in launch.MODE_CONFIGS.items()}
     cases = []
     if args.full:
         for T in (4096, 16384, 65536):

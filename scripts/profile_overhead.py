@@ -119,6 +119,32 @@ def measure(name, f, q, k, v, do, graphs=True):
     return rec
 
 
+def calibrate(res):
+    """Host microseconds of plain PyTorch calls on this machine, and of our launcher with and
+    without Triton's own launch path (alternated, so drift hits both)."""
+    x = torch.randn(1024, device="cuda")
+    xs = x.clone().requires_grad_()
+    g = torch.ones_like(x)
+    cal = dict(
+        empty_us=host_us(lambda: torch.empty(2, 8, 16384, 64, device="cuda", dtype=torch.float16), 200),
+        add_us=host_us(lambda: x.add_(1.0), 200),
+        autograd_mul_fb_us=host_us(lambda: (xs * 2.0).backward(g), 200),
+    )
+    lay = make_layout(16384, 8, "local", **PATTERNS["local"])
+    q, k, v = (torch.randn(2, 8, 16384, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    for flag in (False, True):
+        launch._TRITON_LAUNCH = flag
+        launch.forward(q, k, v, lay)
+    for _ in range(3):
+        for flag in (False, True):
+            launch._TRITON_LAUNCH = flag
+            name = f"launch_forward_{'triton' if flag else 'cached'}_us"
+            cal.setdefault(name, []).append(round(host_us(lambda: launch.forward(q, k, v, lay), 200), 1))
+    launch._TRITON_LAUNCH = False
+    print("calibration:", cal, flush=True)
+    res["calibration"] = cal
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
@@ -128,6 +154,7 @@ def main():
     a = ap.parse_args()
     B, H, T, D = 2, 8, a.time, 64
     res = {}
+    calibrate(res)
     for mode in a.modes.split(","):
         lay = make_layout(T, H, mode, **PATTERNS[mode])
         q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=torch.float16) for _ in range(4))
