@@ -8,8 +8,9 @@ For each mode at the issue's target shape (fp16, B2 H8 T16384 D64) it measures, 
 - ``gpu``: the sum of the kernels' durations per call (torch.profiler);
 - ``graph``: one CUDA-graph replay of the call (the kernels back to back, no host work);
 
-once with our cached launches and once with Triton's own ``kernel[grid](...)`` on every launch
-(``SPARSE_ATTENTION_TRITON_LAUNCH``), and for FlexAttention ``local`` as the peer.
+through the public function and through the bare autograd Function (no argument checks), and
+for FlexAttention ``local`` as the peer. ``calibrate`` first times plain PyTorch calls on the
+machine (an allocation, a tiny kernel, a tiny autograd backward) and our forward launcher.
 
     python scripts/profile_overhead.py --out results.json
 """
@@ -120,8 +121,7 @@ def measure(name, f, q, k, v, do, graphs=True):
 
 
 def calibrate(res):
-    """Host microseconds of plain PyTorch calls on this machine, and of our launcher with and
-    without Triton's own launch path (alternated, so drift hits both)."""
+    """Host microseconds of plain PyTorch calls on this machine and of our forward launcher."""
     x = torch.randn(1024, device="cuda")
     xs = x.clone().requires_grad_()
     g = torch.ones_like(x)
@@ -132,15 +132,8 @@ def calibrate(res):
     )
     lay = make_layout(16384, 8, "local", **PATTERNS["local"])
     q, k, v = (torch.randn(2, 8, 16384, 64, device="cuda", dtype=torch.float16) for _ in range(3))
-    for flag in (False, True):
-        launch._TRITON_LAUNCH = flag
-        launch.forward(q, k, v, lay)
-    for _ in range(3):
-        for flag in (False, True):
-            launch._TRITON_LAUNCH = flag
-            name = f"launch_forward_{'triton' if flag else 'cached'}_us"
-            cal.setdefault(name, []).append(round(host_us(lambda: launch.forward(q, k, v, lay), 200), 1))
-    launch._TRITON_LAUNCH = False
+    launch.forward(q, k, v, lay)
+    cal["launch_forward_us"] = host_us(lambda: launch.forward(q, k, v, lay), 200)
     print("calibration:", cal, flush=True)
     res["calibration"] = cal
 
@@ -158,12 +151,8 @@ def main():
     for mode in a.modes.split(","):
         lay = make_layout(T, H, mode, **PATTERNS[mode])
         q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=torch.float16) for _ in range(4))
-        for triton_launch in (False, True):
-            launch._TRITON_LAUNCH = triton_launch
-            name = f"{mode}/{'triton-launch' if triton_launch else 'ours'}"
-            f = lambda x, y, z, lay=lay: ops.blocksparse_attention_bhtd(x, y, z, lay)  # noqa: E731
-            res[name] = measure(name, f, q, k, v, do)
-        launch._TRITON_LAUNCH = False
+        f = lambda x, y, z, lay=lay: ops.blocksparse_attention_bhtd(x, y, z, lay)  # noqa: E731
+        res[f"{mode}/ours"] = measure(f"{mode}/ours", f, q, k, v, do)
         lf = lambda x, y, z, lay=lay: ops._FusedAttention.apply(x, y, z, lay)  # noqa: E731
         res[f"{mode}/no-checks"] = measure(f"{mode}/no-checks", lf, q, k, v, do, graphs=False)
     if not a.no_flex:

@@ -28,17 +28,18 @@ CONFIGS = {
     ("dq", True): dict(BM=128, BN=32, num_warps=4, num_stages=3),
     ("dq", False): dict(BM=64, BN=64, num_warps=4, num_stages=2),
 }
-# Per-mode overrides (kernel, mode, head_dim <= 64), from sweeps on an H100 (benchmarks/).
+# Per-mode overrides (kernel, mode, head_dim <= 64): the fastest of the sweep in
+# benchmarks/sweep-h100.log (`python scripts/bench.py --sweep`, GPU time of CUDA-graph replays).
 MODE_CONFIGS = {
     ("fwd", "local", True): dict(BM=64, BN=64, num_warps=4, num_stages=3),
-    ("fwd", "strided", True): dict(BM=64, BN=64, num_warps=4, num_stages=3),
-    ("fwd", "fixed", True): dict(BM=128, BN=64, num_warps=4, num_stages=3),
-    ("dkdv", "local", True): dict(BM=64, BN=64, num_warps=4, num_stages=3),
-    ("dkdv", "strided", True): dict(BM=32, BN=128, num_warps=4, num_stages=3),
+    ("fwd", "strided", True): dict(BM=64, BN=64, num_warps=4, num_stages=2),
+    ("fwd", "fixed", True): dict(BM=64, BN=64, num_warps=4, num_stages=3),
+    ("dkdv", "local", True): dict(BM=32, BN=64, num_warps=4, num_stages=4),
+    ("dkdv", "strided", True): dict(BM=32, BN=64, num_warps=4, num_stages=4),
     ("dkdv", "fixed", True): dict(BM=64, BN=64, num_warps=4, num_stages=3),
-    ("dq", "local", True): dict(BM=64, BN=32, num_warps=4, num_stages=4),
-    ("dq", "strided", True): dict(BM=64, BN=64, num_warps=4, num_stages=3),
-    ("dq", "fixed", True): dict(BM=64, BN=32, num_warps=4, num_stages=4),
+    ("dq", "local", True): dict(BM=64, BN=64, num_warps=4, num_stages=3),
+    ("dq", "strided", True): dict(BM=64, BN=64, num_warps=4, num_stages=2),
+    ("dq", "fixed", True): dict(BM=64, BN=64, num_warps=4, num_stages=2),
 }
 # Tests set this to fill outputs with NaN before the kernels run, so a skipped tile fails loudly.
 POISON_OUTPUTS = False
@@ -46,10 +47,6 @@ POISON_OUTPUTS = False
 SPLIT_OVERRIDE: bool | None = None
 
 _tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# Set SPARSE_ATTENTION_TRITON_LAUNCH=1 to launch through Triton's own ``kernel[grid](...)`` on every
-# call instead of the cached compiled kernels of ``_run`` (the benchmark compares the two).
-_TRITON_LAUNCH = os.environ.get("SPARSE_ATTENTION_TRITON_LAUNCH", "0") == "1"
-_compiled: dict = {}
 
 
 def interpreting() -> bool:
@@ -93,41 +90,6 @@ def unsupported_reasons(q: torch.Tensor, layout: Layout) -> list[str]:
     if layout.mode == "custom" and layout.blocksize < 16:
         why.append(f"custom layout blocksize {layout.blocksize} < 16")
     return why
-
-
-def _spec(a):
-    # what Triton specialises a launch on: a tensor's dtype and 16-byte alignment, an int's value
-    return (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
-
-
-def _run(kernel, grid: tuple, args: tuple, meta: dict) -> None:
-    """``kernel[grid](*args, **meta)`` with a lean host path.
-
-    Triton binds and specialises all ~40 arguments and hashes the options on every launch; with
-    the short kernels of ``local`` and ``strided`` that host time is longer than the GPU time. The
-    first launch with a given specialisation (dtypes, 16-byte alignment of the tensors, values of
-    the ints, the constexprs) goes through Triton and keeps the compiled kernel; later ones call its
-    launcher directly with the same arguments Triton would pass it. Launch hooks (profilers) and
-    the interpreter always take Triton's path.
-    """
-    from triton import knobs
-
-    if _TRITON_LAUNCH or interpreting() or knobs.runtime.launch_enter_hook is not None:
-        kernel[grid](*args, **meta)
-        return
-    key = (kernel, tuple(_spec(a) for a in args), tuple(meta.items()))
-    hit = _compiled.get(key)
-    if hit is None:
-        ck = kernel[grid](*args, **meta)
-        names = kernel.arg_names[len(args) :]
-        if hasattr(ck, "result") or not hasattr(ck, "packed_metadata"):  # async compile: no cache
-            return
-        _compiled[key] = (ck, tuple(meta[n] for n in names))
-        return
-    ck, tail = hit
-    dev = args[0].device.index
-    stream = triton.runtime.driver.active.get_current_stream(dev)
-    ck.run(*grid, *(1,) * (3 - len(grid)), stream, ck.function, ck.packed_metadata, None, None, None, *args, *tail)
 
 
 def _pow2_divisor(n: int) -> int:
@@ -267,7 +229,7 @@ def forward(q, k, v, layout: Layout):
     grid = (T // cfg["BM"], B * H)
     args = (q, k, v, o, lse, tab["VLO"], tab["HEAD_PAT"], tab["ROW_PTR"], tab["COLS"], tab["MASK_IDX"], tab["MASKS"])
     args += (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], T, H, layout.nb)
-    _run(K._fwd_kernel, grid, (*args, math.log2(math.e) / math.sqrt(D)), {**consts, **cfg})
+    K._fwd_kernel[grid](*args, math.log2(math.e) / math.sqrt(D), **consts, **cfg)
     return o, lse
 
 
@@ -292,7 +254,7 @@ def backward(do, q, k, v, o, lse, layout: Layout):
     # dQ first: it computes delta = rowsum(dO * O) of its rows and stores it for dK/dV
     dq_args = (q, k, v, do, o, dq, lse, delta, tab["VLO"], tab["HEAD_PAT"], tab["ROW_PTR"], tab["COLS"])
     dq_args += (tab["MASK_IDX"], tab["MASKS"], *strides, *o.stride()[:3], *dq.stride()[:3], T, H, layout.nb)
-    _run(K._dq_kernel, (T // c2["BM"], B * H), (*dq_args, qk_scale, sm_scale), {**consts, **c2})
+    K._dq_kernel[(T // c2["BM"], B * H)](*dq_args, qk_scale, sm_scale, **consts, **c2)
     passes = [(False, T)] + ([(True, tab["NSUM"])] if mode == K.MODE_FIXED else [])
     for summary, nkeys in passes:
         if nkeys == 0:
@@ -300,5 +262,5 @@ def backward(do, q, k, v, o, lse, layout: Layout):
         args = (q, k, v, do, dk, dv, lse, delta, tab["VLO"], tab["HEAD_PAT"], tab["COL_PTR"], tab["ROWS"])
         args += (tab["ENTRY_MASK"], tab["MASKS"], *strides, *dk.stride()[:3], *dv.stride()[:3], T, H, layout.nb)
         grid = (triton.cdiv(nkeys, c1["BN"]), B * H)
-        _run(K._dkdv_kernel, grid, (*args, nkeys, qk_scale, sm_scale), {"SUMMARY": summary, **consts, **c1})
+        K._dkdv_kernel[grid](*args, nkeys, qk_scale, sm_scale, SUMMARY=summary, **consts, **c1)
     return dq, dk, dv
