@@ -173,7 +173,7 @@ def _dense(q, k, v, mask):
     return torch.softmax(s.masked_fill(~mask[None], float("-inf")), -1).nan_to_num(0.0) @ v
 
 
-def run_case(mode, dtype_name, B, H, T, D, peers=True, budget=1.0):
+def run_case(mode, dtype_name, B, H, T, D, peers=True, budget=1.0, graphs=True):
     dtype = DT[dtype_name]
     p = dict(PATTERNS[mode])
     lay = make_layout(T, H, mode, **p)
@@ -188,11 +188,20 @@ def run_case(mode, dtype_name, B, H, T, D, peers=True, budget=1.0):
             r = dict(fwd_ms=timeit(fwd, budget), fb_ms=timeit(fb, budget), fb_mem_mib=peak_mem(fb))
         except Exception as e:  # a peer that cannot run this shape is reported, not fatal
             r = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+        if "error" not in r and graphs:
+            # GPU time alone: the same calls captured in a CUDA graph and replayed
+            for key, fn in (("fwd_gpu_ms", fwd), ("fb_gpu_ms", fb)):
+                try:
+                    r[key] = graph_ms(fn)
+                except Exception as e:  # capture is best effort (reported, not fatal)
+                    r[key + "_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+                torch.cuda.synchronize()
         res[name] = r
         print(
             f"  {mode:8s} {dtype_name} T={T:8d} D={D:3d} {name:16s} "
             + (
                 f"fwd {r['fwd_ms']:9.3f} ms  fwd+bwd {r['fb_ms']:9.3f} ms  mem {r['fb_mem_mib']:8.0f} MiB"
+                f"  GPU {fmt(r.get('fwd_gpu_ms'))} / {fmt(r.get('fb_gpu_ms'))} ms"
                 if "error" not in r
                 else r["error"]
             ),
@@ -244,10 +253,18 @@ def run_case(mode, dtype_name, B, H, T, D, peers=True, budget=1.0):
         rec["flex_best_fb_ms"] = min(r["fb_ms"] for r in flex)
         rec["speedup_vs_flex_fwd"] = rec["flex_best_fwd_ms"] / ours["fwd_ms"]
         rec["speedup_vs_flex_fb"] = rec["flex_best_fb_ms"] / ours["fb_ms"]
+        for k in ("fwd", "fb"):
+            g = [r[f"{k}_gpu_ms"] for r in flex if f"{k}_gpu_ms" in r]
+            if g and f"{k}_gpu_ms" in ours:
+                rec[f"flex_best_{k}_gpu_ms"] = min(g)
+                rec[f"speedup_vs_flex_{k}_gpu"] = min(g) / ours[f"{k}_gpu_ms"]
     cud = res.get("sdpa-cudnn", {})
     if "fwd_ms" in cud and "error" not in ours:
         rec["speedup_vs_cudnn_fwd"] = cud["fwd_ms"] / ours["fwd_ms"]
         rec["speedup_vs_cudnn_fb"] = cud["fb_ms"] / ours["fb_ms"]
+        for k in ("fwd", "fb"):
+            if f"{k}_gpu_ms" in cud and f"{k}_gpu_ms" in ours:
+                rec[f"speedup_vs_cudnn_{k}_gpu"] = cud[f"{k}_gpu_ms"] / ours[f"{k}_gpu_ms"]
     del q, k, v, do
     torch.cuda.empty_cache()
     return rec
@@ -378,6 +395,33 @@ def write(records, meta, tag, outdir: Path):
             f"{pair('ours')} | {pair('sdpa-cudnn')} | {pair('sdpa-flash')} | {flex} | {vf} | {vc} | "
             f"{r['floor_fwd_ms']:.3f} / {r['floor_fb_ms']:.3f} | {fmt(mem, 0)} |"
         )
+    lines += [
+        "",
+        "GPU time alone (the same calls captured in a CUDA graph and replayed; ms, forward / fwd+bwd):",
+        "",
+        "| mode | dtype | B×H×T×D | ours | SDPA cuDNN | Flex best | × vs Flex | × vs cuDNN |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        res = r["results"]
+
+        def gpair(x):
+            return "–" if not x or "fwd_gpu_ms" not in x else f"{x['fwd_gpu_ms']:.3f} / {fmt(x.get('fb_gpu_ms'))}"
+
+        def ratio(a, b, r=r):
+            return "–" if a not in r else f"{r[a]:.2f} / {fmt(r.get(b), 2)}"
+
+        fl = (
+            "–"
+            if "flex_best_fwd_gpu_ms" not in r
+            else f"{r['flex_best_fwd_gpu_ms']:.3f} / {fmt(r.get('flex_best_fb_gpu_ms'))}"
+        )
+        lines.append(
+            f"| {r['mode']} | {r['dtype']} | {r['batch']}×{r['heads']}×{r['time']}×{r['head_dim']} | "
+            f"{gpair(res.get('ours'))} | {gpair(res.get('sdpa-cudnn'))} | {fl} | "
+            f"{ratio('speedup_vs_flex_fwd_gpu', 'speedup_vs_flex_fb_gpu')} | "
+            f"{ratio('speedup_vs_cudnn_fwd_gpu', 'speedup_vs_cudnn_fb_gpu')} |"
+        )
     md = "\n".join(lines) + "\n"
     (outdir / f"bench-{tag}.md").write_text(md)
     try:
@@ -461,7 +505,7 @@ def main():
         cases += [(m, "fp16", 1, 8, 1 << 20, 64, False) for m in modes if m != "all"]
     records = []
     for c in cases:
-        records.append(run_case(*c, budget=args.budget))
+        records.append(run_case(*c, budget=args.budget, graphs=c[-1]))
     tag = args.tag or ("full" if args.full else "target")
     md = write(records, meta, tag, Path(args.outdir))
     print(f"\n({time.time() - t0:.0f} s)\n")
