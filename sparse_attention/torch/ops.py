@@ -27,9 +27,17 @@ _MODES = ("all", "local", "strided", "fixed", "custom")
 _KEY_ATTR = "sparse_attention_op_key"
 
 
-def register_layout(layout: Layout) -> int:
+def register_layout(layout: Layout, device=None) -> int:
     """Register a custom layout for the custom ops (done by the first eager call; call it yourself
-    before ``torch.compile`` if the first call of a custom layout is inside a compiled region)."""
+    before ``torch.compile`` if the first call of a custom layout is inside a compiled region).
+
+    With a CUDA ``device``, also put the layout's tables for the fused kernels on it now: needed
+    before ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) if the first call of the layout
+    is inside the compiled region. Built-in modes have no tables and need neither."""
+    if device is not None and torch.device(device).type == "cuda":
+        from .kernels.launch import _device_tables
+
+        _device_tables(layout, torch.empty(0, device=device))
     k = layout._cache.get(_KEY_ATTR)
     if k is None:
         k = len(_REGISTRY)

@@ -215,7 +215,9 @@ def _fwd_kernel(
     V,
     O,
     LSE,
-    VLO,
+    VLO_A,
+    VLO_C,
+    VLO_NV,
     HEAD_PAT,
     ROW_PTR,
     COLS,
@@ -284,7 +286,7 @@ def _fwd_kernel(
     else:
         vlo = 0
         if MODE == 3:
-            vlo = tl.load(VLO + h).to(tl.int64)
+            vlo = (VLO_A - (h % VLO_NV) * VLO_C).to(tl.int64)
             # summary part: every summary key of the groups before the tile's first group is allowed
             g0 = m0 // P1
             g1 = (m0 + BM - 1) // P1
@@ -534,7 +536,9 @@ def _dkdv_kernel(
     DV,
     LSE,
     DELTA,
-    VLO,
+    VLO_A,
+    VLO_C,
+    VLO_NV,
     HEAD_PAT,
     COL_PTR,
     ROWS,
@@ -590,7 +594,7 @@ def _dkdv_kernel(
     kpos = n0 + tl.arange(0, BN)
     vlo = 0
     if SUMMARY:
-        vlo = tl.load(VLO + h).to(tl.int64)
+        vlo = (VLO_A - (h % VLO_NV) * VLO_C).to(tl.int64)
     ktok = _tok(kpos, MODE, SUMMARY, P1, P2, VSB, vlo)
     kvalid = (kpos < NKEYS) & (ktok < T)
     k = _load_rows(K + b * skb + hh * skh, ktok, skt, offs_d, kvalid, SUMMARY, PAD_D, HEAD_D)  # [BN, BLOCK_D]
@@ -725,7 +729,9 @@ def _dq_kernel(
     DQ,
     LSE,
     DELTA,
-    VLO,
+    VLO_A,
+    VLO_C,
+    VLO_NV,
     HEAD_PAT,
     ROW_PTR,
     COLS,
@@ -805,7 +811,7 @@ def _dq_kernel(
     else:
         vlo = 0
         if MODE == 3:
-            vlo = tl.load(VLO + h).to(tl.int64)
+            vlo = (VLO_A - (h % VLO_NV) * VLO_C).to(tl.int64)
             g0 = m0 // P1
             g1 = (m0 + BM - 1) // P1
             sf = g0 * VSB // BN * BN

@@ -105,27 +105,26 @@ def _tiles(kind: str, T: int, D: int, mode: str = "all") -> dict:
     return cfg
 
 
-def _device_tables(layout: Layout, device) -> dict:
+_POINTER_TABLES = ("HEAD_PAT", "ROW_PTR", "COLS", "MASK_IDX", "MASKS", "COL_PTR", "ROWS", "ENTRY_MASK")
+
+
+def _device_tables(layout: Layout, q: torch.Tensor) -> dict:
+    """The kernels' layout arguments: scalars for the built-in modes (their tiles and masks come
+    from the closed form, and ``fixed``'s first summary token of head ``h`` is ``VLO_A - (h %
+    VLO_NV) * VLO_C``), plus the CSR tables of a custom layout on ``q``'s device.
+
+    Built-in modes allocate nothing on the device (their pointer arguments are ``q``, never read),
+    so a call can be the first one inside a CUDA-graph capture (``torch.compile(mode=
+    "reduce-overhead")``); a custom layout's tables are made by its first call on a device, or by
+    ``register_layout(layout, device)`` before capture."""
     per = _tables.setdefault(layout, {})
-    key = str(device)
+    key = q.device if layout.mode == "custom" else None
     if key in per:
-        return per[key]
+        t = per[key]
+        return t if key is not None else {**t, **dict.fromkeys(_POINTER_TABLES, q)}
     p = layout.params
     T, b = layout.time, layout.blocksize
-    t = dict(P1=1, P2=1, VSB=1, NSUM=0)
-    dummy_i32 = torch.zeros(1, dtype=torch.int32, device=device)
-    dummy_i64 = torch.zeros(1, dtype=torch.int64, device=device)
-    t.update(
-        VLO=dummy_i32,
-        HEAD_PAT=dummy_i32,
-        ROW_PTR=dummy_i64,
-        COLS=dummy_i32,
-        MASK_IDX=dummy_i32,
-        MASKS=torch.zeros(1, dtype=torch.int8, device=device),
-        COL_PTR=dummy_i64,
-        ROWS=dummy_i32,
-        ENTRY_MASK=dummy_i32,
-    )
+    t = dict(P1=1, P2=1, VSB=1, NSUM=0, VLO_A=0, VLO_C=0, VLO_NV=1)
     if layout.mode == "local":
         t["P1"] = p["local_attn_ctx"]
     elif layout.mode == "strided":
@@ -135,9 +134,9 @@ def _device_tables(layout: Layout, device) -> dict:
         s = l // b
         t["P1"], t["VSB"] = l, vs * b
         t["NSUM"] = math.ceil(T / l) * vs * b
-        vlo = [fixed_vert_range(h, s, nv, vs)[0] * b for h in range(layout.heads)]
-        t["VLO"] = torch.tensor(vlo, dtype=torch.int32, device=device)
+        t["VLO_A"], t["VLO_NV"], t["VLO_C"] = fixed_vert_range(0, s, nv, vs)[0] * b, nv, vs * b
     elif layout.mode == "custom":
+        device = q.device
         col_ptr, rows, entry = layout.col_table()
 
         def dev(x, dt):
@@ -159,7 +158,7 @@ def _device_tables(layout: Layout, device) -> dict:
     elif layout.mode != "all":
         raise ValueError(f"unknown layout mode {layout.mode!r}")
     per[key] = t
-    return t
+    return _device_tables(layout, q)
 
 
 def _split(layout: Layout, tab: dict, bn: int, tiles: int = 4) -> bool:
@@ -189,7 +188,7 @@ def _common(q: torch.Tensor, layout: Layout):
     from . import attention as K
 
     B, H, T, D = q.shape
-    tab = _device_tables(layout, q.device)
+    tab = _device_tables(layout, q)
     mode = K.MODE_IDS[layout.mode]
     consts = dict(
         HEAD_D=D,
@@ -227,7 +226,21 @@ def forward(q, k, v, layout: Layout):
     o = _new(q, (B, H, T, D))
     lse = _new(q, (B, H, T), torch.float32)
     grid = (T // cfg["BM"], B * H)
-    args = (q, k, v, o, lse, tab["VLO"], tab["HEAD_PAT"], tab["ROW_PTR"], tab["COLS"], tab["MASK_IDX"], tab["MASKS"])
+    args = (
+        q,
+        k,
+        v,
+        o,
+        lse,
+        tab["VLO_A"],
+        tab["VLO_C"],
+        tab["VLO_NV"],
+        tab["HEAD_PAT"],
+        tab["ROW_PTR"],
+        tab["COLS"],
+        tab["MASK_IDX"],
+        tab["MASKS"],
+    )
     args += (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], T, H, layout.nb)
     K._fwd_kernel[grid](*args, math.log2(math.e) / math.sqrt(D), **consts, **cfg)
     return o, lse
@@ -252,14 +265,44 @@ def backward(do, q, k, v, o, lse, layout: Layout):
     c2["SPLIT"] = _split(layout, tab, c2["BN"])
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     # dQ first: it computes delta = rowsum(dO * O) of its rows and stores it for dK/dV
-    dq_args = (q, k, v, do, o, dq, lse, delta, tab["VLO"], tab["HEAD_PAT"], tab["ROW_PTR"], tab["COLS"])
+    dq_args = (
+        q,
+        k,
+        v,
+        do,
+        o,
+        dq,
+        lse,
+        delta,
+        tab["VLO_A"],
+        tab["VLO_C"],
+        tab["VLO_NV"],
+        tab["HEAD_PAT"],
+        tab["ROW_PTR"],
+        tab["COLS"],
+    )
     dq_args += (tab["MASK_IDX"], tab["MASKS"], *strides, *o.stride()[:3], *dq.stride()[:3], T, H, layout.nb)
     K._dq_kernel[(T // c2["BM"], B * H)](*dq_args, qk_scale, sm_scale, **consts, **c2)
     passes = [(False, T)] + ([(True, tab["NSUM"])] if mode == K.MODE_FIXED else [])
     for summary, nkeys in passes:
         if nkeys == 0:
             continue
-        args = (q, k, v, do, dk, dv, lse, delta, tab["VLO"], tab["HEAD_PAT"], tab["COL_PTR"], tab["ROWS"])
+        args = (
+            q,
+            k,
+            v,
+            do,
+            dk,
+            dv,
+            lse,
+            delta,
+            tab["VLO_A"],
+            tab["VLO_C"],
+            tab["VLO_NV"],
+            tab["HEAD_PAT"],
+            tab["COL_PTR"],
+            tab["ROWS"],
+        )
         args += (tab["ENTRY_MASK"], tab["MASKS"], *strides, *dk.stride()[:3], *dv.stride()[:3], T, H, layout.nb)
         grid = (triton.cdiv(nkeys, c1["BN"]), B * H)
         K._dkdv_kernel[grid](*args, nkeys, qk_scale, sm_scale, SUMMARY=summary, **consts, **c1)
