@@ -402,7 +402,7 @@ def write(records, meta, tag, outdir: Path):
         "| mode | dtype | B×H×T×D | ours | SDPA cuDNN | Flex best | × vs Flex | × vs cuDNN |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in records:
+    for r in (r for r in records if "fwd_gpu_ms" in r["results"].get("ours", {})):
         res = r["results"]
 
         def gpair(x):
