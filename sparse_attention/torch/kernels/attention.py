@@ -209,6 +209,25 @@ def _fwd_range(
 
 
 @triton.jit
+def _tile_and_head(HEAVY_LAST: tl.constexpr, MODE: tl.constexpr):
+    """``(tile, bh)`` of this program. Blocks start in grid order (axis 0 fastest); for the
+    triangular patterns (``all``, ``fixed``: a tile's work grows with its query position, or
+    shrinks with its key position) the heaviest tiles of every head go first, so that the light
+    ones fill the tail of the launch instead of a few long programs."""
+    if MODE == 0 or MODE == 3:
+        pid = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
+        nbh = tl.num_programs(1)
+        tile = pid // nbh
+        if HEAVY_LAST:
+            tile = tl.num_programs(0) - 1 - tile
+        bh = pid % nbh
+    else:
+        tile = tl.program_id(0)
+        bh = tl.program_id(1)
+    return tile, bh
+
+
+@triton.jit
 def _fwd_kernel(
     Q,
     K,
@@ -250,8 +269,7 @@ def _fwd_kernel(
     DOT_PREC: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
-    m_blk = tl.program_id(0)
-    bh = tl.program_id(1)
+    m_blk, bh = _tile_and_head(True, MODE)
     b = (bh // H).to(tl.int64)
     h = bh % H
     q_base = Q + b * sqb + h.to(tl.int64) * sqh
@@ -579,8 +597,7 @@ def _dkdv_kernel(
     VSB: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    n_blk = tl.program_id(0)
-    bh = tl.program_id(1)
+    n_blk, bh = _tile_and_head(False, MODE)
     b = (bh // H).to(tl.int64)
     h = bh % H
     hh = h.to(tl.int64)
@@ -771,8 +788,7 @@ def _dq_kernel(
     DOT_PREC: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
-    m_blk = tl.program_id(0)
-    bh = tl.program_id(1)
+    m_blk, bh = _tile_and_head(True, MODE)
     b = (bh // H).to(tl.int64)
     h = bh % H
     hh = h.to(tl.int64)
