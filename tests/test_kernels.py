@@ -132,3 +132,23 @@ def test_strided_views_need_no_copy(launch):
     o, _ = launch.forward(q, k, v, lay)
     ref = masked_reference(q, k, v, lay.to_dense())
     assert rel_err(o, ref) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "heads,l,b,nv,vs", [(8, 128, 32, 4, 1), (6, 128, 16, 3, 2), (4, 256, 32, 2, 4), (3, 32, 32, 1, 1)]
+)
+def test_builtin_layouts_put_nothing_on_the_device(launch, heads, l, b, nv, vs):
+    """Built-in modes pass ``q`` for every table pointer (never read) and ``fixed``'s per-head first
+    summary token in closed form, equal to the layout's own ``fixed_vert_range``; so nothing is
+    allocated on the device (a first call may run inside a CUDA-graph recording)."""
+    from sparse_attention.layouts import fixed_vert_range
+
+    lay = make_layout(4 * l, heads, "fixed", local_attn_ctx=l, blocksize=b, num_verts=nv, vertsize=vs)
+    q = torch.zeros(1, heads, 4 * l, 16)
+    tab = launch._device_tables(lay, q)
+    assert all(tab[name] is q for name in launch._POINTER_TABLES)
+    for h in range(heads):
+        assert tab["VLO_A"] - (h % tab["VLO_NV"]) * tab["VLO_C"] == fixed_vert_range(h, l // b, nv, vs)[0] * b
+    for mode, kw in (("all", {}), ("local", dict(local_attn_ctx=l)), ("strided", dict(local_attn_ctx=l))):
+        tab = launch._device_tables(make_layout(4 * l, heads, mode, blocksize=b, **kw), q)
+        assert all(tab[name] is q for name in launch._POINTER_TABLES)
