@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -150,3 +151,16 @@ def test_too_little_data_is_a_clear_error(tmp_path):
     small.write_bytes(b"x" * 100)
     with pytest.raises(ValueError, match="too small"):
         train.main(TINY + ["--data", str(small), "--out", str(tmp_path), "--steps", "1"])
+
+
+def test_compiled_training_runs(corpus, tmp_path):
+    """``--compile`` (with ``--compile-mode reduce-overhead``, which on the CPU compiles without CUDA
+    graphs) trains, evaluates and samples."""
+    pytest.importorskip("torch._inductor")
+    recs = train.main(
+        TINY
+        + ["--data", str(corpus), "--out", str(tmp_path), "--steps", "3", "--eval-interval", "3"]
+        + ["--attn", "fixed", "--compile", "--compile-mode", "reduce-overhead"]
+    )
+    assert len(recs) == 3 and all(math.isfinite(r["loss"]) for r in recs)
+    assert 0 < recs[-1]["val_bpb"] < 9
