@@ -9,6 +9,8 @@ Writes ``benchmarks/bench-<tag>.json``, ``.md`` and ``.png``.
     python scripts/bench.py                 # the issue's target configuration + 1M-token runs
     python scripts/bench.py --full          # time 4096/16384/65536, fp16/bf16, head_dim 64/128
     python scripts/bench.py --sweep         # also try a few tile configs on the target shapes
+    python scripts/bench.py --full --times 65536 --dtypes bf16 --tag full-65536-bf16   # a slice of --full
+    python scripts/bench.py --merge benchmarks/bench-full-*.json --tag full           # one table of slices
 """
 
 from __future__ import annotations
@@ -457,6 +459,15 @@ def write(records, meta, tag, outdir: Path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="time 4096/16384/65536 x fp16/bf16 x head_dim 64/128")
+    ap.add_argument("--times", default=None, help="comma list (default: 16384; with --full 4096,16384,65536)")
+    ap.add_argument("--dtypes", default=None, help="comma list of fp16, bf16 (default: fp16; with --full both)")
+    ap.add_argument("--head-dims", default=None, help="comma list (default: 64; with --full 64,128)")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="no timing: write one table (--tag, --outdir) from the records of earlier runs' JSON files",
+    )
     ap.add_argument("--modes", default="all,local,strided,fixed")
     ap.add_argument("--no-million", action="store_true", help="skip the time=1,048,576 runs")
     ap.add_argument("--sweep", action="store_true", help="try tile configs on the target shapes first")
@@ -465,6 +476,13 @@ def main():
     ap.add_argument("--tag", default=None)
     ap.add_argument("--outdir", default=str(Path(__file__).resolve().parents[1] / "benchmarks"))
     args = ap.parse_args()
+    if args.merge:
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        meta = dict(runs[0]["meta"])
+        meta["command"] = " ; ".join(r["meta"]["command"] for r in runs)
+        meta["date"] = " ; ".join(sorted({r["meta"]["date"] for r in runs}))
+        print(write([rec for r in runs for rec in r["records"]], meta, args.tag or "merged", Path(args.outdir)))
+        return
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU")
     import triton
@@ -493,21 +511,18 @@ def main():
                 print(k, v)
             return
     meta["mode_configs"] = {"-".join(map(str, k)): v for k, v in launch.MODE_CONFIGS.items()}
-    cases = []
-    if args.full:
-        for T in (4096, 16384, 65536):
-            for dt in ("fp16", "bf16"):
-                for D in (64, 128):
-                    cases += [(m, dt, 2, 8, T, D, True) for m in modes]
-    else:
-        cases += [(m, "fp16", 2, 8, 16384, 64, True) for m in modes]
+    full = args.full
+    times = [int(x) for x in (args.times or ("4096,16384,65536" if full else "16384")).split(",")]
+    dtypes = (args.dtypes or ("fp16,bf16" if full else "fp16")).split(",")
+    dims = [int(x) for x in (args.head_dims or ("64,128" if full else "64")).split(",")]
+    cases = [(m, dt, 2, 8, T, D, True) for T in times for dt in dtypes for D in dims for m in modes]
     if not args.no_million:
         cases += [(m, "fp16", 1, 8, 1 << 20, 64, False) for m in modes if m != "all"]
     records = []
+    tag = args.tag or ("full" if full else "target")
     for c in cases:
         records.append(run_case(*c, budget=args.budget, graphs=c[-1]))
-    tag = args.tag or ("full" if args.full else "target")
-    md = write(records, meta, tag, Path(args.outdir))
+        md = write(records, meta, tag, Path(args.outdir))  # after every case: a cut-off run keeps its results
     print(f"\n({time.time() - t0:.0f} s)\n")
     print(md)
 
