@@ -152,3 +152,22 @@ def test_builtin_layouts_put_nothing_on_the_device(launch, heads, l, b, nv, vs):
     for mode, kw in (("all", {}), ("local", dict(local_attn_ctx=l)), ("strided", dict(local_attn_ctx=l))):
         tab = launch._device_tables(make_layout(4 * l, heads, mode, blocksize=b, **kw), q)
         assert all(tab[name] is q for name in launch._POINTER_TABLES)
+
+
+def test_large_batch_times_heads_runs_in_slices(launch, monkeypatch):
+    """``batch x heads`` above CUDA's 65,535 programs of the second grid dimension runs as several
+    launches over batch slices (forced here with a small limit), with the same results."""
+    lay = make_layout(64, 3, "fixed", local_attn_ctx=32, blocksize=16, num_verts=1, vertsize=1)
+    g = torch.Generator().manual_seed(4)
+    q, k, v, do = (torch.randn(5, 3, 64, 16, generator=g).to(_device()) for _ in range(4))
+    whole = [*launch.forward(q, k, v, lay)]
+    whole += launch.backward(do, q, k, v, whole[0], whole[1], lay)
+    monkeypatch.setattr(launch, "MAX_GRID_Y", 7)  # 2 batch rows (6 programs) per launch
+    assert launch._batch_slices(5, 3) == [(0, 2), (2, 4), (4, 5)]
+    sliced = [*launch.forward(q, k, v, lay)]
+    sliced += launch.backward(do, q, k, v, sliced[0], sliced[1], lay)
+    for a, b in zip(whole, sliced):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(launch, "MAX_GRID_Y", 2)
+    with pytest.raises(ValueError, match="heads"):
+        launch.forward(q, k, v, lay)

@@ -41,6 +41,8 @@ MODE_CONFIGS = {
     ("dq", "strided", True): dict(BM=64, BN=64, num_warps=4, num_stages=2),
     ("dq", "fixed", True): dict(BM=64, BN=64, num_warps=4, num_stages=2),
 }
+# CUDA's limit on the second grid dimension (batch x heads here); larger batches run in slices.
+MAX_GRID_Y = 65535
 # Tests set this to fill outputs with NaN before the kernels run, so a skipped tile fails loudly.
 POISON_OUTPUTS = False
 # Tests force both the split (full + masked loops) and the single masked loop through this.
@@ -206,6 +208,14 @@ def triton_next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _batch_slices(B: int, H: int):
+    """Batch ranges whose ``batch x heads`` programs fit one launch's second grid dimension."""
+    if H > MAX_GRID_Y:
+        raise ValueError(f"heads ({H}) must be at most {MAX_GRID_Y} for the fused kernels")
+    step = MAX_GRID_Y // H
+    return [(a, min(a + step, B)) for a in range(0, B, step)]
+
+
 def _other_device(q: torch.Tensor) -> bool:
     # Triton launches on the current CUDA device: make it the tensors' one
     return q.is_cuda and q.device.index != torch.cuda.current_device()
@@ -216,6 +226,9 @@ def forward(q, k, v, layout: Layout):
     if _other_device(q):
         with torch.cuda.device(q.device):
             return forward(q, k, v, layout)
+    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+        parts = [forward(q[a:b], k[a:b], v[a:b], layout) for a, b in _batch_slices(*q.shape[:2])]
+        return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
     q, k, v = _prep(q), _prep(k), _prep(v)
     B, H, T, D = q.shape
     K, tab, consts, mode = _common(q, layout)
@@ -251,6 +264,11 @@ def backward(do, q, k, v, o, lse, layout: Layout):
     if _other_device(q):
         with torch.cuda.device(q.device):
             return backward(do, q, k, v, o, lse, layout)
+    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+        parts = [
+            backward(do[a:b], q[a:b], k[a:b], v[a:b], o[a:b], lse[a:b], layout) for a, b in _batch_slices(*q.shape[:2])
+        ]
+        return tuple(torch.cat(g) for g in zip(*parts))
     do, q, k, v, o = (_prep(x) for x in (do, q, k, v, o))
     B, H, T, D = q.shape
     K, tab, consts, mode = _common(q, layout)
