@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Device-machine script: the benchmark, then the GPU tests; logs and results under $OUT (default ./gpu_out).
-# Usage: scripts/gpu_run.sh [tests|bench|all] [extra bench args...]
+# Usage: scripts/gpu_run.sh [tests|bench|all|memcheck|attention|full] [extra bench args...]
+#   full: the --full grid for one time (FULL_TIME, default 4096) per call, so each fits one device
+#         command; then `python scripts/bench.py --merge benchmarks/bench-full-*.json --tag full`
 set -o pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -14,6 +16,13 @@ fi
 if [[ $what == tests || $what == all ]]; then
   timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/test_kernels.py tests/test_kernels_split.py tests/test_kernels_gpu.py tests/test_ops.py \
     -n 12 --dist load -v -rf --tb=short -p no:cacheprovider -W ignore > "$OUT/gpu_tests.log" 2>&1; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -n 30
+fi
+if [[ $what == attention ]]; then
+  timeout ${ATTN_TIMEOUT:-300} python3 attention.py fp16 2>&1 | tee "$OUT/attention_fp16.log"
+fi
+if [[ $what == full ]]; then
+  T=${FULL_TIME:-4096}
+  timeout ${BENCH_TIMEOUT:-540} python3 scripts/bench.py --outdir "$OUT" --full --times "$T" --no-million --tag "full-$T" "$@" 2>&1 | tee "$OUT/bench-full-$T.log"
 fi
 if [[ $what == memcheck ]]; then
   CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
