@@ -1,0 +1,182 @@
+"""``local`` and ``strided`` merged in one head (the paper's eq. 7) as two block-sparse passes.
+
+In natural token order the union ``local | strided`` is not block-sparse (the strided half is one
+diagonal in every block), but each half alone is fast: ``local`` is a band and ``strided`` is a
+band in its residue-major order. So this runs the two built-in layouts separately and merges
+them exactly:
+
+- **Forward.** Each pass returns its output ``o_p`` and its log-sum-exp ``lse_p``. With
+  ``L <= l`` the two key sets share only the diagonal key ``j = i``, so the union's softmax is
+  ``o = (o_1 e^lse_1 + o_2 e^lse_2 - v_i e^s_ii) / (e^lse_1 + e^lse_2 - e^s_ii)``.
+- **Backward.** Each pass's backward runs with the *merged* ``o`` and ``lse``. It then
+  normalises its scores by the union's sum and uses the union's
+  ``delta = rowsum(dO * o)``, so it returns exactly the union's gradient restricted to its own
+  keys. The two results are added, and one share of the diagonal key, counted by both passes,
+  is taken off.
+
+Both passes use the same path, the fused kernels or the block gather, whose log-sum-exp is base
+2 or natural respectively, and the merge works in that base.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..layouts import Layout
+from .ops import _check, _layout_of, _use_fused, layout_spec
+
+__all__ = ["merged_local_strided_bhtd", "check_merged_pair"]
+
+LOG2E = 1.0 / math.log(2.0)
+
+
+def check_merged_pair(local: Layout, strided: Layout) -> None:
+    """The pair must be a ``local`` and a ``strided`` layout of one shape with ``L <= l`` (so
+    that the two key sets share only the diagonal)."""
+    for name, lay, mode in (("local", local, "local"), ("strided", strided, "strided")):
+        if not isinstance(lay, Layout) or lay.mode != mode:
+            raise ValueError(f"{name} must be a Layout of mode {mode!r}, got {getattr(lay, 'mode', lay)!r}")
+    if (local.time, local.heads, local.blocksize) != (strided.time, strided.heads, strided.blocksize):
+        raise ValueError(
+            "local and strided layouts must share time, heads and blocksize, got "
+            f"{(local.time, local.heads, local.blocksize)} and {(strided.time, strided.heads, strided.blocksize)}"
+        )
+    L, l = local.params["local_attn_ctx"], strided.params["local_attn_ctx"]
+    if L > l:
+        raise ValueError(
+            f"local_attn_ctx of the local part ({L}) must be <= the stride ({l}): beyond it the parts "
+            "share more keys than the diagonal; use Merged(...).layout(...) (one custom layout) instead"
+        )
+
+
+def _path(q: torch.Tensor, layout: Layout):
+    """``(forward, backward, base2)`` of the path both passes take."""
+    if _use_fused(q, layout):
+        from .kernels.launch import backward, forward
+
+        return forward, backward, True
+    from .blocksparse import gather_backward, gather_forward
+
+    return gather_forward, gather_backward, False
+
+
+def _diag_scores(q, k, cd, base2: bool):
+    s = (q.to(cd) * k.to(cd)).sum(-1) / math.sqrt(q.shape[-1])
+    return s * LOG2E if base2 else s
+
+
+def merged_forward(q, k, v, local: Layout, strided: Layout):
+    """``(o, lse)`` of the union (``lse`` in the base of the path, as its backward wants it)."""
+    fwd, _, base2 = _path(q, local)
+    o1, l1 = fwd(q, k, v, local)
+    o2, l2 = fwd(q, k, v, strided)
+    cd = l1.dtype
+    exp = torch.exp2 if base2 else torch.exp
+    log = torch.log2 if base2 else torch.log
+    m = torch.maximum(l1, l2)  # both contain the diagonal: finite, >= its score
+    w1, w2, wd = exp(l1 - m), exp(l2 - m), exp(_diag_scores(q, k, cd, base2) - m)
+    z = w1 + w2 - wd  # >= max(w1, w2) > 0
+    o = (o1.to(cd) * w1[..., None] + o2.to(cd) * w2[..., None] - v.to(cd) * wd[..., None]) / z[..., None]
+    return o.to(q.dtype), (m + log(z)).contiguous()
+
+
+def merged_backward(do, q, k, v, o, lse, local: Layout, strided: Layout):
+    """``(dq, dk, dv)`` of the union, from the merged ``o`` and ``lse``."""
+    _, bwd, base2 = _path(q, local)
+    g1 = bwd(do, q, k, v, o, lse, local)
+    g2 = bwd(do, q, k, v, o, lse, strided)
+    cd = lse.dtype
+    exp = torch.exp2 if base2 else torch.exp
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qc, kc, vc, doc = q.to(cd), k.to(cd), v.to(cd), do.to(cd)
+    p = exp(_diag_scores(q, k, cd, base2) - lse)  # the diagonal's probability, counted twice
+    ds = p * ((doc * vc).sum(-1) - (doc * o.to(cd)).sum(-1))
+    dq = g1[0].to(cd) + g2[0].to(cd) - (ds * scale)[..., None] * kc
+    dk = g1[1].to(cd) + g2[1].to(cd) - (ds * scale)[..., None] * qc
+    dv = g1[2].to(cd) + g2[2].to(cd) - p[..., None] * doc
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _Merged(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, local, strided):
+        o, lse = merged_forward(q, k, v, local, strided)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.layouts = (local, strided)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        return (*merged_backward(do.contiguous(), *ctx.saved_tensors, *ctx.layouts), None, None)
+
+
+@torch.library.custom_op("sparse_attention::merged_fwd", mutates_args=())
+def _merged_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local: list[int], strided: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return merged_forward(q, k, v, _layout_of(local), _layout_of(strided))
+
+
+@_merged_fwd.register_fake
+def _(q, k, v, local, strided):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=lse_dtype)
+
+
+@torch.library.custom_op("sparse_attention::merged_bwd", mutates_args=())
+def _merged_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    local: list[int],
+    strided: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return merged_backward(do, q, k, v, o, lse, _layout_of(local), _layout_of(strided))
+
+
+@_merged_bwd.register_fake
+def _(do, q, k, v, o, lse, local, strided):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, local, strided = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.keys = (local, strided)
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _merged_bwd(do.contiguous(), q, k, v, o, lse, *ctx.keys)
+    return dq, dk, dv, None, None
+
+
+_merged_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def merged_local_strided_bhtd(q, k, v, local: Layout, strided: Layout) -> torch.Tensor:
+    """Attention of ``[batch, heads, time, head_dim]`` tensors over the union of a ``local``
+    layout (``L``) and a ``strided`` layout (``l >= L``): the paper's merged head (eq. 7), as two
+    fast block-sparse passes merged exactly (module docstring). Differentiable; works under
+    ``torch.compile(fullgraph=True)`` (custom ops ``sparse_attention::merged_fwd/bwd``).
+
+    Example::
+
+        >>> from sparse_attention.layouts import make_layout
+        >>> loc = make_layout(1024, 4, "local", local_attn_ctx=128)
+        >>> st = make_layout(1024, 4, "strided", local_attn_ctx=128)
+        >>> q = k = v = torch.randn(1, 4, 1024, 64)
+        >>> merged_local_strided_bhtd(q, k, v, loc, st).shape
+        torch.Size([1, 4, 1024, 64])
+    """
+    check_merged_pair(local, strided)
+    _check(q, k, v, local)
+    if torch.compiler.is_compiling():
+        return _merged_fwd(q, k, v, layout_spec(local), layout_spec(strided))[0]
+    return _Merged.apply(q, k, v, local, strided)
