@@ -197,7 +197,9 @@ def fused_paths(model, device, impl) -> list[str]:
     """For ``ours``: which path each distinct layout takes (fused kernels or the gather fallback)."""
     if impl != "ours":
         return []
+    from sparse_attention import make_layout
     from sparse_attention.layouts import Layout
+    from sparse_attention.models.patterns import Merged
     from sparse_attention.torch.ops import fused_unsupported_reasons
 
     T = model.cfg.max_time
@@ -206,17 +208,19 @@ def fused_paths(model, device, impl) -> list[str]:
         a = blk.attn.attn
         for _h0, hn, mode, sub in a.spec.groups(a.heads):
             if isinstance(mode, str):
-                from sparse_attention import make_layout
-
                 kw = sub.kwargs(a.blocksize)
                 lay = make_layout(
                     T, hn, mode, kw.get("local_attn_ctx"), a.blocksize, kw.get("num_verts"), kw.get("vertsize")
                 )
+            elif getattr(mode, "local_strided", lambda: None)() is not None:
+                # a merged local | strided head: two passes (sparse_attention.torch.merged)
+                lay = make_layout(T, hn, "local", mode.local_strided()[0], a.blocksize)
             else:
                 lay = mode if isinstance(mode, Layout) else mode.layout(T, hn, a.blocksize)
             q = torch.empty(1, hn, T, model.cfg.d_model // a.heads, device=device, dtype=torch.bfloat16)
             why = fused_unsupported_reasons(q, lay)
-            desc = f"{lay.mode}: " + ("fused" if not why else "gather (" + "; ".join(why) + ")")
+            name = "merged local|strided (two passes)" if isinstance(mode, Merged) and lay.mode == "local" else lay.mode
+            desc = f"{name}: " + ("fused" if not why else "gather (" + "; ".join(why) + ")")
             if desc not in seen:
                 seen.append(desc)
     return seen

@@ -135,8 +135,12 @@ class Custom(Spec):
 class Merged(Spec):
     """The union of several patterns in one head (paper eq. 7), e.g. ``Merged(local, strided)``.
 
-    Unions of ``all``/``local``/``strided`` become one custom layout built block by block at any
-    context (no ``time x time`` array); other unions go through a dense mask (``time <= 8192``).
+    ``Merged(Mode("local", L), Mode("strided", l))`` with ``L <= l`` (the paper's case) runs, in
+    the torch front end, as two fast passes (``local``, and ``strided`` in its residue-major order)
+    merged exactly by their log-sum-exps (:mod:`sparse_attention.torch.merged`). ``layout()``
+    gives the union as one layout: for ``all``/``local``/``strided`` a custom layout built block
+    by block at any context (no ``time x time`` array); for other unions from a dense mask
+    (``time <= 8192``).
     """
 
     parts: tuple
@@ -159,6 +163,17 @@ class Merged(Spec):
             raise ValueError(
                 f"{self} at time={time} needs a dense mask; merge only 'all', 'local' and 'strided' for long contexts"
             )
+
+    def local_strided(self):
+        """``(L, l)`` when this is ``Merged(Mode("local", L), Mode("strided", l))`` (either order)
+        with ``L <= l``: a union that the torch front end runs as two fast block-sparse passes
+        (:mod:`sparse_attention.torch.merged`); else ``None``."""
+        if len(self.parts) != 2 or not all(isinstance(p, Mode) for p in self.parts):
+            return None
+        ctx = {p.mode: p.local_attn_ctx for p in self.parts}
+        if set(ctx) != {"local", "strided"} or ctx["local"] > ctx["strided"]:
+            return None
+        return ctx["local"], ctx["strided"]
 
     def _shift_invariant(self):
         return all(isinstance(p, Mode) and p.mode in _SHIFT_INVARIANT for p in self.parts)

@@ -18,7 +18,7 @@ from torch import nn
 from .. import attention_impl
 from .._api import resolve_spec
 from ..layouts import Layout, make_layout
-from ..models.patterns import Mode, Spec, as_spec
+from ..models.patterns import Merged, Mode, Spec, as_spec
 
 IMPLS = ("sparse", "dense", "sdpa", "flex")
 
@@ -103,7 +103,8 @@ class SparseAttention(nn.Module):
 
 
 def resolve_layouts(spec: Spec, time: int, heads: int, blocksize: int) -> list:
-    """``[(first_head, n_heads, Layout)]``: the block layouts of a spec at one context."""
+    """``[(first_head, n_heads, Layout)]``: the block layouts of a spec at one context (a pair
+    ``(local, strided)`` of layouts for a merged ``local | strided`` head)."""
     from .ops import register_layout
 
     spec.check(time, heads, blocksize)
@@ -116,6 +117,12 @@ def resolve_layouts(spec: Spec, time: int, heads: int, blocksize: int) -> list:
             )
         elif isinstance(mode, Layout):
             lay = resolve_spec(time, hn, mode, None, blocksize, None, None, sparse=True)
+        elif isinstance(mode, Merged) and mode.local_strided() is not None:
+            # eq. 7's local | strided: two fast passes merged exactly (torch.merged)
+            L, l = mode.local_strided()
+            lay = (make_layout(time, hn, "local", L, blocksize), make_layout(time, hn, "strided", l, blocksize))
+            out.append((h0, hn, lay))
+            continue
         else:
             lay = mode.layout(time, hn, blocksize)
         if lay.mode == "custom":
@@ -193,7 +200,13 @@ def _sparse_groups(q, k, v, layouts):
         qh, kh, vh = (
             x[..., h0 * d : (h0 + hn) * d].reshape(B, T, hn, d).transpose(1, 2).contiguous() for x in (q, k, v)
         )
-        outs.append(blocksparse_attention_bhtd(qh, kh, vh, lay).transpose(1, 2).reshape(B, T, hn * d))
+        if isinstance(lay, tuple):
+            from .merged import merged_local_strided_bhtd
+
+            oh = merged_local_strided_bhtd(qh, kh, vh, *lay)
+        else:
+            oh = blocksparse_attention_bhtd(qh, kh, vh, lay)
+        outs.append(oh.transpose(1, 2).reshape(B, T, hn * d))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
