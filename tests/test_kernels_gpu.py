@@ -199,3 +199,25 @@ def test_cuda_graphs_reduce_overhead(launch, mode):
         got = [x.clone() for x in fwd_bwd(comp, q, k, v, do)]
     for g, r in zip(got, ref):
         assert rel_err(g, r) < 1e-2
+
+
+@pytest.mark.parametrize("dt", ["fp16", "bf16"])
+def test_merged_local_strided_on_the_fused_kernels(launch, dt):
+    """Eq. 7's ``local | strided`` head as two fused passes merged by their base-2 log-sum-exps
+    (``sparse_attention.torch.merged``), eager and compiled, against the union's reference."""
+    from sparse_attention.torch.merged import merged_local_strided_bhtd
+
+    T, H, dtype = 2048, 4, DT[dt]
+    loc = make_layout(T, H, "local", local_attn_ctx=128, blocksize=32)
+    st = make_layout(T, H, "strided", local_attn_ctx=128, blocksize=32)
+    mask = torch.from_numpy(loc.to_dense() | st.to_dense()).cuda()
+    q, k, v, do = (torch.randn(2, H, T, 64, device="cuda", dtype=dtype) for _ in range(4))
+    ref = fwd_bwd(lambda a, b, c: masked_reference(a, b, c, mask), q, k, v, do)
+    same = fwd_bwd(lambda a, b, c: masked_reference(a, b, c, mask, dtype=dtype), q, k, v, do)
+
+    def f(a, b, c):
+        return merged_local_strided_bhtd(a, b, c, loc, st)
+
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        for g, r, s in zip(fwd_bwd(fn, q, k, v, do), ref, same):
+            assert rel_err(g, r) <= 2 * rel_err(s, r) + 1e-4
