@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
+from bench import fwd_and_fb, graph_ms, timeit  # scripts/bench.py: the benchmark's timers
 
 from sparse_attention.layouts import make_layout
 from sparse_attention.torch import ops
@@ -33,18 +33,6 @@ PATTERNS = {
     "strided": dict(local_attn_ctx=128, blocksize=32),
     "fixed": dict(local_attn_ctx=128, blocksize=32, num_verts=4, vertsize=1),
 }
-
-
-def event_ms(fn, reps=50):
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    out = []
-    for _ in range(reps):
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        out.append(s.elapsed_time(e))
-    return statistics.median(out)
 
 
 def host_us(fn, reps=50):
@@ -74,31 +62,12 @@ def gpu_us(fn, reps=10):
     return tot / reps, {k[:60]: round(v, 1) for k, v in sorted(names.items(), key=lambda x: -x[1])[:6]}
 
 
-def graph_ms(fn, reps=50):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return event_ms(g.replay, reps)
+def event_ms(fn):
+    return timeit(fn, budget_s=0.2, max_reps=50)
 
 
 def measure(name, f, q, k, v, do, graphs=True):
-    qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
-
-    def fwd():
-        with torch.no_grad():
-            f(q, k, v)
-
-    def fb():
-        for x in (qs, ks, vs):
-            x.grad = None
-        f(qs, ks, vs).backward(do)
-
+    fwd, fb = fwd_and_fb(f, q, k, v, do)
     rec = {}
     for tag, fn in (("fwd", fwd), ("fb", fb)):
         fn()

@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..layouts import Layout
-from .ops import _check, _layout_of, _use_fused, layout_spec
+from .ops import _check, _layout_of, _use_fused, layout_spec, register_attention_autograd
 
 __all__ = ["merged_local_strided_bhtd", "check_merged_pair"]
 
@@ -119,12 +119,6 @@ def _merged_fwd(
     return merged_forward(q, k, v, _layout_of(local), _layout_of(strided))
 
 
-@_merged_fwd.register_fake
-def _(q, k, v, local, strided):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=lse_dtype)
-
-
 @torch.library.custom_op("sparse_attention::merged_bwd", mutates_args=())
 def _merged_bwd(
     do: torch.Tensor,
@@ -139,25 +133,7 @@ def _merged_bwd(
     return merged_backward(do, q, k, v, o, lse, _layout_of(local), _layout_of(strided))
 
 
-@_merged_bwd.register_fake
-def _(do, q, k, v, o, lse, local, strided):
-    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, local, strided = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
-    ctx.keys = (local, strided)
-
-
-def _backward(ctx, do, dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _merged_bwd(do.contiguous(), q, k, v, o, lse, *ctx.keys)
-    return dq, dk, dv, None, None
-
-
-_merged_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_attention_autograd(_merged_fwd, _merged_bwd)
 
 
 def merged_local_strided_bhtd(q, k, v, local: Layout, strided: Layout) -> torch.Tensor:

@@ -123,8 +123,8 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@_attn_fwd.register_fake
-def _(q, k, v, key):
+def _fake_fwd(q, k, v, *keys):
+    # what every forward op returns: (o, lse), contiguous
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype)),
@@ -151,26 +151,29 @@ def _attn_bwd(
     return tuple(x.contiguous() for x in gather_backward(do, q, k, v, o, lse, layout))
 
 
-@_attn_bwd.register_fake
-def _(do, q, k, v, o, lse, key):
-    # both real paths return contiguous gradients, whatever the strides of q, k, v
+def _fake_bwd(do, q, k, v, o, lse, *keys):
+    # the real paths return contiguous gradients, whatever the strides of q, k, v
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, key = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
-    ctx.key = key
+def register_attention_autograd(fwd_op, bwd_op) -> None:
+    """Fake tensors and autograd for a pair of custom ops ``fwd_op(q, k, v, *keys) -> (o, lse)``
+    and ``bwd_op(do, q, k, v, o, lse, *keys) -> (dq, dk, dv)`` (``keys``: layout specs)."""
+    fwd_op.register_fake(_fake_fwd)
+    bwd_op.register_fake(_fake_bwd)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, *keys = inputs
+        ctx.save_for_backward(q, k, v, *output)
+        ctx.keys = keys
+
+    def backward(ctx, do, dlse):
+        return (*bwd_op(do.contiguous(), *ctx.saved_tensors, *ctx.keys), *(None,) * len(ctx.keys))
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward(ctx, do, dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _attn_bwd(do.contiguous(), q, k, v, o, lse, ctx.key)
-    return dq, dk, dv, None
-
-
-_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_attention_autograd(_attn_fwd, _attn_bwd)
 
 
 class _FusedAttention(torch.autograd.Function):

@@ -4,6 +4,7 @@ launchers for the forward and backward passes on natural-order ``[batch, heads, 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import weakref
@@ -121,9 +122,12 @@ def _device_tables(layout: Layout, q: torch.Tensor) -> dict:
     ``register_layout(layout, device)`` before capture."""
     per = _tables.setdefault(layout, {})
     key = q.device if layout.mode == "custom" else None
-    if key in per:
-        t = per[key]
-        return t if key is not None else {**t, **dict.fromkeys(_POINTER_TABLES, q)}
+    if key not in per:
+        per[key] = _build_tables(layout, q.device)
+    return per[key] if key is not None else {**per[key], **dict.fromkeys(_POINTER_TABLES, q)}
+
+
+def _build_tables(layout: Layout, device) -> dict:
     p = layout.params
     T, b = layout.time, layout.blocksize
     t = dict(P1=1, P2=1, VSB=1, NSUM=0, VLO_A=0, VLO_C=0, VLO_NV=1)
@@ -138,7 +142,6 @@ def _device_tables(layout: Layout, q: torch.Tensor) -> dict:
         t["NSUM"] = math.ceil(T / l) * vs * b
         t["VLO_A"], t["VLO_NV"], t["VLO_C"] = fixed_vert_range(0, s, nv, vs)[0] * b, nv, vs * b
     elif layout.mode == "custom":
-        device = q.device
         col_ptr, rows, entry = layout.col_table()
 
         def dev(x, dt):
@@ -159,8 +162,7 @@ def _device_tables(layout: Layout, q: torch.Tensor) -> dict:
         )
     elif layout.mode != "all":
         raise ValueError(f"unknown layout mode {layout.mode!r}")
-    per[key] = t
-    return _device_tables(layout, q)
+    return t
 
 
 def _split(layout: Layout, tab: dict, bn: int, tiles: int = 4) -> bool:
@@ -216,19 +218,28 @@ def _batch_slices(B: int, H: int):
     return [(a, min(a + step, B)) for a in range(0, B, step)]
 
 
-def _other_device(q: torch.Tensor) -> bool:
-    # Triton launches on the current CUDA device: make it the tensors' one
-    return q.is_cuda and q.device.index != torch.cuda.current_device()
+def _whole_call(fn):
+    """Run a launcher on its tensors' CUDA device (Triton launches on the current one), and in
+    batch slices when ``batch x heads`` exceeds one launch's grid (outputs concatenated)."""
+
+    @functools.wraps(fn)
+    def run(*args):
+        *ts, layout = args
+        x = ts[0]
+        if x.is_cuda and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                return run(*args)
+        if x.shape[0] * x.shape[1] > MAX_GRID_Y:
+            parts = [fn(*(t[a:b] for t in ts), layout) for a, b in _batch_slices(*x.shape[:2])]
+            return tuple(torch.cat(g) for g in zip(*parts))
+        return fn(*args)
+
+    return run
 
 
+@_whole_call
 def forward(q, k, v, layout: Layout):
     """``(o [B, H, T, D] dtype of q, lse [B, H, T] float32, base 2)``."""
-    if _other_device(q):
-        with torch.cuda.device(q.device):
-            return forward(q, k, v, layout)
-    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
-        parts = [forward(q[a:b], k[a:b], v[a:b], layout) for a, b in _batch_slices(*q.shape[:2])]
-        return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
     q, k, v = _prep(q), _prep(k), _prep(v)
     B, H, T, D = q.shape
     K, tab, consts, mode = _common(q, layout)
@@ -259,16 +270,9 @@ def forward(q, k, v, layout: Layout):
     return o, lse
 
 
+@_whole_call
 def backward(do, q, k, v, o, lse, layout: Layout):
     """``(dq, dk, dv)`` for upstream gradient ``do`` (same shapes and dtypes as q, k, v)."""
-    if _other_device(q):
-        with torch.cuda.device(q.device):
-            return backward(do, q, k, v, o, lse, layout)
-    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
-        parts = [
-            backward(do[a:b], q[a:b], k[a:b], v[a:b], o[a:b], lse[a:b], layout) for a, b in _batch_slices(*q.shape[:2])
-        ]
-        return tuple(torch.cat(g) for g in zip(*parts))
     do, q, k, v, o = (_prep(x) for x in (do, q, k, v, o))
     B, H, T, D = q.shape
     K, tab, consts, mode = _common(q, layout)
