@@ -194,32 +194,22 @@ def time_variant(variant: str, time_: int, args, device) -> dict:
 
 
 def fused_paths(model, device, impl) -> list[str]:
-    """For ``ours``: which path each distinct layout takes (fused kernels or the gather fallback)."""
+    """For ``ours``: which path each distinct layout takes (fused kernels or the gather fallback),
+    from the same layouts the model's attention runs (``resolve_layouts``)."""
     if impl != "ours":
         return []
-    from sparse_attention import make_layout
-    from sparse_attention.layouts import Layout
-    from sparse_attention.models.patterns import Merged
+    from sparse_attention.torch.nn import resolve_layouts
     from sparse_attention.torch.ops import fused_unsupported_reasons
 
     T = model.cfg.max_time
     seen = []
     for blk in model.blocks:
         a = blk.attn.attn
-        for _h0, hn, mode, sub in a.spec.groups(a.heads):
-            if isinstance(mode, str):
-                kw = sub.kwargs(a.blocksize)
-                lay = make_layout(
-                    T, hn, mode, kw.get("local_attn_ctx"), a.blocksize, kw.get("num_verts"), kw.get("vertsize")
-                )
-            elif getattr(mode, "local_strided", lambda: None)() is not None:
-                # a merged local | strided head: two passes (sparse_attention.torch.merged)
-                lay = make_layout(T, hn, "local", mode.local_strided()[0], a.blocksize)
-            else:
-                lay = mode if isinstance(mode, Layout) else mode.layout(T, hn, a.blocksize)
+        for _h0, hn, lay in resolve_layouts(a.spec, T, a.heads, a.blocksize):
+            merged = isinstance(lay, tuple)  # a merged local | strided head: two passes
             q = torch.empty(1, hn, T, model.cfg.d_model // a.heads, device=device, dtype=torch.bfloat16)
-            why = fused_unsupported_reasons(q, lay)
-            name = "merged local|strided (two passes)" if isinstance(mode, Merged) and lay.mode == "local" else lay.mode
+            why = sorted({w for x in (lay if merged else (lay,)) for w in fused_unsupported_reasons(q, x)})
+            name = "merged local|strided (two passes)" if merged else lay.mode
             desc = f"{name}: " + ("fused" if not why else "gather (" + "; ".join(why) + ")")
             if desc not in seen:
                 seen.append(desc)

@@ -199,7 +199,6 @@ def autocast(args, device):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def evaluate(model, val, args, rank, world, device) -> float:
     """Bits per byte on ``eval_batches * batch_size`` windows spread evenly over the held-out bytes."""
     model.eval()
