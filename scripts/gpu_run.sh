@@ -2,7 +2,7 @@
 # Device-machine script: the benchmark, then the GPU tests; logs and results under $OUT (default ./gpu_out).
 # Usage: scripts/gpu_run.sh [tests|bench|all|memcheck|attention|full] [extra bench args...]
 #   full: the --full grid for one time (FULL_TIME, default 4096) per call, so each fits one device
-#         command; then `python scripts/bench.py --merge benchmarks/bench-full-*.json --tag full`
+#         command (FULL_MILLION=1 adds the 1,048,576-token cases); then `python scripts/bench.py --merge benchmarks/bench-full-*.json --tag full`
 set -o pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -22,7 +22,8 @@ if [[ $what == attention ]]; then
 fi
 if [[ $what == full ]]; then
   T=${FULL_TIME:-4096}
-  timeout ${BENCH_TIMEOUT:-540} python3 scripts/bench.py --outdir "$OUT" --full --times "$T" --no-million --tag "full-$T" "$@" 2>&1 | tee "$OUT/bench-full-$T.log"
+  million=--no-million; [[ ${FULL_MILLION:-0} == 1 ]] && million=
+  timeout ${BENCH_TIMEOUT:-540} python3 scripts/bench.py --outdir "$OUT" --full --times "$T" $million --tag "full-$T" "$@" 2>&1 | tee "$OUT/bench-full-$T.log"
 fi
 if [[ $what == memcheck ]]; then
   CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)

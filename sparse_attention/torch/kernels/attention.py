@@ -58,6 +58,13 @@ def _tok(pos, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1: tl.constexpr, P2: t
 
 
 @triton.jit
+def _summary_start(h, VLO_A, VLO_C, VLO_NV):
+    """fixed: the first summary token of head ``h`` (int64); the layout's closed form, see
+    ``launch._device_tables``."""
+    return (VLO_A - (h % VLO_NV) * VLO_C).to(tl.int64)
+
+
+@triton.jit
 def _allowed(qp, kp, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1: tl.constexpr, VSB: tl.constexpr):
     """The in-block rule on positions ``qp [M, 1]`` / ``kp [1, N]`` (or transposed)."""
     if SUMMARY:
@@ -304,7 +311,7 @@ def _fwd_kernel(
     else:
         vlo = 0
         if MODE == 3:
-            vlo = (VLO_A - (h % VLO_NV) * VLO_C).to(tl.int64)
+            vlo = _summary_start(h, VLO_A, VLO_C, VLO_NV)
             # summary part: every summary key of the groups before the tile's first group is allowed
             g0 = m0 // P1
             g1 = (m0 + BM - 1) // P1
@@ -611,7 +618,7 @@ def _dkdv_kernel(
     kpos = n0 + tl.arange(0, BN)
     vlo = 0
     if SUMMARY:
-        vlo = (VLO_A - (h % VLO_NV) * VLO_C).to(tl.int64)
+        vlo = _summary_start(h, VLO_A, VLO_C, VLO_NV)
     ktok = _tok(kpos, MODE, SUMMARY, P1, P2, VSB, vlo)
     kvalid = (kpos < NKEYS) & (ktok < T)
     k = _load_rows(K + b * skb + hh * skh, ktok, skt, offs_d, kvalid, SUMMARY, PAD_D, HEAD_D)  # [BN, BLOCK_D]
@@ -827,7 +834,7 @@ def _dq_kernel(
     else:
         vlo = 0
         if MODE == 3:
-            vlo = (VLO_A - (h % VLO_NV) * VLO_C).to(tl.int64)
+            vlo = _summary_start(h, VLO_A, VLO_C, VLO_NV)
             g0 = m0 // P1
             g1 = (m0 + BM - 1) // P1
             sf = g0 * VSB // BN * BN
