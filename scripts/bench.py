@@ -237,7 +237,12 @@ def run_case(mode, dtype_name, B, H, T, D, peers=True, budget=1.0, graphs=True):
                     pass
             flex = torch.compile(flex_attention, dynamic=False)
             for name, mm, permuted, per_head in mask_mods(mode, T, H, p):
-                bm = create_block_mask(mm, None, H if per_head else None, T, T, device="cuda", BLOCK_SIZE=128)
+                # a dense [heads, T, T] evaluation of the mask is too big at long T (per-head fixed
+                # at 65,536 asked for 256 GiB): Flex's compiled mask builder works block by block
+                big = (H if per_head else 1) * T * T > 2**31
+                bm = create_block_mask(
+                    mm, None, H if per_head else None, T, T, device="cuda", BLOCK_SIZE=128, _compile=big
+                )
                 if permuted:
                     perm = torch.from_numpy(lay.perm).cuda()
                     qq, kk, vv, dd = (x.index_select(2, perm).contiguous() for x in (q, k, v, do))

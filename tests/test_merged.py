@@ -45,14 +45,41 @@ def test_gather_path_matches_the_union(L, l, b, dtype):
     _check_against_reference(lambda a, b_, c: M.merged_local_strided_bhtd(a, b_, c, loc, st), loc, st, dtype)
 
 
-@pytest.mark.parametrize("L,l,b", [(32, 32, 16), (16, 32, 16)])
-def test_fused_kernels_merge(launch, monkeypatch, L, l, b):
-    """The merge on the fused kernels' base-2 log-sum-exps (interpreter on the CPU)."""
+@pytest.mark.parametrize(
+    "L,l,b,T,D,dtype",
+    [
+        (32, 32, 16, 128, 16, torch.float32),
+        (16, 32, 16, 128, 16, torch.float32),
+        # time not a multiple of the merge kernels' 32 rows; head_dim padded to 32
+        (16, 16, 16, 112, 24, torch.float16),
+        # (bf16 on the GPU only: the interpreter computes through numpy, which has no bfloat16)
+        (32, 64, 32, 128, 16, torch.float16),
+    ],
+)
+def test_fused_kernels_merge(launch, monkeypatch, L, l, b, T, D, dtype):
+    """The merge on the fused kernels' base-2 log-sum-exps, with its row-wise merge kernels
+    (interpreter on the CPU); outputs NaN-poisoned, so a row the merge kernels skip fails."""
     monkeypatch.setattr(M, "_path", lambda q, lay: (launch.forward, launch.backward, True))
-    loc, st = _pair(128, 2, L, l, b)
+    loc, st = _pair(T, 2, L, l, b)
     _check_against_reference(
-        lambda a, b_, c: M._Merged.apply(a, b_, c, loc, st), loc, st, torch.float32, _device(), B=1, D=16
+        lambda a, b_, c: M._Merged.apply(a, b_, c, loc, st), loc, st, dtype, _device(), B=1, D=D
     )
+
+
+def test_fused_merge_takes_strided_views(launch, monkeypatch):
+    """q, k, v as head-dim-contiguous views of one ``[batch, time, 3, heads, head_dim]`` tensor
+    (how a model slices them), so the merge kernels' strides are not the contiguous ones."""
+    monkeypatch.setattr(M, "_path", lambda q, lay: (launch.forward, launch.backward, True))
+    loc, st = _pair(64, 2, 16, 16, 16)
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 64, 3, 2, 16, generator=g).to(_device())
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    do = torch.randn(2, 2, 64, 16, generator=g).to(_device())
+    mask = torch.from_numpy(loc.to_dense() | st.to_dense()).to(_device())
+    ref = fwd_bwd(lambda a, b_, c: masked_reference(a, b_, c, mask), q, k, v, do)
+    got = fwd_bwd(lambda a, b_, c: M._Merged.apply(a, b_, c, loc, st), q, k, v, do)
+    for name, x, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert rel_err(x, r) <= 1e-5, f"{name}: {rel_err(x, r):.2e}"
 
 
 def test_compile_fullgraph_and_opcheck():

@@ -15,7 +15,8 @@ them exactly:
   is taken off.
 
 Both passes use the same path, the fused kernels or the block gather, whose log-sum-exp is base
-2 or natural respectively, and the merge works in that base.
+2 or natural respectively, and the merge works in that base. On the fused path the merge itself
+is one row-wise Triton kernel each way (``kernels/merge.py``); on the gather path, torch ops.
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ def merged_forward(q, k, v, local: Layout, strided: Layout):
     fwd, _, base2 = _path(q, local)
     o1, l1 = fwd(q, k, v, local)
     o2, l2 = fwd(q, k, v, strided)
+    if base2:  # fused path: one row-wise kernel
+        from .kernels.merge import merge_forward
+
+        return merge_forward(q, k, v, o1, l1, o2, l2)
     cd = l1.dtype
     exp = torch.exp2 if base2 else torch.exp
     log = torch.log2 if base2 else torch.log
@@ -87,6 +92,10 @@ def merged_backward(do, q, k, v, o, lse, local: Layout, strided: Layout):
     _, bwd, base2 = _path(q, local)
     g1 = bwd(do, q, k, v, o, lse, local)
     g2 = bwd(do, q, k, v, o, lse, strided)
+    if base2:
+        from .kernels.merge import merge_backward
+
+        return merge_backward(do, q, k, v, o, lse, g1, g2)
     cd = lse.dtype
     exp = torch.exp2 if base2 else torch.exp
     scale = 1.0 / math.sqrt(q.shape[-1])
