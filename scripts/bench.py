@@ -461,6 +461,16 @@ def write(records, meta, tag, outdir: Path):
     return md
 
 
+def merge_records(runs: list[dict]) -> list[dict]:
+    """The records of several runs, in order; a case (mode, dtype, shape) measured again in a
+    later run is replaced by that run's record (ours and every peer come from one run)."""
+    out: dict = {}
+    for r in runs:
+        for rec in r["records"]:
+            out[tuple(rec[k] for k in ("mode", "dtype", "batch", "heads", "time", "head_dim"))] = rec
+    return list(out.values())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="time 4096/16384/65536 x fp16/bf16 x head_dim 64/128")
@@ -471,7 +481,8 @@ def main():
         "--merge",
         nargs="+",
         metavar="JSON",
-        help="no timing: write one table (--tag, --outdir) from the records of earlier runs' JSON files",
+        help="no timing: write one table (--tag, --outdir) from the records of earlier runs' JSON files "
+        "(a case in several runs: the last one's record)",
     )
     ap.add_argument("--modes", default="all,local,strided,fixed")
     ap.add_argument("--no-million", action="store_true", help="skip the time=1,048,576 runs")
@@ -486,7 +497,7 @@ def main():
         meta = dict(runs[0]["meta"])
         meta["command"] = " ; ".join(r["meta"]["command"] for r in runs)
         meta["date"] = " ; ".join(sorted({r["meta"]["date"] for r in runs}))
-        print(write([rec for r in runs for rec in r["records"]], meta, args.tag or "merged", Path(args.outdir)))
+        print(write(merge_records(runs), meta, args.tag or "merged", Path(args.outdir)))
         return
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU")
