@@ -369,6 +369,73 @@ def fmt(x, nd=3):
     return "–" if x is None else f"{x:.{nd}f}"
 
 
+def _plot(records, meta, path: Path):
+    """Bars per case for one time; for a grid over several times, ms against time per mode (fp16;
+    head_dim 64 solid, 128 dashed; GPU time where recorded, else CUDA-event time)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in records if "error" not in r["results"]["ours"]]
+    grid = [r for r in recs if r["results"].get("sdpa-cudnn")]  # the peer-timed cases
+    times = sorted({r["time"] for r in grid})
+    if len(times) < 2:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+        names = ["ours", "sdpa-cudnn", "sdpa-flash", "flex", "flex-transposed"]
+        for ax, key, title in ((axes[0], "fwd_ms", "forward"), (axes[1], "fb_ms", "forward + backward")):
+            w = 0.16
+            for ni, n in enumerate(names):
+                ys = [r["results"].get(n, {}).get(key, 0) or 0 for r in recs]
+                ax.bar([x + ni * w for x in range(len(recs))], ys, w, label=n)
+            ax.set_xticks([x + 2 * w for x in range(len(recs))])
+            ax.set_xticklabels(
+                [f"{r['mode']}\n{r['dtype']} T={r['time']}\nD={r['head_dim']}" for r in recs], fontsize=7
+            )
+            ax.set_yscale("log")
+            ax.set_ylabel("ms (log)")
+            ax.set_title(title)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{meta['device']}, batch×heads as in the table", fontsize=9)
+    else:
+        modes = list(dict.fromkeys(r["mode"] for r in grid))
+        fig, axes = plt.subplots(2, len(modes), figsize=(3.6 * len(modes), 6.4), squeeze=False)
+        peers = (("ours", "C0"), ("sdpa-cudnn", "C1"), ("flex best", "C3"))
+
+        def ms(r, peer, k):
+            res = r["results"]
+            if peer == "flex best":
+                got = [ms(r, n, k) for n in res if n.startswith("flex")]
+                got = [x for x in got if x is not None]
+                return min(got) if got else None
+            x = res.get(peer, {})
+            return x.get(f"{k}_gpu_ms", x.get(f"{k}_ms"))
+
+        for col, mode in enumerate(modes):
+            for row, (k, title) in enumerate((("fwd", "forward"), ("fb", "forward + backward"))):
+                ax = axes[row][col]
+                for D, ls in ((64, "-"), (128, "--")):
+                    rs = sorted(
+                        (r for r in grid if r["mode"] == mode and r["dtype"] == "fp16" and r["head_dim"] == D),
+                        key=lambda r: r["time"],
+                    )
+                    for peer, c in peers:
+                        pts = [(r["time"], ms(r, peer, k)) for r in rs if ms(r, peer, k) is not None]
+                        if pts:
+                            ax.plot(*zip(*pts), ls, color=c, marker="o", ms=3, label=f"{peer} D={D}")
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_title(f"{mode}: {title}", fontsize=9)
+                ax.set_xlabel("time (tokens)", fontsize=8)
+                if col == 0:
+                    ax.set_ylabel("ms (log), GPU time", fontsize=8)
+        axes[0][0].legend(fontsize=6)
+        fig.suptitle(f"{meta['device']}, fp16, batch 2, heads 8 (bf16 and event times: the table)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write(records, meta, tag, outdir: Path):
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / f"bench-{tag}.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
@@ -432,30 +499,7 @@ def write(records, meta, tag, outdir: Path):
     md = "\n".join(lines) + "\n"
     (outdir / f"bench-{tag}.md").write_text(md)
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        recs = [r for r in records if "error" not in r["results"]["ours"]]
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-        names = ["ours", "sdpa-cudnn", "sdpa-flash", "flex", "flex-transposed"]
-        for ax, key, title in ((axes[0], "fwd_ms", "forward"), (axes[1], "fb_ms", "forward + backward")):
-            w = 0.16
-            for ni, n in enumerate(names):
-                ys = [r["results"].get(n, {}).get(key, 0) or 0 for r in recs]
-                ax.bar([x + ni * w for x in range(len(recs))], ys, w, label=n)
-            ax.set_xticks([x + 2 * w for x in range(len(recs))])
-            ax.set_xticklabels(
-                [f"{r['mode']}\n{r['dtype']} T={r['time']}\nD={r['head_dim']}" for r in recs], fontsize=7
-            )
-            ax.set_yscale("log")
-            ax.set_ylabel("ms (log)")
-            ax.set_title(title)
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"{meta['device']}, batch×heads as in the table", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(outdir / f"bench-{tag}.png", dpi=110)
+        _plot(records, meta, outdir / f"bench-{tag}.png")
     except Exception as e:  # the plot is optional (matplotlib: the bench extra)
         print("plot skipped:", e)
     return md
