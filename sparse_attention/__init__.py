@@ -11,7 +11,7 @@ picked from their type, and neither is imported before a tensor of it arrives.
 
 from __future__ import annotations
 
-from ._api import backend_for, check_tensors, resolve_spec
+from ._api import backend_for, check_shapes, resolve_spec
 from .layouts import MODES, Layout, allowed, csr_layout, custom_layout, dense_mask, from_dense, make_layout
 from .recompute import recomputable
 
@@ -40,7 +40,7 @@ def attention_impl(q, k, v, heads, attn_mode, local_attn_ctx=None, blocksize=32,
     to check the block-sparse path, not for long sequences.
     """
     backend = backend_for(q, k, v)
-    _, time, _ = check_tensors(q, k, v, heads)
+    _, time, _ = check_shapes(q, k, v, heads)
     spec = resolve_spec(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, sparse=False)
     return backend.dense_attention(q, k, v, heads, spec)
 
@@ -77,6 +77,6 @@ def blocksparse_attention_impl(
         . . . . x x x x x x x x x x x x      (row 15)
     """
     backend = backend_for(q, k, v)
-    _, time, _ = check_tensors(q, k, v, heads)
+    _, time, _ = check_shapes(q, k, v, heads)
     layout = resolve_spec(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, sparse=True)
     return backend.blocksparse_attention(q, k, v, heads, layout)

@@ -8,7 +8,11 @@ or the dict of :func:`~sparse_attention.layouts.validate_pattern`. No framework 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import weakref
+
+import numpy as np
 
 from .layouts import Layout, make_layout, validate_pattern
 
@@ -44,7 +48,7 @@ def backend_for(q, k, v):
     return sys.modules[name]
 
 
-def check_tensors(q, k, v, heads) -> tuple[int, int, int]:
+def check_shapes(q, k, v, heads) -> tuple[int, int, int]:
     """Rank, shapes, heads; dtypes and devices are the backend's to check. Returns (batch, time, dim)."""
     if not isinstance(heads, int) or isinstance(heads, bool):
         raise TypeError(f"heads must be an int, got {type(heads).__name__} {heads!r}")
@@ -90,13 +94,15 @@ def resolve_spec(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, v
     )
 
 
+_BROADCAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def broadcast_heads(lay: Layout, heads: int) -> Layout:
-    """A one-head layout shared by ``heads`` heads (tables are shared, not copied)."""
-    import dataclasses
-
-    import numpy as np
-
+    """A one-head layout shared by ``heads`` heads (tables are shared, not copied); one per
+    ``(layout, heads)``, so that a training loop reuses it (and its device tables)."""
     if lay.heads == heads:
         return lay
-    new = dataclasses.replace(lay, heads=heads, head_pattern=np.repeat(lay.head_pattern[:1], heads))
-    return new
+    per = _BROADCAST.setdefault(lay, {})
+    if heads not in per:
+        per[heads] = dataclasses.replace(lay, heads=heads, head_pattern=np.repeat(lay.head_pattern[:1], heads))
+    return per[heads]

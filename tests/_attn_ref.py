@@ -1,20 +1,20 @@
-"""Shared helpers for the kernel tests: a dense float64 reference built from the very layout the
-kernels consume, and a same-dtype PyTorch computation that sets the error budget."""
+"""The one harness of the torch tests: a fast path's output and its three gradients against a
+float64 reference, within twice the error of a plain same-dtype computation (flash-attention's
+rule) plus a small floor. References are the library's dense ``masked_attention`` under the mask
+of the very layout the fast path consumes (or the dense front end ``attention_impl``)."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from sparse_attention.torch.reference import masked_attention
 
-def masked_reference(q, k, v, mask: np.ndarray, dtype=torch.float64):
-    """Dense masked attention in ``dtype`` on ``[B, H, T, D]``; rows with no allowed key give 0."""
-    q, k, v = (x.to(dtype) for x in (q, k, v))
-    m = torch.as_tensor(mask, device=q.device)[None]
-    s = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
-    s = s.masked_fill(~m, float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    return p @ v
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def masked_reference(q, k, v, mask, dtype=torch.float64):
+    """Dense masked attention of ``[B, H, T, D]`` computed in ``dtype`` (rows with no key give 0)."""
+    return masked_attention(q, k, v, mask, dtype=dtype).to(dtype)
 
 
 def fwd_bwd(fn, q, k, v, do):
@@ -28,3 +28,36 @@ def fwd_bwd(fn, q, k, v, do):
 def rel_err(a, b) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def max_err(a, b) -> float:
+    """Largest absolute difference, relative to the reference's largest magnitude where that is
+    above 1 (so that an all-zero reference, e.g. dq of a row with one key, is compared absolutely)."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
+
+
+def check_against_reference(fn, q, k, v, do, *, mask=None, ref=None, floor=None):
+    """Assert that ``fn``'s output and ``dq, dk, dv`` match the float64 reference.
+
+    The reference is ``ref`` (a function of ``q, k, v``, run on float64 copies; its run on the
+    inputs' dtype sets the budget) or, given ``mask``, dense masked attention under it. Every
+    result must be finite, of the inputs' dtype and shape, with relative error at most
+    ``2 * err(same dtype) + floor`` (:func:`max_err`). Returns ``fn``'s four results.
+    """
+    dtype = q.dtype
+    if ref is None:
+
+        def ref(a, b, c):
+            return masked_attention(a, b, c, mask, dtype=a.dtype)
+
+    floor = FLOOR[dtype] if floor is None else floor
+    want = fwd_bwd(ref, q.double(), k.double(), v.double(), do.double())
+    same = want if dtype == torch.float64 else fwd_bwd(ref, q, k, v, do)
+    got = fwd_bwd(fn, q, k, v, do)
+    for name, x, s, r in zip(("out", "dq", "dk", "dv"), got, same, want):
+        assert x.dtype == dtype and x.shape == r.shape, (name, x.dtype, x.shape)
+        assert torch.isfinite(x).all(), f"{name}: non-finite values (an unwritten tile or NaN)"
+        err, budget = max_err(x, r), 2 * max_err(s, r) + floor
+        assert err <= budget, f"{name}: error {err:.2e} > budget {budget:.2e} (2 x same-dtype + floor)"
+    return got

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _attn_ref import fwd_bwd, masked_reference, rel_err
+from _attn_ref import check_against_reference, fwd_bwd, masked_reference, rel_err
 from _kernel_env import INTERPRET, launch_fixture  # noqa: F401  (sets TRITON_INTERPRET; the `launch` fixture)
 from _kernel_env import device as _device
 
@@ -83,6 +83,13 @@ CASES = [
 ]
 
 
+def kernels(launch, lay):
+    """The launchers as one differentiable function (the autograd Function of the dispatch)."""
+    from sparse_attention.torch.dispatch import EagerAttention
+
+    return lambda q, k, v: EagerAttention.apply(q, k, v, launch.forward, launch.backward, lay)
+
+
 @pytest.mark.parametrize("make, D, dtype", CASES)
 def test_forward_backward(launch, make, D, dtype):
     lay = make()
@@ -91,21 +98,7 @@ def test_forward_backward(launch, make, D, dtype):
     g = torch.Generator().manual_seed(1)
     q, k, v, do = (torch.randn(B, H, T, D, generator=g).to(dev, dtype) for _ in range(4))
     mask = lay.to_dense()
-    ref = fwd_bwd(lambda a, b, c: masked_reference(a, b, c, mask), q, k, v, do)
-
-    o, lse = launch.forward(q, k, v, lay)
-    got = [o, *launch.backward(do, q, k, v, o, lse, lay)]
-    # the budget: a plain same-dtype PyTorch computation (for fp32 a fixed bound)
-    if dtype == torch.float32:
-        budget = [1e-5] * 4
-    else:
-        same = fwd_bwd(lambda a, b, c: masked_reference(a, b, c, mask, dtype=dtype), q, k, v, do)
-        budget = [2 * rel_err(s, r) + 1e-4 for s, r in zip(same, ref)]
-    for name, x, r, tol in zip(("out", "dq", "dk", "dv"), got, ref, budget):
-        assert torch.isfinite(x).all(), f"{name}: non-finite values (unwritten or NaN)"
-        assert x.dtype == dtype
-        err = rel_err(x, r)
-        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.2e}"
+    o = check_against_reference(kernels(launch, lay), q, k, v, do, mask=mask)[0]
     empty = ~mask.any(-1)  # [H, T]
     if empty.any():
         assert (o[:, torch.from_numpy(empty)] == 0).all(), "rows with no allowed key must output 0"
@@ -145,13 +138,13 @@ def test_builtin_layouts_put_nothing_on_the_device(launch, heads, l, b, nv, vs):
 
     lay = make_layout(4 * l, heads, "fixed", local_attn_ctx=l, blocksize=b, num_verts=nv, vertsize=vs)
     q = torch.zeros(1, heads, 4 * l, 16)
-    tab = launch._device_tables(lay, q)
-    assert all(tab[name] is q for name in launch._POINTER_TABLES)
+    tab = launch.device_tables(lay, q)
+    assert all(tab[name] is q for name in launch.POINTER_TABLES)
     for h in range(heads):
         assert tab["VLO_A"] - (h % tab["VLO_NV"]) * tab["VLO_C"] == fixed_vert_range(h, l // b, nv, vs)[0] * b
     for mode, kw in (("all", {}), ("local", dict(local_attn_ctx=l)), ("strided", dict(local_attn_ctx=l))):
-        tab = launch._device_tables(make_layout(4 * l, heads, mode, blocksize=b, **kw), q)
-        assert all(tab[name] is q for name in launch._POINTER_TABLES)
+        tab = launch.device_tables(make_layout(4 * l, heads, mode, blocksize=b, **kw), q)
+        assert all(tab[name] is q for name in launch.POINTER_TABLES)
 
 
 def test_large_batch_times_heads_runs_in_slices(launch, monkeypatch):
@@ -163,7 +156,7 @@ def test_large_batch_times_heads_runs_in_slices(launch, monkeypatch):
     whole = [*launch.forward(q, k, v, lay)]
     whole += launch.backward(do, q, k, v, whole[0], whole[1], lay)
     monkeypatch.setattr(launch, "MAX_GRID_Y", 7)  # 2 batch rows (6 programs) per launch
-    assert launch._batch_slices(5, 3) == [(0, 2), (2, 4), (4, 5)]
+    assert launch.batch_slices(5, 3) == [(0, 2), (2, 4), (4, 5)]
     sliced = [*launch.forward(q, k, v, lay)]
     sliced += launch.backward(do, q, k, v, sliced[0], sliced[1], lay)
     for a, b in zip(whole, sliced):

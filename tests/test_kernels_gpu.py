@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _attn_ref import fwd_bwd, masked_reference, rel_err
+from _attn_ref import check_against_reference, fwd_bwd, masked_reference, rel_err
 
 from sparse_attention.layouts import custom_layout, from_dense, make_layout
 
@@ -62,20 +62,14 @@ PARAMS = [
 
 
 def _check(launch, lay, D, dtype, B=2, seed=0):
+    from sparse_attention.torch.dispatch import EagerAttention
+
     T, H = lay.time, lay.heads
     g = torch.Generator().manual_seed(seed)
     q, k, v, do = (torch.randn(B, H, T, D, generator=g).cuda().to(dtype) for _ in range(4))
     mask = torch.from_numpy(lay.to_dense()).cuda()
-    ref = fwd_bwd(lambda a, b, c: masked_reference(a, b, c, mask), q, k, v, do)
-    same = fwd_bwd(lambda a, b, c: masked_reference(a, b, c, mask, dtype=dtype), q, k, v, do)
-    o, lse = launch.forward(q, k, v, lay)
-    got = [o, *launch.backward(do, q, k, v, o, lse, lay)]
-    floor = 1e-5 if dtype == torch.float32 else 1e-4
-    for name, x, s, r in zip(("out", "dq", "dk", "dv"), got, same, ref):
-        assert torch.isfinite(x).all(), f"{name}: non-finite values (unwritten tile or NaN)"
-        err, budget = rel_err(x, r), max(2 * rel_err(s, r), floor)
-        assert err <= budget, f"{name}: relative error {err:.2e} > budget {budget:.2e} (torch same-dtype x2)"
-    return got
+    fn = lambda a, b, c: EagerAttention.apply(a, b, c, launch.forward, launch.backward, lay)  # noqa: E731
+    return check_against_reference(fn, q, k, v, do, mask=mask)
 
 
 @pytest.mark.parametrize("mode, dt, b, D", PARAMS)
@@ -149,7 +143,7 @@ def test_million_tokens_64bit_offsets(launch):
 
 
 def test_ops_dispatch_and_compile(launch):
-    from sparse_attention.torch.ops import blocksparse_attention_bhtd
+    from sparse_attention.torch import blocksparse_attention_bhtd
 
     for lay in (_layout("fixed", 2048, 4, 32), _layout("all", 2048, 4, 32)):
         q, k, v, do = (torch.randn(2, 4, 2048, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
@@ -177,7 +171,7 @@ def test_cuda_graphs_reduce_overhead(launch, mode):
     """``torch.compile(mode="reduce-overhead")`` records the fused kernels in CUDA graphs: a
     layout's first call may be inside the recording (built-in modes allocate no device tables;
     a custom layout's are put on the device by ``register_layout``), and replays match eager."""
-    from sparse_attention.torch.ops import blocksparse_attention_bhtd, register_layout
+    from sparse_attention.torch import blocksparse_attention_bhtd, register_layout
 
     T, H = 768, 4  # a shape no other test uses: the layout's first fused call is the compiled one
     if mode == "custom":
@@ -205,7 +199,7 @@ def test_cuda_graphs_reduce_overhead(launch, mode):
 def test_merged_local_strided_on_the_fused_kernels(launch, dt):
     """Eq. 7's ``local | strided`` head as two fused passes merged by their base-2 log-sum-exps
     (``sparse_attention.torch.merged``), eager and compiled, against the union's reference."""
-    from sparse_attention.torch.merged import merged_local_strided_bhtd
+    from sparse_attention.torch import merged_local_strided_bhtd
 
     T, H, dtype = 2048, 4, DT[dt]
     loc = make_layout(T, H, "local", local_attn_ctx=128, blocksize=32)

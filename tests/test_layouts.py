@@ -93,14 +93,10 @@ def test_layout_tables_match_closed_form(T, H, mode, L, b, nv, vs):
 def test_transposed_tables(T, H, mode, L, b, nv, vs):
     lay = make_layout(T, H, mode, L, b, nv, vs)
     bl = lay.block_layout()
-    lo1, hi1, lo2 = lay.col_ranges()
     col_ptr, rows, entry = lay.col_table()
-    r = np.arange(lay.nb)[:, None]
     for h in range(H):
         p = lay.head_pattern[h]
-        m = ((r >= lo1[p]) & (r <= hi1[p])) | (r >= lo2[p])
-        assert np.array_equal(m, bl[h])
-        for c in range(0, lay.nb, max(lay.nb // 5, 1)):
+        for c in range(lay.nb):
             sl = slice(col_ptr[p, c], col_ptr[p, c + 1])
             assert np.array_equal(rows[sl], np.nonzero(bl[h][:, c])[0])
             assert np.all(lay.cols[entry[sl]] == c)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _attn_ref import fwd_bwd, masked_reference, rel_err
+from _attn_ref import check_against_reference, fwd_bwd, rel_err
 from _kernel_env import INTERPRET, launch_fixture  # noqa: F401  (sets TRITON_INTERPRET; the `launch` fixture)
 from _kernel_env import device as _device
 
 from sparse_attention.layouts import make_layout
 from sparse_attention.torch import merged as M
+from sparse_attention.torch.dispatch import EagerAttention, layout_spec
+from sparse_attention.torch.interface import merged_local_strided_bhtd
 
 PAIRS = [(128, 128, 32), (64, 128, 16), (32, 64, 32), (16, 16, 16)]
 
@@ -25,24 +27,14 @@ def _pair(T, H, L, l, b):
 def _check_against_reference(fn, loc, st, dtype, device="cpu", B=2, D=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, k, v, do = (torch.randn(B, loc.heads, loc.time, D, generator=g).to(device, dtype) for _ in range(4))
-    mask = loc.to_dense() | st.to_dense()
-    ref = fwd_bwd(lambda a, b, c: masked_reference(a, b, c, mask), q, k, v, do)
-    got = fwd_bwd(fn, q, k, v, do)
-    if dtype in (torch.float64, torch.float32):
-        budget = [1e-12 if dtype == torch.float64 else 1e-5] * 4
-    else:
-        same = fwd_bwd(lambda a, b, c: masked_reference(a, b, c, mask, dtype=dtype), q, k, v, do)
-        budget = [2 * rel_err(s, r) + 1e-4 for s, r in zip(same, ref)]
-    for name, x, r, tol in zip(("out", "dq", "dk", "dv"), got, ref, budget):
-        assert x.dtype == dtype and torch.isfinite(x).all()
-        assert rel_err(x, r) <= tol, f"{name}: {rel_err(x, r):.2e} > {tol:.2e}"
+    check_against_reference(fn, q, k, v, do, mask=loc.to_dense() | st.to_dense())
 
 
 @pytest.mark.parametrize("L,l,b", PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_gather_path_matches_the_union(L, l, b, dtype):
     loc, st = _pair(256, 2, L, l, b)
-    _check_against_reference(lambda a, b_, c: M.merged_local_strided_bhtd(a, b_, c, loc, st), loc, st, dtype)
+    _check_against_reference(lambda a, b_, c: merged_local_strided_bhtd(a, b_, c, loc, st), loc, st, dtype)
 
 
 @pytest.mark.parametrize(
@@ -59,37 +51,35 @@ def test_gather_path_matches_the_union(L, l, b, dtype):
 def test_fused_kernels_merge(launch, monkeypatch, L, l, b, T, D, dtype):
     """The merge on the fused kernels' base-2 log-sum-exps, with its row-wise merge kernels
     (interpreter on the CPU); outputs NaN-poisoned, so a row the merge kernels skip fails."""
-    monkeypatch.setattr(M, "_path", lambda q, lay: (launch.forward, launch.backward, True))
+    monkeypatch.setattr(M, "engine", lambda q, lay: (launch.forward, launch.backward, True))
     loc, st = _pair(T, 2, L, l, b)
-    _check_against_reference(lambda a, b_, c: M._Merged.apply(a, b_, c, loc, st), loc, st, dtype, _device(), B=1, D=D)
+    _check_against_reference(lambda a, b_, c: EagerAttention.apply(a, b_, c, M.merged_forward, M.merged_backward, loc, st), loc, st, dtype, _device(), B=1, D=D)
 
 
 def test_fused_merge_takes_strided_views(launch, monkeypatch):
     """q, k, v as head-dim-contiguous views of one ``[batch, time, 3, heads, head_dim]`` tensor
     (how a model slices them), so the merge kernels' strides are not the contiguous ones."""
-    monkeypatch.setattr(M, "_path", lambda q, lay: (launch.forward, launch.backward, True))
+    monkeypatch.setattr(M, "engine", lambda q, lay: (launch.forward, launch.backward, True))
     loc, st = _pair(64, 2, 16, 16, 16)
     g = torch.Generator().manual_seed(3)
     qkv = torch.randn(2, 64, 3, 2, 16, generator=g).to(_device())
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     do = torch.randn(2, 2, 64, 16, generator=g).to(_device())
     mask = torch.from_numpy(loc.to_dense() | st.to_dense()).to(_device())
-    ref = fwd_bwd(lambda a, b_, c: masked_reference(a, b_, c, mask), q, k, v, do)
-    got = fwd_bwd(lambda a, b_, c: M._Merged.apply(a, b_, c, loc, st), q, k, v, do)
-    for name, x, r in zip(("out", "dq", "dk", "dv"), got, ref):
-        assert rel_err(x, r) <= 1e-5, f"{name}: {rel_err(x, r):.2e}"
+    fn = lambda a, b_, c: EagerAttention.apply(a, b_, c, M.merged_forward, M.merged_backward, loc, st)  # noqa: E731
+    check_against_reference(fn, q, k, v, do, mask=mask)
 
 
 def test_compile_fullgraph_and_opcheck():
     loc, st = _pair(128, 2, 32, 32, 16)
     q, k, v, do = (torch.randn(1, 2, 128, 16, dtype=torch.float64) for _ in range(4))
-    eager = fwd_bwd(lambda a, b, c: M.merged_local_strided_bhtd(a, b, c, loc, st), q, k, v, do)
+    eager = fwd_bwd(lambda a, b, c: merged_local_strided_bhtd(a, b, c, loc, st), q, k, v, do)
     comp = torch.compile(
-        lambda a, b, c: M.merged_local_strided_bhtd(a, b, c, loc, st), fullgraph=True, backend="aot_eager"
+        lambda a, b, c: merged_local_strided_bhtd(a, b, c, loc, st), fullgraph=True, backend="aot_eager"
     )
     for e, c in zip(eager, fwd_bwd(comp, q, k, v, do)):
         assert rel_err(c, e) < 1e-12
-    keys = (M.layout_spec(loc), M.layout_spec(st))
+    keys = (layout_spec(loc), layout_spec(st))
     torch.library.opcheck(torch.ops.sparse_attention.merged_fwd.default, (q, k, v, *keys))
     o, lse = torch.ops.sparse_attention.merged_fwd(q, k, v, *keys)
     torch.library.opcheck(torch.ops.sparse_attention.merged_bwd.default, (do, q, k, v, o, lse, *keys))
@@ -99,8 +89,8 @@ def test_errors_name_the_argument():
     loc, st = _pair(256, 2, 64, 32, 16)
     q = torch.randn(1, 2, 256, 16)
     with pytest.raises(ValueError, match="must be <= the stride"):
-        M.merged_local_strided_bhtd(q, q, q, loc, st)
+        merged_local_strided_bhtd(q, q, q, loc, st)
     with pytest.raises(ValueError, match="mode 'strided'"):
-        M.merged_local_strided_bhtd(q, q, q, loc, loc)
+        merged_local_strided_bhtd(q, q, q, loc, loc)
     with pytest.raises(ValueError, match="share time, heads and blocksize"):
-        M.merged_local_strided_bhtd(q, q, q, *_pair(256, 2, 32, 32, 16)[:1], _pair(256, 2, 32, 32, 32)[1])
+        merged_local_strided_bhtd(q, q, q, *_pair(256, 2, 32, 32, 16)[:1], _pair(256, 2, 32, 32, 32)[1])

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from sparse_attention import attention_impl, dense_mask, make_layout  # noqa: E402
-from sparse_attention.models.patterns import (  # noqa: E402
+from sparse_attention.patterns import (  # noqa: E402
     Custom,
     Group,
     Merged,
@@ -23,8 +23,8 @@ from sparse_attention.torch.nn import (  # noqa: E402
     SparseAttention,
     SparseSelfAttention,
     attend,
-    masked_attention,
 )
+from sparse_attention.torch.reference import masked_attention  # noqa: E402
 
 B, T, H, D, BS = 2, 128, 4, 8, 16
 
@@ -56,9 +56,7 @@ def _reference_mask(spec, T, H):
 
 def _dense_attend(q, k, v, mask):
     qh, kh, vh = (x.view(B, x.shape[1], H, D).transpose(1, 2) for x in (q, k, v))
-    s = torch.matmul(qh, kh.transpose(-1, -2)) / D**0.5
-    p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
-    return torch.matmul(p, vh).transpose(1, 2).reshape(q.shape)
+    return masked_attention(qh, kh, vh, mask).transpose(1, 2).reshape(q.shape)
 
 
 SPECS = {

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _attn_ref import fwd_bwd, masked_reference, rel_err
+from _attn_ref import check_against_reference, fwd_bwd, masked_reference, rel_err
 
 from sparse_attention.layouts import make_layout
-from sparse_attention.torch.ops import blocksparse_attention_bhtd, layout_spec, register_layout
+from sparse_attention.torch import blocksparse_attention_bhtd, register_layout
+from sparse_attention.torch.dispatch import layout_spec
 
 
 def _inputs(lay, D=16, seed=0, dtype=torch.float32):
@@ -27,10 +28,7 @@ def _inputs(lay, D=16, seed=0, dtype=torch.float32):
 def test_fallback_matches_reference(mode, kw):
     lay = make_layout(128, 2, mode, blocksize=16, **kw)
     q, k, v, do = _inputs(lay)
-    got = fwd_bwd(lambda a, b, c: blocksparse_attention_bhtd(a, b, c, lay), q, k, v, do)
-    ref = fwd_bwd(lambda a, b, c: masked_reference(a, b, c, lay.to_dense()), q, k, v, do)
-    for x, r in zip(got, ref):
-        assert rel_err(x, r) < 1e-5
+    check_against_reference(lambda a, b, c: blocksparse_attention_bhtd(a, b, c, lay), q, k, v, do, mask=lay.to_dense())
 
 
 def test_compile_fullgraph_matches_eager():

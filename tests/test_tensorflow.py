@@ -291,9 +291,9 @@ def test_no_time_by_time_tensor_in_the_graph():
 
 
 def test_local_mask_table_stays_small():
-    from sparse_attention.tensorflow.attention import _plan
+    from sparse_attention.tensorflow.attention import plan_layout
 
-    plan = _plan(sa.make_layout(8192, 1, "local", local_attn_ctx=128, blocksize=32))
+    plan = plan_layout(sa.make_layout(8192, 1, "local", local_attn_ctx=128, blocksize=32))
     # padding, full, diagonal and the far edge of the window
     assert plan.masks.shape[0] == 4
 

@@ -7,7 +7,7 @@ cfg = SparseTransformerConfig(n_ctx=12288, d_model=512, n_head=8, n_layer=30,
 model = SparseTransformer(cfg)
 """
 
-from .patterns import Custom, Group, Merged, Mode, PerHead, Spec, as_spec, paper_patterns
+from ..patterns import Custom, Group, Merged, Mode, PerHead, Spec, as_spec, paper_patterns
 
 __all__ = [
     "Custom",

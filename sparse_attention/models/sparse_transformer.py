@@ -24,7 +24,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..torch.nn import IMPLS, KVCache, SparseSelfAttention
-from .patterns import as_spec
+from ..patterns import as_spec
 
 
 @dataclass

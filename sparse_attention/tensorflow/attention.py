@@ -20,7 +20,9 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from ..layouts import Layout, allowed, fixed_vert_range
+from ..layouts import Layout
+from ..modes import allowed
+from ..tables import row_chunks
 
 _FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
@@ -82,25 +84,16 @@ def _normalise(out, denom):
 
 
 def _dense_mask(spec, time, heads):
-    """Allowed pairs, a bool tensor broadcastable to ``[heads, time, time]``."""
+    """Allowed pairs, a bool tensor broadcastable to ``[heads, time, time]``: the closed form
+    :func:`~sparse_attention.modes.allowed` on tf index tensors (it never uses ``==``, which
+    compares identity on TF1 graph tensors)."""
     if isinstance(spec, Layout):
         return tf.constant(spec.to_dense())
-    i = tf.range(time)[:, None]
-    j = tf.range(time)[None, :]
-    mode = spec["attn_mode"]
-    # tf.equal, not ==: in a TF1-style graph, Tensor.__eq__ compares identity, not elements
-    if mode == "strided":
-        return tf.logical_and(j <= i, tf.equal((i - j) % spec["local_attn_ctx"], 0))[None]
-    if mode == "fixed":
-        # per-head summary columns: the closed form with h as a [heads, 1, 1] tensor
-        h = tf.range(heads)[:, None, None]
-        s = spec["local_attn_ctx"] // spec["blocksize"]
-        lo, hi = fixed_vert_range(h, s, spec["num_verts"], spec["vertsize"])
-        col = (j // spec["blocksize"]) % s
-        same_group = tf.equal(i // spec["local_attn_ctx"], j // spec["local_attn_ctx"])
-        return (j <= i) & (same_group | ((lo <= col) & (col <= hi)))
-    # all, local: only <=, - and < (elementwise in every mode)
-    return allowed(i, j, 0, mode, spec.get("local_attn_ctx"), spec.get("blocksize"))[None]
+    i = tf.range(time)[None, :, None]
+    j = tf.range(time)[None, None, :]
+    h = tf.range(heads)[:, None, None] if spec["attn_mode"] == "fixed" else 0
+    p = {k: spec.get(k) for k in ("local_attn_ctx", "blocksize", "num_verts", "vertsize")}
+    return allowed(i, j, h, spec["attn_mode"], **p)
 
 
 def dense_attention(q, k, v, heads, spec):
@@ -150,28 +143,8 @@ class _Plan:
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _row_chunks(counts, per_row):
-    """Split query-block rows into chunks ``[r0, r1)``. A chunk is padded to its longest row, so it
-    ends where its padded size would pass ``_CHUNK_ELEMS``, or, once past an eighth of that, where
-    padding would exceed a quarter of its real work (rows of growing length, as in ``all``)."""
-    nb = len(counts)
-    out, r0 = [], 0
-    while r0 < nb:
-        r1, widest, total = r0 + 1, max(int(counts[r0]), 1), int(counts[r0])
-        while r1 < nb:
-            w = max(widest, int(counts[r1]))
-            padded = (r1 + 1 - r0) * w
-            if padded * per_row > _CHUNK_ELEMS or (
-                padded * per_row > _CHUNK_ELEMS // 8 and padded > 1.25 * (total + int(counts[r1]))
-            ):
-                break
-            widest, total, r1 = w, total + int(counts[r1]), r1 + 1
-        out.append((r0, r1))
-        r0 = r1
-    return out
-
-
-def _plan(layout: Layout) -> _Plan:
+def plan_layout(layout: Layout) -> _Plan:
+    """The numpy constants of a layout's gather (chunks, deduplicated in-block masks), cached."""
     plan = _PLANS.get(layout)
     if plan is not None:
         return plan
@@ -186,7 +159,7 @@ def _plan(layout: Layout) -> _Plan:
             continue
         heads_of.append(hs)
         pchunks = []
-        for r0, r1 in _row_chunks(counts[p], b * b * hs.size):
+        for r0, r1 in row_chunks(counts[p], b * b * hs.size, _CHUNK_ELEMS):
             cols, valid, entries = layout.padded_rows(p, r0, r1)
             rows = np.broadcast_to(np.arange(r0, r1)[:, None], cols.shape)[valid]
             em = layout.entry_masks(p, rows, cols[valid], None if entries is None else entries[valid])
@@ -233,7 +206,7 @@ def blocksparse_attention(q, k, v, heads, layout: Layout):
     time, dim, hd = check_inputs(q, k, v, heads)
     out_dtype = q.dtype
     cdt = _compute_dtype(out_dtype)
-    plan = _plan(layout)
+    plan = plan_layout(layout)
     b, nb = layout.blocksize, layout.nb
     q, k, v = (tf.cast(x, cdt) for x in (q, k, v))
     if plan.perm is not None:

@@ -26,9 +26,9 @@ import math
 import torch
 
 from ..layouts import Layout
-from .ops import _check, _layout_of, _use_fused, layout_spec, register_attention_autograd
+from .dispatch import EagerAttention, engine, layout_of, layout_spec, register_attention_autograd
 
-__all__ = ["merged_local_strided_bhtd", "check_merged_pair"]
+__all__ = ["check_merged_pair", "merged_attention", "merged_backward", "merged_forward"]
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -52,17 +52,6 @@ def check_merged_pair(local: Layout, strided: Layout) -> None:
         )
 
 
-def _path(q: torch.Tensor, layout: Layout):
-    """``(forward, backward, base2)`` of the path both passes take."""
-    if _use_fused(q, layout):
-        from .kernels.launch import backward, forward
-
-        return forward, backward, True
-    from .blocksparse import gather_backward, gather_forward
-
-    return gather_forward, gather_backward, False
-
-
 def _diag_scores(q, k, cd, base2: bool):
     s = (q.to(cd) * k.to(cd)).sum(-1) / math.sqrt(q.shape[-1])
     return s * LOG2E if base2 else s
@@ -70,7 +59,7 @@ def _diag_scores(q, k, cd, base2: bool):
 
 def merged_forward(q, k, v, local: Layout, strided: Layout):
     """``(o, lse)`` of the union (``lse`` in the base of the path, as its backward wants it)."""
-    fwd, _, base2 = _path(q, local)
+    fwd, _, base2 = engine(q, local)
     o1, l1 = fwd(q, k, v, local)
     o2, l2 = fwd(q, k, v, strided)
     if base2:  # fused path: one row-wise kernel
@@ -89,7 +78,7 @@ def merged_forward(q, k, v, local: Layout, strided: Layout):
 
 def merged_backward(do, q, k, v, o, lse, local: Layout, strided: Layout):
     """``(dq, dk, dv)`` of the union, from the merged ``o`` and ``lse``."""
-    _, bwd, base2 = _path(q, local)
+    _, bwd, base2 = engine(q, local)
     g1 = bwd(do, q, k, v, o, lse, local)
     g2 = bwd(do, q, k, v, o, lse, strided)
     if base2:
@@ -108,24 +97,11 @@ def merged_backward(do, q, k, v, o, lse, local: Layout, strided: Layout):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _Merged(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, local, strided):
-        o, lse = merged_forward(q, k, v, local, strided)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.layouts = (local, strided)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        return (*merged_backward(do.contiguous(), *ctx.saved_tensors, *ctx.layouts), None, None)
-
-
 @torch.library.custom_op("sparse_attention::merged_fwd", mutates_args=())
 def _merged_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local: list[int], strided: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return merged_forward(q, k, v, _layout_of(local), _layout_of(strided))
+    return merged_forward(q, k, v, layout_of(local), layout_of(strided))
 
 
 @torch.library.custom_op("sparse_attention::merged_bwd", mutates_args=())
@@ -139,29 +115,15 @@ def _merged_bwd(
     local: list[int],
     strided: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return merged_backward(do, q, k, v, o, lse, _layout_of(local), _layout_of(strided))
+    return merged_backward(do, q, k, v, o, lse, layout_of(local), layout_of(strided))
 
 
 register_attention_autograd(_merged_fwd, _merged_bwd)
 
 
-def merged_local_strided_bhtd(q, k, v, local: Layout, strided: Layout) -> torch.Tensor:
-    """Attention of ``[batch, heads, time, head_dim]`` tensors over the union of a ``local``
-    layout (``L``) and a ``strided`` layout (``l >= L``): the paper's merged head (eq. 7), as two
-    fast block-sparse passes merged exactly (module docstring). Differentiable; works under
-    ``torch.compile(fullgraph=True)`` (custom ops ``sparse_attention::merged_fwd/bwd``).
-
-    Example::
-
-        >>> from sparse_attention.layouts import make_layout
-        >>> loc = make_layout(1024, 4, "local", local_attn_ctx=128)
-        >>> st = make_layout(1024, 4, "strided", local_attn_ctx=128)
-        >>> q = k = v = torch.randn(1, 4, 1024, 64)
-        >>> merged_local_strided_bhtd(q, k, v, loc, st).shape
-        torch.Size([1, 4, 1024, 64])
-    """
-    check_merged_pair(local, strided)
-    _check(q, k, v, local)
+def merged_attention(q, k, v, local: Layout, strided: Layout) -> torch.Tensor:
+    """The union's attention on validated ``[batch, heads, time, head_dim]`` tensors: eagerly one
+    autograd Function, under ``torch.compile`` the custom ops ``sparse_attention::merged_fwd/bwd``."""
     if torch.compiler.is_compiling():
         return _merged_fwd(q, k, v, layout_spec(local), layout_spec(strided))[0]
-    return _Merged.apply(q, k, v, local, strided)
+    return EagerAttention.apply(q, k, v, merged_forward, merged_backward, local, strided)

@@ -9,16 +9,17 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .. import attention_impl
 from .._api import resolve_spec
 from ..layouts import Layout, make_layout
-from ..models.patterns import Merged, Mode, Spec, as_spec
+from ..patterns import Merged, Mode, Spec, as_spec
+from . import baselines
+from .dispatch import attention_bhtd, register_layout
+from .merged import merged_attention
+from .reference import masked_attention
 
 IMPLS = ("sparse", "dense", "sdpa", "flex")
 
@@ -95,7 +96,7 @@ class SparseAttention(nn.Module):
         if self.impl == "sparse" and time not in self._layouts:
             self._layouts[time] = resolve_layouts(self.spec, time, self.heads, self.blocksize)
         if self.impl == "flex":
-            self._block_masks[time] = flex_block_mask(self.spec, self.heads, time, self.blocksize, device)
+            self._block_masks[time] = baselines.flex_block_mask(self.spec, self.heads, time, self.blocksize, device)
 
     def mask(self, i, j):
         """Allowed pairs ``bool [heads or 1, len(i), len(j)]`` for position tensors ``i``, ``j``."""
@@ -105,8 +106,6 @@ class SparseAttention(nn.Module):
 def resolve_layouts(spec: Spec, time: int, heads: int, blocksize: int) -> list:
     """``[(first_head, n_heads, Layout)]``: the block layouts of a spec at one context (a pair
     ``(local, strided)`` of layouts for a merged ``local | strided`` head)."""
-    from .ops import register_layout
-
     spec.check(time, heads, blocksize)
     out = []
     for h0, hn, mode, sub in spec.groups(heads):
@@ -149,7 +148,8 @@ def attend(
     library's dense reference ``attention_impl``), ``"sdpa"`` (``F.scaled_dot_product_attention``,
     causal, or a dense mask) or ``"flex"`` (FlexAttention, the spec's closed form as ``mask_mod``).
 
-    ``layouts`` (from :func:`resolve_layouts`) and ``block_mask`` (from :func:`flex_block_mask`)
+    ``layouts`` (from :func:`resolve_layouts`) and ``block_mask`` (from
+    :func:`sparse_attention.torch.baselines.flex_block_mask`)
     may be given precomputed, as ``torch.compile`` wants.
     """
     B, T, dim = q.shape
@@ -160,36 +160,24 @@ def attend(
             return torch.utils.checkpoint.checkpoint(_sparse_groups, q, k, v, layouts, use_reentrant=False)
         return _sparse_groups(q, k, v, layouts)
     spec.check(T, heads, blocksize)
-    if impl in ("sdpa", "flex"):
-        qh, kh, vh = (x.view(B, T, heads, dim // heads).transpose(1, 2) for x in (q, k, v))
-        if impl == "sdpa":
-            oh = _sdpa(qh, kh, vh, spec, blocksize)
-        else:
-            from torch.nn.attention.flex_attention import flex_attention
-
-            if block_mask is None:
-                block_mask = flex_block_mask(spec, heads, T, blocksize, q.device)
-            oh = flex_attention(qh, kh, vh, block_mask=block_mask)
-        return oh.transpose(1, 2).reshape(B, T, dim)
-    if impl != "dense":
+    if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    d = dim // heads
-    outs = []
-    for h0, hn, mode, sub in spec.groups(heads):
-        cols = slice(h0 * d, (h0 + hn) * d)
-        if isinstance(mode, str):
-            kw = sub.kwargs(blocksize)
+    qh, kh, vh = (x.view(B, T, heads, dim // heads).transpose(1, 2) for x in (q, k, v))
+    if impl == "sdpa":
+        oh = baselines.sdpa_attention(qh, kh, vh, spec, blocksize)
+    elif impl == "flex":
+        oh = baselines.flex_attention(qh, kh, vh, spec, blocksize, block_mask)
+    else:  # the library's dense reference (attention_impl), under the spec's closed form
+        pos = torch.arange(T, device=q.device)
+        mask = spec.mask(pos, pos, heads, blocksize)
+        if recompute and torch.is_grad_enabled():
+            oh = torch.utils.checkpoint.checkpoint(masked_attention, qh, kh, vh, mask, use_reentrant=False)
         else:
-            kw = {"blocksize": blocksize}
-            if not isinstance(mode, Layout):
-                mode = mode.layout(T, hn, blocksize)
-        outs.append(attention_impl(q[..., cols], k[..., cols], v[..., cols], hn, mode, recompute=recompute, **kw))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+            oh = masked_attention(qh, kh, vh, mask)
+    return oh.transpose(1, 2).reshape(B, T, dim)
 
 
 def _sparse_groups(q, k, v, layouts):
-    from .ops import blocksparse_attention_bhtd
-
     B, T, dim = q.shape
     d = dim // sum(hn for _, hn, _ in layouts)
     outs = []
@@ -201,65 +189,11 @@ def _sparse_groups(q, k, v, layouts):
             x[..., h0 * d : (h0 + hn) * d].reshape(B, T, hn, d).transpose(1, 2).contiguous() for x in (q, k, v)
         )
         if isinstance(lay, tuple):
-            from .merged import merged_local_strided_bhtd
-
-            oh = merged_local_strided_bhtd(qh, kh, vh, *lay)
+            oh = merged_attention(qh, kh, vh, *lay)
         else:
-            oh = blocksparse_attention_bhtd(qh, kh, vh, lay)
+            oh = attention_bhtd(qh, kh, vh, lay)
         outs.append(oh.transpose(1, 2).reshape(B, T, hn * d))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-
-
-def _sdpa(q, k, v, spec, blocksize):
-    import torch.nn.functional as F
-
-    if isinstance(spec, Mode) and spec.mode == "all":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    pos = torch.arange(q.shape[2], device=q.device)
-    return masked_attention(q, k, v, spec.mask(pos, pos, q.shape[1], blocksize))
-
-
-def flex_block_mask(spec, heads: int, time: int, blocksize: int, device):
-    """FlexAttention ``BlockMask`` (its default 128-blocks) of a spec, from its closed form."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def mask_mod(b, h, i, j):
-        return flex_mask(spec, h, i, j, heads, blocksize)
-
-    # Uncompiled, create_block_mask materialises the [heads, time, time] mask: compile it for long contexts.
-    return create_block_mask(mask_mod, None, heads, time, time, device=device, _compile=time > 16384)
-
-
-def flex_mask(spec, h, i, j, heads, blocksize):
-    """The spec's allowed pairs for scalar-like index tensors (a FlexAttention ``mask_mod``)."""
-    from ..models.patterns import Group, Merged, PerHead
-
-    if isinstance(spec, (Mode, Group)):
-        return spec.allowed(i, j, h, blocksize)
-    if isinstance(spec, Merged):
-        out = flex_mask(spec.parts[0], h, i, j, heads, blocksize)
-        for p in spec.parts[1:]:
-            out = out | flex_mask(p, h, i, j, heads, blocksize)
-        return out
-    if isinstance(spec, PerHead):
-        n = heads // len(spec.parts)
-        out = flex_mask(spec.parts[-1], h - n * (len(spec.parts) - 1), i, j, n, blocksize)
-        for g in range(len(spec.parts) - 2, -1, -1):
-            out = torch.where(h < n * (g + 1), flex_mask(spec.parts[g], h - n * g, i, j, n, blocksize), out)
-        return out
-    raise TypeError(f"impl='flex' supports Mode, Group, Merged and PerHead specs, got {type(spec).__name__}")
-
-
-def masked_attention(q, k, v, mask):
-    """Softmax attention of ``[batch, heads, tq, d]`` queries over ``[batch, heads, tk, d]`` keys
-    under a broadcastable bool ``mask [heads or 1, tq, tk]``; float32 softmax for half inputs,
-    0 for rows with no allowed key."""
-    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s = torch.matmul(q.to(cd), k.to(cd).transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    s = s.masked_fill(~mask, float("-inf"))
-    has_key = mask.any(dim=-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(~has_key, 0.0), dim=-1) * has_key
-    return torch.matmul(p, v.to(cd)).to(q.dtype)
 
 
 class KVCache:

@@ -16,8 +16,8 @@ from ..layouts import Layout, allowed
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_tensors(q, k, v):
-    """Dtype and device checks shared by both torch paths (shapes are checked by the caller)."""
+def check_dtypes(q, k, v):
+    """Torch tensors of one floating dtype on one device (shapes are checked by the caller)."""
     for name, x in zip("qkv", (q, k, v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -68,12 +68,14 @@ def pattern_mask(spec, time: int, heads: int, device) -> torch.Tensor:
     return m
 
 
-def masked_attention(q, k, v, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax attention of ``[batch, heads, time, d]`` tensors under a broadcastable bool mask.
-
-    Rows with no allowed key give 0 and pass 0 gradient (no NaN).
-    """
-    cd = compute_dtype(q.dtype)
+def masked_attention(q, k, v, mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Softmax attention of ``[batch, heads, tq, d]`` queries over ``[batch, heads, tk, d]`` keys
+    under a bool ``mask`` broadcastable to ``[batch, heads, tq, tk]``, computed in ``dtype``
+    (default :func:`compute_dtype`; the tests pass the inputs' own dtype for a plain same-dtype
+    computation) and returned in ``q``'s dtype. Rows with no allowed key give 0 and pass 0
+    gradient (no NaN)."""
+    cd = compute_dtype(q.dtype) if dtype is None else dtype
+    mask = torch.as_tensor(mask, device=q.device)
     scale = 1.0 / math.sqrt(q.shape[-1])
     s = torch.matmul(q.to(cd), k.to(cd).transpose(-1, -2)) * scale
     any_key = mask.any(dim=-1, keepdim=True)
@@ -85,7 +87,7 @@ def masked_attention(q, k, v, mask: torch.Tensor) -> torch.Tensor:
 
 def dense_attention(q, k, v, heads: int, spec) -> torch.Tensor:
     """``attention_impl`` for torch tensors ``[batch, time, dim]`` (arguments already validated)."""
-    check_tensors(q, k, v)
+    check_dtypes(q, k, v)
     mask = pattern_mask(spec, q.shape[1], heads, q.device)
     o = masked_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), mask)
     return merge_heads(o)

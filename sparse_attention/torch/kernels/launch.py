@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import triton
 
-from ...layouts import Layout, fixed_vert_range
+from ...layouts import Layout
+from ...modes import fixed_vert_range
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -108,10 +109,10 @@ def _tiles(kind: str, T: int, D: int, mode: str = "all") -> dict:
     return cfg
 
 
-_POINTER_TABLES = ("HEAD_PAT", "ROW_PTR", "COLS", "MASK_IDX", "MASKS", "COL_PTR", "ROWS", "ENTRY_MASK")
+POINTER_TABLES = ("HEAD_PAT", "ROW_PTR", "COLS", "MASK_IDX", "MASKS", "COL_PTR", "ROWS", "ENTRY_MASK")
 
 
-def _device_tables(layout: Layout, q: torch.Tensor) -> dict:
+def device_tables(layout: Layout, q: torch.Tensor) -> dict:
     """The kernels' layout arguments: scalars for the built-in modes (their tiles and masks come
     from the closed form, and ``fixed``'s first summary token of head ``h`` is ``VLO_A - (h %
     VLO_NV) * VLO_C``), plus the CSR tables of a custom layout on ``q``'s device.
@@ -124,7 +125,7 @@ def _device_tables(layout: Layout, q: torch.Tensor) -> dict:
     key = q.device if layout.mode == "custom" else None
     if key not in per:
         per[key] = _build_tables(layout, q.device)
-    return per[key] if key is not None else {**per[key], **dict.fromkeys(_POINTER_TABLES, q)}
+    return per[key] if key is not None else {**per[key], **dict.fromkeys(POINTER_TABLES, q)}
 
 
 def _build_tables(layout: Layout, device) -> dict:
@@ -176,11 +177,11 @@ def _split(layout: Layout, tab: dict, bn: int, tiles: int = 4) -> bool:
     return tab["P1"] >= tiles * bn
 
 
-def _prep(x: torch.Tensor) -> torch.Tensor:
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _new(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+def new_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     shape = like.shape if shape is None else shape
     dtype = like.dtype if dtype is None else dtype
     if POISON_OUTPUTS:
@@ -192,7 +193,7 @@ def _common(q: torch.Tensor, layout: Layout):
     from . import attention as K
 
     B, H, T, D = q.shape
-    tab = _device_tables(layout, q)
+    tab = device_tables(layout, q)
     mode = K.MODE_IDS[layout.mode]
     consts = dict(
         HEAD_D=D,
@@ -210,7 +211,7 @@ def triton_next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _batch_slices(B: int, H: int):
+def batch_slices(B: int, H: int):
     """Batch ranges whose ``batch x heads`` programs fit one launch's second grid dimension."""
     if H > MAX_GRID_Y:
         raise ValueError(f"heads ({H}) must be at most {MAX_GRID_Y} for the fused kernels")
@@ -230,7 +231,7 @@ def _whole_call(fn):
             with torch.cuda.device(x.device):
                 return run(*args)
         if x.shape[0] * x.shape[1] > MAX_GRID_Y:
-            parts = [fn(*(t[a:b] for t in ts), layout) for a, b in _batch_slices(*x.shape[:2])]
+            parts = [fn(*(t[a:b] for t in ts), layout) for a, b in batch_slices(*x.shape[:2])]
             return tuple(torch.cat(g) for g in zip(*parts))
         return fn(*args)
 
@@ -240,15 +241,15 @@ def _whole_call(fn):
 @_whole_call
 def forward(q, k, v, layout: Layout):
     """``(o [B, H, T, D] dtype of q, lse [B, H, T] float32, base 2)``."""
-    q, k, v = _prep(q), _prep(k), _prep(v)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     B, H, T, D = q.shape
     K, tab, consts, mode = _common(q, layout)
     cfg = _tiles("fwd", T, D, layout.mode)
     if mode == K.MODE_CUSTOM:
         cfg["BM"] = cfg["BN"] = layout.blocksize
     cfg["SPLIT"] = _split(layout, tab, cfg["BN"], tiles=2)
-    o = _new(q, (B, H, T, D))
-    lse = _new(q, (B, H, T), torch.float32)
+    o = new_output(q, (B, H, T, D))
+    lse = new_output(q, (B, H, T), torch.float32)
     grid = (T // cfg["BM"], B * H)
     args = (
         q,
@@ -273,13 +274,13 @@ def forward(q, k, v, layout: Layout):
 @_whole_call
 def backward(do, q, k, v, o, lse, layout: Layout):
     """``(dq, dk, dv)`` for upstream gradient ``do`` (same shapes and dtypes as q, k, v)."""
-    do, q, k, v, o = (_prep(x) for x in (do, q, k, v, o))
+    do, q, k, v, o = (last_dim_contiguous(x) for x in (do, q, k, v, o))
     B, H, T, D = q.shape
     K, tab, consts, mode = _common(q, layout)
     sm_scale = 1.0 / math.sqrt(D)
     qk_scale = math.log2(math.e) * sm_scale
-    delta = _new(q, (B, H, T), torch.float32)
-    dq, dk, dv = _new(q), _new(k), _new(v)
+    delta = new_output(q, (B, H, T), torch.float32)
+    dq, dk, dv = new_output(q), new_output(k), new_output(v)
     c1 = _tiles("dkdv", T, D, layout.mode)
     c2 = _tiles("dq", T, D, layout.mode)
     if mode == K.MODE_CUSTOM:

@@ -174,12 +174,12 @@ def _launch_consts(q: torch.Tensor) -> tuple[tuple[int], dict]:
 def merge_forward(q, k, v, o1, l1, o2, l2):
     """``(o, lse)`` of the union from the passes' ``(o1, l1)`` and ``(o2, l2)`` (base-2
     log-sum-exps ``[B, H, T]``, contiguous, as ``launch.forward`` returns them)."""
-    from .launch import _new, _prep
+    from .launch import last_dim_contiguous, new_output
 
-    q, k, v, o1, o2 = (_prep(x) for x in (q, k, v, o1, o2))
+    q, k, v, o1, o2 = (last_dim_contiguous(x) for x in (q, k, v, o1, o2))
     B, H, T, D = q.shape
-    o = _new(q)
-    lse = _new(q, (B, H, T), torch.float32)
+    o = new_output(q)
+    lse = new_output(q, (B, H, T), torch.float32)
     grid, consts = _launch_consts(q)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o1.stride()[:3], *o2.stride()[:3])
     with _on_device(q):
@@ -194,9 +194,9 @@ def merge_backward(do, q, k, v, o, lse, g1, g2):
     """The union's ``(dq, dk, dv)`` from the passes' gradients ``g1`` and ``g2`` (each computed
     with the merged ``o`` and ``lse``): their sum less the diagonal's share, counted twice.
     Written into ``g1``'s tensors (fresh outputs of ``launch.backward``), which it returns."""
-    from .launch import _prep
+    from .launch import last_dim_contiguous
 
-    do, q, k, v, o = (_prep(x) for x in (do, q, k, v, o))
+    do, q, k, v, o = (last_dim_contiguous(x) for x in (do, q, k, v, o))
     g1 = tuple(x.contiguous() for x in g1)
     g2 = tuple(x.contiguous() for x in g2)
     B, H, T, D = q.shape

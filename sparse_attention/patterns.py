@@ -10,8 +10,10 @@ A *pattern spec* says which key positions each head of a layer may attend to:
 Factorising over residual blocks (eq. 6, "interleaved") is a list of specs, block ``r`` using
 ``specs[r % len(specs)]``; see :func:`paper_patterns`.
 
-Every spec gives a block-sparse :meth:`layout_args` for the library call and a closed-form
-:meth:`mask` (``torch`` tensors) used for KV-cache sampling and by the dense/FlexAttention paths.
+Every spec gives its block-sparse layouts (:meth:`Spec.groups`) for the library call and its
+closed form :meth:`Spec.allowed` (built from :func:`sparse_attention.modes.allowed`, on numpy
+arrays or torch tensors): the masks of KV-cache sampling, of the dense reference and of
+FlexAttention's ``mask_mod`` are all this one function. Numpy only (torch only for torch inputs).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..layouts import MODES, Layout, allowed, csr_layout, custom_layout, from_dense, validate_pattern
+import weakref
+
+from .layouts import MODES, Layout, allowed, csr_layout, custom_layout, from_dense, validate_pattern
 
 # Modes whose allowed(i, j) depends on i - j only: their union is built block by block without
 # any time x time array, whatever the context.
@@ -40,9 +44,16 @@ class Spec:
         """``time`` must be a multiple of this (the model pads its input up to one)."""
         raise NotImplementedError
 
-    def mask(self, i, j, heads: int, blocksize: int):
-        """Allowed pairs ``bool [heads or 1, len(i), len(j)]`` for position tensors ``i``, ``j``."""
+    def allowed(self, i, j, h, heads: int, blocksize: int):
+        """May query ``i`` of head ``h`` (of ``heads``) attend to key ``j``? Elementwise with
+        broadcasting on numpy arrays or torch tensors (a FlexAttention ``mask_mod`` as it is)."""
         raise NotImplementedError
+
+    def mask(self, i, j, heads: int, blocksize: int):
+        """Allowed pairs ``bool [heads or 1, len(i), len(j)]`` for position vectors ``i``, ``j``."""
+        h = _arange_like(i, heads)[:, None, None]
+        m = self.allowed(i[None, :, None], j[None, None, :], h, heads, blocksize)
+        return m
 
     def groups(self, heads: int):
         """``[(first_head, n_heads, attn_mode, kwargs)]``: one library call per group of heads."""
@@ -81,13 +92,8 @@ class Mode(Spec):
             return math.lcm(blocksize, self.local_attn_ctx)
         return blocksize
 
-    def allowed(self, i, j, h, blocksize):
+    def allowed(self, i, j, h, heads, blocksize):
         return allowed(i, j, h, self.mode, self.local_attn_ctx, blocksize, self.num_verts, self.vertsize)
-
-    def mask(self, i, j, heads, blocksize):
-        h = _arange_like(i, heads)[:, None, None] if self.mode == "fixed" else 0
-        m = self.allowed(i[None, :, None], j[None, None, :], h, blocksize)
-        return m if m.dim() == 3 else m[None]
 
     def groups(self, heads):
         return [(0, heads, self.mode, self)]
@@ -115,17 +121,26 @@ class Custom(Spec):
     def multiple(self, blocksize):
         return self.layout.time
 
-    def dense(self, device):
-        import torch
+    def dense(self, like):
+        """The layout's dense mask ``bool [heads, time, time]``: numpy, or a torch tensor on the
+        device of ``like`` (cached per layout and device)."""
+        per = _DENSE.setdefault(self.layout, {})
+        key = str(getattr(like, "device", "numpy"))
+        if key not in per:
+            dense = self.layout.to_dense()
+            if not isinstance(like, np.ndarray):
+                import torch
 
-        cache = self.layout._cache.setdefault("models", {})
-        key = ("dense", str(device))
-        if key not in cache:
-            cache[key] = torch.from_numpy(self.layout.to_dense()).to(device)
-        return cache[key]
+                dense = torch.from_numpy(dense).to(like.device)
+            per[key] = dense
+        return per[key]
+
+    def allowed(self, i, j, h, heads, blocksize):
+        h = h if self.layout.heads > 1 else h * 0
+        return self.dense(i)[h, i, j]
 
     def mask(self, i, j, heads, blocksize):
-        return self.dense(i.device)[:, i][:, :, j]
+        return self.dense(i)[:, i][:, :, j]
 
     def groups(self, heads):
         return [(0, heads, self.layout, self)]
@@ -181,9 +196,8 @@ class Merged(Spec):
     def multiple(self, blocksize):
         return functools.reduce(math.lcm, (p.multiple(blocksize) for p in self.parts))
 
-    def mask(self, i, j, heads, blocksize):
-        ms = [p.mask(i, j, heads, blocksize) for p in self.parts]
-        return functools.reduce(lambda a, b: a | b, ms)
+    def allowed(self, i, j, h, heads, blocksize):
+        return functools.reduce(lambda a, b: a | b, (p.allowed(i, j, h, heads, blocksize) for p in self.parts))
 
     def layout(self, time, heads, blocksize) -> Layout:
         return _merged_layout(self, time, heads, blocksize)
@@ -220,12 +234,13 @@ class PerHead(Spec):
     def multiple(self, blocksize):
         return functools.reduce(math.lcm, (p.multiple(blocksize) for p in self.parts))
 
-    def mask(self, i, j, heads, blocksize):
-        import torch
-
+    def allowed(self, i, j, h, heads, blocksize):
+        # group g owns heads [g * n, (g + 1) * n) and sees them as its heads 0 .. n - 1
         n = self._size(heads)
-        ms = [p.mask(i, j, n, blocksize).expand(n, len(i), len(j)) for p in self.parts]
-        return torch.cat(ms, dim=0)
+        parts = (
+            (g * n <= h) & (h < (g + 1) * n) & p.allowed(i, j, h - g * n, n, blocksize) for g, p in enumerate(self.parts)
+        )
+        return functools.reduce(lambda a, b: a | b, parts)
 
     def groups(self, heads):
         n = self._size(heads)
@@ -255,11 +270,9 @@ class Group(Spec):
     def multiple(self, blocksize):
         return blocksize
 
-    def allowed(self, i, j, h, blocksize):
-        return (j <= i) & (i // self.l == j // self.l)
-
-    def mask(self, i, j, heads, blocksize):
-        return self.allowed(i[None, :, None], j[None, None, :], 0, blocksize)
+    def allowed(self, i, j, h, heads, blocksize):
+        # with j <= i, "same group" (i div l == j div l) is i div l <= j div l (no ==: TF1-safe)
+        return (j <= i) & (i // self.l <= j // self.l)
 
     def layout(self, time, heads, blocksize) -> Layout:
         return _group_layout(self.l, time, heads, blocksize)
@@ -330,7 +343,13 @@ def paper_patterns(
     return [PerHead(a1, a2)]
 
 
+_DENSE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _arange_like(x, n):
+    """``arange(n)`` of ``x``'s kind: numpy for numpy input, else a torch tensor on its device."""
+    if isinstance(x, np.ndarray):
+        return np.arange(n)
     import torch
 
     return torch.arange(n, device=x.device)
@@ -344,13 +363,14 @@ def _merged_layout(spec: Merged, time: int, heads: int, blocksize: int) -> Layou
         m = np.zeros((heads, time, time), bool)
         for p in spec.parts:
             h = np.arange(heads)[:, None, None]
-            m |= p.allowed(i[None, :, None], i[None, None, :], h, blocksize)
+            m |= p.allowed(i[None, :, None], i[None, None, :], h, heads, blocksize)
         return from_dense(m, blocksize)
     return shift_invariant_union([p.allowed for p in spec.parts], time, heads, blocksize)
 
 
 def shift_invariant_union(rules, time: int, heads: int, blocksize: int) -> Layout:
-    """A custom layout for the union of rules ``allowed(i, j, h, blocksize)`` that depend on
+    """A custom layout for the union of rules ``allowed(i, j, h, heads, blocksize)`` (as
+    :meth:`Spec.allowed`) that depend on
     ``i - j`` only (and are causal), built from one ``blocksize x blocksize`` mask per block
     diagonal: ``O(nb * blocksize**2)`` work, the in-block masks shared by every block of a diagonal.
     """
@@ -359,7 +379,7 @@ def shift_invariant_union(rules, time: int, heads: int, blocksize: int) -> Layou
     # diagonal delta = r - c of the block grid holds the token distances b * delta + (a - a')
     d = b * np.arange(nb)[:, None, None] + (a[:, None] - a[None, :])[None]  # [nb, b, b]
     i = np.full_like(d, time - 1)
-    m = functools.reduce(np.logical_or, (np.broadcast_to(rule(i, i - d, 0, b), d.shape) for rule in rules))
+    m = functools.reduce(np.logical_or, (np.broadcast_to(rule(i, i - d, 0, heads, b), d.shape) for rule in rules))
     m = m & (d >= 0)
     deltas = np.nonzero(m.any(axis=(1, 2)))[0]  # enabled diagonals, ascending
     full = m[deltas].all(axis=(1, 2))
@@ -382,3 +402,104 @@ def shift_invariant_union(rules, time: int, heads: int, blocksize: int) -> Layou
         block_masks = block_masks.reshape(-1, b, b)
         mask_of_delta[partial_deltas] = inverse.reshape(-1).astype(np.int32)
     return csr_layout(row_ptr, cols, b, np.zeros(heads, np.int64), mask_of_delta[dl], block_masks)
+
+
+# -- presets: the named patterns of the scripts and benchmarks ---------------------------------
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A built-in mode with its parameters and block size: one named case of the scripts.
+
+    ``preset.kwargs()`` are the library call's keywords
+    (``blocksparse_attention_impl(q, k, v, heads, **preset.kwargs())``), ``preset.layout(time,
+    heads)`` its layout, ``preset.replace(blocksize=32)`` a variant.
+    """
+
+    spec: Mode
+    blocksize: int
+
+    @property
+    def mode(self) -> str:
+        return self.spec.mode
+
+    def kwargs(self) -> dict:
+        """``attn_mode``, ``blocksize`` and the mode's parameters (``local_attn_ctx``, ``num_verts``, ``vertsize``)."""
+        return {"attn_mode": self.spec.mode, **self.spec.kwargs(self.blocksize)}
+
+    def layout(self, time: int, heads: int) -> Layout:
+        from .layouts import make_layout
+
+        return make_layout(time, heads, **self.kwargs())
+
+    def replace(self, **changes) -> Preset:
+        """The preset with other values of ``blocksize`` or of :class:`Mode`'s fields."""
+        blocksize = changes.pop("blocksize", self.blocksize)
+        fields = {k: getattr(self.spec, k) for k in ("mode", "local_attn_ctx", "num_verts", "vertsize")}
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise ValueError(f"Preset.replace takes blocksize and {sorted(fields)}, got {sorted(unknown)}")
+        return Preset(Mode(**{**fields, **changes}), blocksize)
+
+    def __str__(self) -> str:
+        names = {"local_attn_ctx": "l", "num_verts": "nv", "vertsize": "vs", "blocksize": "b"}
+        kw = self.spec.kwargs(self.blocksize)
+        return " ".join([self.mode] + [f"{names[k]}={kw[k]}" for k in names if k in kw])
+
+
+def _presets(blocksize: int, ctx: dict, fixed: tuple, fixed_blocksize: int | None = None) -> dict:
+    """``{mode: Preset}`` of the four modes: ``ctx`` the ``local_attn_ctx`` of local and strided,
+    ``fixed`` the ``(local_attn_ctx, num_verts, vertsize)`` of fixed."""
+    return {
+        "all": Preset(Mode("all"), blocksize),
+        "local": Preset(Mode("local", ctx["local"]), blocksize),
+        "strided": Preset(Mode("strided", ctx["strided"]), blocksize),
+        "fixed": Preset(Mode("fixed", *fixed), fixed_blocksize or blocksize),
+    }
+
+
+# Suites of presets, each ``{mode: Preset}``, named by what they are for.
+PRESETS: dict[str, dict[str, Preset]] = {
+    # The issue's benchmark target (fp16, batch 2, 8 heads, time 16384, head_dim 64):
+    # scripts/bench.py (these block sizes), scripts/profile_overhead.py (its --blocksize).
+    "target": _presets(128, {"local": 128, "strided": 128}, (128, 4, 1), fixed_blocksize=32),
+    # The original repository's attention.py (time 1024, 4 heads, blocksize 32).
+    "original": _presets(32, {"local": 32, "strided": 32}, (128, 4, 1)),
+    # Long sequences with any number of heads (one summary block per group): long_sequence.py.
+    "long": _presets(32, {"local": 128, "strided": 128}, (128, 1, 1)),
+    # Small enough to draw and to run under compute-sanitizer (time 256, 2 heads):
+    # plot_layouts.py, gpu_memcheck.py.
+    "small": _presets(16, {"local": 64, "strided": 16}, (64, 2, 1)),
+}
+
+
+def preset(mode: str, suite: str = "target", **changes) -> Preset:
+    """``PRESETS[suite][mode]``, with ``changes`` applied (:meth:`Preset.replace`)."""
+    if suite not in PRESETS:
+        raise ValueError(f"unknown preset suite {suite!r}; choose from {sorted(PRESETS)}")
+    if mode not in PRESETS[suite]:
+        raise ValueError(f"unknown mode {mode!r} in preset suite {suite!r}; choose from {sorted(PRESETS[suite])}")
+    p = PRESETS[suite][mode]
+    return p.replace(**changes) if changes else p
+
+
+# The paper's patterns by name: ``(kind, factorization)`` of :func:`paper_patterns`
+# (scripts/bench_train.py's variants, scripts/bench_curves.py's runs).
+PAPER_PRESETS: dict[str, tuple[str, str]] = {
+    "dense": ("dense", "merged"),
+    "local": ("local", "merged"),
+    "fixed": ("fixed", "merged"),
+    "fixed-interleaved": ("fixed", "interleaved"),
+    "fixed-heads": ("fixed", "heads"),
+    "strided-interleaved": ("strided", "interleaved"),
+    "strided-merged": ("strided", "merged"),
+    "strided-heads": ("strided", "heads"),
+}
+
+
+def paper_preset(name: str, stride: int = 128, c: int = 32, blocksize: int = 32) -> list[Spec]:
+    """The per-block specs of a named paper pattern (:data:`PAPER_PRESETS`, :func:`paper_patterns`)."""
+    if name not in PAPER_PRESETS:
+        raise ValueError(f"unknown paper pattern {name!r}; choose from {list(PAPER_PRESETS)}")
+    kind, factorization = PAPER_PRESETS[name]
+    return paper_patterns(kind, factorization, stride=stride, c=c, blocksize=blocksize)

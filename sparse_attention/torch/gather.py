@@ -1,46 +1,34 @@
-"""Block-sparse attention for torch tensors: the front end and the plain-PyTorch block-gather path.
+"""The block-gather engine: block-sparse attention in plain PyTorch (any device, any float dtype).
 
-``blocksparse_attention`` (``[batch, time, dim]``) splits heads and calls
-``sparse_attention.torch.ops.blocksparse_attention_bhtd`` (``[batch, heads, time, head_dim]``),
-which runs the fused Triton kernels on CUDA and :func:`gather_attention` elsewhere.
+For each chunk of query-block rows it gathers their enabled key/value blocks (padded to the
+chunk's longest row), runs the softmax in float32 (float64 for float64 inputs) and keeps only the
+output and the log-sum-exp. The backward pass recomputes the scores chunk by chunk (flash-attention
+style) and scatter-adds the key/value gradients, so memory is the inputs plus one chunk of scores,
+whatever ``time`` is. Chunks come from the planner both gather engines share
+(:func:`sparse_attention.tables.row_chunks`).
 
-:func:`gather_attention` computes only the enabled blocks: for each chunk of query-block rows it
-gathers their enabled key/value blocks (padded to the chunk's longest row), runs the softmax in
-float32 and keeps only the output and the log-sum-exp. The backward pass recomputes the scores
-chunk by chunk (flash-attention style) and scatter-adds the key/value gradients, so memory is
-the inputs plus one chunk of scores, whatever ``time`` is.
+Tensors are natural-order ``[batch, heads, time, head_dim]``, already validated by the caller
+(:mod:`sparse_attention.torch.interface`); the log-sum-exp is natural (base e).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
 
+from .. import tables
 from ..layouts import Layout
-from .reference import check_tensors, compute_dtype, merge_heads, split_heads
+from .reference import compute_dtype
 
 # Scores per chunk (batch * heads * rows * blocksize * keys): about 64 MiB of float32, so the
 # transient tensors of one chunk stay a few hundred MiB.
 CHUNK_ELEMENTS = 1 << 24
 
-
-def blocksparse_attention(q, k, v, heads: int, layout: Layout) -> torch.Tensor:
-    """``blocksparse_attention_impl`` for torch tensors ``[batch, time, dim]`` (arguments validated)."""
-    check_tensors(q, k, v)
-    from .ops import blocksparse_attention_bhtd
-
-    o = blocksparse_attention_bhtd(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), layout)
-    return merge_heads(o)
-
-
-def gather_attention(q, k, v, layout: Layout) -> torch.Tensor:
-    """Block-sparse attention on natural-order ``[batch, heads, time, head_dim]`` tensors in plain
-    PyTorch (any device, differentiable). Returns the same shape and dtype as ``q``."""
-    check_tensors(q, k, v)
-    _check_layout(q, layout)
-    return _GatherAttention.apply(q, k, v, layout)
+# Device tensors derived from a layout: {layout: {(name, device): tensor or [_Chunk]}}
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def gather_forward(q, k, v, layout: Layout):
@@ -81,27 +69,6 @@ def gather_backward(do, q, k, v, o, lse, layout: Layout):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _GatherAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, layout):
-        o, lse = gather_forward(q, k, v, layout)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.layout = layout
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        return (*gather_backward(do, *ctx.saved_tensors, ctx.layout), None)
-
-
-def _check_layout(q, layout: Layout):
-    if not isinstance(layout, Layout):
-        raise TypeError(f"layout must be a sparse_attention.Layout, got {type(layout).__name__}")
-    _, H, T, _ = q.shape
-    if layout.heads != H or layout.time != T:
-        raise ValueError(f"layout is for heads={layout.heads}, time={layout.time}; q has heads={H}, time={T}")
-
-
 def _perm(layout: Layout, device):
     if layout.perm is None:
         return None
@@ -139,7 +106,7 @@ def _merge_heads(layout: Layout, device, parts):
 def _device_cache(layout: Layout, key: str, device, make):
     """Tensors derived from a layout, cached on the layout per device."""
     full = (key, str(device))
-    cache = layout._cache.setdefault("torch", {})
+    cache = _CACHE.setdefault(layout, {})
     if full not in cache:
         cache[full] = make().to(device)
     return cache[full]
@@ -153,15 +120,10 @@ class _Chunk:
     """
 
     def __init__(self, layout: Layout, pattern: int, r0: int, r1: int, device):
-        from ..layouts import _partial_blocks
-
         cols, valid, entries = layout.padded_rows(pattern, r0, r1)
         self.r0, self.r1 = r0, r1
-        if layout.mode == "custom":
-            partial = valid & layout.partial[np.maximum(entries, 0)]
-        else:
-            rows = np.broadcast_to(np.arange(r0, r1)[:, None], cols.shape)
-            partial = valid & _partial_blocks(layout, rows, cols)
+        rows = np.broadcast_to(np.arange(r0, r1)[:, None], cols.shape)
+        partial = valid & tables.partial_entries(layout, rows, cols, None if entries is None else np.maximum(entries, 0))
         # Key blocks that every row of the chunk uses in full (fixed's summary blocks, the
         # columns left of the diagonal for all) are gathered once and multiplied as one dense
         # tile; each row keeps only the rest, padded to the longest.
@@ -241,22 +203,14 @@ class _Chunk:
         return s
 
 
-def _plan(layout: Layout, pattern: int, rows_budget_keys: int, device) -> list[_Chunk]:
-    """Split the rows of a pattern into chunks of at most ``rows_budget_keys`` (rows x padded key
-    blocks) each; cached per (pattern, budget, device)."""
-    key = ("plan", pattern, rows_budget_keys, str(device))
-    cache = layout._cache.setdefault("torch", {})
+def _plan(layout: Layout, pattern: int, cost_per_block: int, device) -> list[_Chunk]:
+    """The chunks of a pattern's rows (:func:`sparse_attention.tables.row_chunks`), cached per
+    (pattern, cost, budget, device)."""
+    key = ("plan", pattern, cost_per_block, CHUNK_ELEMENTS, str(device))
+    cache = _CACHE.setdefault(layout, {})
     if key not in cache:
-        counts = layout.row_counts()[pattern]
-        chunks, r0, width = [], 0, 0
-        for r in range(layout.nb):
-            w = max(width, int(counts[r]), 1)
-            if r > r0 and (r - r0 + 1) * w > rows_budget_keys:
-                chunks.append((r0, r))
-                r0, w = r, max(int(counts[r]), 1)
-            width = w
-        chunks.append((r0, layout.nb))
-        cache[key] = [_Chunk(layout, pattern, a, b, device) for a, b in chunks]
+        spans = tables.row_chunks(layout.row_counts()[pattern], cost_per_block, CHUNK_ELEMENTS)
+        cache[key] = [_Chunk(layout, pattern, a, b, device) for a, b in spans]
     return cache[key]
 
 
@@ -266,8 +220,7 @@ def _pattern_forward(q, k, v, layout: Layout, pattern: int):
     b, nb = layout.blocksize, layout.nb
     cd = compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(d)
-    budget = max(CHUNK_ELEMENTS // (B * h * b * b), 1)
-    chunks = _plan(layout, pattern, budget, q.device)
+    chunks = _plan(layout, pattern, B * h * b * b, q.device)
     qb = q.to(cd).reshape(B, h, nb, b, d)
     kf, vf = _flat_blocks(k, cd, b), _flat_blocks(v, cd, b)
     out = torch.empty(B, h, nb, b, d, dtype=cd, device=q.device)
@@ -291,7 +244,7 @@ def _pattern_backward(do, q, k, v, out, lse, layout: Layout, pattern: int):
     b, nb = layout.blocksize, layout.nb
     cd = compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(d)
-    chunks = _plan(layout, pattern, max(CHUNK_ELEMENTS // (B * h * b * b), 1), q.device)
+    chunks = _plan(layout, pattern, B * h * b * b, q.device)
     do, out, lse = do.to(cd), out.to(cd), lse.to(cd).reshape(B, h, nb, b)
     delta = (do * out).sum(dim=-1).reshape(B, h, nb, b, 1)
     qb = q.to(cd).reshape(B, h, nb, b, d)

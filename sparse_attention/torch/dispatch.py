@@ -1,0 +1,228 @@
+"""Which engine runs a call, and the wrappers that make it differentiable and compilable.
+
+Engines take natural-order ``[batch, heads, time, head_dim]`` tensors and a layout, and come in
+pairs ``forward(q, k, v, layout) -> (o, lse)`` / ``backward(do, q, k, v, o, lse, layout) -> (dq, dk,
+dv)``: the fused Triton kernels (:mod:`sparse_attention.torch.kernels.launch`; CUDA; base-2
+log-sum-exp) and the block gather (:mod:`sparse_attention.torch.gather`; any device; natural
+log-sum-exp). :func:`engine` picks one pair per call; the backward runs the pair the forward
+ran.
+
+Eagerly a call is one ``torch.autograd.Function`` (:class:`EagerAttention`); under
+``torch.compile`` it is a ``torch.library`` custom op pair (``sparse_attention::attn_fwd`` /
+``attn_bwd``) with fake tensors, so that the compiler traces it without graph breaks. Layouts
+are Python objects, not op arguments: the ops take :func:`layout_spec`, a list of ints (a
+built-in mode's parameters, rebuilt by the cached ``make_layout``; or the key of a custom
+layout in a module-level registry).
+
+Inputs are validated by the caller (:mod:`sparse_attention.torch.interface`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..layouts import Layout, make_layout
+from . import gather
+from .reference import compute_dtype
+
+__all__ = [
+    "EagerAttention",
+    "attention_bhtd",
+    "engine",
+    "fused_unsupported_reasons",
+    "layout_of",
+    "layout_spec",
+    "register_attention_autograd",
+    "register_layout",
+    "use_fused",
+]
+
+# Registered custom layouts by key (their id: a plain int lookup, which torch.compile traces)
+_REGISTRY: dict[int, Layout] = {}
+_MODES = ("all", "local", "strided", "fixed", "custom")
+
+
+def register_layout(layout: Layout, device=None) -> int:
+    """Register a custom layout for the custom ops (done by the first eager call; call it yourself
+    before ``torch.compile`` if the first call of a custom layout is inside a compiled region).
+
+    With a CUDA ``device``, also put the layout's tables for the fused kernels on it now: needed
+    before ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) if the first call of the layout
+    is inside the compiled region. Built-in modes have no tables and need neither."""
+    if device is not None and torch.device(device).type == "cuda":
+        from .kernels.launch import device_tables
+
+        device_tables(layout, torch.empty(0, device=device))
+    k = id(layout)
+    _REGISTRY[k] = layout
+    return k
+
+
+def layout_spec(layout: Layout) -> list[int]:
+    """The op argument naming a layout: the parameters of a built-in mode (the op rebuilds it
+    with the cached ``make_layout``), or ``[4, key]`` of a registered custom layout. Built from
+    constants only, so ``torch.compile`` folds it into the graph."""
+    if layout.mode == "custom":
+        k = id(layout)
+        if _REGISTRY.get(k) is not layout:
+            raise RuntimeError(
+                "a custom layout must be registered before torch.compile traces it: call "
+                "sparse_attention.torch.register_layout(layout) once (an eager call does it too)"
+            )
+        return [4, k]
+    p = layout.params
+    return [
+        _MODES.index(layout.mode),
+        layout.time,
+        layout.heads,
+        layout.blocksize,
+        p.get("local_attn_ctx", 0),
+        p.get("num_verts", 0),
+        p.get("vertsize", 0),
+    ]
+
+
+def layout_of(spec: list[int]) -> Layout:
+    """Inverse of :func:`layout_spec`."""
+    if spec[0] == 4:
+        return _REGISTRY[spec[1]]
+    mode, T, H, b, ctx, nv, vs = spec
+    kw = {}
+    if ctx:
+        kw["local_attn_ctx"] = ctx
+    if nv:
+        kw.update(num_verts=nv, vertsize=vs)
+    return make_layout(T, H, _MODES[mode], blocksize=b, **kw)
+
+
+def fused_unsupported_reasons(q: torch.Tensor, layout: Layout) -> list[str]:
+    """Why the fused kernels would not run ``q`` with ``layout`` (empty: they would)."""
+    if os.environ.get("SPARSE_ATTENTION_DISABLE_FUSED", "0") == "1":
+        return ["SPARSE_ATTENTION_DISABLE_FUSED=1"]
+    # CPU tensors take the block-gather path even under TRITON_INTERPRET=1 (the interpreter is
+    # for the kernel tests, which call the launchers directly)
+    if not q.is_cuda:
+        return [f"tensors are on {q.device}; the fused kernels need CUDA"]
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return ["triton is not installed"]
+    from .kernels.launch import unsupported_reasons
+
+    return unsupported_reasons(q, layout)
+
+
+def use_fused(q: torch.Tensor, layout: Layout) -> bool:
+    return not fused_unsupported_reasons(q, layout)
+
+
+def engine(q: torch.Tensor, layout: Layout):
+    """``(forward, backward, base2)``: the engine for ``q`` and ``layout`` (fused kernels where
+    they run, else the block gather) and whether its log-sum-exp is base 2."""
+    if use_fused(q, layout):
+        from .kernels import launch
+
+        return launch.forward, launch.backward, True
+    return gather.gather_forward, gather.gather_backward, False
+
+
+class EagerAttention(torch.autograd.Function):
+    """One differentiable call of an engine pair (``forward``, ``backward``): the eager path,
+    without the custom-op dispatch (a few hundred microseconds per forward+backward, which short
+    sparse patterns notice). ``layouts`` are passed through to the pair."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, forward, backward, *layouts):
+        o, lse = forward(q, k, v, *layouts)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.backward_fn, ctx.layouts = backward, layouts
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        grads = ctx.backward_fn(do.contiguous(), *ctx.saved_tensors, *ctx.layouts)
+        return (*grads, None, None, *(None,) * len(ctx.layouts))
+
+
+def _fake_fwd(q, k, v, *keys):
+    # what every forward op returns: (o, lse), contiguous
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        q.new_empty(q.shape[:-1], dtype=compute_dtype(q.dtype)),
+    )
+
+
+def _fake_bwd(do, q, k, v, o, lse, *keys):
+    # the real paths return contiguous gradients, whatever the strides of q, k, v
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def register_attention_autograd(fwd_op, bwd_op) -> None:
+    """Fake tensors and autograd for a pair of custom ops ``fwd_op(q, k, v, *keys) -> (o, lse)``
+    and ``bwd_op(do, q, k, v, o, lse, *keys) -> (dq, dk, dv)`` (``keys``: layout specs)."""
+    fwd_op.register_fake(_fake_fwd)
+    bwd_op.register_fake(_fake_bwd)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, *keys = inputs
+        ctx.save_for_backward(q, k, v, *output)
+        ctx.keys = keys
+
+    def backward(ctx, do, dlse):
+        return (*bwd_op(do.contiguous(), *ctx.saved_tensors, *ctx.keys), *(None,) * len(ctx.keys))
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+
+
+@torch.library.custom_op("sparse_attention::attn_fwd", mutates_args=())
+def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    layout = layout_of(key)
+    o, lse = engine(q, layout)[0](q, k, v, layout)
+    return o.contiguous(), lse.contiguous()
+
+
+@torch.library.custom_op("sparse_attention::attn_bwd", mutates_args=())
+def _attn_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    key: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    layout = layout_of(key)
+    return tuple(x.contiguous() for x in engine(q, layout)[1](do, q, k, v, o, lse, layout))
+
+
+register_attention_autograd(_attn_fwd, _attn_bwd)
+
+
+def attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Block-sparse attention on validated natural-order ``[batch, heads, time, head_dim]``
+    tensors: PyTorch's causal SDPA for ``all`` where it is the faster dense kernel, else the
+    engine of :func:`engine` (eagerly :class:`EagerAttention`, compiled the custom ops)."""
+    if layout.mode == "all" and os.environ.get("SPARSE_ATTENTION_ALL_FUSED", "0") != "1":
+        # Causal SDPA where it is the faster dense kernel: half inputs on CUDA (cuDNN / flash,
+        # fp32 softmax inside), and every dtype on the CPU, where it runs 8-10x faster than the
+        # block gather; there the inputs are upcast first, since the CPU kernels keep half
+        # precision in parts of the backward pass (the contract: fp32 softmax and accumulation).
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        if not q.is_cuda:
+            cd = compute_dtype(q.dtype)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.to(cd), k.to(cd), v.to(cd), is_causal=True, scale=scale
+            )
+            return o.to(q.dtype)
+    if not torch.compiler.is_compiling():
+        if layout.mode == "custom":
+            register_layout(layout)
+        fwd, bwd, _ = engine(q, layout)
+        return EagerAttention.apply(q, k, v, fwd, bwd, layout)
+    o, _ = _attn_fwd(q, k, v, layout_spec(layout))
+    return o

@@ -1,0 +1,103 @@
+"""The public PyTorch entry points: validation once per call, then :mod:`.dispatch`.
+
+* ``blocksparse_attention(q, k, v, heads, layout)``: ``blocksparse_attention_impl`` for torch
+  ``[batch, time, heads * head_dim]`` tensors (shapes already checked by the framework-neutral
+  front end, :mod:`sparse_attention._api`); heads are split as strided views, no copy.
+* :func:`blocksparse_attention_bhtd`: natural-order ``[batch, heads, time, head_dim]``.
+* :func:`merged_local_strided_bhtd`: a ``local | strided`` head (the paper's eq. 7).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layouts import Layout
+from .dispatch import attention_bhtd
+from .merged import check_merged_pair, merged_attention
+from .reference import check_dtypes, merge_heads, split_heads
+
+__all__ = ["blocksparse_attention", "blocksparse_attention_bhtd", "merged_local_strided_bhtd"]
+
+
+def blocksparse_attention(q, k, v, heads: int, layout: Layout) -> torch.Tensor:
+    """``blocksparse_attention_impl`` for torch tensors ``[batch, time, dim]`` (shapes validated)."""
+    check_dtypes(q, k, v)
+    o = attention_bhtd(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), layout)
+    return merge_heads(o)
+
+
+def check_bhtd(q, k, v, layout: Layout) -> None:
+    """Tensors, dtypes and devices, ``[batch, heads, time, head_dim]`` shapes and the layout."""
+    check_dtypes(q, k, v)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have shape [batch, heads, time, head_dim], got {tuple(x.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not isinstance(layout, Layout):
+        raise TypeError(f"layout must be a sparse_attention.Layout, got {type(layout).__name__}")
+    _, H, T, _ = q.shape
+    if layout.heads != H or layout.time != T:
+        raise ValueError(f"layout is for heads={layout.heads}, time={layout.time}; q has heads={H}, time={T}")
+
+
+def blocksparse_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Block-sparse attention on natural-order ``[batch, heads, time, head_dim]`` tensors.
+
+    Computes, for each head ``h`` and query ``i``, ``softmax_j(q[i] . k[j] / sqrt(head_dim))`` over the
+    keys ``j`` that ``layout`` allows (SEMANTICS.md), then the weighted sum of ``v[j]``; float32
+    softmax and accumulation for fp16/bf16; a row with no allowed key outputs 0. Differentiable
+    in ``q``, ``k``, ``v``; works under ``torch.compile(fullgraph=True)``.
+
+    Dispatch: CUDA tensors run the fused Triton kernels (fp16, bf16, fp32; any head_dim up to 256,
+    padded to a power of two inside the kernel); ``all`` runs PyTorch's causal SDPA where that is
+    faster (fp16/bf16 on CUDA: cuDNN / flash; every dtype on the CPU, 8-10x faster there than the
+    block gather); everything else runs the block-gather path in plain PyTorch.
+
+    Args:
+        q, k, v: ``[batch, heads, time, head_dim]``, same shape, dtype and device; any strides with
+            a contiguous last dimension (e.g. ``x.view(B, T, H, D).transpose(1, 2)``) avoid a copy.
+        layout: a :class:`~sparse_attention.layouts.Layout` with ``layout.time == time`` and
+            ``layout.heads == heads``.
+
+    Returns:
+        ``[batch, heads, time, head_dim]`` in the dtype of ``q``.
+
+    Example::
+
+        >>> from sparse_attention.layouts import make_layout
+        >>> lay = make_layout(1024, 4, "local", local_attn_ctx=128, blocksize=32)
+        >>> q = k = v = torch.randn(2, 4, 1024, 64)
+        >>> blocksparse_attention_bhtd(q, k, v, lay).shape
+        torch.Size([2, 4, 1024, 64])
+
+    The pattern of ``local`` (``L = 3`` tokens, ``x`` = allowed)::
+
+        x . . . .
+        x x . . .
+        x x x . .
+        . x x x .
+        . . x x x
+    """
+    check_bhtd(q, k, v, layout)
+    return attention_bhtd(q, k, v, layout)
+
+
+def merged_local_strided_bhtd(q, k, v, local: Layout, strided: Layout) -> torch.Tensor:
+    """Attention of ``[batch, heads, time, head_dim]`` tensors over the union of a ``local``
+    layout (``L``) and a ``strided`` layout (``l >= L``): the paper's merged head (eq. 7), as two
+    fast block-sparse passes merged exactly (module docstring). Differentiable; works under
+    ``torch.compile(fullgraph=True)`` (custom ops ``sparse_attention::merged_fwd/bwd``).
+
+    Example::
+
+        >>> from sparse_attention.layouts import make_layout
+        >>> loc = make_layout(1024, 4, "local", local_attn_ctx=128)
+        >>> st = make_layout(1024, 4, "strided", local_attn_ctx=128)
+        >>> q = k = v = torch.randn(1, 4, 1024, 64)
+        >>> merged_local_strided_bhtd(q, k, v, loc, st).shape
+        torch.Size([1, 4, 1024, 64])
+    """
+    check_merged_pair(local, strided)
+    check_bhtd(q, k, v, local)
+    return merged_attention(q, k, v, local, strided)
