@@ -11,7 +11,7 @@ picked from their type, and neither is imported before a tensor of it arrives.
 
 from __future__ import annotations
 
-from ._api import backend_for, check_shapes, resolve_spec
+from .frontend import backend_for, check_shapes, resolve_spec
 from .layouts import MODES, Layout, allowed, csr_layout, custom_layout, dense_mask, from_dense, make_layout
 from .recompute import recomputable
 

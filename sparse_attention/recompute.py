@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 
-from ._api import framework_of
+from .frontend import framework_of
 
 
 def _first_tensor_framework(args, kwargs):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from .._api import framework_of
+from ..frontend import framework_of
 
 
 def recompute_call(fn, name, args, kwargs):

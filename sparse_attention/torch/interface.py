@@ -2,7 +2,7 @@
 
 * ``blocksparse_attention(q, k, v, heads, layout)``: ``blocksparse_attention_impl`` for torch
   ``[batch, time, heads * head_dim]`` tensors (shapes already checked by the framework-neutral
-  front end, :mod:`sparse_attention._api`); heads are split as strided views, no copy.
+  front end, :mod:`sparse_attention.frontend`); heads are split as strided views, no copy.
 * :func:`blocksparse_attention_bhtd`: natural-order ``[batch, heads, time, head_dim]``.
 * :func:`merged_local_strided_bhtd`: a ``local | strided`` head (the paper's eq. 7).
 """

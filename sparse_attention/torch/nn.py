@@ -13,7 +13,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .._api import resolve_spec
+from ..frontend import resolve_spec
 from ..layouts import Layout, make_layout
 from ..patterns import Merged, Mode, Spec, as_spec
 from . import baselines
