@@ -138,13 +138,24 @@ def test_builtin_layouts_put_nothing_on_the_device(launch, heads, l, b, nv, vs):
 
     lay = make_layout(4 * l, heads, "fixed", local_attn_ctx=l, blocksize=b, num_verts=nv, vertsize=vs)
     q = torch.zeros(1, heads, 4 * l, 16)
+    def allocates_nothing(lay):
+        # every tensor argument is the placeholder q itself (never read: the closed form decides),
+        # and a second device or dtype would give the same scalars
+        tab = launch.device_tables(lay, q)
+        tensors = {name for name, x in tab.items() if isinstance(x, torch.Tensor)}
+        other = launch.device_tables(lay, torch.zeros(1, dtype=torch.float64))
+        return tensors == set(launch.POINTER_TABLES) and all(
+            x is q for x in map(tab.get, tensors)
+        ) and all(tab[n] == other[n] for n in tab if n not in tensors)
+
     tab = launch.device_tables(lay, q)
-    assert all(tab[name] is q for name in launch.POINTER_TABLES)
+    assert allocates_nothing(lay)
     for h in range(heads):
         assert tab["VLO_A"] - (h % tab["VLO_NV"]) * tab["VLO_C"] == fixed_vert_range(h, l // b, nv, vs)[0] * b
     for mode, kw in (("all", {}), ("local", dict(local_attn_ctx=l)), ("strided", dict(local_attn_ctx=l))):
-        tab = launch.device_tables(make_layout(4 * l, heads, mode, blocksize=b, **kw), q)
-        assert all(tab[name] is q for name in launch.POINTER_TABLES)
+        assert allocates_nothing(make_layout(4 * l, heads, mode, blocksize=b, **kw))
+    # the check can fail: a custom layout's tables are tensors of their own
+    assert not allocates_nothing(from_dense(lay.to_dense(), b))
 
 
 def test_large_batch_times_heads_runs_in_slices(launch, monkeypatch):
