@@ -7,9 +7,10 @@ log-sum-exp) and the block gather (:mod:`sparse_attention.torch.gather`; any dev
 log-sum-exp). :func:`engine` picks one pair per call; the backward runs the pair the forward
 ran.
 
-Eagerly a call is one ``torch.autograd.Function`` (:class:`EagerAttention`); under
-``torch.compile`` it is a ``torch.library`` custom op pair (``sparse_attention::attn_fwd`` /
-``attn_bwd``) with fake tensors, so that the compiler traces it without graph breaks. Layouts
+:class:`AttentionOp` makes an engine pair differentiable once for every path: eagerly a call is
+one ``torch.autograd.Function`` (:class:`EagerAttention`); under ``torch.compile`` it is a
+``torch.library`` custom op pair (``sparse_attention::attn_fwd`` / ``attn_bwd``) with fake
+tensors, so that the compiler traces it without graph breaks. Layouts
 are Python objects, not op arguments: the ops take :func:`layout_spec`, a list of ints (a
 built-in mode's parameters, rebuilt by the cached ``make_layout``; or the key of a custom
 layout in a module-level registry).
@@ -29,13 +30,13 @@ from . import gather
 from .reference import compute_dtype
 
 __all__ = [
+    "AttentionOp",
     "EagerAttention",
     "attention_bhtd",
     "engine",
     "fused_unsupported_reasons",
     "layout_of",
     "layout_spec",
-    "register_attention_autograd",
     "register_layout",
     "use_fused",
 ]
@@ -160,45 +161,57 @@ def _fake_bwd(do, q, k, v, o, lse, *keys):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
-def register_attention_autograd(fwd_op, bwd_op) -> None:
-    """Fake tensors and autograd for a pair of custom ops ``fwd_op(q, k, v, *keys) -> (o, lse)``
-    and ``bwd_op(do, q, k, v, o, lse, *keys) -> (dq, dk, dv)`` (``keys``: layout specs)."""
-    fwd_op.register_fake(_fake_fwd)
-    bwd_op.register_fake(_fake_bwd)
+class AttentionOp:
+    """An attention computation over ``n_layouts`` layouts, made differentiable once for every
+    path: ``pick(q, *layouts) -> (forward, backward)`` chooses an engine pair, ``forward(q, k, v,
+    *layouts) -> (o, lse)``, ``backward(do, q, k, v, o, lse, *layouts) -> (dq, dk, dv)``.
 
-    def setup_context(ctx, inputs, output):
+    ``op(q, k, v, *layouts)`` runs it eagerly as :class:`EagerAttention` (the backward runs the
+    pair the forward picked) and, under ``torch.compile``, as the custom ops
+    ``sparse_attention::{name}_fwd`` / ``{name}_bwd`` with fake tensors and autograd; their layout
+    arguments are :func:`layout_spec` lists, which the compiler folds into the graph."""
+
+    def __init__(self, name: str, pick, n_layouts: int = 1):
+        self.pick = pick
+        keys = ", ".join(f"int[] key{i}" for i in range(n_layouts))
+        fwd_schema = f"(Tensor q, Tensor k, Tensor v, {keys}) -> (Tensor, Tensor)"
+        bwd_schema = f"(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, {keys}) -> (Tensor, Tensor, Tensor)"
+        self.fwd_op = torch.library.custom_op(f"sparse_attention::{name}_fwd", mutates_args=(), schema=fwd_schema)(
+            self._op_forward
+        )
+        self.bwd_op = torch.library.custom_op(f"sparse_attention::{name}_bwd", mutates_args=(), schema=bwd_schema)(
+            self._op_backward
+        )
+        self.fwd_op.register_fake(_fake_fwd)
+        self.bwd_op.register_fake(_fake_bwd)
+        self.fwd_op.register_autograd(self._op_autograd_backward, setup_context=self._op_setup_context)
+
+    def __call__(self, q, k, v, *layouts) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self.fwd_op(q, k, v, *(layout_spec(lay) for lay in layouts))[0]
+        return EagerAttention.apply(q, k, v, *self.pick(q, *layouts), *layouts)
+
+    def _op_forward(self, q, k, v, *keys):
+        layouts = [layout_of(key) for key in keys]
+        o, lse = self.pick(q, *layouts)[0](q, k, v, *layouts)
+        return o.contiguous(), lse.contiguous()
+
+    def _op_backward(self, do, q, k, v, o, lse, *keys):
+        layouts = [layout_of(key) for key in keys]
+        return tuple(g.contiguous() for g in self.pick(q, *layouts)[1](do, q, k, v, o, lse, *layouts))
+
+    @staticmethod
+    def _op_setup_context(ctx, inputs, output):
         q, k, v, *keys = inputs
         ctx.save_for_backward(q, k, v, *output)
         ctx.keys = keys
 
-    def backward(ctx, do, dlse):
-        return (*bwd_op(do.contiguous(), *ctx.saved_tensors, *ctx.keys), *(None,) * len(ctx.keys))
-
-    fwd_op.register_autograd(backward, setup_context=setup_context)
+    def _op_autograd_backward(self, ctx, do, dlse):
+        return (*self.bwd_op(do.contiguous(), *ctx.saved_tensors, *ctx.keys), *(None,) * len(ctx.keys))
 
 
-@torch.library.custom_op("sparse_attention::attn_fwd", mutates_args=())
-def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    layout = layout_of(key)
-    o, lse = engine(q, layout)[0](q, k, v, layout)
-    return o.contiguous(), lse.contiguous()
-
-
-@torch.library.custom_op("sparse_attention::attn_bwd", mutates_args=())
-def _attn_bwd(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    o: torch.Tensor,
-    lse: torch.Tensor,
-    key: list[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    layout = layout_of(key)
-    return tuple(x.contiguous() for x in engine(q, layout)[1](do, q, k, v, o, lse, layout))
-
-
-register_attention_autograd(_attn_fwd, _attn_bwd)
+# One block-sparse pass: the engine for the inputs and layout (fused kernels or block gather).
+attention_op = AttentionOp("attn", lambda q, layout: engine(q, layout)[:2])
 
 
 def attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -219,10 +232,6 @@ def attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: La
                 q.to(cd), k.to(cd), v.to(cd), is_causal=True, scale=scale
             )
             return o.to(q.dtype)
-    if not torch.compiler.is_compiling():
-        if layout.mode == "custom":
-            register_layout(layout)
-        fwd, bwd, _ = engine(q, layout)
-        return EagerAttention.apply(q, k, v, fwd, bwd, layout)
-    o, _ = _attn_fwd(q, k, v, layout_spec(layout))
-    return o
+    if layout.mode == "custom" and not torch.compiler.is_compiling():
+        register_layout(layout)
+    return attention_op(q, k, v, layout)

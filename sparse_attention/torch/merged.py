@@ -26,7 +26,7 @@ import math
 import torch
 
 from ..layouts import Layout
-from .dispatch import EagerAttention, engine, layout_of, layout_spec, register_attention_autograd
+from .dispatch import AttentionOp, engine
 
 __all__ = ["check_merged_pair", "merged_attention", "merged_backward", "merged_forward"]
 
@@ -97,33 +97,11 @@ def merged_backward(do, q, k, v, o, lse, local: Layout, strided: Layout):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-@torch.library.custom_op("sparse_attention::merged_fwd", mutates_args=())
-def _merged_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local: list[int], strided: list[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return merged_forward(q, k, v, layout_of(local), layout_of(strided))
-
-
-@torch.library.custom_op("sparse_attention::merged_bwd", mutates_args=())
-def _merged_bwd(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    o: torch.Tensor,
-    lse: torch.Tensor,
-    local: list[int],
-    strided: list[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return merged_backward(do, q, k, v, o, lse, layout_of(local), layout_of(strided))
-
-
-register_attention_autograd(_merged_fwd, _merged_bwd)
+# Both passes pick their engine inside (the same one for both: they share q and a path policy).
+_merged_op = AttentionOp("merged", lambda q, local, strided: (merged_forward, merged_backward), n_layouts=2)
 
 
 def merged_attention(q, k, v, local: Layout, strided: Layout) -> torch.Tensor:
     """The union's attention on validated ``[batch, heads, time, head_dim]`` tensors: eagerly one
     autograd Function, under ``torch.compile`` the custom ops ``sparse_attention::merged_fwd/bwd``."""
-    if torch.compiler.is_compiling():
-        return _merged_fwd(q, k, v, layout_spec(local), layout_spec(strided))[0]
-    return EagerAttention.apply(q, k, v, merged_forward, merged_backward, local, strided)
+    return _merged_op(q, k, v, local, strided)
