@@ -2,61 +2,29 @@
 
     python attention.py          # float32
     python attention.py fp16     # float16 (bf16 also accepted)
+    python attention.py --n-ctx 4096 --n-head 8 --dtype bf16 --modes local,fixed
     python attention.py --help   # sizes, device, modes, blocksize, framework
 
 For each mode it checks the forward output and the gradients of q, k and v of both paths against
 a float64 dense reference on the same random inputs, prints the errors, the forward time and the
 peak memory of each path, and PASS/FAIL; it exits with status 1 on any FAIL. A path passes when
 its error is at most twice the dense same-dtype path's error plus a small floor (the rule of
-flash-attention's tests). Uses the GPU when there is one.
+flash-attention's tests). Uses the GPU when there is one. The patterns are the original
+script's (``sparse_attention.patterns.PRESETS["original"]``) at ``--blocksize``.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
 from sparse_attention import attention_impl, blocksparse_attention_impl
+from sparse_attention.patterns import PRESETS, preset
+from sparse_attention.utils.benchmark import DTYPES, PeakMemory, add_device_arg, attention_parser, call_ms, median
 
-# The original script's cases: (mode, keyword arguments).
-CASES = {
-    "all": {},
-    "local": {"local_attn_ctx": 32},
-    "strided": {"local_attn_ctx": 32},
-    "fixed": {"local_attn_ctx": 128, "num_verts": 4, "vertsize": 1},
-}
 FLOOR = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}
-
-
-class _PeakRSS:
-    """Growth of the peak resident memory over a region (Linux: resets VmHWM first)."""
-
-    def __enter__(self):
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.base = self._read("VmRSS:")
-            self.ok = self.base is not None
-        except OSError:
-            self.ok = False
-        return self
-
-    def __exit__(self, *exc):
-        peak = self._read("VmHWM:") if self.ok else None
-        self.peak = None if peak is None else peak - self.base
-        return False
-
-    @staticmethod
-    def _read(key: str) -> int | None:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-        return None
 
 
 class TorchRunner:
@@ -90,27 +58,15 @@ class TorchRunner:
             self.torch.cuda.synchronize()
 
     def time_forward(self, fn, q, k, v, reps: int) -> float:
+        """Median milliseconds of a forward pass (one warm-up call first)."""
         with self.torch.no_grad():
             fn(q, k, v)
             self.sync()
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn(q, k, v)
-                self.sync()
-                times.append(time.perf_counter() - t0)
-        return float(np.median(times)) * 1e3
+            return median(call_ms(lambda: fn(q, k, v), reps, self.device))
 
     def peak_memory(self, fn, q, k, v, dout) -> int | None:
         """Peak memory of one forward + backward, in bytes (device memory on CUDA, RSS on CPU)."""
-        if self.device.type == "cuda":
-            self.sync()
-            self.torch.cuda.reset_peak_memory_stats(self.device)
-            base = self.torch.cuda.memory_allocated(self.device)
-            self.forward_backward(fn, q, k, v, dout)
-            self.sync()
-            return self.torch.cuda.max_memory_allocated(self.device) - base
-        with _PeakRSS() as m:
+        with PeakMemory(self.device) as m:
             self.forward_backward(fn, q, k, v, dout)
         return m.peak
 
@@ -147,46 +103,38 @@ def fmt_mem(x) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dtype", nargs="?", default="fp32", choices=["fp32", "fp16", "bf16"], help="input dtype")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--time", type=int, default=1024)
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--blocksize", type=int, default=32)
-    ap.add_argument("--modes", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the GPU if any)")
+    modes = ",".join(PRESETS["original"])
+    sizes = dict(batch=4, n_ctx=1024, d_model=256, n_head=4, blocksize=32)
+    ap = attention_parser(__doc__, modes, device=False, positional_dtype=True, **sizes)
+    add_device_arg(ap, default=None, help="cpu, cuda, cuda:1, ... (default: the GPU if the framework sees one)")
     ap.add_argument("--framework", default=None, choices=["torch", "tf"], help="default: torch if installed")
     ap.add_argument("--reps", type=int, default=5, help="timed forward passes per path (median)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[args.dtype]
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for m in modes:
-        if m not in CASES:
-            ap.error(f"unknown mode {m!r} in --modes; choose from {','.join(CASES)}")
+    dtype = DTYPES[args.dtype]
+    modes = args.modes
 
     runner = make_runner(args.framework or default_framework(), args.device)
     print(
-        f"{runner.describe()}; batch {args.batch}, time {args.time}, dim {args.dim}, heads {args.heads}, "
+        f"{runner.describe()}; batch {args.batch}, time {args.n_ctx}, dim {args.d_model}, heads {args.n_head}, "
         f"blocksize {args.blocksize}, {dtype}"
     )
     rng = np.random.default_rng(args.seed)
-    shape = (args.batch, args.time, args.dim)
+    shape = (args.batch, args.n_ctx, args.d_model)
     failed = []
     header = f"{'mode':8} {'path':11} {'out err abs/rel':>20} {'grad rel':>10} {'fwd ms':>8} {'peak mem':>11}  result"
     print(header)
     print("-" * len(header))
     for mode in modes:
-        kw = dict(CASES[mode], heads=args.heads, attn_mode=mode)
+        kw = dict(preset(mode, "original", blocksize=args.blocksize).kwargs(), heads=args.n_head)
         x64 = [rng.standard_normal(shape) for _ in range(3)]
         dout64 = rng.standard_normal(shape)
         if dtype != "float32":
             # the reference sees the very values the half-precision paths see
             x64 = [runner.numpy(runner.tensor(x, dtype, grad=False)) for x in x64]
         q64, k64, v64 = (runner.tensor(x, "float64") for x in x64)
-        dense = lambda q, k, v, kw=kw: attention_impl(q, k, v, blocksize=args.blocksize, **kw)  # noqa: E731
-        sparse = lambda q, k, v, kw=kw: blocksparse_attention_impl(q, k, v, blocksize=args.blocksize, **kw)  # noqa: E731
+        dense = lambda q, k, v, kw=kw: attention_impl(q, k, v, **kw)  # noqa: E731
+        sparse = lambda q, k, v, kw=kw: blocksparse_attention_impl(q, k, v, **kw)  # noqa: E731
         ref_out, ref_grads = runner.forward_backward(dense, q64, k64, v64, runner.tensor(dout64, "float64", False))
         q, k, v = (runner.tensor(x, dtype) for x in x64)
         dout = runner.tensor(dout64, dtype, grad=False)

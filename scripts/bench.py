@@ -4,7 +4,9 @@ A correctness gate runs first (every mode, fwd and the three gradients against a
 reference); no timing is reported if it fails. Then, per configuration: forward and
 forward+backward time (median, CUDA events) and peak memory of ours and the peers, with ratios
 and the floor (the larger of allowed FLOPs at 400 TFLOP/s and the bytes of q, k, v, o at 3 TB/s).
-Writes ``benchmarks/bench-<tag>.json``, ``.md`` and ``.png``.
+The patterns are the presets of the issue's target (``sparse_attention.patterns.PRESETS["target"]``);
+FlexAttention runs each one's closed form as its ``mask_mod``. Writes ``bench-<tag>.json``, ``.md``
+and ``.png`` under ``--out``.
 
     python scripts/bench.py                 # the issue's target configuration + 1M-token runs
     python scripts/bench.py --full          # time 4096/16384/65536, fp16/bf16, head_dim 64/128
@@ -15,179 +17,126 @@ Writes ``benchmarks/bench-<tag>.json``, ``.md`` and ``.png``.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sparse_attention.patterns import preset
+from sparse_attention.torch import blocksparse_attention_bhtd
+from sparse_attention.torch.baselines import flex_block_mask
+from sparse_attention.torch.kernels import launch
+from sparse_attention.torch.reference import masked_attention
+from sparse_attention.utils.benchmark import (
+    DTYPES,
+    add_model_args,
+    add_modes_arg,
+    allowed_pairs,
+    comma_list,
+    dtype_name,
+    environment,
+    flex_forms,
+    fwd_and_fb,
+    graph_ms,
+    peak_mem_mib,
+    script_parser,
+    timeit,
+    torch_dtype,
+)
 
-from sparse_attention.layouts import fixed_vert_range, make_layout  # noqa: E402
-from sparse_attention.torch.kernels import launch  # noqa: E402
-from sparse_attention.torch.ops import blocksparse_attention_bhtd  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[1]
 PEAK_FLOPS = 400e12
 PEAK_BYTES = 3e12
-DT = {"fp16": torch.float16, "bf16": torch.bfloat16}
-# the issue's target patterns (time 16384): local L=128, strided l=128, fixed l=128 b=32 nv=4 vs=1
-PATTERNS = {
-    "all": dict(blocksize=128),
-    "local": dict(local_attn_ctx=128, blocksize=128),
-    "strided": dict(local_attn_ctx=128, blocksize=128),
-    "fixed": dict(local_attn_ctx=128, blocksize=32, num_verts=4, vertsize=1),
+# Tile configs tried by --sweep, per kernel: BM x BN / num_warps / num_stages.
+SWEEP_CONFIGS = {
+    "fwd": "64x64/4/3 128x64/4/3 64x32/4/4 128x32/4/4 128x128/8/3 128x64/8/3 64x128/4/3 32x32/4/4 64x64/4/2 128x64/4/2",
+    "dkdv": "32x64/4/4 64x64/4/3 32x128/4/3 64x128/8/3 64x32/4/4 128x64/8/3 32x32/4/4 64x64/4/2 128x128/8/3",
+    "dq": "64x32/4/4 64x64/4/3 128x32/4/3 128x64/8/3 32x64/4/4 32x32/4/4 64x128/4/3 128x64/4/3 64x64/4/2",
 }
 
 
-def allowed_pairs(mode: str, T: int, H: int, p: dict) -> int:
-    """Allowed (query, key) pairs summed over heads (closed forms of SEMANTICS.md)."""
-    i = torch.arange(T, dtype=torch.float64)
-    if mode == "all":
-        per = (i + 1).sum()
-    elif mode == "local":
-        per = torch.clamp(i + 1, max=p["local_attn_ctx"]).sum()
-    elif mode == "strided":
-        per = (i // p["local_attn_ctx"] + 1).sum()
-    else:
-        l, b, vs = p["local_attn_ctx"], p["blocksize"], p["vertsize"]
-        per = ((i % l) + 1 + (i // l) * vs * b).sum()
-    return int(per.item()) * H
-
-
-def floors(mode, B, H, T, D, p, elt=2):
-    f = 4.0 * D * allowed_pairs(mode, T, H, p) * B
+def floors(pairs: int, B, H, T, D, elt=2):
+    """Milliseconds (forward, forward+backward) at the peaks: the larger of the FLOPs of the
+    ``pairs`` allowed pairs (per batch element, all heads) and the bytes of q, k, v, o."""
+    f = 4.0 * D * pairs * B
     n = B * H * T * D * elt
     fwd = max(f / PEAK_FLOPS, 4 * n / PEAK_BYTES)
     fb = max(3.5 * f / PEAK_FLOPS, 12 * n / PEAK_BYTES)
     return fwd * 1e3, fb * 1e3
 
 
-def timeit(fn, budget_s=1.0, max_reps=100):
-    """Median milliseconds of ``fn`` with CUDA events (one warm-up, reps fitted to the budget)."""
-    fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    fn()
-    e.record()
-    torch.cuda.synchronize()
-    est = s.elapsed_time(e)
-    reps = max(3, min(max_reps, int(budget_s * 1e3 / max(est, 1e-3))))
-    times = []
-    for _ in range(reps):
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    times.sort()
-    return times[len(times) // 2]
-
-
-def peak_mem(fn):
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def fwd_and_fb(f, q, k, v, do):
-    qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
-
-    def fwd():
-        with torch.no_grad():
-            f(q, k, v)
-
-    def fb():
-        for x in (qs, ks, vs):
-            x.grad = None
-        f(qs, ks, vs).backward(do)
-
-    return fwd, fb
-
-
-def mask_mods(mode, T, H, p):
-    """FlexAttention mask_mod(s) for the pattern: [(name, mask_mod, permuted, per_head)]."""
-    if mode == "all":
-        return [("flex", lambda b, h, qi, kv: kv <= qi, False, False)]
-    if mode == "local":
-        L = p["local_attn_ctx"]
-        return [("flex", lambda b, h, qi, kv: (kv <= qi) & (qi - kv < L), False, False)]
-    if mode == "strided":
-        l = p["local_attn_ctx"]
-        n = T // l
-        return [
-            ("flex", lambda b, h, qi, kv: (kv <= qi) & ((qi - kv) % l == 0), False, False),
-            # residue-major (transposed) order: causal inside segments of n positions
-            ("flex-transposed", lambda b, h, qi, kv: (kv <= qi) & (qi // n == kv // n), True, False),
-        ]
-    l, b, nv, vs = p["local_attn_ctx"], p["blocksize"], p["num_verts"], p["vertsize"]
-    s = l // b
-    his = torch.tensor([fixed_vert_range(hh, s, nv, vs)[1] for hh in range(H)], device="cuda")
-
-    def fixed(bb, h, qi, kv):
-        col = (kv // b) % s
-        hi = his[h]
-        return (kv <= qi) & ((qi // l == kv // l) | ((col <= hi) & (col > hi - vs)))
-
-    return [("flex", fixed, False, True)]
-
-
 def correctness_gate(dtype) -> list[str]:
-    """Every mode at time 2048 (fwd, dq, dk, dv) against float32; returns the failures."""
+    """Every mode at time 2048 (fwd, dq, dk, dv) against float32 under the pattern's closed form;
+    returns the failures."""
     fails = []
-    for mode, p in PATTERNS.items():
-        kw = dict(p)
-        if mode in ("local", "strided"):
-            kw["blocksize"] = 32
-        for dt in (dtype,):
-            lay = make_layout(2048, 4, mode, **kw)
-            q, k, v, do = (torch.randn(2, 4, 2048, 64, device="cuda", dtype=dt) for _ in range(4))
-            mask = torch.from_numpy(lay.to_dense()).cuda()
-            outs = []
-            for fn in (
-                lambda a, b_, c, lay=lay: blocksparse_attention_bhtd(a, b_, c, lay),
-                lambda a, b_, c, mask=mask: _dense(a.float(), b_.float(), c.float(), mask),
-            ):
-                xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-                o = fn(*xs)
-                o.backward(do.to(o.dtype))
-                outs.append([o, *(x.grad for x in xs)])
-            for name, a, r in zip(("out", "dq", "dk", "dv"), *outs):
-                err = ((a.float() - r).norm() / r.norm()).item()
-                ok = math.isfinite(err) and err < 2e-2
-                print(f"gate {mode:8s} {name}: rel err {err:.2e} {'ok' if ok else 'FAIL'}")
-                if not ok:
-                    fails.append(f"{mode} {name} {err:.2e}")
+    T, H = 2048, 4
+    pos = torch.arange(T, device="cuda")
+    for mode in ("all", "local", "strided", "fixed"):
+        p = preset(mode)
+        p = p.replace(blocksize=min(p.blocksize, 32))
+        lay = p.layout(T, H)
+        mask = p.spec.mask(pos, pos, H, p.blocksize)
+        q, k, v, do = (torch.randn(2, H, T, 64, device="cuda", dtype=dtype) for _ in range(4))
+        outs = []
+        for fn in (
+            lambda a, b_, c, lay=lay: blocksparse_attention_bhtd(a, b_, c, lay),
+            lambda a, b_, c, mask=mask: masked_attention(a.float(), b_.float(), c.float(), mask),
+        ):
+            xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+            o = fn(*xs)
+            o.backward(do.to(o.dtype))
+            outs.append([o, *(x.grad for x in xs)])
+        for name, a, r in zip(("out", "dq", "dk", "dv"), *outs):
+            err = ((a.float() - r).norm() / r.norm()).item()
+            ok = math.isfinite(err) and err < 2e-2
+            print(f"gate {mode:8s} {name}: rel err {err:.2e} {'ok' if ok else 'FAIL'}")
+            if not ok:
+                fails.append(f"{mode} {name} {err:.2e}")
     return fails
 
 
-def _dense(q, k, v, mask):
-    s = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
-    return torch.softmax(s.masked_fill(~mask[None], float("-inf")), -1).nan_to_num(0.0) @ v
+def summarize(rec: dict) -> dict:
+    """Derive a record's comparisons from its ``results``: the best FlexAttention form and the
+    speed-ups of ours over it and over cuDNN (event and GPU time). Returns ``rec``, updated."""
+    for key in [k for k in rec if k.startswith(("flex_best_", "speedup_vs_"))]:
+        del rec[key]
+    res = rec["results"]
+    ours = res.get("ours", {})
+    if "error" in ours or "fwd_ms" not in ours:
+        return rec
+    flex = [r for n, r in res.items() if n.startswith("flex") and "fwd_ms" in r]
+    cudnn = res.get("sdpa-cudnn", {})
+    for k in ("fwd", "fb"):
+        for suffix in ("ms", "gpu_ms"):
+            mine = ours.get(f"{k}_{suffix}")
+            tail = "" if suffix == "ms" else "_gpu"
+            got = [r[f"{k}_{suffix}"] for r in flex if f"{k}_{suffix}" in r]
+            if got and mine:
+                rec[f"flex_best_{k}_{suffix}"] = min(got)
+                rec[f"speedup_vs_flex_{k}{tail}"] = min(got) / mine
+            if f"{k}_{suffix}" in cudnn and mine:
+                rec[f"speedup_vs_cudnn_{k}{tail}"] = cudnn[f"{k}_{suffix}"] / mine
+    return rec
 
 
 def run_case(mode, dtype_name, B, H, T, D, peers=True, budget=1.0, graphs=True):
-    dtype = DT[dtype_name]
-    p = dict(PATTERNS[mode])
-    lay = make_layout(T, H, mode, **p)
+    dtype = torch_dtype(dtype_name)
+    p = preset(mode)
+    lay = p.layout(T, H)
     q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype) for _ in range(4))
-    rec = dict(mode=mode, dtype=dtype_name, batch=B, heads=H, time=T, head_dim=D, params=p)
-    rec["floor_fwd_ms"], rec["floor_fb_ms"] = floors(mode, B, H, T, D, p)
+    params = p.spec.kwargs(p.blocksize)
+    rec = dict(mode=mode, dtype=dtype_name, batch=B, heads=H, time=T, head_dim=D, params=params)
+    rec["floor_fwd_ms"], rec["floor_fb_ms"] = floors(allowed_pairs(lay), B, H, T, D, dtype.itemsize)
     res = {}
 
     def measure(name, f, qq=q, kk=k, vv=v, dd=do):
         try:
             fwd, fb = fwd_and_fb(f, qq, kk, vv, dd)
-            r = dict(fwd_ms=timeit(fwd, budget), fb_ms=timeit(fb, budget), fb_mem_mib=peak_mem(fb))
+            r = dict(fwd_ms=timeit(fwd, budget), fb_ms=timeit(fb, budget), fb_mem_mib=peak_mem_mib(fb))
         except Exception as e:  # a peer that cannot run this shape is reported, not fatal
             r = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
         if "error" not in r and graphs:
@@ -227,7 +176,7 @@ def run_case(mode, dtype_name, B, H, T, D, peers=True, budget=1.0, graphs=True):
             measure(name, f)
         try:
             from torch import _dynamo
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            from torch.nn.attention.flex_attention import flex_attention
 
             # forward (no_grad) and forward+backward of several masks: more than the default 8 variants
             for name in ("recompile_limit", "cache_size_limit"):
@@ -236,61 +185,23 @@ def run_case(mode, dtype_name, B, H, T, D, peers=True, budget=1.0, graphs=True):
                 except Exception:
                     pass
             flex = torch.compile(flex_attention, dynamic=False)
-            for name, mm, permuted, per_head in mask_mods(mode, T, H, p):
-                # a dense [heads, T, T] evaluation of the mask is too big at long T (per-head fixed
-                # at 65,536 asked for 256 GiB): Flex's compiled mask builder works block by block
-                big = (H if per_head else 1) * T * T > 2**31
-                bm = create_block_mask(
-                    mm, None, H if per_head else None, T, T, device="cuda", BLOCK_SIZE=128, _compile=big
-                )
-                if permuted:
-                    perm = torch.from_numpy(lay.perm).cuda()
-                    qq, kk, vv, dd = (x.index_select(2, perm).contiguous() for x in (q, k, v, do))
-                else:
-                    qq, kk, vv, dd = q, k, v, do
+            for name, spec, perm in flex_forms(p, T):
+                # the mask of the spec's closed form, in Flex's 128-blocks (compiled at long T: a
+                # dense [heads, T, T] evaluation at 65,536 would ask for 256 GiB)
+                bm = flex_block_mask(spec, H, T, p.blocksize, "cuda")
+                qq, kk, vv, dd = q, k, v, do
+                if perm is not None:
+                    idx = torch.from_numpy(perm).cuda()
+                    qq, kk, vv, dd = (x.index_select(2, idx).contiguous() for x in (q, k, v, do))
                 measure(name, lambda a, b_, c, bm=bm: flex(a, b_, c, block_mask=bm), qq, kk, vv, dd)
         except Exception as e:
             res["flex"] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
             print("  flex failed:", res["flex"]["error"])
     rec["results"] = res
-    ours = res["ours"]
-    flex = [r for n, r in res.items() if n.startswith("flex") and "error" not in r]
-    if flex and "error" not in ours:
-        rec["flex_best_fwd_ms"] = min(r["fwd_ms"] for r in flex)
-        rec["flex_best_fb_ms"] = min(r["fb_ms"] for r in flex)
-        rec["speedup_vs_flex_fwd"] = rec["flex_best_fwd_ms"] / ours["fwd_ms"]
-        rec["speedup_vs_flex_fb"] = rec["flex_best_fb_ms"] / ours["fb_ms"]
-        for k in ("fwd", "fb"):
-            g = [r[f"{k}_gpu_ms"] for r in flex if f"{k}_gpu_ms" in r]
-            if g and f"{k}_gpu_ms" in ours:
-                rec[f"flex_best_{k}_gpu_ms"] = min(g)
-                rec[f"speedup_vs_flex_{k}_gpu"] = min(g) / ours[f"{k}_gpu_ms"]
-    cud = res.get("sdpa-cudnn", {})
-    if "fwd_ms" in cud and "error" not in ours:
-        rec["speedup_vs_cudnn_fwd"] = cud["fwd_ms"] / ours["fwd_ms"]
-        rec["speedup_vs_cudnn_fb"] = cud["fb_ms"] / ours["fb_ms"]
-        for k in ("fwd", "fb"):
-            if f"{k}_gpu_ms" in cud and f"{k}_gpu_ms" in ours:
-                rec[f"speedup_vs_cudnn_{k}_gpu"] = cud[f"{k}_gpu_ms"] / ours[f"{k}_gpu_ms"]
+    summarize(rec)
     del q, k, v, do
     torch.cuda.empty_cache()
     return rec
-
-
-def graph_ms(fn, reps=30):
-    """Median milliseconds of one CUDA-graph replay of ``fn``: GPU time alone, without the host
-    work of the call (which, for short kernels on a slow host, the event timing of ``timeit``
-    measures instead)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return timeit(g.replay, max_reps=reps, budget_s=0.1)
 
 
 def sweep(dtype_name="fp16", B=2, H=8, T=16384, D=64, modes=("local", "strided", "fixed")):
@@ -298,54 +209,20 @@ def sweep(dtype_name="fp16", B=2, H=8, T=16384, D=64, modes=("local", "strided",
     time: host time would swamp the short kernels); keep the fastest for the timings that follow
     (recorded in the JSON). Backward variants time the whole backward pass with the other
     backward kernel at its current config."""
-    C = lambda bm, bn, w, s: dict(BM=bm, BN=bn, num_warps=w, num_stages=s)  # noqa: E731
-    cands = {
-        "fwd": [
-            C(64, 64, 4, 3),
-            C(128, 64, 4, 3),
-            C(64, 32, 4, 4),
-            C(128, 32, 4, 4),
-            C(128, 128, 8, 3),
-            C(128, 64, 8, 3),
-            C(64, 128, 4, 3),
-            C(32, 32, 4, 4),
-            C(64, 64, 4, 2),
-            C(128, 64, 4, 2),
-        ],
-        "dkdv": [
-            C(32, 64, 4, 4),
-            C(64, 64, 4, 3),
-            C(32, 128, 4, 3),
-            C(64, 128, 8, 3),
-            C(64, 32, 4, 4),
-            C(128, 64, 8, 3),
-            C(32, 32, 4, 4),
-            C(64, 64, 4, 2),
-            C(128, 128, 8, 3),
-        ],
-        "dq": [
-            C(64, 32, 4, 4),
-            C(64, 64, 4, 3),
-            C(128, 32, 4, 3),
-            C(128, 64, 8, 3),
-            C(32, 64, 4, 4),
-            C(32, 32, 4, 4),
-            C(64, 128, 4, 3),
-            C(128, 64, 4, 3),
-            C(64, 64, 4, 2),
-        ],
-    }
     out = {}
-    dtype = DT[dtype_name]
+    dtype = torch_dtype(dtype_name)
     for mode in modes:
-        lay = make_layout(T, H, mode, **PATTERNS[mode])
+        lay = preset(mode).layout(T, H)
         q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype) for _ in range(4))
         o, lse = launch.forward(q, k, v, lay)
-        for kind, cs in cands.items():
+        for kind, text in SWEEP_CONFIGS.items():
             key = (kind, mode, D <= 64)
             saved = launch.MODE_CONFIGS.get(key)
             res = []
-            for c in cs:
+            for c in text.split():
+                tile, warps, stages = c.split("/")
+                bm, bn = tile.split("x")
+                c = dict(BM=int(bm), BN=int(bn), num_warps=int(warps), num_stages=int(stages))
                 launch.MODE_CONFIGS[key] = c
                 if kind == "fwd":
                     fn = lambda a=(q, k, v, lay): launch.forward(*a)  # noqa: E731
@@ -434,6 +311,9 @@ def _plot(records, meta, path: Path):
 
 
 def write(records, meta, tag, outdir: Path):
+    """``bench-<tag>.json``, ``.md`` (two tables: CUDA-event time, GPU time) and ``.png`` of the
+    records under ``outdir``; returns the markdown. Comparisons are derived here (:func:`summarize`)."""
+    records = [summarize(r) for r in records]
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / f"bench-{tag}.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
     lines = [
@@ -512,55 +392,57 @@ def merge_records(runs: list[dict]) -> list[dict]:
     return list(out.values())
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    ap = script_parser(__doc__)
     ap.add_argument("--full", action="store_true", help="time 4096/16384/65536 x fp16/bf16 x head_dim 64/128")
-    ap.add_argument("--times", default=None, help="comma list (default: 16384; with --full 4096,16384,65536)")
-    ap.add_argument("--dtypes", default=None, help="comma list of fp16, bf16 (default: fp16; with --full both)")
-    ap.add_argument("--head-dims", default=None, help="comma list (default: 64; with --full 64,128)")
+    ap.add_argument(
+        "--times", type=comma_list(int, what="time"), help="comma list (default: 16384; with --full 4096,16384,65536)"
+    )
+    ap.add_argument(
+        "--dtypes",
+        type=comma_list(dtype_name, what="dtype"),
+        help=f"comma list of {', '.join(DTYPES)} (default: fp16; with --full fp16,bf16)",
+    )
+    ap.add_argument(
+        "--head-dims", type=comma_list(int, what="head_dim"), help="comma list (default: 64; with --full 64,128)"
+    )
+    add_model_args(ap, batch=2, n_head=8, help={"batch": "batch of the grid (the 1,048,576-token runs: 1)"})
+    add_modes_arg(ap)
     ap.add_argument(
         "--merge",
         nargs="+",
         metavar="JSON",
-        help="no timing: write one table (--tag, --outdir) from the records of earlier runs' JSON files "
+        help="no timing: write one table (--tag, --out) from the records of earlier runs' JSON files "
         "(a case in several runs: the last one's record)",
     )
-    ap.add_argument("--modes", default="all,local,strided,fixed")
     ap.add_argument("--no-million", action="store_true", help="skip the time=1,048,576 runs")
     ap.add_argument("--sweep", action="store_true", help="try tile configs on the target shapes first")
-    ap.add_argument("--budget", type=float, default=0.5, help="seconds of repeats per measurement")
     ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
-    ap.add_argument("--tag", default=None)
-    ap.add_argument("--outdir", default=str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    args = ap.parse_args()
+    ap.add_argument("--budget", type=float, default=0.5, help="seconds of repeats per measurement")
+    ap.add_argument("--tag", default=None, help="file names bench-TAG.* (default: target, full or merged)")
+    ap.add_argument("--out", "--outdir", dest="out", default=str(ROOT / "benchmarks"), help="output directory")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.merge:
         runs = [json.loads(Path(f).read_text()) for f in args.merge]
         meta = dict(runs[0]["meta"])
         meta["command"] = " ; ".join(r["meta"]["command"] for r in runs)
         meta["date"] = " ; ".join(sorted({r["meta"]["date"] for r in runs}))
-        print(write(merge_records(runs), meta, args.tag or "merged", Path(args.outdir)))
+        print(write(merge_records(runs), meta, args.tag or "merged", Path(args.out)))
         return
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU")
-    import triton
-
-    meta = dict(
-        device=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        triton=triton.__version__,
-        cuda=torch.version.cuda,
-        cudnn=torch.backends.cudnn.version(),
-        python=platform.python_version(),
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        command="python " + " ".join(sys.argv),
-        configs={f"{k[0]}-{'d64' if k[1] else 'd128'}": v for k, v in launch.CONFIGS.items()},
-    )
+    meta = environment("cuda", argv, __file__)
+    meta["configs"] = {f"{k[0]}-{'d64' if k[1] else 'd128'}": v for k, v in launch.CONFIGS.items()}
     t0 = time.time()
     fails = correctness_gate(torch.float16) + correctness_gate(torch.bfloat16)
     if fails:
         print("correctness gate FAILED, no timings reported:", fails)
         sys.exit(1)
-    modes = args.modes.split(",")
+    modes = args.modes
     if args.sweep:
         meta["sweep"] = sweep(modes=[m for m in modes if m != "all"])
         if args.sweep_only:
@@ -569,17 +451,18 @@ def main():
             return
     meta["mode_configs"] = {"-".join(map(str, k)): v for k, v in launch.MODE_CONFIGS.items()}
     full = args.full
-    times = [int(x) for x in (args.times or ("4096,16384,65536" if full else "16384")).split(",")]
-    dtypes = (args.dtypes or ("fp16,bf16" if full else "fp16")).split(",")
-    dims = [int(x) for x in (args.head_dims or ("64,128" if full else "64")).split(",")]
-    cases = [(m, dt, 2, 8, T, D, True) for T in times for dt in dtypes for D in dims for m in modes]
+    times = args.times or ([4096, 16384, 65536] if full else [16384])
+    dtypes = args.dtypes or (["fp16", "bf16"] if full else ["fp16"])
+    dims = args.head_dims or ([64, 128] if full else [64])
+    B, H = args.batch, args.n_head
+    cases = [(m, dt, B, H, T, D, True) for T in times for dt in dtypes for D in dims for m in modes]
     if not args.no_million:
-        cases += [(m, "fp16", 1, 8, 1 << 20, 64, False) for m in modes if m != "all"]
+        cases += [(m, "fp16", 1, H, 1 << 20, 64, False) for m in modes if m != "all"]
     records = []
     tag = args.tag or ("full" if full else "target")
     for c in cases:
         records.append(run_case(*c, budget=args.budget, graphs=c[-1]))
-        md = write(records, meta, tag, Path(args.outdir))  # after every case: a cut-off run keeps its results
+        md = write(records, meta, tag, Path(args.out))  # after every case: a cut-off run keeps its results
     print(f"\n({time.time() - t0:.0f} s)\n")
     print(md)
 

@@ -1,15 +1,18 @@
 """Time per training iteration of the paper's enwik8 model: dense SDPA vs FlexAttention vs ours.
 
     python scripts/bench_train.py --out benchmarks/train_h100          # needs a CUDA GPU
-    python scripts/bench_train.py --merge --out benchmarks/train_h100 run1 run2   # combine runs' tables
+    python scripts/bench_train.py --merge run1 run2 --out benchmarks/train_h100   # combine runs' tables
+    python scripts/bench_train.py --device cpu --contexts 128 --n-layer 1 --d-model 64 --stride 32 \
+        --c 16 --blocksize 16 --iters 2 --warmup 1 --no-compile --out /tmp/bt   # CPU smoke test
 
 One iteration = forward, backward and an AdamW step of the byte-level Sparse Transformer
-(``d_model`` 512, 8 heads, ``--layers`` blocks, batch 1) under bf16 autocast and ``torch.compile``,
+(``d_model`` 512, 8 heads, ``--n-layer`` blocks, batch 1) under bf16 autocast and ``torch.compile``,
 at each ``--contexts`` length (12288 = the paper's enwik8, 65536 = its audio). Variants
 (``impl:pattern``): ``sdpa:dense`` (causal ``F.scaled_dot_product_attention``), ``flex:*``
 (FlexAttention with the pattern's closed form as ``mask_mod``), ``ours:*`` (this library).
-Patterns: ``fixed`` (stride 128, c 32, merged head), ``strided-interleaved`` / ``-merged`` /
-``-heads`` (local and strided A1/A2 of stride 128, eqs. 6, 7, 8), ``local`` (A1 alone: the floor).
+Patterns (``sparse_attention.patterns.PAPER_PRESETS``, at ``--stride``, ``--c``, ``--blocksize``):
+``fixed`` (stride 128, c 32, merged head), ``strided-interleaved`` / ``-merged`` / ``-heads``
+(local and strided A1/A2 of stride 128, eqs. 6, 7, 8), ``local`` (A1 alone: the floor).
 
 Before timing, each pattern's attention (ours and Flex) is checked against a float32 masked
 reference at a short context; a variant that fails is reported as failed, not timed. Results go
@@ -19,31 +22,26 @@ keeps what it measured). ``--budget`` seconds: no new variant starts after it.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
-import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+from sparse_attention.models import SparseTransformer, SparseTransformerConfig
+from sparse_attention.patterns import PAPER_PRESETS, paper_preset
+from sparse_attention.utils.benchmark import (
+    add_compile_args,
+    add_device_arg,
+    add_dtype_arg,
+    add_model_args,
+    autocast,
+    call_ms,
+    environment,
+    script_parser,
+    torch_dtype,
+)
 
-from sparse_attention.models import SparseTransformer, SparseTransformerConfig, paper_patterns  # noqa: E402
-
-PATTERNS = {
-    "dense": lambda: paper_patterns("dense"),
-    "fixed": lambda: paper_patterns("fixed", "merged", stride=128, c=32, blocksize=32),
-    "strided-interleaved": lambda: paper_patterns("strided", "interleaved", stride=128, blocksize=32),
-    "strided-merged": lambda: paper_patterns("strided", "merged", stride=128, blocksize=32),
-    "strided-heads": lambda: paper_patterns("strided", "heads", stride=128, blocksize=32),
-    "local": lambda: paper_patterns("local", stride=128),
-}
 DEFAULT_VARIANTS = [
     "sdpa:dense",
     "ours:fixed",
@@ -60,37 +58,38 @@ DEFAULT_VARIANTS = [
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="benchmarks/train_gpu")
-    p.add_argument("--contexts", type=int, nargs="+", default=[12288, 65536])
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--batch", type=int, default=1)
+    p = script_parser(__doc__)
+    p.add_argument("--out", default="benchmarks/train_gpu", help="output directory (default: %(default)s)")
+    p.add_argument("--contexts", type=int, nargs="+", default=[12288, 65536], help="the n_ctx values to time")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="IMPL:PATTERN, IMPL in sdpa/flex/ours")
+    add_model_args(p, n_layer=4, d_model=512, n_head=8, batch=1, stride=128, c=32, blocksize=32)
+    add_dtype_arg(p, "bf16", help="autocast dtype of the model (fp32: no autocast)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--no-compile", action="store_true")
+    add_compile_args(p, default=True)
     p.add_argument(
         "--compile-scope",
         default="blocks",
         choices=("blocks", "model"),
         help="torch.compile each residual block (default, faster to compile) or the whole model",
     )
-    p.add_argument(
-        "--compile-mode",
-        default="default",
-        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-        help="torch.compile mode for every variant; reduce-overhead replays CUDA graphs (no per-kernel host work)",
-    )
     p.add_argument("--budget", type=float, default=420.0, help="seconds after which no new variant starts")
-    p.add_argument("--device", default="cuda", help="cpu: a smoke test of the script itself (tiny sizes)")
+    p.add_argument(
+        "--merge", nargs="+", metavar="DIR", help="no timing: rewrite --out's tables from these runs' results.json"
+    )
+    add_device_arg(p, help="cpu, cuda, ... (default: %(default)s; cpu: a smoke test of the script, pass tiny sizes)")
     args = p.parse_args(argv)
     for v in args.variants:
         impl, _, pat = v.partition(":")
-        if impl not in ("sdpa", "flex", "ours") or pat not in PATTERNS:
-            p.error(f"variant {v!r}: expected IMPL:PATTERN with IMPL in sdpa/flex/ours and PATTERN in {list(PATTERNS)}")
+        if impl not in ("sdpa", "flex", "ours") or pat not in PAPER_PRESETS:
+            p.error(
+                f"variant {v!r}: expected IMPL:PATTERN with IMPL in sdpa/flex/ours and PATTERN in {list(PAPER_PRESETS)}"
+            )
     return args
+
+
+def patterns(pattern: str, args) -> list:
+    return paper_preset(pattern, stride=args.stride, c=args.c, blocksize=args.blocksize)
 
 
 def build(pattern: str, impl: str, time_: int, args) -> SparseTransformer:
@@ -98,29 +97,28 @@ def build(pattern: str, impl: str, time_: int, args) -> SparseTransformer:
         vocab_size=256,
         n_ctx=time_,
         d_model=args.d_model,
-        n_head=args.heads,
-        n_layer=args.layers,
-        patterns=PATTERNS[pattern](),
-        blocksize=32,
+        n_head=args.n_head,
+        n_layer=args.n_layer,
+        patterns=patterns(pattern, args),
+        blocksize=args.blocksize,
         impl={"ours": "sparse"}.get(impl, impl),
     )
     return SparseTransformer(cfg)
 
 
-def check_attention(pattern: str, impl: str, heads: int, device) -> float:
-    """Relative error of the pattern's attention (bf16 inputs) against a float32 masked reference."""
+def check_attention(pattern: str, impl: str, args, device) -> float:
+    """Relative error of the pattern's attention (``--dtype`` inputs) against a float32 masked reference."""
     from sparse_attention.torch.nn import attend
 
-    T, d = 2048, 64
+    T, d, heads, b = 2048, 64, args.n_head, args.blocksize
     if device.type != "cuda":
         T = 512
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(1, T, heads * d, device=device, generator=g).bfloat16() for _ in range(3))
-    spec = PATTERNS[pattern]()
+    q, k, v = (torch.randn(1, T, heads * d, device=device, generator=g).to(torch_dtype(args.dtype)) for _ in range(3))
     err = 0.0
-    for s in spec:
-        got = attend(q, k, v, heads, s, 32, {"ours": "sparse"}.get(impl, impl)).float()
-        want = attend(q.float(), k.float(), v.float(), heads, s, 32, "sdpa")
+    for s in patterns(pattern, args):
+        got = attend(q, k, v, heads, s, b, {"ours": "sparse"}.get(impl, impl)).float()
+        want = attend(q.float(), k.float(), v.float(), heads, s, b, "sdpa")
         err = max(err, ((got - want).norm() / want.norm()).item())
     return err
 
@@ -132,9 +130,9 @@ def time_variant(variant: str, time_: int, args, device) -> dict:
     model.prepare(time_, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     fwd = model
-    if not args.no_compile and args.compile_scope == "model":
+    if args.compile and args.compile_scope == "model":
         fwd = torch.compile(model, dynamic=False, mode=args.compile_mode)
-    elif not args.no_compile:
+    elif args.compile:
         # One compiled graph per distinct block, reused by the blocks that share a pattern: a fraction
         # of the whole model's compile time; embedding, final norm and head stay eager (small here).
         for blk in model.blocks:
@@ -142,40 +140,28 @@ def time_variant(variant: str, time_: int, args, device) -> dict:
     x = torch.randint(0, 256, (args.batch, time_ + 1), device=device)
     inp, tgt = x[:, :-1], x[:, 1:]
 
-    graphs = not args.no_compile and args.compile_mode == "reduce-overhead"
+    graphs = args.compile and args.compile_mode == "reduce-overhead"
 
     def step():
         if graphs:  # a new iteration: the CUDA-graph outputs of the last one may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with autocast(device, args.dtype):
             _, loss = fwd(inp, tgt)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        losses.append(loss.detach())
 
+    losses = []
     cuda = device.type == "cuda"
     t0 = time.perf_counter()
     for _ in range(args.warmup):
-        loss = step()
+        step()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(args.iters):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            loss = step()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:  # the CPU smoke test (--device cpu) only
-            c0 = time.perf_counter()
-            loss = step()
-            times.append((time.perf_counter() - c0) * 1e3)
-    times.sort()
+    times = sorted(call_ms(step, args.iters, device))  # CUDA events per iteration (perf_counter off the GPU)
     out = {
         "variant": variant,
         "context": time_,
@@ -184,8 +170,8 @@ def time_variant(variant: str, time_: int, args, device) -> dict:
         "ms_max": times[-1],
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
         "warmup_s": compile_s,
-        "loss": float(loss),
-        "paths": fused_paths(model, device, impl),
+        "loss": float(losses[-1]),
+        "paths": fused_paths(model, device, impl, torch_dtype(args.dtype)),
     }
     torch._dynamo.reset()
     if cuda:
@@ -193,13 +179,13 @@ def time_variant(variant: str, time_: int, args, device) -> dict:
     return out
 
 
-def fused_paths(model, device, impl) -> list[str]:
+def fused_paths(model, device, impl, dtype) -> list[str]:
     """For ``ours``: which path each distinct layout takes (fused kernels or the gather fallback),
     from the same layouts the model's attention runs (``resolve_layouts``)."""
     if impl != "ours":
         return []
+    from sparse_attention.torch import fused_unsupported_reasons
     from sparse_attention.torch.nn import resolve_layouts
-    from sparse_attention.torch.ops import fused_unsupported_reasons
 
     T = model.cfg.max_time
     seen = []
@@ -207,38 +193,13 @@ def fused_paths(model, device, impl) -> list[str]:
         a = blk.attn.attn
         for _h0, hn, lay in resolve_layouts(a.spec, T, a.heads, a.blocksize):
             merged = isinstance(lay, tuple)  # a merged local | strided head: two passes
-            q = torch.empty(1, hn, T, model.cfg.d_model // a.heads, device=device, dtype=torch.bfloat16)
+            q = torch.empty(1, hn, T, model.cfg.d_model // a.heads, device=device, dtype=dtype)
             why = sorted({w for x in (lay if merged else (lay,)) for w in fused_unsupported_reasons(q, x)})
             name = "merged local|strided (two passes)" if merged else lay.mode
             desc = f"{name}: " + ("fused" if not why else "gather (" + "; ".join(why) + ")")
             if desc not in seen:
                 seen.append(desc)
     return seen
-
-
-def environment(argv) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    if not re.fullmatch(r"[0-9a-f]{7,40}", commit):  # a copied tree without history: the caller may say
-        commit = os.environ.get("BENCH_COMMIT", "unknown")
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {
-        "device": name,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "commit": commit,
-        "command": "python scripts/bench_train.py " + " ".join(argv),
-    }
 
 
 def write(out: Path, meta: dict, rows: list[dict]) -> None:
@@ -253,7 +214,7 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
         f"{meta['device']}; torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; commit "
         f"`{meta['commit'][:10]}`; `{meta['command']}`",
         "",
-        "Median ms per iteration (forward + backward + AdamW, bf16 autocast, "
+        f"Median ms per iteration (forward + backward + AdamW, {meta.get('dtype', 'bf16')} autocast, "
         f"{meta.get('compile', 'torch.compile')}), speed-up over `sdpa:dense`, peak memory.",
         "",
         "| variant | " + " | ".join(f"T={t} ms | x dense | GiB" for t in contexts) + " |",
@@ -317,25 +278,23 @@ def merge(out: Path, dirs: list[str]) -> None:
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--merge":
-        p = argparse.ArgumentParser(prog="bench_train.py --merge")
-        p.add_argument("--out", required=True)
-        p.add_argument("dirs", nargs="+")
-        a = p.parse_args(argv[1:])
-        merge(Path(a.out), a.dirs)
-        print((Path(a.out) / "results.md").read_text())
-        return
     args = parse_args(argv)
+    if args.merge:
+        merge(Path(args.out), args.merge)
+        print((Path(args.out) / "results.md").read_text())
+        return
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_train.py needs a CUDA GPU (or --device cpu for a smoke test)")
-    meta = environment(argv)
-    meta["compile"] = "eager" if args.no_compile else f"torch.compile of the {args.compile_scope}"
-    if not args.no_compile and args.compile_mode != "default":
+        raise SystemExit("bench_train.py needs a CUDA GPU (or --device cpu for a smoke test at tiny sizes)")
+    if device.type == "cpu":
+        print("on the CPU: a smoke test of the script (times are not the GPU's)", flush=True)
+    meta = environment(device, argv, __file__)
+    meta["dtype"] = args.dtype
+    meta["compile"] = "eager" if not args.compile else f"torch.compile of the {args.compile_scope}"
+    if args.compile and args.compile_mode != "default":
         meta["compile"] += f", mode={args.compile_mode}"
     meta["model"] = (
-        f"{args.layers} layers, d_model {args.d_model}, {args.heads} heads, batch {args.batch}, byte vocabulary"
+        f"{args.n_layer} layers, d_model {args.d_model}, {args.n_head} heads, batch {args.batch}, byte vocabulary"
     )
     out = Path(args.out)
     rows, checks = [], {}
@@ -349,7 +308,7 @@ def main(argv=None):
             impl, _, pattern = v.partition(":")
             if impl != "sdpa" and v not in checks:
                 try:
-                    checks[v] = check_attention(pattern, impl, args.heads, device)
+                    checks[v] = check_attention(pattern, impl, args, device)
                 except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
                     checks[v] = f"{type(e).__name__}: {e}"
             c = checks.get(v, 0.0)

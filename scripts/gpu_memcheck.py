@@ -1,40 +1,44 @@
 """Small fused forward+backward per mode, for ``compute-sanitizer --tool memcheck`` (device script).
 
-compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/gpu_memcheck.py
+    compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/gpu_memcheck.py
+
+The built-in modes are ``sparse_attention.patterns.PRESETS["small"]`` (time 256, 2 heads; block
+size 32, ``fixed`` at its 16 with head_dim 48), then a custom layout with an in-block callback.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sparse_attention.layouts import custom_layout
+from sparse_attention.patterns import PRESETS
+from sparse_attention.torch.kernels import launch
+from sparse_attention.utils.benchmark import add_dtype_arg, script_parser, torch_dtype
 
-from sparse_attention.layouts import custom_layout, make_layout  # noqa: E402
-from sparse_attention.torch.kernels import launch  # noqa: E402
 
-
-def main():
+def layouts() -> list:
+    """``[(layout, head_dim)]`` to run."""
+    out = [
+        (p.layout(256, 2), 48) if mode == "fixed" else (p.replace(blocksize=32).layout(256, 2), 64)
+        for mode, p in PRESETS["small"].items()
+    ]
     nb = 8
     lay3 = np.tril(np.ones((2, nb, nb), int))
     lay3[0, 3] = 0
-    layouts = [
-        (make_layout(256, 2, "all", blocksize=32), 64),
-        (make_layout(256, 2, "local", local_attn_ctx=64, blocksize=32), 64),
-        (make_layout(256, 2, "strided", local_attn_ctx=16, blocksize=32), 64),
-        (make_layout(256, 2, "fixed", local_attn_ctx=64, blocksize=16, num_verts=2, vertsize=1), 48),
-        (
-            custom_layout(
-                lay3, 32, callback=lambda s, h, q, k, e: np.tri(*s, dtype=bool) if q == k else np.ones(s, bool)
-            ),
-            64,
-        ),
-    ]
-    for lay, D in layouts:
-        q, k, v, do = (torch.randn(1, lay.heads, lay.time, D, device="cuda", dtype=torch.float16) for _ in range(4))
+    diag = lambda s, h, q, k, e: np.tri(*s, dtype=bool) if q == k else np.ones(s, bool)  # noqa: E731
+    return out + [(custom_layout(lay3, 32, callback=diag), 64)]
+
+
+def main(argv=None):
+    ap = script_parser(__doc__)
+    add_dtype_arg(ap, "fp16")
+    args = ap.parse_args(argv)
+    dtype = torch_dtype(args.dtype)
+    for lay, D in layouts():
+        q, k, v, do = (torch.randn(1, lay.heads, lay.time, D, device="cuda", dtype=dtype) for _ in range(4))
         o, lse = launch.forward(q, k, v, lay)
         dq, dk, dv = launch.backward(do, q, k, v, o, lse, lay)
         torch.cuda.synchronize()

@@ -6,12 +6,13 @@
 set -o pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
+# the package from this tree without `pip install -e .` (the device machine gets a bare copy)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 what=${1:-all}; shift || true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$OUT/device.txt"
 if [[ $what == bench || $what == all ]]; then
-  timeout ${BENCH_TIMEOUT:-420} python3 scripts/bench.py --outdir "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+  timeout ${BENCH_TIMEOUT:-420} python3 scripts/bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
 fi
 if [[ $what == tests || $what == all ]]; then
   timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/test_kernels.py tests/test_kernels_split.py tests/test_kernels_gpu.py tests/test_ops.py \
@@ -23,7 +24,7 @@ fi
 if [[ $what == full ]]; then
   T=${FULL_TIME:-4096}
   million=--no-million; [[ ${FULL_MILLION:-0} == 1 ]] && million=
-  timeout ${BENCH_TIMEOUT:-540} python3 scripts/bench.py --outdir "$OUT" --full --times "$T" $million --tag "full-$T" "$@" 2>&1 | tee "$OUT/bench-full-$T.log"
+  timeout ${BENCH_TIMEOUT:-540} python3 scripts/bench.py --out "$OUT" --full --times "$T" $million --tag "full-$T" "$@" 2>&1 | tee "$OUT/bench-full-$T.log"
 fi
 if [[ $what == memcheck ]]; then
   CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)

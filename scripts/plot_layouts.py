@@ -1,40 +1,41 @@
 """Draw the four built-in modes (token-level masks, natural order) into one PNG.
 
-python scripts/plot_layouts.py docs/layouts.png
+    python scripts/plot_layouts.py docs/layouts.png
+
+The patterns are ``sparse_attention.patterns.PRESETS["small"]``; the last panel is ``fixed``'s
+second head (the other summary block).
 """
 
-import sys
+from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from sparse_attention import make_layout  # noqa: E402
-
-CASES = [
-    ("all", {}),
-    ("local", {"local_attn_ctx": 64}),
-    ("strided", {"local_attn_ctx": 16}),
-    ("fixed", {"local_attn_ctx": 64, "num_verts": 2, "vertsize": 1}),
-]
+from sparse_attention.patterns import PRESETS
+from sparse_attention.utils.benchmark import add_model_args, script_parser
 
 
-def main(path="docs/layouts.png"):
+def main(argv=None):
+    ap = script_parser(__doc__)
+    ap.add_argument("path", nargs="?", default="docs/layouts.png", help="the PNG to write (default: %(default)s)")
+    add_model_args(ap, n_ctx=256)
+    args = ap.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 5, figsize=(16, 3.6))
-    for ax, (mode, kw) in zip(axes, CASES):
-        lay = make_layout(256, 2, mode, blocksize=16, **kw)
-        lay.plot(heads=[0], ax=ax, tokens=True)
-        extra = ", ".join(f"{k}={v}" for k, v in kw.items())
-        ax.set_title(f"{mode}\n{extra}", fontsize=9)
-    lay = make_layout(256, 2, "fixed", blocksize=16, **CASES[3][1])
-    lay.plot(heads=[1], ax=axes[4], tokens=True)
+    presets = PRESETS["small"]
+    for ax, p in zip(axes, presets.values()):
+        p.layout(args.n_ctx, 2).plot(heads=[0], ax=ax, tokens=True)
+        extra = ", ".join(f"{k}={v}" for k, v in p.kwargs().items() if k not in ("attn_mode", "blocksize"))
+        ax.set_title(f"{p.mode}\n{extra}", fontsize=9)
+    presets["fixed"].layout(args.n_ctx, 2).plot(heads=[1], ax=axes[4], tokens=True)
     axes[4].set_title("fixed, head 1\n(the other summary block)", fontsize=9)
-    fig.suptitle("Allowed (query, key) pairs, time=256, blocksize=16", fontsize=10)
+    sizes = {p.blocksize for p in presets.values()}
+    fig.suptitle(f"Allowed (query, key) pairs, time={args.n_ctx}, blocksize={'/'.join(map(str, sizes))}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    fig.savefig(args.path, dpi=110)
+    print(f"wrote {args.path}")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main()

@@ -1,7 +1,7 @@
 """Where the time of a short block-sparse call goes on the GPU: host time against kernel time.
 
-For each mode at the issue's target shape (fp16, B2 H8 T16384 D64) it measures, for the forward
-(no grad) and the forward+backward:
+For each mode at the issue's target shape (fp16, B2 H8 T16384 D64; the target presets at
+``--blocksize``) it measures, for the forward (no grad) and the forward+backward:
 
 - ``event``: the benchmark's timing (CUDA events around one call, median), what users see;
 - ``host``: host microseconds per call, from a loop of calls without synchronisation;
@@ -17,53 +17,25 @@ machine (an allocation, a tiny kernel, a tiny autograd backward) and our forward
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
 
 import torch
-from bench import fwd_and_fb, graph_ms, timeit  # scripts/bench.py: the benchmark's timers
 
-from sparse_attention.layouts import make_layout
-from sparse_attention.torch import ops
+from sparse_attention.patterns import preset
+from sparse_attention.torch import blocksparse_attention_bhtd
+from sparse_attention.torch.baselines import flex_block_mask
+from sparse_attention.torch.dispatch import EagerAttention, engine
 from sparse_attention.torch.kernels import launch
-
-PATTERNS = {
-    "local": dict(local_attn_ctx=128, blocksize=32),
-    "strided": dict(local_attn_ctx=128, blocksize=32),
-    "fixed": dict(local_attn_ctx=128, blocksize=32, num_verts=4, vertsize=1),
-}
-
-
-def host_us(fn, reps=50):
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    dt = time.perf_counter() - t
-    torch.cuda.synchronize()
-    return dt / reps * 1e6
-
-
-def gpu_us(fn, reps=10):
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    tot, names = 0.0, {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            us = ev.time_range.elapsed_us()
-            tot += us
-            names[ev.name] = names.get(ev.name, 0.0) + us / reps
-    return tot / reps, {k[:60]: round(v, 1) for k, v in sorted(names.items(), key=lambda x: -x[1])[:6]}
-
-
-def event_ms(fn):
-    return timeit(fn, budget_s=0.2, max_reps=50)
+from sparse_attention.utils.benchmark import (
+    attention_parser,
+    environment,
+    fwd_and_fb,
+    gpu_us,
+    graph_ms,
+    host_us,
+    timeit,
+    torch_dtype,
+)
 
 
 def measure(name, f, q, k, v, do, graphs=True):
@@ -73,7 +45,7 @@ def measure(name, f, q, k, v, do, graphs=True):
         fn()
         fn()
         torch.cuda.synchronize()
-        r = dict(event_ms=event_ms(fn), host_us=host_us(fn))
+        r = dict(event_ms=timeit(fn, budget_s=0.2, max_reps=50), host_us=host_us(fn))
         r["gpu_us"], r["kernels"] = gpu_us(fn)
         if graphs and tag == "fwd":
             try:
@@ -89,51 +61,60 @@ def measure(name, f, q, k, v, do, graphs=True):
     return rec
 
 
-def calibrate(res):
+def calibrate(res, args):
     """Host microseconds of plain PyTorch calls on this machine and of our forward launcher."""
+    B, H, T, D = args.batch, args.n_head, args.n_ctx, args.head_dim
     x = torch.randn(1024, device="cuda")
     xs = x.clone().requires_grad_()
     g = torch.ones_like(x)
     cal = dict(
-        empty_us=host_us(lambda: torch.empty(2, 8, 16384, 64, device="cuda", dtype=torch.float16), 200),
+        empty_us=host_us(lambda: torch.empty(B, H, T, D, device="cuda", dtype=torch_dtype(args.dtype)), 200),
         add_us=host_us(lambda: x.add_(1.0), 200),
         autograd_mul_fb_us=host_us(lambda: (xs * 2.0).backward(g), 200),
     )
-    lay = make_layout(16384, 8, "local", **PATTERNS["local"])
-    q, k, v = (torch.randn(2, 8, 16384, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    lay = preset("local", blocksize=args.blocksize).layout(T, H)
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch_dtype(args.dtype)) for _ in range(3))
     launch.forward(q, k, v, lay)
     cal["launch_forward_us"] = host_us(lambda: launch.forward(q, k, v, lay), 200)
     print("calibration:", cal, flush=True)
     res["calibration"] = cal
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--modes", default="local,strided,fixed")
-    ap.add_argument("--time", type=int, default=16384)
-    ap.add_argument("--no-flex", action="store_true")
-    a = ap.parse_args()
-    B, H, T, D = 2, 8, a.time, 64
+def main(argv=None):
+    ap = attention_parser(
+        __doc__, "local,strided,fixed", "fp16", device=False, batch=2, n_head=8, n_ctx=16384, head_dim=64, blocksize=32
+    )
+    ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention peer (local)")
+    ap.add_argument("--out", default=None, help="JSON file of the results")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_overhead.py needs a CUDA GPU")
+    B, H, T, D = a.batch, a.n_head, a.n_ctx, a.head_dim
+
+    def inputs():
+        return (torch.randn(B, H, T, D, device="cuda", dtype=torch_dtype(a.dtype)) for _ in range(4))
+
     res = {}
-    calibrate(res)
-    for mode in a.modes.split(","):
-        lay = make_layout(T, H, mode, **PATTERNS[mode])
-        q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=torch.float16) for _ in range(4))
-        f = lambda x, y, z, lay=lay: ops.blocksparse_attention_bhtd(x, y, z, lay)  # noqa: E731
+    calibrate(res, a)
+    for mode in a.modes:
+        lay = preset(mode, blocksize=a.blocksize).layout(T, H)
+        q, k, v, do = inputs()
+        f = lambda x, y, z, lay=lay: blocksparse_attention_bhtd(x, y, z, lay)  # noqa: E731
         res[f"{mode}/ours"] = measure(f"{mode}/ours", f, q, k, v, do)
-        lf = lambda x, y, z, lay=lay: ops._FusedAttention.apply(x, y, z, lay)  # noqa: E731
+        fwd, bwd, _ = engine(q, lay)
+        lf = lambda x, y, z, lay=lay, fwd=fwd, bwd=bwd: EagerAttention.apply(x, y, z, fwd, bwd, lay)  # noqa: E731
         res[f"{mode}/no-checks"] = measure(f"{mode}/no-checks", lf, q, k, v, do, graphs=False)
     if not a.no_flex:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import flex_attention
 
         flex = torch.compile(flex_attention, dynamic=False)
-        bm = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < 128), None, None, T, T, device="cuda")
-        q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=torch.float16) for _ in range(4))
+        p = preset("local", blocksize=a.blocksize)
+        bm = flex_block_mask(p.spec, H, T, p.blocksize, "cuda")
+        q, k, v, do = inputs()
         res["flex-local"] = measure("flex-local", lambda x, y, z: flex(x, y, z, block_mask=bm), q, k, v, do)
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, results=res), f, indent=1)
+            json.dump(dict(meta=environment("cuda", argv, __file__), results=res), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,21 @@
 """Train a byte-level Sparse Transformer language model.
 
     python scripts/train.py --steps 2000                       # default corpus: the Python stdlib sources
-    python scripts/train.py --data enwik8 --n-ctx 12288 --attn fixed --precision bf16 --compile
+    python scripts/train.py --data enwik8 --n-ctx 12288 --attn fixed --dtype bf16 --compile
     torchrun --nproc_per_node 2 scripts/train.py --steps 100   # data parallel (nccl on GPUs, gloo on CPU)
     python scripts/train.py --out runs/a --resume              # continue from runs/a/ckpt.pt
 
 Reports bits per byte on a held-out split (the last ``--val-fraction`` of the bytes), writes
-``log.jsonl``, ``samples.txt`` and ``ckpt.pt`` under ``--out``. ``--batch-size`` is the global
-batch: each of the N processes takes its share, so N processes follow the one-process run.
+``log.jsonl``, ``samples.txt`` and ``ckpt.pt`` under ``--out``. ``--batch`` is the global batch:
+each of the N processes takes its share, so N processes follow the one-process run. The
+patterns are the paper's (``paper_patterns(--attn, --factorization)``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 import sysconfig
 import time
 import zlib
@@ -26,11 +25,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sparse_attention.models import SparseTransformer, SparseTransformerConfig, paper_patterns
+from sparse_attention.utils.benchmark import (
+    add_compile_args,
+    add_device_arg,
+    add_dtype_arg,
+    add_model_args,
+    autocast,
+    script_parser,
+)
 
-from sparse_attention.models import SparseTransformer, SparseTransformerConfig, paper_patterns  # noqa: E402
-
-MODEL_ARGS = (
+# The arguments that define the model: a checkpoint records them, --resume checks them.
+MODEL_KEYS = (
     "n_ctx",
     "d_model",
     "n_head",
@@ -47,26 +53,30 @@ MODEL_ARGS = (
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--data", help="any file, read as bytes (default: the Python standard library's sources)")
     p.add_argument("--max-bytes", type=int, default=4_000_000, help="cap on the default corpus")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--out", default="runs/train")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt if it exists")
-    p.add_argument("--n-ctx", type=int, default=512)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-layer", type=int, default=4)
+    add_model_args(
+        p,
+        n_ctx=512,
+        d_model=256,
+        n_head=4,
+        n_layer=4,
+        stride=128,
+        c=32,
+        blocksize=32,
+        batch=8,
+        help={"batch": "global batch (split over processes)"},
+    )
     p.add_argument("--d-ff", type=int, default=None)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--attn", default="fixed", choices=("dense", "local", "fixed", "strided"))
     p.add_argument("--factorization", default="merged", choices=("interleaved", "merged", "heads"))
-    p.add_argument("--stride", type=int, default=128, help="the paper's l")
-    p.add_argument("--c", type=int, default=32, help="fixed: summary tokens per group")
-    p.add_argument("--blocksize", type=int, default=32)
     p.add_argument("--impl", default="sparse", choices=("sparse", "dense", "sdpa", "flex"))
     p.add_argument("--recompute", action="store_true", help="recompute each residual block in backward")
-    p.add_argument("--batch-size", type=int, default=8, help="global batch (split over processes)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument(
         "--stop-at",
@@ -78,24 +88,17 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--compile", action="store_true")
-    p.add_argument(
-        "--compile-mode",
-        default="default",
-        choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
-        help="with --compile: reduce-overhead replays CUDA graphs (no per-kernel host time; about 2x "
-        "per step at 12,288 tokens on an H100, benchmarks/train_h100_graphs)",
-    )
+    add_compile_args(p, default=False)
     p.add_argument("--eval-interval", type=int, default=200)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--ckpt-interval", type=int, default=500)
     p.add_argument("--sample-len", type=int, default=200, help="bytes sampled at each evaluation (0: none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_dtype_arg(p, "fp32", help="autocast dtype (fp32: none; fp16 adds loss scaling)", aliases=("--precision",))
+    add_device_arg(p, help="cpu, cuda, cuda:1, ... (default: %(default)s; cuda: each process its LOCAL_RANK's GPU)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "n_ctx", "eval_interval", "eval_batches", "ckpt_interval"):
+    for name in ("steps", "batch", "n_ctx", "eval_interval", "eval_batches", "ckpt_interval"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.val_fraction < 1:
@@ -159,8 +162,8 @@ def train_batch(data, step, args, rank, world, device):
     """This rank's share of the global batch of ``step`` (a function of seed and step only, so a
     resumed run and an N-process run draw the same bytes as one uninterrupted process)."""
     rng = np.random.default_rng([args.seed, step])
-    starts = rng.integers(0, len(data) - args.n_ctx - 1, size=args.batch_size)
-    per = args.batch_size // world
+    starts = rng.integers(0, len(data) - args.n_ctx - 1, size=args.batch)
+    per = args.batch // world
     return windows(data, starts[rank * per : (rank + 1) * per], args.n_ctx, device)
 
 
@@ -192,24 +195,18 @@ def lr_at(step: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def autocast(args, device):
-    if args.precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16)
-
-
 @torch.no_grad()
 def evaluate(model, val, args, rank, world, device) -> float:
-    """Bits per byte on ``eval_batches * batch_size`` windows spread evenly over the held-out bytes."""
+    """Bits per byte on ``eval_batches * batch`` windows spread evenly over the held-out bytes."""
     model.eval()
-    n = args.eval_batches * args.batch_size
+    n = args.eval_batches * args.batch
     starts = np.linspace(0, len(val) - args.n_ctx - 1, n).astype(np.int64)[rank::world]
     tot = torch.zeros(2, dtype=torch.float64, device=device)
-    for s in range(0, len(starts), args.batch_size):
-        x, y = windows(val, starts[s : s + args.batch_size], args.n_ctx, device)
+    for s in range(0, len(starts), args.batch):
+        x, y = windows(val, starts[s : s + args.batch], args.n_ctx, device)
         if args.compile and args.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
-        with autocast(args, device):
+        with autocast(device, args.dtype):
             _, loss = model(x, y)
         tot += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=device)
     if world > 1:
@@ -223,14 +220,14 @@ def sample_text(model, val, args, device) -> str:
     n_new = min(args.sample_len, args.n_ctx - prompt_len)
     prompt = torch.from_numpy(val[:prompt_len].astype(np.int64))[None].to(device)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    with autocast(args, device):
+    with autocast(device, args.dtype):
         out = model.generate(prompt, n_new, temperature=0.8, top_k=None, generator=g)
     text = bytes(out[0].tolist()).decode("utf-8", errors="replace")
     return text[:prompt_len] + " ||| " + text[prompt_len:]
 
 
 def model_args(args) -> dict:
-    return {k: getattr(args, k) for k in MODEL_ARGS}
+    return {k: getattr(args, k) for k in MODEL_KEYS}
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -242,16 +239,13 @@ def main(argv=None) -> list[dict]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device:
-        device = torch.device(args.device)
-    elif torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of the process count ({world})")
+    if args.batch % world:
+        raise ValueError(f"--batch ({args.batch}) must be a multiple of the process count ({world})")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
@@ -272,7 +266,7 @@ def _train(args, rank, world, device) -> list[dict]:
     torch.manual_seed(args.seed)
     model = build_model(args).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
     step, records = 0, []
     ckpt_path = out / "ckpt.pt"
     if args.resume and ckpt_path.exists():
@@ -337,7 +331,7 @@ def _train(args, rank, world, device) -> list[dict]:
         x, y = train_batch(train, step, args, rank, world, device)
         if graphs:  # a new step: CUDA-graph outputs of the last one may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
-        with autocast(args, device):
+        with autocast(device, args.dtype):
             _, loss = fwd(x, y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

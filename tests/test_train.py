@@ -41,7 +41,7 @@ TINY = [
     "16",
     "--blocksize",
     "16",
-    "--batch-size",
+    "--batch",
     "4",
     "--lr",
     "3e-3",
@@ -164,3 +164,11 @@ def test_compiled_training_runs(corpus, tmp_path):
     )
     assert len(recs) == 3 and all(math.isfinite(r["loss"]) for r in recs)
     assert 0 < recs[-1]["val_bpb"] < 9
+
+
+def test_older_flag_spellings_are_aliases():
+    """Commands in README.md and the benchmark logs spell ``--batch-size`` and ``--precision``."""
+    old = train.parse_args(["--batch-size", "6", "--precision", "bf16", "--n-head", "2"])
+    new = train.parse_args(["--batch", "6", "--dtype", "bf16", "--heads", "2"])
+    assert vars(old) == vars(new)
+    assert (new.batch, new.dtype, new.n_head) == (6, "bf16", 2)
