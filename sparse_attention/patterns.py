@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
-
-import weakref
 
 from .layouts import MODES, Layout, allowed, csr_layout, custom_layout, from_dense, validate_pattern
 
@@ -238,7 +237,8 @@ class PerHead(Spec):
         # group g owns heads [g * n, (g + 1) * n) and sees them as its heads 0 .. n - 1
         n = self._size(heads)
         parts = (
-            (g * n <= h) & (h < (g + 1) * n) & p.allowed(i, j, h - g * n, n, blocksize) for g, p in enumerate(self.parts)
+            (g * n <= h) & (h < (g + 1) * n) & p.allowed(i, j, h - g * n, n, blocksize)
+            for g, p in enumerate(self.parts)
         )
         return functools.reduce(lambda a, b: a | b, parts)
 

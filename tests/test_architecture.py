@@ -127,15 +127,17 @@ def test_no_module_reads_another_modules_private_attributes():
 def test_the_numpy_layer_imports_no_framework_layer(name):
     mod = f"sparse_attention.{name}"
     for target, _ in _imports(mod):
-        assert not target.startswith(("sparse_attention.torch", "sparse_attention.tensorflow", "sparse_attention.models")), (
-            f"{mod} imports {target}"
-        )
+        assert not target.startswith(
+            ("sparse_attention.torch", "sparse_attention.tensorflow", "sparse_attention.models")
+        ), f"{mod} imports {target}"
 
 
 def test_engines_do_not_import_the_layers_above_them():
     above = ("sparse_attention.torch.interface", "sparse_attention.torch.nn", "sparse_attention.models")
     for mod in MODULES:
-        if mod.startswith(("sparse_attention.torch.gather", "sparse_attention.torch.kernels", "sparse_attention.torch.dispatch")):
+        if mod.startswith(
+            ("sparse_attention.torch.gather", "sparse_attention.torch.kernels", "sparse_attention.torch.dispatch")
+        ):
             for target, _ in _imports(mod):
                 assert not target.startswith(above), f"{mod} imports {target}"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _attn_ref import check_against_reference, fwd_bwd, masked_reference, rel_err
+from _attn_ref import check_against_reference, masked_reference, rel_err
 from _kernel_env import INTERPRET, launch_fixture  # noqa: F401  (sets TRITON_INTERPRET; the `launch` fixture)
 from _kernel_env import device as _device
 
@@ -138,15 +138,18 @@ def test_builtin_layouts_put_nothing_on_the_device(launch, heads, l, b, nv, vs):
 
     lay = make_layout(4 * l, heads, "fixed", local_attn_ctx=l, blocksize=b, num_verts=nv, vertsize=vs)
     q = torch.zeros(1, heads, 4 * l, 16)
+
     def allocates_nothing(lay):
         # every tensor argument is the placeholder q itself (never read: the closed form decides),
         # and a second device or dtype would give the same scalars
         tab = launch.device_tables(lay, q)
         tensors = {name for name, x in tab.items() if isinstance(x, torch.Tensor)}
         other = launch.device_tables(lay, torch.zeros(1, dtype=torch.float64))
-        return tensors == set(launch.POINTER_TABLES) and all(
-            x is q for x in map(tab.get, tensors)
-        ) and all(tab[n] == other[n] for n in tab if n not in tensors)
+        return (
+            tensors == set(launch.POINTER_TABLES)
+            and all(x is q for x in map(tab.get, tensors))
+            and all(tab[n] == other[n] for n in tab if n not in tensors)
+        )
 
     tab = launch.device_tables(lay, q)
     assert allocates_nothing(lay)

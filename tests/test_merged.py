@@ -53,7 +53,15 @@ def test_fused_kernels_merge(launch, monkeypatch, L, l, b, T, D, dtype):
     (interpreter on the CPU); outputs NaN-poisoned, so a row the merge kernels skip fails."""
     monkeypatch.setattr(M, "engine", lambda q, lay: (launch.forward, launch.backward, True))
     loc, st = _pair(T, 2, L, l, b)
-    _check_against_reference(lambda a, b_, c: EagerAttention.apply(a, b_, c, M.merged_forward, M.merged_backward, loc, st), loc, st, dtype, _device(), B=1, D=D)
+    _check_against_reference(
+        lambda a, b_, c: EagerAttention.apply(a, b_, c, M.merged_forward, M.merged_backward, loc, st),
+        loc,
+        st,
+        dtype,
+        _device(),
+        B=1,
+        D=D,
+    )
 
 
 def test_fused_merge_takes_strided_views(launch, monkeypatch):

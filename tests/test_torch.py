@@ -7,6 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from _attn_ref import check_against_reference as _check  # noqa: E402
+
 from sparse_attention import (  # noqa: E402
     attention_impl,
     blocksparse_attention_impl,
@@ -15,8 +17,6 @@ from sparse_attention import (  # noqa: E402
     make_layout,
     recomputable,
 )
-from _attn_ref import check_against_reference as _check  # noqa: E402
-
 from sparse_attention.torch import gather  # noqa: E402
 from sparse_attention.torch.dispatch import EagerAttention  # noqa: E402
 from sparse_attention.torch.reference import masked_attention, split_heads  # noqa: E402
@@ -24,6 +24,7 @@ from sparse_attention.torch.reference import masked_attention, split_heads  # no
 
 def gather_attention(q, k, v, layout):
     return EagerAttention.apply(q, k, v, gather.gather_forward, gather.gather_backward, layout)
+
 
 MODES = {
     "all": {},

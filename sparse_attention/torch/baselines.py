@@ -40,7 +40,14 @@ def flex_block_mask(spec: Spec, heads: int, time: int, blocksize: int, device, b
 
     compile = time > 16384 if compile is None else compile
     return create_block_mask(
-        flex_mask_mod(spec, heads, blocksize), None, heads, time, time, device=device, BLOCK_SIZE=block_size, _compile=compile
+        flex_mask_mod(spec, heads, blocksize),
+        None,
+        heads,
+        time,
+        time,
+        device=device,
+        BLOCK_SIZE=block_size,
+        _compile=compile,
     )
 
 

@@ -175,7 +175,9 @@ class AttentionOp:
         self.pick = pick
         keys = ", ".join(f"int[] key{i}" for i in range(n_layouts))
         fwd_schema = f"(Tensor q, Tensor k, Tensor v, {keys}) -> (Tensor, Tensor)"
-        bwd_schema = f"(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, {keys}) -> (Tensor, Tensor, Tensor)"
+        bwd_schema = (
+            f"(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, {keys}) -> (Tensor, Tensor, Tensor)"
+        )
         self.fwd_op = torch.library.custom_op(f"sparse_attention::{name}_fwd", mutates_args=(), schema=fwd_schema)(
             self._op_forward
         )

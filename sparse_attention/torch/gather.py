@@ -123,7 +123,9 @@ class _Chunk:
         cols, valid, entries = layout.padded_rows(pattern, r0, r1)
         self.r0, self.r1 = r0, r1
         rows = np.broadcast_to(np.arange(r0, r1)[:, None], cols.shape)
-        partial = valid & tables.partial_entries(layout, rows, cols, None if entries is None else np.maximum(entries, 0))
+        partial = valid & tables.partial_entries(
+            layout, rows, cols, None if entries is None else np.maximum(entries, 0)
+        )
         # Key blocks that every row of the chunk uses in full (fixed's summary blocks, the
         # columns left of the diagonal for all) are gathered once and multiplied as one dense
         # tile; each row keeps only the rest, padded to the longest.

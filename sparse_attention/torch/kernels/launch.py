@@ -238,6 +238,21 @@ def _whole_call(fn):
     return run
 
 
+def _strides(*xs) -> tuple:
+    """The batch, head and time strides of each ``[B, H, T, D]`` tensor (the last one is 1)."""
+    return tuple(st for x in xs for st in x.stride()[:3])
+
+
+def _summary(tab: dict) -> tuple:
+    """``fixed``'s summary offsets (``VLO_*``) and the head -> pattern table."""
+    return tab["VLO_A"], tab["VLO_C"], tab["VLO_NV"], tab["HEAD_PAT"]
+
+
+def _row_table(tab: dict) -> tuple:
+    """A custom layout's row table: row pointers, key blocks, mask indices, masks."""
+    return tab["ROW_PTR"], tab["COLS"], tab["MASK_IDX"], tab["MASKS"]
+
+
 @_whole_call
 def forward(q, k, v, layout: Layout):
     """``(o [B, H, T, D] dtype of q, lse [B, H, T] float32, base 2)``."""
@@ -251,23 +266,10 @@ def forward(q, k, v, layout: Layout):
     o = new_output(q, (B, H, T, D))
     lse = new_output(q, (B, H, T), torch.float32)
     grid = (T // cfg["BM"], B * H)
-    args = (
-        q,
-        k,
-        v,
-        o,
-        lse,
-        tab["VLO_A"],
-        tab["VLO_C"],
-        tab["VLO_NV"],
-        tab["HEAD_PAT"],
-        tab["ROW_PTR"],
-        tab["COLS"],
-        tab["MASK_IDX"],
-        tab["MASKS"],
+    scalars = (T, H, layout.nb, math.log2(math.e) / math.sqrt(D))
+    K._fwd_kernel[grid](
+        q, k, v, o, lse, *_summary(tab), *_row_table(tab), *_strides(q, k, v, o), *scalars, **consts, **cfg
     )
-    args += (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], T, H, layout.nb)
-    K._fwd_kernel[grid](*args, math.log2(math.e) / math.sqrt(D), **consts, **cfg)
     return o, lse
 
 
@@ -286,47 +288,20 @@ def backward(do, q, k, v, o, lse, layout: Layout):
     if mode == K.MODE_CUSTOM:
         c1["BM"] = c1["BN"] = c2["BM"] = c2["BN"] = layout.blocksize
     c2["SPLIT"] = _split(layout, tab, c2["BN"])
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    strides = _strides(q, k, v, do)
     # dQ first: it computes delta = rowsum(dO * O) of its rows and stores it for dK/dV
-    dq_args = (
-        q,
-        k,
-        v,
-        do,
-        o,
-        dq,
-        lse,
-        delta,
-        tab["VLO_A"],
-        tab["VLO_C"],
-        tab["VLO_NV"],
-        tab["HEAD_PAT"],
-        tab["ROW_PTR"],
-        tab["COLS"],
-    )
-    dq_args += (tab["MASK_IDX"], tab["MASKS"], *strides, *o.stride()[:3], *dq.stride()[:3], T, H, layout.nb)
-    K._dq_kernel[(T // c2["BM"], B * H)](*dq_args, qk_scale, sm_scale, **consts, **c2)
+    K._dq_kernel[(T // c2["BM"], B * H)](
+        *(q, k, v, do, o, dq, lse, delta), *_summary(tab), *_row_table(tab), *strides, *_strides(o, dq),
+        *(T, H, layout.nb, qk_scale, sm_scale), **consts, **c2,
+    )  # fmt: skip
     passes = [(False, T)] + ([(True, tab["NSUM"])] if mode == K.MODE_FIXED else [])
     for summary, nkeys in passes:
         if nkeys == 0:
             continue
-        args = (
-            q,
-            k,
-            v,
-            do,
-            dk,
-            dv,
-            lse,
-            delta,
-            tab["VLO_A"],
-            tab["VLO_C"],
-            tab["VLO_NV"],
-            tab["HEAD_PAT"],
-            tab["COL_PTR"],
-            tab["ROWS"],
-        )
-        args += (tab["ENTRY_MASK"], tab["MASKS"], *strides, *dk.stride()[:3], *dv.stride()[:3], T, H, layout.nb)
-        grid = (triton.cdiv(nkeys, c1["BN"]), B * H)
-        K._dkdv_kernel[grid](*args, nkeys, qk_scale, sm_scale, SUMMARY=summary, **consts, **c1)
+        # the transposed table: per key-block column, its query blocks and their masks
+        col_table = (tab["COL_PTR"], tab["ROWS"], tab["ENTRY_MASK"], tab["MASKS"])
+        K._dkdv_kernel[(triton.cdiv(nkeys, c1["BN"]), B * H)](
+            *(q, k, v, do, dk, dv, lse, delta), *_summary(tab), *col_table, *strides, *_strides(dk, dv),
+            *(T, H, layout.nb, nkeys, qk_scale, sm_scale), SUMMARY=summary, **consts, **c1,
+        )  # fmt: skip
     return dq, dk, dv
