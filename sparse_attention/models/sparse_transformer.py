@@ -23,8 +23,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from ..torch.nn import IMPLS, KVCache, SparseSelfAttention
 from ..patterns import as_spec
+from ..torch.nn import IMPLS, KVCache, SparseSelfAttention
 
 
 @dataclass
