@@ -17,7 +17,7 @@ from sparse_attention import (  # noqa: E402
     make_layout,
     recomputable,
 )
-from sparse_attention.torch import gather  # noqa: E402
+from sparse_attention.torch import cache, gather  # noqa: E402
 from sparse_attention.torch.dispatch import EagerAttention  # noqa: E402
 from sparse_attention.torch.reference import masked_attention, split_heads  # noqa: E402
 
@@ -165,7 +165,7 @@ def test_gather_path_chunking(monkeypatch, budget, mode):
     want = _fwd_bwd(lambda q, k, v: masked_attention(q, k, v, mask), heads, split_heads(dout, 2))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    plans = [cs for key, cs in gather._CACHE[layout].items() if key[0] == "plan" and key[1] == 0 and key[3] == budget]
+    plans = [cs for key, cs in cache.entries(layout).items() if key[0] == "plan" and key[1] == 0 and key[3] == budget]
     assert len(plans) == 1
     chunks = plans[0]
     assert [(c.r0, c.r1) for c in chunks] == list(zip([c.r0 for c in chunks], [c.r0 for c in chunks[1:]] + [32]))

@@ -14,21 +14,18 @@ Tensors are natural-order ``[batch, heads, time, head_dim]``, already validated 
 from __future__ import annotations
 
 import math
-import weakref
 
 import numpy as np
 import torch
 
 from .. import tables
 from ..layouts import Layout
+from .cache import derived
 from .reference import compute_dtype
 
 # Scores per chunk (batch * heads * rows * blocksize * keys): about 64 MiB of float32, so the
 # transient tensors of one chunk stay a few hundred MiB.
 CHUNK_ELEMENTS = 1 << 24
-
-# Device tensors derived from a layout: {layout: {(name, device): tensor or [_Chunk]}}
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def gather_forward(q, k, v, layout: Layout):
@@ -105,11 +102,7 @@ def _merge_heads(layout: Layout, device, parts):
 
 def _device_cache(layout: Layout, key: str, device, make):
     """Tensors derived from a layout, cached on the layout per device."""
-    full = (key, str(device))
-    cache = _CACHE.setdefault(layout, {})
-    if full not in cache:
-        cache[full] = make().to(device)
-    return cache[full]
+    return derived(layout, ("gather", key, str(device)), lambda: make().to(device))
 
 
 class _Chunk:
@@ -208,12 +201,12 @@ class _Chunk:
 def _plan(layout: Layout, pattern: int, cost_per_block: int, device) -> list[_Chunk]:
     """The chunks of a pattern's rows (:func:`sparse_attention.tables.row_chunks`), cached per
     (pattern, cost, budget, device)."""
-    key = ("plan", pattern, cost_per_block, CHUNK_ELEMENTS, str(device))
-    cache = _CACHE.setdefault(layout, {})
-    if key not in cache:
+
+    def make():
         spans = tables.row_chunks(layout.row_counts()[pattern], cost_per_block, CHUNK_ELEMENTS)
-        cache[key] = [_Chunk(layout, pattern, a, b, device) for a, b in spans]
-    return cache[key]
+        return [_Chunk(layout, pattern, a, b, device) for a, b in spans]
+
+    return derived(layout, ("plan", pattern, cost_per_block, CHUNK_ELEMENTS, str(device)), make)
 
 
 def _pattern_forward(q, k, v, layout: Layout, pattern: int):

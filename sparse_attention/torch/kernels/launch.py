@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import weakref
 
 import numpy as np
 import torch
@@ -15,6 +14,7 @@ import triton
 
 from ...layouts import Layout
 from ...modes import fixed_vert_range
+from ..cache import derived
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -49,8 +49,6 @@ MAX_GRID_Y = 65535
 POISON_OUTPUTS = False
 # Tests force both the split (full + masked loops) and the single masked loop through this.
 SPLIT_OVERRIDE: bool | None = None
-
-_tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def interpreting() -> bool:
@@ -121,11 +119,10 @@ def device_tables(layout: Layout, q: torch.Tensor) -> dict:
     so a call can be the first one inside a CUDA-graph capture (``torch.compile(mode=
     "reduce-overhead")``); a custom layout's tables are made by its first call on a device, or by
     ``register_layout(layout, device)`` before capture."""
-    per = _tables.setdefault(layout, {})
-    key = q.device if layout.mode == "custom" else None
-    if key not in per:
-        per[key] = _build_tables(layout, q.device)
-    return per[key] if key is not None else {**per[key], **dict.fromkeys(POINTER_TABLES, q)}
+    if layout.mode == "custom":
+        return derived(layout, ("kernel tables", str(q.device)), lambda: _build_tables(layout, q.device))
+    tab = derived(layout, ("kernel tables", None), lambda: _build_tables(layout, None))
+    return {**tab, **dict.fromkeys(POINTER_TABLES, q)}
 
 
 def _build_tables(layout: Layout, device) -> dict:
