@@ -60,7 +60,7 @@ def _tok(pos, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1: tl.constexpr, P2: t
 @triton.jit
 def _summary_start(h, VLO_A, VLO_C, VLO_NV):
     """fixed: the first summary token of head ``h`` (int64); the layout's closed form, see
-    ``launch._device_tables``."""
+    ``launch.device_tables``."""
     return (VLO_A - (h % VLO_NV) * VLO_C).to(tl.int64)
 
 
@@ -98,6 +98,18 @@ def _row_bounds(m0, T, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, P
     fhi = tl.maximum(fhi, lo)
     flo = tl.minimum(tl.maximum(flo, lo), fhi)
     return lo, flo, fhi, hi
+
+
+@triton.jit
+def _summary_bounds(m0, BM: tl.constexpr, BN: tl.constexpr, P1: tl.constexpr, VSB: tl.constexpr):
+    """fixed: the virtual summary keys (``VSB`` per group of ``P1`` tokens) of the query tile
+    [m0, m0 + BM): full [0, sf) (the groups before the tile's first group), masked [sf, se) (up to
+    its last group)."""
+    g0 = m0 // P1
+    g1 = (m0 + BM - 1) // P1
+    sf = g0 * VSB // BN * BN
+    se = (g1 * VSB + BN - 1) // BN * BN
+    return sf, se
 
 
 @triton.jit
@@ -235,7 +247,7 @@ def _tile_and_head(HEAVY_LAST: tl.constexpr, MODE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(
+def fwd_kernel(
     Q,
     K,
     V,
@@ -312,177 +324,53 @@ def _fwd_kernel(
         vlo = 0
         if MODE == 3:
             vlo = _summary_start(h, VLO_A, VLO_C, VLO_NV)
-            # summary part: every summary key of the groups before the tile's first group is allowed
-            g0 = m0 // P1
-            g1 = (m0 + BM - 1) // P1
-            sf = g0 * VSB // BN * BN
-            se = (g1 * VSB + BN - 1) // BN * BN
-            acc, l_i, m_i = _fwd_range(
-                acc,
-                l_i,
-                m_i,
-                q,
-                qpos,
-                k_base,
-                v_base,
-                skt,
-                svt,
-                0,
-                sf,
-                T,
-                vlo,
-                qk_scale,
-                offs_d,
-                BN,
-                MODE,
-                True,
-                P1,
-                P2,
-                VSB,
-                False,
-                PAD_D,
-                HEAD_D,
-                DOT_PREC,
-            )
-            acc, l_i, m_i = _fwd_range(
-                acc,
-                l_i,
-                m_i,
-                q,
-                qpos,
-                k_base,
-                v_base,
-                skt,
-                svt,
-                sf,
-                se,
-                T,
-                vlo,
-                qk_scale,
-                offs_d,
-                BN,
-                MODE,
-                True,
-                P1,
-                P2,
-                VSB,
-                True,
-                PAD_D,
-                HEAD_D,
-                DOT_PREC,
-            )
-        lo, flo, fhi, hi = _row_bounds(m0, T, BM, BN, MODE, P1)
-        if SPLIT:
-            acc, l_i, m_i = _fwd_range(
-                acc,
-                l_i,
-                m_i,
-                q,
-                qpos,
-                k_base,
-                v_base,
-                skt,
-                svt,
-                lo,
-                flo,
-                T,
-                vlo,
-                qk_scale,
-                offs_d,
-                BN,
-                MODE,
-                False,
-                P1,
-                P2,
-                VSB,
-                True,
-                PAD_D,
-                HEAD_D,
-                DOT_PREC,
-            )
-            acc, l_i, m_i = _fwd_range(
-                acc,
-                l_i,
-                m_i,
-                q,
-                qpos,
-                k_base,
-                v_base,
-                skt,
-                svt,
-                flo,
-                fhi,
-                T,
-                vlo,
-                qk_scale,
-                offs_d,
-                BN,
-                MODE,
-                False,
-                P1,
-                P2,
-                VSB,
-                False,
-                PAD_D,
-                HEAD_D,
-                DOT_PREC,
-            )
-            acc, l_i, m_i = _fwd_range(
-                acc,
-                l_i,
-                m_i,
-                q,
-                qpos,
-                k_base,
-                v_base,
-                skt,
-                svt,
-                fhi,
-                hi,
-                T,
-                vlo,
-                qk_scale,
-                offs_d,
-                BN,
-                MODE,
-                False,
-                P1,
-                P2,
-                VSB,
-                True,
-                PAD_D,
-                HEAD_D,
-                DOT_PREC,
-            )
-        else:
-            # few tiles per row: one pipelined loop, masking every tile, beats three short loops
-            acc, l_i, m_i = _fwd_range(
-                acc,
-                l_i,
-                m_i,
-                q,
-                qpos,
-                k_base,
-                v_base,
-                skt,
-                svt,
-                lo,
-                hi,
-                T,
-                vlo,
-                qk_scale,
-                offs_d,
-                BN,
-                MODE,
-                False,
-                P1,
-                P2,
-                VSB,
-                True,
-                PAD_D,
-                HEAD_D,
-                DOT_PREC,
-            )
+            sf, se = _summary_bounds(m0, BM, BN, P1, VSB)
+        # One loop over the key ranges, unrolled (constexpr stage), in the order they accumulate:
+        # fixed's summary keys, full [0, sf) (0) then masked [sf, se) (1); then the pattern's own
+        # keys, masked [lo, flo), full [flo, fhi), masked [fhi, hi) (2, 3, 4) when SPLIT, else one
+        # masked loop over [lo, hi) (2): with few tiles per row it pipelines better than three.
+        for stage in tl.static_range(5):
+            if stage == 2:
+                # after fixed's summary stages, next to its loops (hoisted, fixed compiles differently)
+                lo, flo, fhi, hi = _row_bounds(m0, T, BM, BN, MODE, P1)
+            if (MODE == 3 or stage >= 2) and (SPLIT or stage <= 2):
+                if stage == 0:
+                    start, end = 0, sf
+                elif stage == 1:
+                    start, end = sf, se
+                elif stage == 2:
+                    start, end = lo, (flo if SPLIT else hi)
+                elif stage == 3:
+                    start, end = flo, fhi
+                else:
+                    start, end = fhi, hi
+                acc, l_i, m_i = _fwd_range(
+                    acc,
+                    l_i,
+                    m_i,
+                    q,
+                    qpos,
+                    k_base,
+                    v_base,
+                    skt,
+                    svt,
+                    start,
+                    end,
+                    T,
+                    vlo,
+                    qk_scale,
+                    offs_d,
+                    BN,
+                    MODE,
+                    stage < 2,  # SUMMARY
+                    P1,
+                    P2,
+                    VSB,
+                    stage != 0 and stage != 3,  # MASKED
+                    PAD_D,
+                    HEAD_D,
+                    DOT_PREC,
+                )
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -552,7 +440,7 @@ def _dkdv_range(
 
 
 @triton.jit
-def _dkdv_kernel(
+def dkdv_kernel(
     Q,
     K,
     V,
@@ -744,7 +632,7 @@ def _dq_range(
 
 
 @triton.jit
-def _dq_kernel(
+def dq_kernel(
     Q,
     K,
     V,
@@ -835,181 +723,50 @@ def _dq_kernel(
         vlo = 0
         if MODE == 3:
             vlo = _summary_start(h, VLO_A, VLO_C, VLO_NV)
-            g0 = m0 // P1
-            g1 = (m0 + BM - 1) // P1
-            sf = g0 * VSB // BN * BN
-            se = (g1 * VSB + BN - 1) // BN * BN
-            dq = _dq_range(
-                dq,
-                q,
-                do,
-                lse,
-                delta,
-                qpos,
-                k_base,
-                v_base,
-                skt,
-                svt,
-                0,
-                sf,
-                T,
-                vlo,
-                qk_scale,
-                offs_d,
-                BN,
-                MODE,
-                True,
-                P1,
-                P2,
-                VSB,
-                False,
-                PAD_D,
-                HEAD_D,
-                DOT_PREC,
-            )
-            dq = _dq_range(
-                dq,
-                q,
-                do,
-                lse,
-                delta,
-                qpos,
-                k_base,
-                v_base,
-                skt,
-                svt,
-                sf,
-                se,
-                T,
-                vlo,
-                qk_scale,
-                offs_d,
-                BN,
-                MODE,
-                True,
-                P1,
-                P2,
-                VSB,
-                True,
-                PAD_D,
-                HEAD_D,
-                DOT_PREC,
-            )
-        lo, flo, fhi, hi = _row_bounds(m0, T, BM, BN, MODE, P1)
-        if SPLIT:
-            dq = _dq_range(
-                dq,
-                q,
-                do,
-                lse,
-                delta,
-                qpos,
-                k_base,
-                v_base,
-                skt,
-                svt,
-                lo,
-                flo,
-                T,
-                vlo,
-                qk_scale,
-                offs_d,
-                BN,
-                MODE,
-                False,
-                P1,
-                P2,
-                VSB,
-                True,
-                PAD_D,
-                HEAD_D,
-                DOT_PREC,
-            )
-            dq = _dq_range(
-                dq,
-                q,
-                do,
-                lse,
-                delta,
-                qpos,
-                k_base,
-                v_base,
-                skt,
-                svt,
-                flo,
-                fhi,
-                T,
-                vlo,
-                qk_scale,
-                offs_d,
-                BN,
-                MODE,
-                False,
-                P1,
-                P2,
-                VSB,
-                False,
-                PAD_D,
-                HEAD_D,
-                DOT_PREC,
-            )
-            dq = _dq_range(
-                dq,
-                q,
-                do,
-                lse,
-                delta,
-                qpos,
-                k_base,
-                v_base,
-                skt,
-                svt,
-                fhi,
-                hi,
-                T,
-                vlo,
-                qk_scale,
-                offs_d,
-                BN,
-                MODE,
-                False,
-                P1,
-                P2,
-                VSB,
-                True,
-                PAD_D,
-                HEAD_D,
-                DOT_PREC,
-            )
-        else:
-            dq = _dq_range(
-                dq,
-                q,
-                do,
-                lse,
-                delta,
-                qpos,
-                k_base,
-                v_base,
-                skt,
-                svt,
-                lo,
-                hi,
-                T,
-                vlo,
-                qk_scale,
-                offs_d,
-                BN,
-                MODE,
-                False,
-                P1,
-                P2,
-                VSB,
-                True,
-                PAD_D,
-                HEAD_D,
-                DOT_PREC,
-            )
+            sf, se = _summary_bounds(m0, BM, BN, P1, VSB)
+        # the forward kernel's stages, in the same order
+        for stage in tl.static_range(5):
+            if stage == 2:
+                lo, flo, fhi, hi = _row_bounds(m0, T, BM, BN, MODE, P1)
+            if (MODE == 3 or stage >= 2) and (SPLIT or stage <= 2):
+                if stage == 0:
+                    start, end = 0, sf
+                elif stage == 1:
+                    start, end = sf, se
+                elif stage == 2:
+                    start, end = lo, (flo if SPLIT else hi)
+                elif stage == 3:
+                    start, end = flo, fhi
+                else:
+                    start, end = fhi, hi
+                dq = _dq_range(
+                    dq,
+                    q,
+                    do,
+                    lse,
+                    delta,
+                    qpos,
+                    k_base,
+                    v_base,
+                    skt,
+                    svt,
+                    start,
+                    end,
+                    T,
+                    vlo,
+                    qk_scale,
+                    offs_d,
+                    BN,
+                    MODE,
+                    stage < 2,  # SUMMARY
+                    P1,
+                    P2,
+                    VSB,
+                    stage != 0 and stage != 3,  # MASKED
+                    PAD_D,
+                    HEAD_D,
+                    DOT_PREC,
+                )
     dq = dq * sm_scale
     dq_ptrs = DQ + b * sgb + hh * sgh + qtok[:, None] * sgt + offs_d[None, :]
     if PAD_D:

@@ -264,7 +264,7 @@ def forward(q, k, v, layout: Layout):
     lse = new_output(q, (B, H, T), torch.float32)
     grid = (T // cfg["BM"], B * H)
     scalars = (T, H, layout.nb, math.log2(math.e) / math.sqrt(D))
-    K._fwd_kernel[grid](
+    K.fwd_kernel[grid](
         q, k, v, o, lse, *_summary(tab), *_row_table(tab), *_strides(q, k, v, o), *scalars, **consts, **cfg
     )
     return o, lse
@@ -287,7 +287,7 @@ def backward(do, q, k, v, o, lse, layout: Layout):
     c2["SPLIT"] = _split(layout, tab, c2["BN"])
     strides = _strides(q, k, v, do)
     # dQ first: it computes delta = rowsum(dO * O) of its rows and stores it for dK/dV
-    K._dq_kernel[(T // c2["BM"], B * H)](
+    K.dq_kernel[(T // c2["BM"], B * H)](
         *(q, k, v, do, o, dq, lse, delta), *_summary(tab), *_row_table(tab), *strides, *_strides(o, dq),
         *(T, H, layout.nb, qk_scale, sm_scale), **consts, **c2,
     )  # fmt: skip
@@ -297,7 +297,7 @@ def backward(do, q, k, v, o, lse, layout: Layout):
             continue
         # the transposed table: per key-block column, its query blocks and their masks
         col_table = (tab["COL_PTR"], tab["ROWS"], tab["ENTRY_MASK"], tab["MASKS"])
-        K._dkdv_kernel[(triton.cdiv(nkeys, c1["BN"]), B * H)](
+        K.dkdv_kernel[(triton.cdiv(nkeys, c1["BN"]), B * H)](
             *(q, k, v, do, dk, dv, lse, delta), *_summary(tab), *col_table, *strides, *_strides(dk, dv),
             *(T, H, layout.nb, nkeys, qk_scale, sm_scale), SUMMARY=summary, **consts, **c1,
         )  # fmt: skip
