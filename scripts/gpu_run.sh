@@ -15,7 +15,7 @@ if [[ $what == bench || $what == all ]]; then
   timeout ${BENCH_TIMEOUT:-420} python3 scripts/bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
 fi
 if [[ $what == tests || $what == all ]]; then
-  timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/test_kernels.py tests/test_kernels_split.py tests/test_kernels_gpu.py tests/test_ops.py \
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/test_kernels.py tests/test_kernels_split.py tests/test_kernels_gpu.py tests/test_ops.py tests/test_merged.py tests/test_kernel_bounds.py tests/test_model_gpu.py \
     -n 12 --dist load -v -rf --tb=short -p no:cacheprovider -W ignore > "$OUT/gpu_tests.log" 2>&1; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -n 30
 fi
 if [[ $what == attention ]]; then
