@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _attn_ref import check_against_reference, masked_reference, rel_err
+from _attn_ref import check_against_reference
 from _kernel_env import INTERPRET, launch_fixture  # noqa: F401  (sets TRITON_INTERPRET; the `launch` fixture)
 from _kernel_env import device as _device
 
@@ -116,15 +116,36 @@ def test_rerun_is_bitwise_equal(launch):
         assert torch.equal(a, b)
 
 
-def test_strided_views_need_no_copy(launch):
-    """``[B, T, H, D]`` memory seen as ``[B, H, T, D]`` (what the front end passes)."""
-    lay = make_layout(64, 2, "local", local_attn_ctx=16, blocksize=16)
+VIEW_LAYOUTS = {
+    "all": lambda: make_layout(64, 2, "all", blocksize=16),
+    "local": lambda: make_layout(64, 2, "local", local_attn_ctx=16, blocksize=16),
+    "strided": lambda: make_layout(64, 2, "strided", local_attn_ctx=8, blocksize=16),
+    "fixed": lambda: make_layout(64, 2, "fixed", local_attn_ctx=32, blocksize=16, num_verts=2, vertsize=1),
+    "custom": _custom_empty_row,
+}
+
+
+@pytest.mark.parametrize("packing", ["heads-of-btd", "packed-qkv"])
+@pytest.mark.parametrize("mode", list(VIEW_LAYOUTS))
+def test_strided_views_need_no_copy(launch, mode, packing):
+    """q, k, v as views (what the front end and a model pass): the heads of ``[B, T, H * D]``
+    tensors, or slices of one packed ``[B, T, 3, H, D]`` projection. Forward and the three
+    gradients are right, and o, dq, dk, dv come back in time-major memory, so that merging the
+    heads back into ``[B, T, H * D]`` is a view, not a copy."""
+    lay = VIEW_LAYOUTS[mode]()
+    B, H, T, D = 2, lay.heads, lay.time, 32
     g = torch.Generator().manual_seed(3)
-    x = [torch.randn(2, 64, 2, 32, generator=g).to(_device()) for _ in range(3)]
-    q, k, v = (t.transpose(1, 2) for t in x)
-    o, _ = launch.forward(q, k, v, lay)
-    ref = masked_reference(q, k, v, lay.to_dense())
-    assert rel_err(o, ref) < 1e-5
+    if packing == "packed-qkv":
+        qkv = torch.randn(B, T, 3, H, D, generator=g).to(_device())
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    else:
+        q, k, v = (
+            torch.randn(B, T, H * D, generator=g).to(_device()).view(B, T, H, D).transpose(1, 2) for _ in range(3)
+        )
+    do = torch.randn(B, T, H * D, generator=g).to(_device()).view(B, T, H, D).transpose(1, 2)
+    got = check_against_reference(kernels(launch, lay), q, k, v, do, mask=lay.to_dense())
+    for name, x in zip(("o", "dq", "dk", "dv"), got):
+        assert x.transpose(1, 2).is_contiguous(), f"{name} is not time-major: merging heads would copy"
 
 
 @pytest.mark.parametrize(

@@ -144,7 +144,8 @@ class EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        grads = ctx.backward_fn(do.contiguous(), *ctx.saved_tensors, *ctx.layouts)
+        # any strides: the engines read do through its strides (the kernels) or reshape it (gather)
+        grads = ctx.backward_fn(do, *ctx.saved_tensors, *ctx.layouts)
         return (*grads, None, None, *(None,) * len(ctx.layouts))
 
 

@@ -182,12 +182,12 @@ def _sparse_groups(q, k, v, layouts):
     d = dim // sum(hn for _, hn, _ in layouts)
     outs = []
     for h0, hn, lay in layouts:
-        # [B, T, hn * d] column slice -> contiguous [B, hn, T, d]: the op's fake (meta) gradients
-        # copy the input strides while its real backward returns contiguous gradients, so strided
-        # views break the compiled backward; one copy per tensor keeps the two in agreement.
-        qh, kh, vh = (
-            x[..., h0 * d : (h0 + hn) * d].reshape(B, T, hn, d).transpose(1, 2).contiguous() for x in (q, k, v)
-        )
+        # [B, T, hn * d] column slice -> [B, hn, T, d] view: eagerly the engines read it through
+        # its strides; compiled, the custom ops' fakes promise contiguous results, and one copy
+        # per tensor keeps the compiled graph's strides in agreement with them.
+        qh, kh, vh = (x[..., h0 * d : (h0 + hn) * d].reshape(B, T, hn, d).transpose(1, 2) for x in (q, k, v))
+        if torch.compiler.is_compiling():
+            qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()
         if isinstance(lay, tuple):
             oh = merged_attention(qh, kh, vh, *lay)
         else:

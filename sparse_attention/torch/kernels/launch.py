@@ -179,8 +179,15 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def new_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
-    shape = like.shape if shape is None else shape
+    """A fresh output (NaN-filled under ``POISON_OUTPUTS``). Without ``shape``: ``like``'s shape
+    ``[B, H, T, D]`` in ``like``'s memory order, so that an output for a head view of a
+    ``[batch, time, heads * head_dim]`` tensor (time outside heads) merges back into one without
+    a copy; otherwise contiguous."""
     dtype = like.dtype if dtype is None else dtype
+    if shape is None and like.dim() == 4 and like.stride(1) < like.stride(2):
+        B, H, T, D = like.shape
+        return new_output(like, (B, T, H, D), dtype).transpose(1, 2)
+    shape = like.shape if shape is None else shape
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
     return torch.empty(shape, dtype=dtype, device=like.device)
@@ -260,7 +267,7 @@ def forward(q, k, v, layout: Layout):
     if mode == K.MODE_CUSTOM:
         cfg["BM"] = cfg["BN"] = layout.blocksize
     cfg["SPLIT"] = _split(layout, tab, cfg["BN"], tiles=2)
-    o = new_output(q, (B, H, T, D))
+    o = new_output(q)
     lse = new_output(q, (B, H, T), torch.float32)
     grid = (T // cfg["BM"], B * H)
     scalars = (T, H, layout.nb, math.log2(math.e) / math.sqrt(D))

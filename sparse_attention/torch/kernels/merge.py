@@ -197,8 +197,8 @@ def merge_backward(do, q, k, v, o, lse, g1, g2):
     from .launch import last_dim_contiguous
 
     do, q, k, v, o = (last_dim_contiguous(x) for x in (do, q, k, v, o))
-    g1 = tuple(x.contiguous() for x in g1)
-    g2 = tuple(x.contiguous() for x in g2)
+    if any(x.stride() != g1[0].stride() for x in (*g1, *g2)):  # the kernel takes one set of strides
+        g1, g2 = (tuple(x.contiguous() for x in g) for g in (g1, g2))
     B, H, T, D = q.shape
     grid, consts = _launch_consts(q)
     strides = (*do.stride()[:3], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
