@@ -51,7 +51,7 @@ def test_gather_path_matches_the_union(L, l, b, dtype):
 def test_fused_kernels_merge(launch, monkeypatch, L, l, b, T, D, dtype):
     """The merge on the fused kernels' base-2 log-sum-exps, with its row-wise merge kernels
     (interpreter on the CPU); outputs NaN-poisoned, so a row the merge kernels skip fails."""
-    monkeypatch.setattr(M, "engine", lambda q, lay: (launch.forward, launch.backward, True))
+    monkeypatch.setattr(M, "choose_engine", lambda q, lay: 0)  # the fused kernels (interpreted on the CPU)
     loc, st = _pair(T, 2, L, l, b)
     _check_against_reference(
         lambda a, b_, c: EagerAttention.apply(a, b_, c, M.merged_forward, M.merged_backward, loc, st),
@@ -67,7 +67,7 @@ def test_fused_kernels_merge(launch, monkeypatch, L, l, b, T, D, dtype):
 def test_fused_merge_takes_strided_views(launch, monkeypatch):
     """q, k, v as head-dim-contiguous views of one ``[batch, time, 3, heads, head_dim]`` tensor
     (how a model slices them), so the merge kernels' strides are not the contiguous ones."""
-    monkeypatch.setattr(M, "engine", lambda q, lay: (launch.forward, launch.backward, True))
+    monkeypatch.setattr(M, "choose_engine", lambda q, lay: 0)  # the fused kernels (interpreted on the CPU)
     loc, st = _pair(64, 2, 16, 16, 16)
     g = torch.Generator().manual_seed(3)
     qkv = torch.randn(2, 64, 3, 2, 16, generator=g).to(_device())
@@ -87,7 +87,7 @@ def test_compile_fullgraph_and_opcheck():
     )
     for e, c in zip(eager, fwd_bwd(comp, q, k, v, do)):
         assert rel_err(c, e) < 1e-12
-    keys = (layout_spec(loc), layout_spec(st))
+    keys = (layout_spec(loc), layout_spec(st), 1)  # the layouts, then the engine (1: the block gather)
     torch.library.opcheck(torch.ops.sparse_attention.merged_fwd.default, (q, k, v, *keys))
     o, lse = torch.ops.sparse_attention.merged_fwd(q, k, v, *keys)
     torch.library.opcheck(torch.ops.sparse_attention.merged_bwd.default, (do, q, k, v, o, lse, *keys))

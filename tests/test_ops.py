@@ -64,9 +64,9 @@ def test_opcheck():
     lay = make_layout(64, 2, "local", local_attn_ctx=16, blocksize=16)
     q, k, v, do = _inputs(lay, seed=2)
     key = layout_spec(lay)
-    torch.library.opcheck(torch.ops.sparse_attention.attn_fwd.default, (q, k, v, key))
-    o, lse = torch.ops.sparse_attention.attn_fwd(q, k, v, key)
-    torch.library.opcheck(torch.ops.sparse_attention.attn_bwd.default, (do, q, k, v, o, lse, key))
+    torch.library.opcheck(torch.ops.sparse_attention.attn_fwd.default, (q, k, v, key, 1))
+    o, lse = torch.ops.sparse_attention.attn_fwd(q, k, v, key, 1)
+    torch.library.opcheck(torch.ops.sparse_attention.attn_bwd.default, (do, q, k, v, o, lse, key, 1))
 
 
 def test_errors_name_the_argument():
@@ -94,4 +94,33 @@ def test_compile_custom_layout_registered():
     for x, r in zip(
         fwd_bwd(f, q, k, v, do), fwd_bwd(lambda a, b, c: masked_reference(a, b, c, lay.to_dense()), q, k, v, do)
     ):
+        assert rel_err(x, r) < 1e-5
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_backward_runs_the_engine_the_forward_ran(monkeypatch, compiled):
+    """The engine is chosen once per call: flipping the choice between forward and backward (an
+    environment variable, a device policy) must not mix a base-2 log-sum-exp of the fused kernels
+    with the gather's natural-log backward. Forward on the fused kernels (interpreted on the CPU),
+    then the policy says "gather"; the gradients must still be right."""
+    pytest.importorskip("triton")
+    import _kernel_env  # noqa: F401  (TRITON_INTERPRET=1 on a CPU-only torch)
+
+    from sparse_attention.torch import dispatch
+
+    if not _kernel_env.INTERPRET:
+        pytest.skip("CPU test of the interpreted kernels")
+    lay = make_layout(128, 2, "local", local_attn_ctx=32, blocksize=16)
+    q, k, v, do = _inputs(lay, seed=4)
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    monkeypatch.setattr(dispatch, "use_fused", lambda q, layout: True)
+    fn = lambda a, b, c: blocksparse_attention_bhtd(a, b, c, lay)  # noqa: E731
+    if compiled:  # the custom ops: the engine is an argument of both, fixed when traced
+        torch._dynamo.reset()
+        fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    o = fn(qs, ks, vs)
+    monkeypatch.setattr(dispatch, "use_fused", lambda q, layout: False)
+    o.backward(do)
+    ref = fwd_bwd(lambda a, b, c: masked_reference(a, b, c, lay.to_dense()), q, k, v, do)
+    for x, r in zip((o.detach(), qs.grad, ks.grad, vs.grad), ref):
         assert rel_err(x, r) < 1e-5

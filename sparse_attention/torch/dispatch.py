@@ -32,8 +32,11 @@ from .reference import compute_dtype
 __all__ = [
     "AttentionOp",
     "EagerAttention",
+    "ENGINES",
     "attention_bhtd",
+    "choose_engine",
     "engine",
+    "engine_pair",
     "fused_unsupported_reasons",
     "layout_of",
     "layout_spec",
@@ -120,14 +123,28 @@ def use_fused(q: torch.Tensor, layout: Layout) -> bool:
     return not fused_unsupported_reasons(q, layout)
 
 
-def engine(q: torch.Tensor, layout: Layout):
-    """``(forward, backward, base2)``: the engine for ``q`` and ``layout`` (fused kernels where
-    they run, else the block gather) and whether its log-sum-exp is base 2."""
-    if use_fused(q, layout):
+ENGINES = ("fused", "gather")
+
+
+def choose_engine(q: torch.Tensor, layout: Layout) -> int:
+    """Index in :data:`ENGINES` of the engine for ``q`` and ``layout``: the fused kernels where
+    they run, else the block gather. Works on fake tensors too (``torch.compile`` traces it)."""
+    return 0 if use_fused(q, layout) else 1
+
+
+def engine_pair(index: int):
+    """``(forward, backward, base2)`` of engine ``ENGINES[index]``; ``base2``: whether its
+    log-sum-exp is base 2."""
+    if ENGINES[index] == "fused":
         from .kernels import launch
 
         return launch.forward, launch.backward, True
     return gather.gather_forward, gather.gather_backward, False
+
+
+def engine(q: torch.Tensor, layout: Layout):
+    """``(forward, backward, base2)`` of the engine for ``q`` and ``layout``."""
+    return engine_pair(choose_engine(q, layout))
 
 
 class EagerAttention(torch.autograd.Function):
@@ -164,17 +181,19 @@ def _fake_bwd(do, q, k, v, o, lse, *keys):
 
 class AttentionOp:
     """An attention computation over ``n_layouts`` layouts, made differentiable once for every
-    path: ``pick(q, *layouts) -> (forward, backward)`` chooses an engine pair, ``forward(q, k, v,
-    *layouts) -> (o, lse)``, ``backward(do, q, k, v, o, lse, *layouts) -> (dq, dk, dv)``.
+    path: ``pairs(i) -> (forward, backward)`` is the pair of engine ``ENGINES[i]``, with
+    ``forward(q, k, v, *layouts) -> (o, lse)`` and ``backward(do, q, k, v, o, lse, *layouts) ->
+    (dq, dk, dv)``; the engine is chosen once per call, by :func:`choose_engine` on ``q`` and the
+    first layout, and the backward runs the same one.
 
-    ``op(q, k, v, *layouts)`` runs it eagerly as :class:`EagerAttention` (the backward runs the
-    pair the forward picked) and, under ``torch.compile``, as the custom ops
-    ``sparse_attention::{name}_fwd`` / ``{name}_bwd`` with fake tensors and autograd; their layout
-    arguments are :func:`layout_spec` lists, which the compiler folds into the graph."""
+    ``op(q, k, v, *layouts)`` runs eagerly as :class:`EagerAttention` and, under
+    ``torch.compile``, as the custom ops ``sparse_attention::{name}_fwd`` / ``{name}_bwd`` with
+    fake tensors and autograd; their layout arguments are :func:`layout_spec` lists and the
+    engine an int, which the compiler folds into the graph."""
 
-    def __init__(self, name: str, pick, n_layouts: int = 1):
-        self.pick = pick
-        keys = ", ".join(f"int[] key{i}" for i in range(n_layouts))
+    def __init__(self, name: str, pairs, n_layouts: int = 1):
+        self.pairs = pairs
+        keys = ", ".join(f"int[] key{i}" for i in range(n_layouts)) + ", int engine"
         fwd_schema = f"(Tensor q, Tensor k, Tensor v, {keys}) -> (Tensor, Tensor)"
         bwd_schema = (
             f"(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, {keys}) -> (Tensor, Tensor, Tensor)"
@@ -190,31 +209,34 @@ class AttentionOp:
         self.fwd_op.register_autograd(self._op_autograd_backward, setup_context=self._op_setup_context)
 
     def __call__(self, q, k, v, *layouts) -> torch.Tensor:
+        index = choose_engine(q, layouts[0])
         if torch.compiler.is_compiling():
-            return self.fwd_op(q, k, v, *(layout_spec(lay) for lay in layouts))[0]
-        return EagerAttention.apply(q, k, v, *self.pick(q, *layouts), *layouts)
+            return self.fwd_op(q, k, v, *(layout_spec(lay) for lay in layouts), index)[0]
+        return EagerAttention.apply(q, k, v, *self.pairs(index), *layouts)
 
-    def _op_forward(self, q, k, v, *keys):
+    def _op_forward(self, q, k, v, *args):
+        *keys, index = args
         layouts = [layout_of(key) for key in keys]
-        o, lse = self.pick(q, *layouts)[0](q, k, v, *layouts)
+        o, lse = self.pairs(index)[0](q, k, v, *layouts)
         return o.contiguous(), lse.contiguous()
 
-    def _op_backward(self, do, q, k, v, o, lse, *keys):
+    def _op_backward(self, do, q, k, v, o, lse, *args):
+        *keys, index = args
         layouts = [layout_of(key) for key in keys]
-        return tuple(g.contiguous() for g in self.pick(q, *layouts)[1](do, q, k, v, o, lse, *layouts))
+        return tuple(g.contiguous() for g in self.pairs(index)[1](do, q, k, v, o, lse, *layouts))
 
     @staticmethod
     def _op_setup_context(ctx, inputs, output):
-        q, k, v, *keys = inputs
+        q, k, v, *args = inputs
         ctx.save_for_backward(q, k, v, *output)
-        ctx.keys = keys
+        ctx.args = args
 
     def _op_autograd_backward(self, ctx, do, dlse):
-        return (*self.bwd_op(do.contiguous(), *ctx.saved_tensors, *ctx.keys), *(None,) * len(ctx.keys))
+        return (*self.bwd_op(do.contiguous(), *ctx.saved_tensors, *ctx.args), *(None,) * len(ctx.args))
 
 
-# One block-sparse pass: the engine for the inputs and layout (fused kernels or block gather).
-attention_op = AttentionOp("attn", lambda q, layout: engine(q, layout)[:2])
+# One block-sparse pass through engine i (fused kernels or block gather).
+attention_op = AttentionOp("attn", lambda index: engine_pair(index)[:2])
 
 
 def attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> torch.Tensor:

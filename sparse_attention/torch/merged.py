@@ -21,12 +21,13 @@ is one row-wise Triton kernel each way (``kernels/merge.py``); on the gather pat
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from ..layouts import Layout
-from .dispatch import AttentionOp, engine
+from .dispatch import AttentionOp, choose_engine, engine_pair
 
 __all__ = ["check_merged_pair", "merged_attention", "merged_backward", "merged_forward"]
 
@@ -57,9 +58,10 @@ def _diag_scores(q, k, cd, base2: bool):
     return s * LOG2E if base2 else s
 
 
-def merged_forward(q, k, v, local: Layout, strided: Layout):
+def merged_forward(q, k, v, local: Layout, strided: Layout, engine_index: int | None = None):
     """``(o, lse)`` of the union (``lse`` in the base of the path, as its backward wants it)."""
-    fwd, _, base2 = engine(q, local)
+    index = choose_engine(q, local) if engine_index is None else engine_index
+    fwd, _, base2 = engine_pair(index)
     o1, l1 = fwd(q, k, v, local)
     o2, l2 = fwd(q, k, v, strided)
     if base2:  # fused path: one row-wise kernel
@@ -76,9 +78,10 @@ def merged_forward(q, k, v, local: Layout, strided: Layout):
     return o.to(q.dtype), (m + log(z)).contiguous()
 
 
-def merged_backward(do, q, k, v, o, lse, local: Layout, strided: Layout):
+def merged_backward(do, q, k, v, o, lse, local: Layout, strided: Layout, engine_index: int | None = None):
     """``(dq, dk, dv)`` of the union, from the merged ``o`` and ``lse``."""
-    _, bwd, base2 = engine(q, local)
+    index = choose_engine(q, local) if engine_index is None else engine_index
+    _, bwd, base2 = engine_pair(index)
     g1 = bwd(do, q, k, v, o, lse, local)
     g2 = bwd(do, q, k, v, o, lse, strided)
     if base2:
@@ -97,8 +100,14 @@ def merged_backward(do, q, k, v, o, lse, local: Layout, strided: Layout):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-# Both passes pick their engine inside (the same one for both: they share q and a path policy).
-_merged_op = AttentionOp("merged", lambda q, local, strided: (merged_forward, merged_backward), n_layouts=2)
+def _merged_pair(index: int):
+    """Both passes, forward and backward, through engine ``index`` (chosen once per call)."""
+    fwd = functools.partial(merged_forward, engine_index=index)
+    bwd = functools.partial(merged_backward, engine_index=index)
+    return fwd, bwd
+
+
+_merged_op = AttentionOp("merged", _merged_pair, n_layouts=2)
 
 
 def merged_attention(q, k, v, local: Layout, strided: Layout) -> torch.Tensor:
