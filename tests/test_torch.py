@@ -283,3 +283,20 @@ def test_non_contiguous_inputs(shape, make):
     got = blocksparse_attention_impl(*qkv, **kw)
     want = attention_impl(*(x.contiguous() for x in qkv), **kw)
     torch.testing.assert_close(got, want)
+
+
+def test_a_one_head_custom_layout_is_broadcast_once():
+    """A one-head custom layout used with several heads (README's from_dense example) gives one
+    broadcast layout per head count, reused by every call, so its derived tables and registry
+    entry are made once, not per training step."""
+    from sparse_attention.frontend import broadcast_heads
+    from sparse_attention.torch import dispatch
+
+    lay = from_dense(np.tril(np.ones((64, 64), bool)), 16)
+    assert broadcast_heads(lay, 4) is broadcast_heads(lay, 4) and broadcast_heads(lay, 4).heads == 4
+    q = torch.randn(1, 64, 4 * 8)
+    blocksparse_attention_impl(q, q, q, 4, lay)
+    n = len(dispatch._REGISTRY)
+    for _ in range(3):
+        blocksparse_attention_impl(q, q, q, 4, lay)
+    assert len(dispatch._REGISTRY) == n
