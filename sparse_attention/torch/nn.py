@@ -3,7 +3,7 @@
 * :class:`SparseAttention` - ``forward(q, k, v)`` on ``[batch, time, dim]``, no parameters (the
   interface other PyTorch ports of the paper expose);
 * :class:`SparseSelfAttention` - a self-attention layer: q/k/v and output projections, dropout,
-  recompute, the pattern factorisations of :mod:`sparse_attention.models.patterns`, and a
+  recompute, the pattern factorisations of :mod:`sparse_attention.patterns`, and a
   key/value cache for autoregressive sampling.
 """
 
@@ -29,7 +29,7 @@ class SparseAttention(nn.Module):
     vertsize=1)(q, k, v)``.
 
     Args: those of :func:`sparse_attention.blocksparse_attention_impl` (``attn_mode`` may also be
-    a :class:`Layout` or a pattern spec of :mod:`sparse_attention.models.patterns`, e.g.
+    a :class:`Layout` or a pattern spec of :mod:`sparse_attention.patterns`, e.g.
     ``Merged(Mode("local", 128), Mode("strided", 128))``).
 
     ``forward(q, k, v)``: ``[batch, time, heads * head_dim]`` -> the same shape, dtype of ``q``.
@@ -225,7 +225,7 @@ class SparseSelfAttention(nn.Module):
 
     Args:
         dim, heads: model width and head count (``dim % heads == 0``).
-        spec: a pattern spec (:mod:`sparse_attention.models.patterns`), a mode name, a dict of
+        spec: a pattern spec (:mod:`sparse_attention.patterns`), a mode name, a dict of
             :class:`Mode` fields or a :class:`Layout`.
         blocksize: layout block size.
         dropout: on the attention output (after the output projection).
