@@ -103,9 +103,8 @@ class Layout:
     @functools.cached_property
     def partial(self) -> np.ndarray:
         """``bool [nnz]``: whether each entry needs an in-block mask."""
-        if self.mode == "custom":
-            return self.mask_idx >= 0
-        return tables.partial_entries(self, self.entry_rows().astype(np.int64), self.cols.astype(np.int64))
+        entries = np.arange(self.nnz) if self.mode == "custom" else None
+        return tables.partial_entries(self, self.entry_rows().astype(np.int64), self.cols.astype(np.int64), entries)
 
     # -- sizes ---------------------------------------------------------------------------
     @property

@@ -131,15 +131,21 @@ def fixed_vert_range(h, s: int, num_verts: int, vertsize: int):
     return hi - vertsize + 1, hi
 
 
+def pattern_allowed(p: dict, i, j, h):
+    """:func:`allowed` under a pattern of :func:`validate_pattern` (``p``), on index arrays or
+    tensors of any framework; a mode that ignores ``h`` keeps a leading dimension of 1."""
+    return allowed(
+        i, j, h, p["attn_mode"], p.get("local_attn_ctx"), p.get("blocksize"), p.get("num_verts"), p.get("vertsize")
+    )
+
+
 def dense_mask(time, heads, attn_mode, local_attn_ctx=None, blocksize=32, num_verts=None, vertsize=None):
     """The allowed pairs as a dense bool array ``[heads, time, time]`` (closed form; small sizes)."""
     p = validate_pattern(
         time, heads, attn_mode, local_attn_ctx, None if attn_mode != "fixed" else blocksize, num_verts, vertsize
     )
     i = np.arange(time)[None, :, None]
-    j = np.arange(time)[None, None, :]
-    h = np.arange(heads)[:, None, None]
-    m = allowed(i, j, h, attn_mode, p.get("local_attn_ctx"), blocksize, p.get("num_verts"), p.get("vertsize"))
+    m = pattern_allowed({**p, "blocksize": blocksize}, i, i.transpose(0, 2, 1), np.arange(heads)[:, None, None])
     return np.broadcast_to(m, (heads, time, time)).copy()
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..layouts import Layout
-from ..modes import allowed
+from ..modes import pattern_allowed
 from ..tables import row_chunks
 
 _FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
@@ -89,11 +89,8 @@ def _dense_mask(spec, time, heads):
     compares identity on TF1 graph tensors)."""
     if isinstance(spec, Layout):
         return tf.constant(spec.to_dense())
-    i = tf.range(time)[None, :, None]
-    j = tf.range(time)[None, None, :]
-    h = tf.range(heads)[:, None, None] if spec["attn_mode"] == "fixed" else 0
-    p = {k: spec.get(k) for k in ("local_attn_ctx", "blocksize", "num_verts", "vertsize")}
-    return allowed(i, j, h, spec["attn_mode"], **p)
+    i = tf.range(time)
+    return pattern_allowed(spec, i[None, :, None], i[None, None, :], tf.range(heads)[:, None, None])
 
 
 def dense_attention(q, k, v, heads, spec):

@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from ..layouts import Layout, allowed
+from ..layouts import Layout
+from ..modes import pattern_allowed
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -52,20 +53,8 @@ def pattern_mask(spec, time: int, heads: int, device) -> torch.Tensor:
     """The allowed pairs, ``bool [heads or 1, time, time]``."""
     if isinstance(spec, Layout):
         return torch.from_numpy(spec.to_dense()).to(device)
-    i = torch.arange(time, device=device)[None, :, None]
-    j = torch.arange(time, device=device)[None, None, :]
-    h = torch.arange(heads, device=device)[:, None, None] if spec["attn_mode"] == "fixed" else 0
-    m = allowed(
-        i,
-        j,
-        h,
-        spec["attn_mode"],
-        spec.get("local_attn_ctx"),
-        spec.get("blocksize"),
-        spec.get("num_verts"),
-        spec.get("vertsize"),
-    )
-    return m
+    i = torch.arange(time, device=device)
+    return pattern_allowed(spec, i[None, :, None], i[None, None, :], torch.arange(heads, device=device)[:, None, None])
 
 
 def masked_attention(q, k, v, mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
