@@ -321,16 +321,21 @@ def test_scripts_import_the_package_not_each_other():
 # -- timers, environment record, CPU smoke runs -----------------------------------------------------
 
 
-def test_timers_and_environment_on_the_cpu():
+def test_timers_and_environment_on_the_cpu(monkeypatch):
     calls = []
     assert timeit(lambda: calls.append(1), budget_s=0.01, max_reps=5, device="cpu") >= 0
     assert 4 <= len(calls) <= 7  # a warm-up, an estimate, 3 to 5 timed calls
     assert len(call_ms(lambda: None, 4, "cpu")) == 4
+    # the arithmetic, on given /proc readings (the kernel's resident-memory counters are
+    # approximate under concurrent threads, so a real allocation makes a flaky assertion)
+    from sparse_attention.utils import benchmark
+
+    readings = iter([{"VmRSS": 100 * 2**20}, {"VmHWM": 164 * 2**20}])
+    monkeypatch.setattr(benchmark, "_proc_status", lambda: next(readings))
     with PeakMemory("cpu") as m:
-        x = np.ones(64 * 2**20 // 8)
-    if m.peak is not None:  # Linux
-        assert m.peak >= 50 * 2**20
-    del x
+        pass
+    if m.base is not None:  # /proc/self/clear_refs is writable (Linux)
+        assert m.peak == 64 * 2**20
     env = environment("cpu", ["--flag", "a b"], "scripts/x.py")
     assert env["command"] == "python scripts/x.py --flag 'a b'"
     assert {"device", "torch", "triton", "cuda", "python", "date", "commit"} <= set(env)
