@@ -216,7 +216,7 @@ def sweep(dtype_name="fp16", B=2, H=8, T=16384, D=64, modes=("local", "strided",
         q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype) for _ in range(4))
         o, lse = launch.forward(q, k, v, lay)
         for kind, text in SWEEP_CONFIGS.items():
-            key = (kind, mode, D <= 64)
+            key = (kind, mode, launch.head_dim_bucket(D))
             saved = launch.MODE_CONFIGS.get(key)
             res = []
             for c in text.split():
@@ -436,7 +436,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU")
     meta = environment("cuda", argv, __file__)
-    meta["configs"] = {f"{k[0]}-{'d64' if k[1] else 'd128'}": v for k, v in launch.CONFIGS.items()}
+    meta["configs"] = {f"{k[0]}-d{k[1]}": v for k, v in launch.CONFIGS.items()}
     t0 = time.time()
     fails = correctness_gate(torch.float16) + correctness_gate(torch.bfloat16)
     if fails:

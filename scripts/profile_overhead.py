@@ -21,6 +21,7 @@ import json
 
 import torch
 
+from sparse_attention import blocksparse_attention_impl
 from sparse_attention.patterns import preset
 from sparse_attention.torch import blocksparse_attention_bhtd
 from sparse_attention.torch.baselines import flex_block_mask
@@ -101,6 +102,11 @@ def main(argv=None):
         q, k, v, do = inputs()
         f = lambda x, y, z, lay=lay: blocksparse_attention_bhtd(x, y, z, lay)  # noqa: E731
         res[f"{mode}/ours"] = measure(f"{mode}/ours", f, q, k, v, do)
+        # the public call on [batch, time, heads * head_dim] (heads split as views, no copies)
+        pq, pk, pv, pdo = (x.transpose(1, 2).reshape(B, T, H * D) for x in (q, k, v, do))
+        kw = preset(mode, blocksize=a.blocksize).kwargs()
+        pub = lambda x, y, z, kw=kw: blocksparse_attention_impl(x, y, z, H, **kw)  # noqa: E731
+        res[f"{mode}/public"] = measure(f"{mode}/public", pub, pq, pk, pv, pdo)
         fwd, bwd, _ = engine(q, lay)
         lf = lambda x, y, z, lay=lay, fwd=fwd, bwd=bwd: EagerAttention.apply(x, y, z, fwd, bwd, lay)  # noqa: E731
         res[f"{mode}/no-checks"] = measure(f"{mode}/no-checks", lf, q, k, v, do, graphs=False)

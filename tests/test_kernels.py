@@ -199,3 +199,25 @@ def test_large_batch_times_heads_runs_in_slices(launch, monkeypatch):
     monkeypatch.setattr(launch, "MAX_GRID_Y", 2)
     with pytest.raises(ValueError, match="heads"):
         launch.forward(q, k, v, lay)
+
+
+@pytest.mark.parametrize("D", [16, 64, 128, 160, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv"])
+def test_tile_configs_fit_shared_memory(launch, kind, dtype, D):
+    """The tile config of every kernel fits the shared memory by the estimate (the launcher shrinks
+    the tuned one: stages first, then tiles), with tiles of at least 16; a custom layout whose
+    blocks cannot fit is refused with a clear error, and the dispatch then takes the gather path."""
+    lay = make_layout(1024, 2, "fixed", local_attn_ctx=128, blocksize=32, num_verts=1, vertsize=1)
+    q = torch.empty(1, 2, 1024, D, dtype=dtype)
+    cfg = launch._tiles(kind, q, lay)
+    bd = max(16, 1 << (D - 1).bit_length())
+    assert launch.shared_memory_estimate(kind, cfg, bd, q.element_size()) <= launch.shared_memory_limit("cpu")
+    assert min(cfg["BM"], cfg["BN"]) >= 16 and cfg["num_stages"] >= 1
+    if kind == "fwd" and dtype == torch.float16 and D == 256:
+        big = from_dense(np.tril(np.ones((256, 256), bool))[None], 128)
+        qb = torch.empty(1, 1, 256, 256, dtype=torch.float16)  # device-independent: the estimate only
+        with pytest.raises(ValueError, match="cannot fit head_dim 256"):
+            launch._tiles("dkdv", qb, big)
+        assert any("cannot fit" in r for r in launch.unsupported_reasons(qb, big))
+        assert any("float32 with head_dim 256" in r for r in launch.unsupported_reasons(qb.float(), big))

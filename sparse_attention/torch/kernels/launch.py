@@ -18,30 +18,37 @@ from ..cache import derived
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+# float32 tiles of head_dim above 128 leave too little shared memory and registers for useful
+# tiles (Triton's compile of them ran for minutes on the H100): such inputs take the gather path.
+MAX_HEAD_DIM_FP32 = 128
 MAX_BLOCKSIZE_CUSTOM = 128
 
-# Tiles (queries x keys), warps and pipeline stages per kernel and head-dim bucket; the
-# benchmark may override entries. Keys: (kernel, head_dim <= 64).
+# Tiles (queries x keys), warps and pipeline stages per kernel and head-dim bucket
+# (:func:`head_dim_bucket`: 64, 128 or 256); the benchmark may override entries. The fitting in
+# :func:`_tiles` shrinks them further where a device's shared memory is smaller.
 CONFIGS = {
-    ("fwd", True): dict(BM=128, BN=64, num_warps=4, num_stages=3),
-    ("fwd", False): dict(BM=128, BN=64, num_warps=8, num_stages=3),
-    ("dkdv", True): dict(BM=32, BN=128, num_warps=4, num_stages=3),
-    ("dkdv", False): dict(BM=64, BN=64, num_warps=4, num_stages=2),
-    ("dq", True): dict(BM=128, BN=32, num_warps=4, num_stages=3),
-    ("dq", False): dict(BM=64, BN=64, num_warps=4, num_stages=2),
+    ("fwd", 64): dict(BM=128, BN=64, num_warps=4, num_stages=3),
+    ("fwd", 128): dict(BM=128, BN=64, num_warps=8, num_stages=3),
+    ("fwd", 256): dict(BM=64, BN=64, num_warps=8, num_stages=2),
+    ("dkdv", 64): dict(BM=32, BN=128, num_warps=4, num_stages=3),
+    ("dkdv", 128): dict(BM=64, BN=64, num_warps=4, num_stages=2),
+    ("dkdv", 256): dict(BM=32, BN=32, num_warps=8, num_stages=2),
+    ("dq", 64): dict(BM=128, BN=32, num_warps=4, num_stages=3),
+    ("dq", 128): dict(BM=64, BN=64, num_warps=4, num_stages=2),
+    ("dq", 256): dict(BM=64, BN=32, num_warps=8, num_stages=2),
 }
-# Per-mode overrides (kernel, mode, head_dim <= 64): the fastest of the sweep in
+# Per-mode overrides (kernel, mode, head-dim bucket): the fastest of the sweep in
 # benchmarks/sweep-h100.log (`python scripts/bench.py --sweep`, GPU time of CUDA-graph replays).
 MODE_CONFIGS = {
-    ("fwd", "local", True): dict(BM=64, BN=64, num_warps=4, num_stages=3),
-    ("fwd", "strided", True): dict(BM=64, BN=64, num_warps=4, num_stages=2),
-    ("fwd", "fixed", True): dict(BM=64, BN=64, num_warps=4, num_stages=3),
-    ("dkdv", "local", True): dict(BM=32, BN=64, num_warps=4, num_stages=4),
-    ("dkdv", "strided", True): dict(BM=32, BN=64, num_warps=4, num_stages=4),
-    ("dkdv", "fixed", True): dict(BM=64, BN=64, num_warps=4, num_stages=3),
-    ("dq", "local", True): dict(BM=64, BN=64, num_warps=4, num_stages=3),
-    ("dq", "strided", True): dict(BM=64, BN=64, num_warps=4, num_stages=2),
-    ("dq", "fixed", True): dict(BM=64, BN=64, num_warps=4, num_stages=2),
+    ("fwd", "local", 64): dict(BM=64, BN=64, num_warps=4, num_stages=3),
+    ("fwd", "strided", 64): dict(BM=64, BN=64, num_warps=4, num_stages=2),
+    ("fwd", "fixed", 64): dict(BM=64, BN=64, num_warps=4, num_stages=3),
+    ("dkdv", "local", 64): dict(BM=32, BN=64, num_warps=4, num_stages=4),
+    ("dkdv", "strided", 64): dict(BM=32, BN=64, num_warps=4, num_stages=4),
+    ("dkdv", "fixed", 64): dict(BM=64, BN=64, num_warps=4, num_stages=3),
+    ("dq", "local", 64): dict(BM=64, BN=64, num_warps=4, num_stages=3),
+    ("dq", "strided", 64): dict(BM=64, BN=64, num_warps=4, num_stages=2),
+    ("dq", "fixed", 64): dict(BM=64, BN=64, num_warps=4, num_stages=2),
 }
 # CUDA's limit on the second grid dimension (batch x heads here); larger batches run in slices.
 MAX_GRID_Y = 65535
@@ -87,24 +94,120 @@ def unsupported_reasons(q: torch.Tensor, layout: Layout) -> list[str]:
         why.append(f"dtype {q.dtype} is not one of {SUPPORTED_DTYPES}")
     if q.shape[-1] > MAX_HEAD_DIM:
         why.append(f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}")
+    elif q.dtype == torch.float32 and q.shape[-1] > MAX_HEAD_DIM_FP32:
+        why.append(f"float32 with head_dim {q.shape[-1]} > {MAX_HEAD_DIM_FP32} (half precision runs up to {MAX_HEAD_DIM})")
     if layout.mode == "custom" and layout.blocksize > MAX_BLOCKSIZE_CUSTOM:
         why.append(f"custom layout blocksize {layout.blocksize} > {MAX_BLOCKSIZE_CUSTOM}")
     if layout.mode == "custom" and layout.blocksize < 16:
         why.append(f"custom layout blocksize {layout.blocksize} < 16")
+    if layout.mode == "custom" and q.dtype in SUPPORTED_DTYPES and q.shape[-1] <= MAX_HEAD_DIM:
+        for kind in ("fwd", "dq", "dkdv"):
+            try:
+                _tiles(kind, q, layout)
+            except ValueError as e:
+                why.append(str(e))
+                break
     return why
+
+
+def head_dim_bucket(D: int) -> int:
+    """The tile tables' key of a head dimension: 64, 128 or 256."""
+    return 64 if D <= 64 else 128 if D <= 128 else 256
 
 
 def _pow2_divisor(n: int) -> int:
     return n & (-n)
 
 
-def _tiles(kind: str, T: int, D: int, mode: str = "all") -> dict:
-    cfg = dict(MODE_CONFIGS.get((kind, mode, D <= 64)) or CONFIGS[(kind, D <= 64)])
+def shared_memory_limit(device) -> int:
+    """Bytes of shared memory one program may use on ``device`` (the H100's 227 KiB when unknown)."""
+    if interpreting() or not torch.cuda.is_available():
+        return 232448
+    return _smem_optin(torch.device(device).index or 0)
+
+
+@functools.cache
+def _smem_optin(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+def shared_memory_estimate(kind: str, cfg: dict, block_d: int, itemsize: int) -> int:
+    """Shared memory of a kernel's tiles: the resident operands, the pipelined ones times the
+    stages, and the probabilities tile(s) fed to the second matmul. An upper bound of what Triton
+    allocates (which reuses some of these buffers)."""
+    BM, BN, S = cfg["BM"], cfg["BN"], cfg["num_stages"]
+    if kind == "fwd":  # q resident; k, v pipelined; p
+        n = BM * block_d + S * 2 * BN * block_d + BM * BN
+    elif kind == "dq":  # q, dO resident; k, v pipelined; dS
+        n = 2 * BM * block_d + S * 2 * BN * block_d + BM * BN
+    else:  # dkdv: k, v resident; q, dO pipelined; P^T, dS^T
+        n = 2 * BN * block_d + S * 2 * BM * block_d + 2 * BM * BN
+    return n * itemsize
+
+
+def shrink(cfg: dict, fixed_tiles: bool) -> dict | None:
+    """The next smaller config: fewer pipeline stages first, then the larger tile halved (tiles
+    of at least 16, the smallest ``tl.dot``); None when nothing is left to shrink."""
+    cfg = dict(cfg)
+    if cfg["num_stages"] > 1:
+        cfg["num_stages"] -= 1
+    elif not fixed_tiles and max(cfg["BM"], cfg["BN"]) > 16:
+        big = "BM" if cfg["BM"] >= cfg["BN"] else "BN"
+        cfg[big] //= 2
+        cfg["num_stages"] = 2
+    else:
+        return None
+    return cfg
+
+
+def _tiles(kind: str, q: torch.Tensor, layout: Layout) -> dict:
+    """The tile config of a kernel for these inputs: the tuned table's entry for the head-dim
+    bucket, capped by ``time``'s largest power-of-two divisor, shrunk (:func:`shrink`) until its
+    tiles fit the device's shared memory. Raises ValueError when nothing fits (custom layouts,
+    whose tiles are their blocks)."""
+    T, D = q.shape[2], q.shape[3]
+    bucket = head_dim_bucket(D)
+    cfg = dict(MODE_CONFIGS.get((kind, layout.mode, bucket)) or CONFIGS[(kind, bucket)])
     cap = _pow2_divisor(T)
     if interpreting():
         cfg["BM"], cfg["BN"] = min(cfg["BM"], 32), min(cfg["BN"], 32)
     cfg["BM"], cfg["BN"] = min(cfg["BM"], cap), min(cfg["BN"], cap)
-    return cfg
+    fixed_tiles = layout.mode == "custom"
+    if fixed_tiles:
+        cfg["BM"] = cfg["BN"] = layout.blocksize
+    block_d, limit = max(16, triton_next_pow2(D)), shared_memory_limit(q.device)
+    fitted = cfg
+    while fitted is not None and shared_memory_estimate(kind, fitted, block_d, q.element_size()) > limit:
+        fitted = shrink(fitted, fixed_tiles)
+    if fitted is None:
+        raise ValueError(
+            f"the fused kernels cannot fit head_dim {D} ({q.dtype}) with tiles of {cfg['BM']}x{cfg['BN']} "
+            f"in {limit} bytes of shared memory; use a smaller head_dim or blocksize, or the block-gather "
+            "path (SPARSE_ATTENTION_DISABLE_FUSED=1)"
+        )
+    return fitted
+
+
+# configs that Triton found too big on a device, and the smaller ones that ran instead
+_SHRUNK: dict = {}
+
+
+def _launch(kernel, grid, args: tuple, cfg: dict, consts: dict, fixed_tiles: bool, device) -> None:
+    """``kernel[grid(cfg)](*args, **consts, **cfg)``; where Triton still finds the tiles too big
+    for the device (its allocation differs from the estimate), again with the next smaller config,
+    which later calls then take directly."""
+    key = (kernel.fn.__name__, str(device), args[0].dtype, tuple(sorted({**consts, **cfg}.items())))
+    run = _SHRUNK.get(key, cfg)
+    while True:
+        try:
+            kernel[grid(run)](*args, **consts, **run)
+            break
+        except triton.runtime.errors.OutOfResources:
+            run = shrink(run, fixed_tiles)
+            if run is None:
+                raise
+    if run is not cfg:
+        _SHRUNK[key] = run
 
 
 POINTER_TABLES = ("HEAD_PAT", "ROW_PTR", "COLS", "MASK_IDX", "MASKS", "COL_PTR", "ROWS", "ENTRY_MASK")
@@ -263,17 +366,13 @@ def forward(q, k, v, layout: Layout):
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     B, H, T, D = q.shape
     K, tab, consts, mode = _common(q, layout)
-    cfg = _tiles("fwd", T, D, layout.mode)
-    if mode == K.MODE_CUSTOM:
-        cfg["BM"] = cfg["BN"] = layout.blocksize
+    cfg = _tiles("fwd", q, layout)
     cfg["SPLIT"] = _split(layout, tab, cfg["BN"], tiles=2)
     o = new_output(q)
     lse = new_output(q, (B, H, T), torch.float32)
-    grid = (T // cfg["BM"], B * H)
-    scalars = (T, H, layout.nb, math.log2(math.e) / math.sqrt(D))
-    K.fwd_kernel[grid](
-        q, k, v, o, lse, *_summary(tab), *_row_table(tab), *_strides(q, k, v, o), *scalars, **consts, **cfg
-    )
+    args = (q, k, v, o, lse, *_summary(tab), *_row_table(tab), *_strides(q, k, v, o))
+    args += (T, H, layout.nb, math.log2(math.e) / math.sqrt(D))
+    _launch(K.fwd_kernel, lambda c: (T // c["BM"], B * H), args, cfg, consts, mode == K.MODE_CUSTOM, q.device)
     return o, lse
 
 
@@ -287,25 +386,21 @@ def backward(do, q, k, v, o, lse, layout: Layout):
     qk_scale = math.log2(math.e) * sm_scale
     delta = new_output(q, (B, H, T), torch.float32)
     dq, dk, dv = new_output(q), new_output(k), new_output(v)
-    c1 = _tiles("dkdv", T, D, layout.mode)
-    c2 = _tiles("dq", T, D, layout.mode)
-    if mode == K.MODE_CUSTOM:
-        c1["BM"] = c1["BN"] = c2["BM"] = c2["BN"] = layout.blocksize
+    c1, c2 = _tiles("dkdv", q, layout), _tiles("dq", q, layout)
     c2["SPLIT"] = _split(layout, tab, c2["BN"])
-    strides = _strides(q, k, v, do)
+    strides, custom = _strides(q, k, v, do), mode == K.MODE_CUSTOM
     # dQ first: it computes delta = rowsum(dO * O) of its rows and stores it for dK/dV
-    K.dq_kernel[(T // c2["BM"], B * H)](
-        *(q, k, v, do, o, dq, lse, delta), *_summary(tab), *_row_table(tab), *strides, *_strides(o, dq),
-        *(T, H, layout.nb, qk_scale, sm_scale), **consts, **c2,
-    )  # fmt: skip
+    args = (q, k, v, do, o, dq, lse, delta, *_summary(tab), *_row_table(tab), *strides, *_strides(o, dq))
+    args += (T, H, layout.nb, qk_scale, sm_scale)
+    _launch(K.dq_kernel, lambda c: (T // c["BM"], B * H), args, c2, consts, custom, q.device)
     passes = [(False, T)] + ([(True, tab["NSUM"])] if mode == K.MODE_FIXED else [])
     for summary, nkeys in passes:
         if nkeys == 0:
             continue
         # the transposed table: per key-block column, its query blocks and their masks
         col_table = (tab["COL_PTR"], tab["ROWS"], tab["ENTRY_MASK"], tab["MASKS"])
-        K.dkdv_kernel[(triton.cdiv(nkeys, c1["BN"]), B * H)](
-            *(q, k, v, do, dk, dv, lse, delta), *_summary(tab), *col_table, *strides, *_strides(dk, dv),
-            *(T, H, layout.nb, nkeys, qk_scale, sm_scale), SUMMARY=summary, **consts, **c1,
-        )  # fmt: skip
+        args = (q, k, v, do, dk, dv, lse, delta, *_summary(tab), *col_table, *strides, *_strides(dk, dv))
+        args += (T, H, layout.nb, nkeys, qk_scale, sm_scale)
+        grid = lambda c, n=nkeys: (triton.cdiv(n, c["BN"]), B * H)  # noqa: E731
+        _launch(K.dkdv_kernel, grid, args, c1, {**consts, "SUMMARY": summary}, custom, q.device)
     return dq, dk, dv
