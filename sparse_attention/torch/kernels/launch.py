@@ -95,9 +95,7 @@ def unsupported_reasons(q: torch.Tensor, layout: Layout) -> list[str]:
     if q.shape[-1] > MAX_HEAD_DIM:
         why.append(f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}")
     elif q.dtype == torch.float32 and q.shape[-1] > MAX_HEAD_DIM_FP32:
-        why.append(
-            f"float32 with head_dim {q.shape[-1]} > {MAX_HEAD_DIM_FP32} (fp16/bf16 run up to {MAX_HEAD_DIM})"
-        )
+        why.append(f"float32 with head_dim {q.shape[-1]} > {MAX_HEAD_DIM_FP32} (fp16/bf16 run up to {MAX_HEAD_DIM})")
     if layout.mode == "custom" and layout.blocksize > MAX_BLOCKSIZE_CUSTOM:
         why.append(f"custom layout blocksize {layout.blocksize} > {MAX_BLOCKSIZE_CUSTOM}")
     if layout.mode == "custom" and layout.blocksize < 16:
