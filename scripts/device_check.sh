@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Device-machine check of this tree: the head_dim sweep (D >= 160 first, the rest after), then the
+# GPU suite and the host-overhead profile; logs under $OUT. Every step has its own time limit.
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$OUT/device.txt"
+step() {  # step NAME SECONDS command...
+  local name=$1 secs=$2; shift 2
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; echo "== $name rc=$?"; grep -E "FAILED|ERROR|passed|failed" "$OUT/$name.log" | tail -n 15
+}
+PYTEST="python3 -m pytest -n 14 --dist load -q -rf --tb=short -p no:cacheprovider -W ignore"
+for s in ${STEPS:-bigdim suite profile}; do
+  case $s in
+    bigdim) step bigdim ${BIGDIM_S:-200} $PYTEST tests/test_kernels_gpu.py -k "sweep and (D160 or D192 or D256)";;
+    sweep) step sweep ${SWEEP_S:-300} $PYTEST tests/test_kernels_gpu.py -k "sweep and not (D160 or D192 or D256)";;
+    suite) step suite ${SUITE_S:-300} $PYTEST tests/test_kernels.py tests/test_kernels_split.py tests/test_kernels_gpu.py tests/test_ops.py tests/test_merged.py tests/test_kernel_bounds.py tests/test_model_gpu.py -k "not sweep";;
+    profile) timeout ${PROFILE_S:-150} python3 scripts/profile_overhead.py --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1; echo "== profile rc=$?"; grep -v "^ " "$OUT/profile.log" | tail -n 30;;
+    bench) timeout ${BENCH_S:-300} python3 scripts/bench.py --out "$OUT" > "$OUT/bench.log" 2>&1; echo "== bench rc=$?"; tail -n 30 "$OUT/bench.log";;
+  esac
+done
