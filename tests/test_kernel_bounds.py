@@ -43,7 +43,7 @@ def _rows_probe(
     BM: tl.constexpr,
     BN: tl.constexpr,
     MODE: tl.constexpr,
-    P1: tl.constexpr,
+    P1,
     VSB: tl.constexpr,
 ):
     """Out [6, NT]: lo, flo, fhi, hi, sf, se of every query tile (padded to NT, a power of 2)."""
@@ -69,7 +69,7 @@ def _cols_probe(
     BN: tl.constexpr,
     MODE: tl.constexpr,
     SUMMARY: tl.constexpr,
-    P1: tl.constexpr,
+    P1,
     VSB: tl.constexpr,
 ):
     """Out [4, NT]: lo, flo, fhi, hi of every key tile (of ``NKEYS`` keys; virtual ones if SUMMARY)."""
@@ -95,7 +95,7 @@ def _pairs_probe(
     NK: tl.constexpr,
     MODE: tl.constexpr,
     SUMMARY: tl.constexpr,
-    P1: tl.constexpr,
+    P1,
     P2: tl.constexpr,
     VSB: tl.constexpr,
 ):

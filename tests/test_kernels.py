@@ -7,6 +7,8 @@ GPU. The full GPU suite (every mode, dtype, blocksize, head_dim; 1M tokens) is `
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -221,3 +223,46 @@ def test_tile_configs_fit_shared_memory(launch, kind, dtype, D):
             launch._tiles("dkdv", qb, big)
         assert any("cannot fit" in r for r in launch.unsupported_reasons(qb, big))
         assert any("float32 with head_dim 256" in r for r in launch.unsupported_reasons(qb.float(), big))
+
+
+@pytest.mark.parametrize(
+    "mode, kw",
+    [
+        ("all", {}),
+        ("local", dict(local_attn_ctx=32)),
+        ("strided", dict(local_attn_ctx=16)),
+        ("fixed", dict(local_attn_ctx=32, num_verts=1, vertsize=1)),
+    ],
+)
+def test_one_compilation_for_every_time(launch, monkeypatch, mode, kw):
+    """A kernel's compile-time constants do not depend on ``time`` (``strided``'s ``time / l`` is
+    a runtime argument), so a model sampling or training at many lengths compiles each kernel
+    once; ``SPLIT`` (whether a range is long enough for a separate unmasked loop) is the one
+    constant that may flip, once, as segments grow: at most two variants per kernel."""
+    from sparse_attention.torch.kernels import attention as K
+
+    seen: dict = {}
+
+    class Recorder:
+        def __init__(self, kernel):
+            params = inspect.signature(kernel.fn).parameters.values()
+            self.fn, self.names = kernel.fn, [p.name for p in params if "constexpr" in str(p.annotation)]
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                key = tuple((n, kwargs[n]) for n in self.names if n in kwargs and n != "SPLIT")
+                seen.setdefault(self.fn.__name__, {}).setdefault(key, set()).add(kwargs.get("SPLIT"))
+
+            return run
+
+    for name in ("fwd_kernel", "dq_kernel", "dkdv_kernel"):
+        monkeypatch.setattr(K, name, Recorder(getattr(K, name)))
+    for T in (256, 512, 1024, 2048):
+        lay = make_layout(T, 2, mode, blocksize=16, **kw)
+        q = torch.zeros(1, 2, T, 32)
+        o, lse = launch.forward(q, q, q, lay)
+        launch.backward(q, q, q, q, o, lse, lay)
+    summary_pass = 1 if mode == "fixed" else 0  # dK/dV's second pass is its own specialization
+    for name, keys in seen.items():
+        assert len(keys) == 1 + (summary_pass if name == "dkdv_kernel" else 0), (name, list(keys))
+        assert all(len(split) <= 2 for split in keys.values()), (name, keys)

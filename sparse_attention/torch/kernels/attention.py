@@ -13,7 +13,9 @@ segment edges) pay for the mask; short ranges (e.g. ``local`` with L=128) and al
 as one masked loop, which pipelines better (and, for dK/dV, keeps ptxas from serialising the
 wgmma chain, warning C7515). Positions are in block order: ``strided`` loads its rows through the
 residue-major permutation ``token = (pos % n) * l + pos // n`` (``n = time / l``), so each
-residue class is a causal segment of ``n`` positions and no copy of q, k, v is made.
+residue class is a causal segment of ``n`` positions and no copy of q, k, v is made. The
+pattern's period ``P1`` (``n`` for ``strided``, the window or group length otherwise) is a
+runtime argument, not a compile-time constant, so one compilation serves every ``time``.
 
 ``fixed`` splits its pairs in two disjoint parts: the *local* part (same group of ``l`` tokens,
 causal) and the *summary* part (summary block of an earlier group). The summary keys of a head
@@ -44,7 +46,7 @@ MODE_IDS = {"all": MODE_ALL, "local": MODE_LOCAL, "strided": MODE_STRIDED, "fixe
 
 
 @triton.jit
-def _tok(pos, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, VSB: tl.constexpr, vlo):
+def _tok(pos, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1, P2: tl.constexpr, VSB: tl.constexpr, vlo):
     """Natural token index (int64) of block-order positions (or of virtual summary keys)."""
     if SUMMARY:
         # fixed: virtual summary key -> its group start + the head's first summary token + offset
@@ -65,7 +67,7 @@ def _summary_start(h, VLO_A, VLO_C, VLO_NV):
 
 
 @triton.jit
-def _allowed(qp, kp, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1: tl.constexpr, VSB: tl.constexpr):
+def _allowed(qp, kp, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1, VSB: tl.constexpr):
     """The in-block rule on positions ``qp [M, 1]`` / ``kp [1, N]`` (or transposed)."""
     if SUMMARY:
         ok = kp // VSB < qp // P1
@@ -80,7 +82,7 @@ def _allowed(qp, kp, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1: tl.constexpr
 
 
 @triton.jit
-def _row_bounds(m0, T, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, P1: tl.constexpr):
+def _row_bounds(m0, T, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, P1):
     """Key positions of the query tile [m0, m0 + BM): masked [lo, flo), full [flo, fhi), masked [fhi, hi)."""
     hi = tl.minimum((m0 + BM + BN - 1) // BN * BN, T)
     fhi = (m0 + 1) // BN * BN
@@ -101,7 +103,7 @@ def _row_bounds(m0, T, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, P
 
 
 @triton.jit
-def _summary_bounds(m0, BM: tl.constexpr, BN: tl.constexpr, P1: tl.constexpr, VSB: tl.constexpr):
+def _summary_bounds(m0, BM: tl.constexpr, BN: tl.constexpr, P1, VSB: tl.constexpr):
     """fixed: the virtual summary keys (``VSB`` per group of ``P1`` tokens) of the query tile
     [m0, m0 + BM): full [0, sf) (the groups before the tile's first group), masked [sf, se) (up to
     its last group)."""
@@ -120,7 +122,7 @@ def _col_bounds(
     BN: tl.constexpr,
     MODE: tl.constexpr,
     SUMMARY: tl.constexpr,
-    P1: tl.constexpr,
+    P1,
     VSB: tl.constexpr,
 ):
     """Query positions of the key tile [n0, n0 + BN): masked [lo, flo), full [flo, fhi), masked [fhi, hi)."""
@@ -205,7 +207,7 @@ def _fwd_range(
     BN: tl.constexpr,
     MODE: tl.constexpr,
     SUMMARY: tl.constexpr,
-    P1: tl.constexpr,
+    P1,
     P2: tl.constexpr,
     VSB: tl.constexpr,
     MASKED: tl.constexpr,
@@ -282,7 +284,7 @@ def fwd_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     MODE: tl.constexpr,
-    P1: tl.constexpr,
+    P1,
     P2: tl.constexpr,
     VSB: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -416,7 +418,7 @@ def _dkdv_range(
     BM: tl.constexpr,
     MODE: tl.constexpr,
     SUMMARY: tl.constexpr,
-    P1: tl.constexpr,
+    P1,
     P2: tl.constexpr,
     VSB: tl.constexpr,
     MASKED: tl.constexpr,
@@ -487,7 +489,7 @@ def dkdv_kernel(
     BN: tl.constexpr,
     MODE: tl.constexpr,
     SUMMARY: tl.constexpr,
-    P1: tl.constexpr,
+    P1,
     P2: tl.constexpr,
     VSB: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -609,7 +611,7 @@ def _dq_range(
     BN: tl.constexpr,
     MODE: tl.constexpr,
     SUMMARY: tl.constexpr,
-    P1: tl.constexpr,
+    P1,
     P2: tl.constexpr,
     VSB: tl.constexpr,
     MASKED: tl.constexpr,
@@ -677,7 +679,7 @@ def dq_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     MODE: tl.constexpr,
-    P1: tl.constexpr,
+    P1,
     P2: tl.constexpr,
     VSB: tl.constexpr,
     DOT_PREC: tl.constexpr,
