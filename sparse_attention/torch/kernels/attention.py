@@ -21,7 +21,8 @@ runtime argument, not a compile-time constant, so one compilation serves every `
 causal) and the *summary* part (summary block of an earlier group). The summary keys of a head
 are gathered into a dense virtual key sequence ``v -> (v // c) * l + vlo + v % c`` (``c =
 vertsize * blocksize``), so a query tile reads them as full 64/128-wide tiles whatever the
-blocksize; the backward pass runs dK/dV once per part (the second accumulates).
+blocksize; the backward pass runs dK/dV once per part (the second adds the first's float32
+partial sums of the summary keys, kept in a small buffer, so each gradient is rounded once).
 
 Custom layouts run with tiles of one layout block and walk the CSR tables (``row_ptr, cols,
 mask_idx`` per pattern for forward/dQ, the transposed ``col_table`` for dK/dV); partial blocks
@@ -451,6 +452,7 @@ def dkdv_kernel(
     DV,
     LSE,
     DELTA,
+    ACC,
     VLO_A,
     VLO_C,
     VLO_NV,
@@ -481,6 +483,7 @@ def dkdv_kernel(
     H,
     NBLK,
     NKEYS,
+    NSUM,
     qk_scale,
     sm_scale,
     HEAD_D: tl.constexpr,
@@ -570,10 +573,24 @@ def dkdv_kernel(
     dk_ptrs = DK + b * sgkb + hh * sgkh + ktok[:, None] * sgkt + offs_d[None, :]
     dv_ptrs = DV + b * sgvb + hh * sgvh + ktok[:, None] * sgvt + offs_d[None, :]
     smask = kvalid[:, None] & (offs_d[None, :] < HEAD_D)
+    # fixed: a summary key's gradients are its local part (first pass) plus its summary part
+    # (second pass), summed in float32 and rounded once: the first pass keeps the local part of
+    # the summary keys in ACC [B*H, NSUM, 2, HEAD_D] (float32), indexed by virtual summary key
+    acc_base = ACC + bh.to(tl.int64) * NSUM * 2 * HEAD_D + offs_d[None, :]
     if SUMMARY:
-        # second pass of fixed: add to the local part's gradients (each key lies in one tile: no race)
-        dk += tl.load(dk_ptrs, mask=smask, other=0.0).to(tl.float32)
-        dv += tl.load(dv_ptrs, mask=smask, other=0.0).to(tl.float32)
+        # each virtual key lies in one tile of one pass: no race
+        acc_ptrs = acc_base + kpos[:, None].to(tl.int64) * (2 * HEAD_D)
+        dk += tl.load(acc_ptrs, mask=smask, other=0.0)
+        dv += tl.load(acc_ptrs + HEAD_D, mask=smask, other=0.0)
+    elif MODE == 3:
+        vlo_h = _summary_start(h, VLO_A, VLO_C, VLO_NV)
+        group = ktok // P1
+        r = ktok - group * P1 - vlo_h
+        is_summary = kvalid & (r >= 0) & (r < VSB)
+        acc_ptrs = acc_base + (group * VSB + r)[:, None] * (2 * HEAD_D)
+        amask = is_summary[:, None] & (offs_d[None, :] < HEAD_D)
+        tl.store(acc_ptrs, dk, mask=amask)
+        tl.store(acc_ptrs + HEAD_D, dv, mask=amask)
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=smask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=smask)
 

@@ -393,14 +393,17 @@ def backward(do, q, k, v, o, lse, layout: Layout):
     args = (q, k, v, do, o, dq, lse, delta, *_summary(tab), *_row_table(tab), *strides, *_strides(o, dq))
     args += (T, H, layout.nb, qk_scale, sm_scale)
     _launch(K.dq_kernel, lambda c: (T // c["BM"], B * H), args, c2, consts, custom, q.device)
-    passes = [(False, T)] + ([(True, tab["NSUM"])] if mode == K.MODE_FIXED else [])
+    nsum = tab["NSUM"] if mode == K.MODE_FIXED else 0
+    # fixed: the summary keys' float32 partial gradients between the two dK/dV passes
+    acc = new_output(q, (B * H, nsum, 2, D), torch.float32) if nsum else dk
+    passes = [(False, T)] + ([(True, nsum)] if nsum else [])
     for summary, nkeys in passes:
         if nkeys == 0:
             continue
         # the transposed table: per key-block column, its query blocks and their masks
         col_table = (tab["COL_PTR"], tab["ROWS"], tab["ENTRY_MASK"], tab["MASKS"])
-        args = (q, k, v, do, dk, dv, lse, delta, *_summary(tab), *col_table, *strides, *_strides(dk, dv))
-        args += (T, H, layout.nb, nkeys, qk_scale, sm_scale)
+        args = (q, k, v, do, dk, dv, lse, delta, acc, *_summary(tab), *col_table, *strides, *_strides(dk, dv))
+        args += (T, H, layout.nb, nkeys, nsum, qk_scale, sm_scale)
         grid = lambda c, n=nkeys: (triton.cdiv(n, c["BN"]), B * H)  # noqa: E731
         _launch(K.dkdv_kernel, grid, args, c1, {**consts, "SUMMARY": summary}, custom, q.device)
     return dq, dk, dv
