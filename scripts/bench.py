@@ -224,6 +224,7 @@ def sweep(dtype_name="fp16", B=2, H=8, T=16384, D=64, modes=("local", "strided",
                 bm, bn = tile.split("x")
                 c = dict(BM=int(bm), BN=int(bn), num_warps=int(warps), num_stages=int(stages))
                 launch.MODE_CONFIGS[key] = c
+                launch.configs_changed()
                 if kind == "fwd":
                     fn = lambda a=(q, k, v, lay): launch.forward(*a)  # noqa: E731
                 else:
@@ -237,6 +238,7 @@ def sweep(dtype_name="fp16", B=2, H=8, T=16384, D=64, modes=("local", "strided",
                 print(f"  sweep {mode:8s} {kind:5s} {c} {ms:.4f} ms", flush=True)
             best = min(res, key=lambda r: r[1])
             launch.MODE_CONFIGS[key] = best[0] if math.isfinite(best[1]) else saved
+            launch.configs_changed()
             out.setdefault(mode, {})[kind] = dict(tried=res, chosen=launch.MODE_CONFIGS[key])
             print(f"  sweep {mode:8s} {kind:5s} chosen {launch.MODE_CONFIGS[key]}", flush=True)
     return out

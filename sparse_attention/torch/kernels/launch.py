@@ -101,12 +101,10 @@ def unsupported_reasons(q: torch.Tensor, layout: Layout) -> list[str]:
     if layout.mode == "custom" and layout.blocksize < 16:
         why.append(f"custom layout blocksize {layout.blocksize} < 16")
     if layout.mode == "custom" and q.dtype in SUPPORTED_DTYPES and q.shape[-1] <= MAX_HEAD_DIM:
-        for kind in ("fwd", "dq", "dkdv"):
-            try:
-                _tiles(kind, q, layout)
-            except ValueError as e:
-                why.append(str(e))
-                break
+        try:
+            plan(layout, q)  # made once; raises where the layout's blocks cannot fit
+        except ValueError as e:
+            why.append(str(e))
     return why
 
 
@@ -188,26 +186,28 @@ def _tiles(kind: str, q: torch.Tensor, layout: Layout) -> dict:
     return fitted
 
 
-# configs that Triton found too big on a device, and the smaller ones that ran instead
-_SHRUNK: dict = {}
+class _Kernel:
+    """A kernel with its compile-time arguments (constants, tiles, warps, stages) resolved once.
+    ``run(grid_of, *args)`` launches ``kernel[grid_of(BM, BN)](*args, **kw)``; where Triton finds
+    the tiles too big for the device (its allocation differs from the estimate), it shrinks them
+    (:func:`shrink`) and keeps the config that ran for later calls."""
 
+    __slots__ = ("kernel", "kw", "fixed_tiles")
 
-def _launch(kernel, grid, args: tuple, cfg: dict, consts: dict, fixed_tiles: bool, device) -> None:
-    """``kernel[grid(cfg)](*args, **consts, **cfg)``; where Triton still finds the tiles too big
-    for the device (its allocation differs from the estimate), again with the next smaller config,
-    which later calls then take directly."""
-    key = (kernel.fn.__name__, str(device), args[0].dtype, tuple(sorted({**consts, **cfg}.items())))
-    run = _SHRUNK.get(key, cfg)
-    while True:
-        try:
-            kernel[grid(run)](*args, **consts, **run)
-            break
-        except triton.runtime.errors.OutOfResources:
-            run = shrink(run, fixed_tiles)
-            if run is None:
-                raise
-    if run is not cfg:
-        _SHRUNK[key] = run
+    def __init__(self, kernel, kw: dict, fixed_tiles: bool):
+        self.kernel, self.kw, self.fixed_tiles = kernel, kw, fixed_tiles
+
+    def run(self, grid_of, *args) -> None:
+        while True:
+            kw = self.kw
+            try:
+                self.kernel[grid_of(kw["BM"], kw["BN"])](*args, **kw)
+                return
+            except triton.runtime.errors.OutOfResources:
+                smaller = shrink(kw, self.fixed_tiles)
+                if smaller is None:
+                    raise
+                self.kw = smaller
 
 
 POINTER_TABLES = ("HEAD_PAT", "ROW_PTR", "COLS", "MASK_IDX", "MASKS", "COL_PTR", "ROWS", "ENTRY_MASK")
@@ -289,29 +289,74 @@ def new_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     dtype = like.dtype if dtype is None else dtype
     if shape is None and like.dim() == 4 and like.stride(1) < like.stride(2):
         B, H, T, D = like.shape
-        return new_output(like, (B, T, H, D), dtype).transpose(1, 2)
-    shape = like.shape if shape is None else shape
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+        x = torch.empty_strided((B, H, T, D), (T * H * D, D, H * D, 1), dtype=dtype, device=like.device)
+    else:
+        x = torch.empty(like.shape if shape is None else shape, dtype=dtype, device=like.device)
+    return x.fill_(float("nan")) if POISON_OUTPUTS else x
 
 
-def _common(q: torch.Tensor, layout: Layout):
-    from . import attention as K
+class _Plan:
+    """Everything a call on ``layout`` with inputs of one head_dim, dtype and device needs that
+    does not change between calls: the kernels' compile-time arguments, the layout's scalars and
+    tables, the scales. Made once (:func:`plan`); a call then only allocates its outputs and
+    launches."""
 
-    B, H, T, D = q.shape
-    tab = device_tables(layout, q)
-    mode = K.MODE_IDS[layout.mode]
-    consts = dict(
-        HEAD_D=D,
-        BLOCK_D=max(16, triton_next_pow2(D)),
-        MODE=mode,
-        P1=tab["P1"],
-        P2=tab["P2"],
-        VSB=tab["VSB"],
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-    )
-    return K, tab, consts, mode
+    def __init__(self, layout: Layout, q: torch.Tensor):
+        from . import attention as K
+
+        D = q.shape[-1]
+        tab = device_tables(layout, q)
+        mode = K.MODE_IDS[layout.mode]
+        consts = dict(
+            HEAD_D=D,
+            BLOCK_D=max(16, triton_next_pow2(D)),
+            MODE=mode,
+            P1=tab["P1"],
+            P2=tab["P2"],
+            VSB=tab["VSB"],
+            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        )
+        custom = mode == K.MODE_CUSTOM
+        fwd, dq, dkdv = (_tiles(kind, q, layout) for kind in ("fwd", "dq", "dkdv"))
+        fwd["SPLIT"] = _split(layout, tab, fwd["BN"], tiles=2)
+        dq["SPLIT"] = _split(layout, tab, dq["BN"])
+        self.fwd = _Kernel(K.fwd_kernel, {**consts, **fwd}, custom)
+        self.dq = _Kernel(K.dq_kernel, {**consts, **dq}, custom)
+        self.dkdv = _Kernel(K.dkdv_kernel, {**consts, **dkdv, "SUMMARY": False}, custom)
+        self.nsum = tab["NSUM"] if mode == K.MODE_FIXED else 0
+        self.dkdv_summary = _Kernel(K.dkdv_kernel, {**consts, **dkdv, "SUMMARY": True}, custom)
+        self.custom = custom
+        self.vlo = (tab["VLO_A"], tab["VLO_C"], tab["VLO_NV"])
+        self.head_pat = tab["HEAD_PAT"]
+        self.row_table = (tab["ROW_PTR"], tab["COLS"], tab["MASK_IDX"], tab["MASKS"])
+        self.col_table = (tab["COL_PTR"], tab["ROWS"], tab["ENTRY_MASK"], tab["MASKS"])
+        self.nb = layout.nb
+        self.sm_scale = 1.0 / math.sqrt(D)
+        self.qk_scale = math.log2(math.e) * self.sm_scale
+
+    def tables(self, q: torch.Tensor) -> tuple:
+        """``(summary, row table, column table)`` arguments; a built-in mode's pointer arguments
+        are ``q`` (never read: the kernels take their tiles from the closed form)."""
+        if self.custom:
+            return (*self.vlo, self.head_pat), self.row_table, self.col_table
+        return (*self.vlo, q), (q,) * 4, (q,) * 4
+
+
+# Bumped by :func:`configs_changed`: plans made under older tile tables are not used again.
+_GENERATION = 0
+
+
+def configs_changed() -> None:
+    """Call after changing :data:`CONFIGS` or :data:`MODE_CONFIGS` (the benchmark's sweep)."""
+    global _GENERATION
+    _GENERATION += 1
+
+
+def plan(layout: Layout, q: torch.Tensor) -> _Plan:
+    """The launch plan of ``layout`` for inputs like ``q`` (its head_dim, dtype and device),
+    made once. Raises ValueError where a custom layout's blocks cannot fit the device."""
+    key = ("launch plan", _GENERATION, SPLIT_OVERRIDE, q.shape[-1], q.dtype, q.device)
+    return derived(layout, key, lambda: _Plan(layout, q))
 
 
 def triton_next_pow2(n: int) -> int:
@@ -350,29 +395,19 @@ def _strides(*xs) -> tuple:
     return tuple(st for x in xs for st in x.stride()[:3])
 
 
-def _summary(tab: dict) -> tuple:
-    """``fixed``'s summary offsets (``VLO_*``) and the head -> pattern table."""
-    return tab["VLO_A"], tab["VLO_C"], tab["VLO_NV"], tab["HEAD_PAT"]
-
-
-def _row_table(tab: dict) -> tuple:
-    """A custom layout's row table: row pointers, key blocks, mask indices, masks."""
-    return tab["ROW_PTR"], tab["COLS"], tab["MASK_IDX"], tab["MASKS"]
-
-
 @_whole_call
 def forward(q, k, v, layout: Layout):
     """``(o [B, H, T, D] dtype of q, lse [B, H, T] float32, base 2)``."""
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     B, H, T, D = q.shape
-    K, tab, consts, mode = _common(q, layout)
-    cfg = _tiles("fwd", q, layout)
-    cfg["SPLIT"] = _split(layout, tab, cfg["BN"], tiles=2)
+    p = plan(layout, q)
+    summary, rows, _ = p.tables(q)
     o = new_output(q)
     lse = new_output(q, (B, H, T), torch.float32)
-    args = (q, k, v, o, lse, *_summary(tab), *_row_table(tab), *_strides(q, k, v, o))
-    args += (T, H, layout.nb, math.log2(math.e) / math.sqrt(D))
-    _launch(K.fwd_kernel, lambda c: (T // c["BM"], B * H), args, cfg, consts, mode == K.MODE_CUSTOM, q.device)
+    p.fwd.run(
+        lambda bm, bn: (T // bm, B * H),
+        *(q, k, v, o, lse), *summary, *rows, *_strides(q, k, v, o), *(T, H, p.nb, p.qk_scale),
+    )  # fmt: skip
     return o, lse
 
 
@@ -381,29 +416,25 @@ def backward(do, q, k, v, o, lse, layout: Layout):
     """``(dq, dk, dv)`` for upstream gradient ``do`` (same shapes and dtypes as q, k, v)."""
     do, q, k, v, o = (last_dim_contiguous(x) for x in (do, q, k, v, o))
     B, H, T, D = q.shape
-    K, tab, consts, mode = _common(q, layout)
-    sm_scale = 1.0 / math.sqrt(D)
-    qk_scale = math.log2(math.e) * sm_scale
+    p = plan(layout, q)
+    summary, rows, cols = p.tables(q)
     delta = new_output(q, (B, H, T), torch.float32)
     dq, dk, dv = new_output(q), new_output(k), new_output(v)
-    c1, c2 = _tiles("dkdv", q, layout), _tiles("dq", q, layout)
-    c2["SPLIT"] = _split(layout, tab, c2["BN"])
-    strides, custom = _strides(q, k, v, do), mode == K.MODE_CUSTOM
+    strides = _strides(q, k, v, do)
     # dQ first: it computes delta = rowsum(dO * O) of its rows and stores it for dK/dV
-    args = (q, k, v, do, o, dq, lse, delta, *_summary(tab), *_row_table(tab), *strides, *_strides(o, dq))
-    args += (T, H, layout.nb, qk_scale, sm_scale)
-    _launch(K.dq_kernel, lambda c: (T // c["BM"], B * H), args, c2, consts, custom, q.device)
-    nsum = tab["NSUM"] if mode == K.MODE_FIXED else 0
+    p.dq.run(
+        lambda bm, bn: (T // bm, B * H),
+        *(q, k, v, do, o, dq, lse, delta), *summary, *rows, *strides, *_strides(o, dq),
+        *(T, H, p.nb, p.qk_scale, p.sm_scale),
+    )  # fmt: skip
     # fixed: the summary keys' float32 partial gradients between the two dK/dV passes
+    nsum = p.nsum
     acc = new_output(q, (B * H, nsum, 2, D), torch.float32) if nsum else dk
-    passes = [(False, T)] + ([(True, nsum)] if nsum else [])
-    for summary, nkeys in passes:
-        if nkeys == 0:
-            continue
-        # the transposed table: per key-block column, its query blocks and their masks
-        col_table = (tab["COL_PTR"], tab["ROWS"], tab["ENTRY_MASK"], tab["MASKS"])
-        args = (q, k, v, do, dk, dv, lse, delta, acc, *_summary(tab), *col_table, *strides, *_strides(dk, dv))
-        args += (T, H, layout.nb, nkeys, nsum, qk_scale, sm_scale)
-        grid = lambda c, n=nkeys: (triton.cdiv(n, c["BN"]), B * H)  # noqa: E731
-        _launch(K.dkdv_kernel, grid, args, c1, {**consts, "SUMMARY": summary}, custom, q.device)
+    # the transposed table: per key-block column, its query blocks and their masks
+    args = (q, k, v, do, dk, dv, lse, delta, acc, *summary, *cols, *strides, *_strides(dk, dv))
+    p.dkdv.run(lambda bm, bn: (triton.cdiv(T, bn), B * H), *args, *(T, H, p.nb, T, nsum, p.qk_scale, p.sm_scale))
+    if nsum:
+        p.dkdv_summary.run(
+            lambda bm, bn: (triton.cdiv(nsum, bn), B * H), *args, *(T, H, p.nb, nsum, nsum, p.qk_scale, p.sm_scale)
+        )
     return dq, dk, dv
