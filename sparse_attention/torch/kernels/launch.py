@@ -102,8 +102,13 @@ def unsupported_reasons(q: torch.Tensor, layout: Layout) -> list[str]:
         why.append(f"custom layout blocksize {layout.blocksize} < 16")
     if layout.mode == "custom" and q.dtype in SUPPORTED_DTYPES and q.shape[-1] <= MAX_HEAD_DIM:
         try:
-            plan(layout, q)  # made once; raises where the layout's blocks cannot fit
-        except ValueError as e:
+            # eagerly the plan, made once; torch.compile traces the plain fitting instead
+            if torch.compiler.is_compiling():
+                for kind in ("fwd", "dq", "dkdv"):
+                    _tiles(kind, q, layout)
+            else:
+                plan(layout, q)
+        except ValueError as e:  # the layout's blocks cannot fit the device
             why.append(str(e))
     return why
 
