@@ -19,9 +19,19 @@ from .layouts import Layout, make_layout, validate_pattern
 _BACKENDS = {"torch": "sparse_attention.torch", "tensorflow": "sparse_attention.tensorflow"}
 
 
+_FRAMEWORK_OF_TYPE: dict = {}
+
+
 def framework_of(x) -> str | None:
     """``"torch"`` or ``"tensorflow"`` from the type of ``x`` (without importing either), else None."""
-    for cls in type(x).__mro__:
+    t = type(x)
+    if t not in _FRAMEWORK_OF_TYPE:
+        _FRAMEWORK_OF_TYPE[t] = _framework_of_type(t)
+    return _FRAMEWORK_OF_TYPE[t]
+
+
+def _framework_of_type(t) -> str | None:
+    for cls in t.__mro__:
         root = cls.__module__.split(".")[0]
         if root == "torch":
             return "torch"

@@ -20,6 +20,7 @@ Inputs are validated by the caller (:mod:`sparse_attention.torch.interface`).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -27,12 +28,13 @@ import torch
 
 from ..layouts import Layout, make_layout
 from . import gather
-from .reference import compute_dtype
+from .reference import compute_dtype, merge_heads, split_heads
 
 __all__ = [
     "AttentionOp",
     "EagerAttention",
     "ENGINES",
+    "attention",
     "attention_bhtd",
     "choose_engine",
     "engine",
@@ -40,6 +42,7 @@ __all__ = [
     "fused_unsupported_reasons",
     "layout_of",
     "layout_spec",
+    "packed_pair",
     "register_layout",
     "use_fused",
 ]
@@ -166,6 +169,24 @@ class EagerAttention(torch.autograd.Function):
         return (*grads, None, None, *(None,) * len(ctx.layouts))
 
 
+@functools.cache
+def packed_pair(forward, backward, heads: int):
+    """An engine pair over ``[batch, time, heads * head_dim]`` tensors from one over ``[batch,
+    heads, time, head_dim]``: heads are split as strided views inside, and outputs (the fused
+    kernels write them in the inputs' memory order) merged back as views. An eager call then
+    records one autograd node, not the four views' eight."""
+
+    def fwd(q, k, v, *layouts):
+        o, lse = forward(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), *layouts)
+        return merge_heads(o), lse
+
+    def bwd(do, q, k, v, o, lse, *layouts):
+        heads_of = (split_heads(x, heads) for x in (do, q, k, v, o))
+        return tuple(merge_heads(g) for g in backward(*heads_of, lse, *layouts))
+
+    return fwd, bwd
+
+
 def _fake_fwd(q, k, v, *keys):
     # what every forward op returns: (o, lse), contiguous
     return (
@@ -208,11 +229,19 @@ class AttentionOp:
         self.bwd_op.register_fake(_fake_bwd)
         self.fwd_op.register_autograd(self._op_autograd_backward, setup_context=self._op_setup_context)
 
-    def __call__(self, q, k, v, *layouts) -> torch.Tensor:
-        index = choose_engine(q, layouts[0])
+    def __call__(self, q, k, v, *layouts, heads: int | None = None) -> torch.Tensor:
+        """``q, k, v``: ``[batch, heads, time, head_dim]``, or with ``heads`` ``[batch, time,
+        heads * head_dim]`` (heads split inside the one autograd node, output merged)."""
+        if heads is not None and torch.compiler.is_compiling():
+            # the compiler makes views free: the ops see [b, h, t, d]
+            return merge_heads(self(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), *layouts))
+        index = choose_engine(q if heads is None else split_heads(q, heads), layouts[0])
         if torch.compiler.is_compiling():
             return self.fwd_op(q, k, v, *(layout_spec(lay) for lay in layouts), index)[0]
-        return EagerAttention.apply(q, k, v, *self.pairs(index), *layouts)
+        pair = self.pairs(index)
+        if heads is not None:
+            pair = packed_pair(*pair, heads)
+        return EagerAttention.apply(q, k, v, *pair, *layouts)
 
     def _op_forward(self, q, k, v, *args):
         *keys, index = args
@@ -237,6 +266,17 @@ class AttentionOp:
 
 # One block-sparse pass through engine i (fused kernels or block gather).
 attention_op = AttentionOp("attn", lambda index: engine_pair(index)[:2])
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, layout: Layout) -> torch.Tensor:
+    """Block-sparse attention on validated ``[batch, time, heads * head_dim]`` tensors (the
+    public call): one autograd node eagerly, no copies (heads are strided views)."""
+    if layout.mode == "all" or torch.compiler.is_compiling():
+        qh, kh, vh = (split_heads(x, heads) for x in (q, k, v))
+        return merge_heads(attention_bhtd(qh, kh, vh, layout))
+    if layout.mode == "custom":
+        register_layout(layout)
+    return attention_op(q, k, v, layout, heads=heads)
 
 
 def attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> torch.Tensor:

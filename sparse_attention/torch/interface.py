@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from ..layouts import Layout
-from .dispatch import attention_bhtd
+from .dispatch import attention, attention_bhtd
 from .merged import check_merged_pair, merged_attention
-from .reference import check_dtypes, merge_heads, split_heads
+from .reference import check_dtypes
 
 __all__ = ["blocksparse_attention", "blocksparse_attention_bhtd", "merged_local_strided_bhtd"]
 
@@ -22,8 +22,7 @@ __all__ = ["blocksparse_attention", "blocksparse_attention_bhtd", "merged_local_
 def blocksparse_attention(q, k, v, heads: int, layout: Layout) -> torch.Tensor:
     """``blocksparse_attention_impl`` for torch tensors ``[batch, time, dim]`` (shapes validated)."""
     check_dtypes(q, k, v)
-    o = attention_bhtd(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), layout)
-    return merge_heads(o)
+    return attention(q, k, v, heads, layout)
 
 
 def check_bhtd(q, k, v, layout: Layout) -> None:
