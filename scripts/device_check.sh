@@ -9,7 +9,7 @@ step() {  # step NAME SECONDS command...
   local name=$1 secs=$2; shift 2
   timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; echo "== $name rc=$?"; grep -E "FAILED|ERROR|passed|failed" "$OUT/$name.log" | tail -n 15
 }
-PYTEST="python3 -m pytest -n 14 --dist load -q -rf --tb=short -p no:cacheprovider -W ignore"
+PYTEST="python3 -m pytest -n ${WORKERS:-8} --dist load -q -rf --tb=short -p no:cacheprovider -W ignore"
 for s in ${STEPS:-bigdim suite profile}; do
   case $s in
     bigdim) step bigdim ${BIGDIM_S:-200} $PYTEST tests/test_kernels_gpu.py -k "sweep and (D160 or D192 or D256)";;

@@ -37,6 +37,14 @@ CONFIGS = {
     ("dq", 128): dict(BM=64, BN=64, num_warps=4, num_stages=2),
     ("dq", 256): dict(BM=64, BN=32, num_warps=8, num_stages=2),
 }
+# float32 above head_dim 64 (kernel, bucket): twice the bytes per operand spill at the half
+# precision tiles (on the H100 the local memory of 15 processes then exhausted the device), so
+# smaller tiles over more warps.
+FP32_CONFIGS = {
+    ("fwd", 128): dict(BM=64, BN=32, num_warps=8, num_stages=2),
+    ("dq", 128): dict(BM=64, BN=32, num_warps=8, num_stages=2),
+    ("dkdv", 128): dict(BM=32, BN=64, num_warps=8, num_stages=2),
+}
 # Per-mode overrides (kernel, mode, head-dim bucket): the fastest of the sweep in
 # benchmarks/sweep-h100.log (`python scripts/bench.py --sweep`, GPU time of CUDA-graph replays).
 MODE_CONFIGS = {
@@ -170,7 +178,10 @@ def _tiles(kind: str, q: torch.Tensor, layout: Layout) -> dict:
     whose tiles are their blocks)."""
     T, D = q.shape[2], q.shape[3]
     bucket = head_dim_bucket(D)
-    cfg = dict(MODE_CONFIGS.get((kind, layout.mode, bucket)) or CONFIGS[(kind, bucket)])
+    cfg = (FP32_CONFIGS.get((kind, bucket)) if q.dtype == torch.float32 else None) or (
+        MODE_CONFIGS.get((kind, layout.mode, bucket)) or CONFIGS[(kind, bucket)]
+    )
+    cfg = dict(cfg)
     cap = _pow2_divisor(T)
     if interpreting():
         cfg["BM"], cfg["BN"] = min(cfg["BM"], 32), min(cfg["BN"], 32)
