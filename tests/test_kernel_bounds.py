@@ -31,6 +31,7 @@ tl = triton.language
 
 from sparse_attention import allowed  # noqa: E402
 from sparse_attention.torch.kernels import attention as K  # noqa: E402
+from sparse_attention.torch.kernels import launch  # noqa: E402
 
 MODE = {"all": K.MODE_ALL, "local": K.MODE_LOCAL, "strided": K.MODE_STRIDED, "fixed": K.MODE_FIXED}
 
@@ -96,6 +97,8 @@ def _pairs_probe(
     MODE: tl.constexpr,
     SUMMARY: tl.constexpr,
     P1,
+    P1M,
+    P1S,
     P2: tl.constexpr,
     VSB: tl.constexpr,
 ):
@@ -106,9 +109,9 @@ def _pairs_probe(
     vlo = 0
     if SUMMARY:
         vlo = K._summary_start(h, VLO_A, VLO_C, VLO_NV)
-    tl.store(QTok + qp, K._tok(qp, MODE, False, P1, P2, VSB, 0))
-    tl.store(KTok + kp, K._tok(kp, MODE, SUMMARY, P1, P2, VSB, vlo))
-    ok = K._allowed(qp[:, None], kp[None, :], MODE, SUMMARY, P1, VSB)  # [NQ, NK]
+    tl.store(QTok + qp, K._tok(qp, MODE, False, P1, P1M, P1S, P2, VSB, 0))
+    tl.store(KTok + kp, K._tok(kp, MODE, SUMMARY, P1, P1M, P1S, P2, VSB, vlo))
+    ok = K._allowed(qp[:, None], kp[None, :], MODE, SUMMARY, P1, P1M, P1S, VSB)  # [NQ, NK]
     tl.store(Ok + qp[:, None] * NK + kp[None, :], ok.to(tl.int8))
 
 
@@ -213,7 +216,20 @@ def _probe(case: Case):
             qtok = torch.full((nq,), -1, dtype=torch.int64, device=dev)
             ktok = torch.full((nk,), -1, dtype=torch.int64, device=dev)
             ok = torch.zeros((nq, nk), dtype=torch.int8, device=dev)
-            args = (h or 0, c.VLO_A, c.VLO_C, c.VLO_NV, nq, nk, mode, summary, c.P1, c.P2, c.VSB)
+            args = (
+                h or 0,
+                c.VLO_A,
+                c.VLO_C,
+                c.VLO_NV,
+                nq,
+                nk,
+                mode,
+                summary,
+                c.P1,
+                *launch.magic_divisor(c.P1),
+                c.P2,
+                c.VSB,
+            )
             _pairs_probe[(1,)](qtok, ktok, ok, *args)
             nkeys = c.NSUM if summary else T
             qtok, ktok, ok = qtok.cpu().numpy()[:T], ktok.cpu().numpy()[:nkeys], ok.cpu().numpy()[:T, :nkeys]

@@ -293,3 +293,18 @@ def test_fixed_summary_gradients_rounded_once(launch, engine, dtype):
     o, lse = fwd(q, q, q, lay)
     _, _, dv = bwd(do, q, q, q, o, lse, lay)
     assert torch.equal(dv[0, 0, :16].float().cpu(), torch.full((16, 16), 0.0625))
+
+
+def test_magic_divisor_divides_exactly(launch):
+    """The kernels' division by the pattern's period: exact for every position below 2**31, at
+    divisors 1..4096 and random large ones (float64-free: integer arithmetic as the kernel does)."""
+    rng = np.random.default_rng(0)
+    divisors = list(range(1, 4097)) + [int(d) for d in rng.integers(4097, 2**31 - 1, 200)] + [2**31 - 1]
+    x = np.concatenate([np.arange(70_000), rng.integers(0, 2**31, 20_000), [2**31 - 2, 2**31 - 1]]).astype(np.uint64)
+    for d in divisors:
+        m, s = launch.magic_divisor(d)
+        assert 0 < m < 2**32
+        q = (((x * np.uint64(m)) >> np.uint64(32)) + x) >> np.uint64(s)
+        assert np.array_equal(q, x // np.uint64(d)), d
+    with pytest.raises(ValueError, match="divisor"):
+        launch.magic_divisor(0)

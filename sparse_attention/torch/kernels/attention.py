@@ -47,14 +47,24 @@ MODE_IDS = {"all": MODE_ALL, "local": MODE_LOCAL, "strided": MODE_STRIDED, "fixe
 
 
 @triton.jit
-def _tok(pos, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1, P2: tl.constexpr, VSB: tl.constexpr, vlo):
+def _div(x, P1M, P1S):
+    """``x // P1`` for int32 ``0 <= x < 2**31`` by a multiply-high with the divisor's magic
+    numbers (``launch.magic_divisor``): three instructions instead of an integer division, with
+    the pattern's period a runtime argument (one compilation for every ``time``)."""
+    xu = x.to(tl.uint32)
+    return ((tl.umulhi(xu, P1M.to(tl.uint32)) + xu) >> P1S.to(tl.uint32)).to(tl.int32)
+
+
+@triton.jit
+def _tok(pos, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1, P1M, P1S, P2: tl.constexpr, VSB: tl.constexpr, vlo):
     """Natural token index (int64) of block-order positions (or of virtual summary keys)."""
     if SUMMARY:
         # fixed: virtual summary key -> its group start + the head's first summary token + offset
         t = (pos // VSB).to(tl.int64) * P1 + vlo + pos % VSB
     elif MODE == 2:
         # strided, residue-major: P1 = n = time / l positions per residue class, P2 = l
-        t = (pos % P1).to(tl.int64) * P2 + pos // P1
+        seg = _div(pos, P1M, P1S)
+        t = (pos - seg * P1).to(tl.int64) * P2 + seg
     else:
         t = pos.to(tl.int64)
     return t
@@ -68,17 +78,17 @@ def _summary_start(h, VLO_A, VLO_C, VLO_NV):
 
 
 @triton.jit
-def _allowed(qp, kp, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1, VSB: tl.constexpr):
+def _allowed(qp, kp, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1, P1M, P1S, VSB: tl.constexpr):
     """The in-block rule on positions ``qp [M, 1]`` / ``kp [1, N]`` (or transposed)."""
     if SUMMARY:
-        ok = kp // VSB < qp // P1
+        ok = kp // VSB < _div(qp, P1M, P1S)
     elif MODE == 0:
         ok = kp <= qp
     elif MODE == 1:
         ok = (kp <= qp) & (qp - kp < P1)
     else:
         # strided (segments of n positions) and fixed's local part (groups of l tokens)
-        ok = (kp <= qp) & (qp // P1 == kp // P1)
+        ok = (kp <= qp) & (_div(qp, P1M, P1S) == _div(kp, P1M, P1S))
     return ok
 
 
@@ -209,6 +219,8 @@ def _fwd_range(
     MODE: tl.constexpr,
     SUMMARY: tl.constexpr,
     P1,
+    P1M,
+    P1S,
     P2: tl.constexpr,
     VSB: tl.constexpr,
     MASKED: tl.constexpr,
@@ -218,12 +230,12 @@ def _fwd_range(
 ):
     for n0 in range(start, end, BN):
         kpos = n0 + tl.arange(0, BN)
-        ktok = _tok(kpos, MODE, SUMMARY, P1, P2, VSB, vlo)
+        ktok = _tok(kpos, MODE, SUMMARY, P1, P1M, P1S, P2, VSB, vlo)
         rmask = ktok < T
         k = _load_rows(k_base, ktok, skt, offs_d, rmask, MASKED and SUMMARY, PAD_D, HEAD_D)
         v = _load_rows(v_base, ktok, svt, offs_d, rmask, MASKED and SUMMARY, PAD_D, HEAD_D)
         if MASKED:
-            ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, VSB)
+            ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, P1M, P1S, VSB)
         else:
             ok = None
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, ok, qk_scale, MASKED, DOT_PREC)
@@ -249,7 +261,7 @@ def _tile_and_head(HEAVY_LAST: tl.constexpr, MODE: tl.constexpr):
     return tile, bh
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P1", "P1M", "P1S"])
 def fwd_kernel(
     Q,
     K,
@@ -286,6 +298,8 @@ def fwd_kernel(
     BN: tl.constexpr,
     MODE: tl.constexpr,
     P1,
+    P1M,
+    P1S,
     P2: tl.constexpr,
     VSB: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -301,7 +315,7 @@ def fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m0 = m_blk * BM
     qpos = m0 + tl.arange(0, BM)
-    qtok = _tok(qpos, MODE, False, P1, P2, VSB, 0)
+    qtok = _tok(qpos, MODE, False, P1, P1M, P1S, P2, VSB, 0)
     q = _load_rows(q_base, qtok, sqt, offs_d, None, False, PAD_D, HEAD_D)  # [BM, BLOCK_D]
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -367,6 +381,8 @@ def fwd_kernel(
                     MODE,
                     stage < 2,  # SUMMARY
                     P1,
+                    P1M,
+                    P1S,
                     P2,
                     VSB,
                     stage != 0 and stage != 3,  # MASKED
@@ -420,6 +436,8 @@ def _dkdv_range(
     MODE: tl.constexpr,
     SUMMARY: tl.constexpr,
     P1,
+    P1M,
+    P1S,
     P2: tl.constexpr,
     VSB: tl.constexpr,
     MASKED: tl.constexpr,
@@ -429,20 +447,20 @@ def _dkdv_range(
 ):
     for m0 in range(start, end, BM):
         qpos = m0 + tl.arange(0, BM)
-        qtok = _tok(qpos, MODE, False, P1, P2, VSB, 0)
+        qtok = _tok(qpos, MODE, False, P1, P1M, P1S, P2, VSB, 0)
         q = _load_rows(q_base, qtok, sqt, offs_d, None, False, PAD_D, HEAD_D)
         do = _load_rows(do_base, qtok, sdt, offs_d, None, False, PAD_D, HEAD_D)
         lse = tl.load(lse_base + qtok)
         delta = tl.load(d_base + qtok)
         if MASKED:
-            ok = _allowed(qpos[None, :], kpos[:, None], MODE, SUMMARY, P1, VSB)
+            ok = _allowed(qpos[None, :], kpos[:, None], MODE, SUMMARY, P1, P1M, P1S, VSB)
         else:
             ok = None
         dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, ok, qk_scale, MASKED, DOT_PREC)
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P1", "P1M", "P1S"])
 def dkdv_kernel(
     Q,
     K,
@@ -493,6 +511,8 @@ def dkdv_kernel(
     MODE: tl.constexpr,
     SUMMARY: tl.constexpr,
     P1,
+    P1M,
+    P1S,
     P2: tl.constexpr,
     VSB: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -512,7 +532,7 @@ def dkdv_kernel(
     vlo = 0
     if SUMMARY:
         vlo = _summary_start(h, VLO_A, VLO_C, VLO_NV)
-    ktok = _tok(kpos, MODE, SUMMARY, P1, P2, VSB, vlo)
+    ktok = _tok(kpos, MODE, SUMMARY, P1, P1M, P1S, P2, VSB, vlo)
     kvalid = (kpos < NKEYS) & (ktok < T)
     k = _load_rows(K + b * skb + hh * skh, ktok, skt, offs_d, kvalid, SUMMARY, PAD_D, HEAD_D)  # [BN, BLOCK_D]
     v = _load_rows(V + b * svb + hh * svh, ktok, svt, offs_d, kvalid, SUMMARY, PAD_D, HEAD_D)
@@ -562,6 +582,8 @@ def dkdv_kernel(
             MODE,
             SUMMARY,
             P1,
+            P1M,
+            P1S,
             P2,
             VSB,
             True,
@@ -584,7 +606,7 @@ def dkdv_kernel(
         dv += tl.load(acc_ptrs + HEAD_D, mask=smask, other=0.0)
     elif MODE == 3:
         vlo_h = _summary_start(h, VLO_A, VLO_C, VLO_NV)
-        group = ktok // P1
+        group = _div(kpos, P1M, P1S).to(tl.int64)  # fixed's first pass: ktok == kpos
         r = ktok - group * P1 - vlo_h
         is_summary = kvalid & (r >= 0) & (r < VSB)
         acc_ptrs = acc_base + (group * VSB + r)[:, None] * (2 * HEAD_D)
@@ -629,6 +651,8 @@ def _dq_range(
     MODE: tl.constexpr,
     SUMMARY: tl.constexpr,
     P1,
+    P1M,
+    P1S,
     P2: tl.constexpr,
     VSB: tl.constexpr,
     MASKED: tl.constexpr,
@@ -638,19 +662,19 @@ def _dq_range(
 ):
     for n0 in range(start, end, BN):
         kpos = n0 + tl.arange(0, BN)
-        ktok = _tok(kpos, MODE, SUMMARY, P1, P2, VSB, vlo)
+        ktok = _tok(kpos, MODE, SUMMARY, P1, P1M, P1S, P2, VSB, vlo)
         rmask = ktok < T
         k = _load_rows(k_base, ktok, skt, offs_d, rmask, MASKED and SUMMARY, PAD_D, HEAD_D)
         v = _load_rows(v_base, ktok, svt, offs_d, rmask, MASKED and SUMMARY, PAD_D, HEAD_D)
         if MASKED:
-            ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, VSB)
+            ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, P1M, P1S, VSB)
         else:
             ok = None
         dq = _dq_step(dq, q, do, k, v, lse, delta, ok, qk_scale, MASKED, DOT_PREC)
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P1", "P1M", "P1S"])
 def dq_kernel(
     Q,
     K,
@@ -697,6 +721,8 @@ def dq_kernel(
     BN: tl.constexpr,
     MODE: tl.constexpr,
     P1,
+    P1M,
+    P1S,
     P2: tl.constexpr,
     VSB: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -712,7 +738,7 @@ def dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m0 = m_blk * BM
     qpos = m0 + tl.arange(0, BM)
-    qtok = _tok(qpos, MODE, False, P1, P2, VSB, 0)
+    qtok = _tok(qpos, MODE, False, P1, P1M, P1S, P2, VSB, 0)
     q = _load_rows(Q + b * sqb + hh * sqh, qtok, sqt, offs_d, None, False, PAD_D, HEAD_D)
     do = _load_rows(DO + b * sdb + hh * sdh, qtok, sdt, offs_d, None, False, PAD_D, HEAD_D)
     lse = tl.load(LSE + bh.to(tl.int64) * T + qtok)
@@ -779,6 +805,8 @@ def dq_kernel(
                     MODE,
                     stage < 2,  # SUMMARY
                     P1,
+                    P1M,
+                    P1S,
                     P2,
                     VSB,
                     stage != 0 and stage != 3,  # MASKED

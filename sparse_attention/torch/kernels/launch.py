@@ -328,6 +328,8 @@ class _Plan:
             BLOCK_D=max(16, triton_next_pow2(D)),
             MODE=mode,
             P1=tab["P1"],
+            P1M=magic_divisor(tab["P1"])[0],
+            P1S=magic_divisor(tab["P1"])[1],
             P2=tab["P2"],
             VSB=tab["VSB"],
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
@@ -373,6 +375,16 @@ def plan(layout: Layout, q: torch.Tensor) -> _Plan:
     made once. Raises ValueError where a custom layout's blocks cannot fit the device."""
     key = ("launch plan", _GENERATION, SPLIT_OVERRIDE, q.shape[-1], q.dtype, q.device)
     return derived(layout, key, lambda: _Plan(layout, q))
+
+
+def magic_divisor(d: int) -> tuple[int, int]:
+    """``(m, s)`` with ``x // d == (umulhi(x, m) + x) >> s`` for every ``0 <= x < 2**31``
+    (Granlund and Montgomery's round-up method: ``s = ceil(log2 d)``, ``m = floor(2**32 (2**s -
+    d) / d) + 1 < 2**32``); the kernels divide positions by the pattern's period this way."""
+    if not 1 <= d < 2**31:
+        raise ValueError(f"divisor must be in [1, 2**31), got {d}")
+    s = (d - 1).bit_length()
+    return ((1 << 32) * ((1 << s) - d)) // d + 1, s
 
 
 def triton_next_pow2(n: int) -> int:
