@@ -83,7 +83,7 @@ def _cols_probe(
     tl.store(Out + 3 * NT + tl.arange(0, NT), hi, mask=keep)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P1", "P1M", "P1S"])  # as the kernels (K._div)
 def _pairs_probe(
     QTok,
     KTok,

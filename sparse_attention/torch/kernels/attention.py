@@ -50,7 +50,8 @@ MODE_IDS = {"all": MODE_ALL, "local": MODE_LOCAL, "strided": MODE_STRIDED, "fixe
 def _div(x, P1M, P1S):
     """``x // P1`` for int32 ``0 <= x < 2**31`` by a multiply-high with the divisor's magic
     numbers (``launch.magic_divisor``): three instructions instead of an integer division, with
-    the pattern's period a runtime argument (one compilation for every ``time``)."""
+    the pattern's period a runtime argument (one compilation for every ``time``). The kernels
+    list ``P1M``, ``P1S`` in ``do_not_specialize``: Triton would make a value of 1 a constant."""
     xu = x.to(tl.uint32)
     return ((tl.umulhi(xu, P1M.to(tl.uint32)) + xu) >> P1S.to(tl.uint32)).to(tl.int32)
 
