@@ -99,6 +99,7 @@ def _pairs_probe(
     P1,
     P1M,
     P1S,
+    P1C: tl.constexpr,
     P2: tl.constexpr,
     VSB: tl.constexpr,
 ):
@@ -109,9 +110,9 @@ def _pairs_probe(
     vlo = 0
     if SUMMARY:
         vlo = K._summary_start(h, VLO_A, VLO_C, VLO_NV)
-    tl.store(QTok + qp, K._tok(qp, MODE, False, P1, P1M, P1S, P2, VSB, 0))
-    tl.store(KTok + kp, K._tok(kp, MODE, SUMMARY, P1, P1M, P1S, P2, VSB, vlo))
-    ok = K._allowed(qp[:, None], kp[None, :], MODE, SUMMARY, P1, P1M, P1S, VSB)  # [NQ, NK]
+    tl.store(QTok + qp, K._tok(qp, MODE, False, P1, P1M, P1S, P1C, P2, VSB, 0))
+    tl.store(KTok + kp, K._tok(kp, MODE, SUMMARY, P1, P1M, P1S, P1C, P2, VSB, vlo))
+    ok = K._allowed(qp[:, None], kp[None, :], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB)  # [NQ, NK]
     tl.store(Ok + qp[:, None] * NK + kp[None, :], ok.to(tl.int8))
 
 
@@ -227,6 +228,7 @@ def _probe(case: Case):
                 summary,
                 c.P1,
                 *launch.magic_divisor(c.P1),
+                c.P1 if mode in ("local", "fixed") else 0,  # P1C, as launch passes it
                 c.P2,
                 c.VSB,
             )

@@ -47,24 +47,41 @@ MODE_IDS = {"all": MODE_ALL, "local": MODE_LOCAL, "strided": MODE_STRIDED, "fixe
 
 
 @triton.jit
-def _div(x, P1M, P1S):
-    """``x // P1`` for int32 ``0 <= x < 2**31`` by a multiply-high with the divisor's magic
-    numbers (``launch.magic_divisor``): three instructions instead of an integer division, with
-    the pattern's period a runtime argument (one compilation for every ``time``). The kernels
-    list ``P1M``, ``P1S`` in ``do_not_specialize``: Triton would make a value of 1 a constant."""
-    xu = x.to(tl.uint32)
-    return ((tl.umulhi(xu, P1M.to(tl.uint32)) + xu) >> P1S.to(tl.uint32)).to(tl.int32)
+def _div(x, P1M, P1S, P1C: tl.constexpr):
+    """``x // P1`` for int32 ``0 <= x < 2**31``. ``P1C``: the period as a compile-time constant
+    where it does not depend on ``time`` (``local``'s window, ``fixed``'s group: no
+    recompilation, and a constant divisor compiles to shifts or a multiply); 0 for ``strided``
+    (``n = time / l``), which divides by a multiply-high with the runtime divisor's magic numbers
+    (``launch.magic_divisor``), so that one compilation serves every ``time``. The kernels list
+    ``P1M``, ``P1S`` in ``do_not_specialize``: Triton would make a value of 1 a constant."""
+    if P1C > 0:
+        q = x // P1C
+    else:
+        xu = x.to(tl.uint32)
+        q = ((tl.umulhi(xu, P1M.to(tl.uint32)) + xu) >> P1S.to(tl.uint32)).to(tl.int32)
+    return q
 
 
 @triton.jit
-def _tok(pos, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1, P1M, P1S, P2: tl.constexpr, VSB: tl.constexpr, vlo):
+def _tok(
+    pos,
+    MODE: tl.constexpr,
+    SUMMARY: tl.constexpr,
+    P1,
+    P1M,
+    P1S,
+    P1C: tl.constexpr,
+    P2: tl.constexpr,
+    VSB: tl.constexpr,
+    vlo,
+):
     """Natural token index (int64) of block-order positions (or of virtual summary keys)."""
     if SUMMARY:
         # fixed: virtual summary key -> its group start + the head's first summary token + offset
         t = (pos // VSB).to(tl.int64) * P1 + vlo + pos % VSB
     elif MODE == 2:
         # strided, residue-major: P1 = n = time / l positions per residue class, P2 = l
-        seg = _div(pos, P1M, P1S)
+        seg = _div(pos, P1M, P1S, P1C)
         t = (pos - seg * P1).to(tl.int64) * P2 + seg
     else:
         t = pos.to(tl.int64)
@@ -79,17 +96,17 @@ def _summary_start(h, VLO_A, VLO_C, VLO_NV):
 
 
 @triton.jit
-def _allowed(qp, kp, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1, P1M, P1S, VSB: tl.constexpr):
+def _allowed(qp, kp, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1, P1M, P1S, P1C: tl.constexpr, VSB: tl.constexpr):
     """The in-block rule on positions ``qp [M, 1]`` / ``kp [1, N]`` (or transposed)."""
     if SUMMARY:
-        ok = kp // VSB < _div(qp, P1M, P1S)
+        ok = kp // VSB < _div(qp, P1M, P1S, P1C)
     elif MODE == 0:
         ok = kp <= qp
     elif MODE == 1:
         ok = (kp <= qp) & (qp - kp < P1)
     else:
         # strided (segments of n positions) and fixed's local part (groups of l tokens)
-        ok = (kp <= qp) & (_div(qp, P1M, P1S) == _div(kp, P1M, P1S))
+        ok = (kp <= qp) & (_div(qp, P1M, P1S, P1C) == _div(kp, P1M, P1S, P1C))
     return ok
 
 
@@ -222,6 +239,7 @@ def _fwd_range(
     P1,
     P1M,
     P1S,
+    P1C: tl.constexpr,
     P2: tl.constexpr,
     VSB: tl.constexpr,
     MASKED: tl.constexpr,
@@ -231,12 +249,12 @@ def _fwd_range(
 ):
     for n0 in range(start, end, BN):
         kpos = n0 + tl.arange(0, BN)
-        ktok = _tok(kpos, MODE, SUMMARY, P1, P1M, P1S, P2, VSB, vlo)
+        ktok = _tok(kpos, MODE, SUMMARY, P1, P1M, P1S, P1C, P2, VSB, vlo)
         rmask = ktok < T
         k = _load_rows(k_base, ktok, skt, offs_d, rmask, MASKED and SUMMARY, PAD_D, HEAD_D)
         v = _load_rows(v_base, ktok, svt, offs_d, rmask, MASKED and SUMMARY, PAD_D, HEAD_D)
         if MASKED:
-            ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, P1M, P1S, VSB)
+            ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB)
         else:
             ok = None
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, ok, qk_scale, MASKED, DOT_PREC)
@@ -301,6 +319,7 @@ def fwd_kernel(
     P1,
     P1M,
     P1S,
+    P1C: tl.constexpr,
     P2: tl.constexpr,
     VSB: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -316,7 +335,7 @@ def fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m0 = m_blk * BM
     qpos = m0 + tl.arange(0, BM)
-    qtok = _tok(qpos, MODE, False, P1, P1M, P1S, P2, VSB, 0)
+    qtok = _tok(qpos, MODE, False, P1, P1M, P1S, P1C, P2, VSB, 0)
     q = _load_rows(q_base, qtok, sqt, offs_d, None, False, PAD_D, HEAD_D)  # [BM, BLOCK_D]
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -384,6 +403,7 @@ def fwd_kernel(
                     P1,
                     P1M,
                     P1S,
+                    P1C,
                     P2,
                     VSB,
                     stage != 0 and stage != 3,  # MASKED
@@ -439,6 +459,7 @@ def _dkdv_range(
     P1,
     P1M,
     P1S,
+    P1C: tl.constexpr,
     P2: tl.constexpr,
     VSB: tl.constexpr,
     MASKED: tl.constexpr,
@@ -448,13 +469,13 @@ def _dkdv_range(
 ):
     for m0 in range(start, end, BM):
         qpos = m0 + tl.arange(0, BM)
-        qtok = _tok(qpos, MODE, False, P1, P1M, P1S, P2, VSB, 0)
+        qtok = _tok(qpos, MODE, False, P1, P1M, P1S, P1C, P2, VSB, 0)
         q = _load_rows(q_base, qtok, sqt, offs_d, None, False, PAD_D, HEAD_D)
         do = _load_rows(do_base, qtok, sdt, offs_d, None, False, PAD_D, HEAD_D)
         lse = tl.load(lse_base + qtok)
         delta = tl.load(d_base + qtok)
         if MASKED:
-            ok = _allowed(qpos[None, :], kpos[:, None], MODE, SUMMARY, P1, P1M, P1S, VSB)
+            ok = _allowed(qpos[None, :], kpos[:, None], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB)
         else:
             ok = None
         dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, ok, qk_scale, MASKED, DOT_PREC)
@@ -514,6 +535,7 @@ def dkdv_kernel(
     P1,
     P1M,
     P1S,
+    P1C: tl.constexpr,
     P2: tl.constexpr,
     VSB: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -533,7 +555,7 @@ def dkdv_kernel(
     vlo = 0
     if SUMMARY:
         vlo = _summary_start(h, VLO_A, VLO_C, VLO_NV)
-    ktok = _tok(kpos, MODE, SUMMARY, P1, P1M, P1S, P2, VSB, vlo)
+    ktok = _tok(kpos, MODE, SUMMARY, P1, P1M, P1S, P1C, P2, VSB, vlo)
     kvalid = (kpos < NKEYS) & (ktok < T)
     k = _load_rows(K + b * skb + hh * skh, ktok, skt, offs_d, kvalid, SUMMARY, PAD_D, HEAD_D)  # [BN, BLOCK_D]
     v = _load_rows(V + b * svb + hh * svh, ktok, svt, offs_d, kvalid, SUMMARY, PAD_D, HEAD_D)
@@ -585,6 +607,7 @@ def dkdv_kernel(
             P1,
             P1M,
             P1S,
+            P1C,
             P2,
             VSB,
             True,
@@ -607,7 +630,7 @@ def dkdv_kernel(
         dv += tl.load(acc_ptrs + HEAD_D, mask=smask, other=0.0)
     elif MODE == 3:
         vlo_h = _summary_start(h, VLO_A, VLO_C, VLO_NV)
-        group = _div(kpos, P1M, P1S).to(tl.int64)  # fixed's first pass: ktok == kpos
+        group = _div(kpos, P1M, P1S, P1C).to(tl.int64)  # fixed's first pass: ktok == kpos
         r = ktok - group * P1 - vlo_h
         is_summary = kvalid & (r >= 0) & (r < VSB)
         acc_ptrs = acc_base + (group * VSB + r)[:, None] * (2 * HEAD_D)
@@ -654,6 +677,7 @@ def _dq_range(
     P1,
     P1M,
     P1S,
+    P1C: tl.constexpr,
     P2: tl.constexpr,
     VSB: tl.constexpr,
     MASKED: tl.constexpr,
@@ -663,12 +687,12 @@ def _dq_range(
 ):
     for n0 in range(start, end, BN):
         kpos = n0 + tl.arange(0, BN)
-        ktok = _tok(kpos, MODE, SUMMARY, P1, P1M, P1S, P2, VSB, vlo)
+        ktok = _tok(kpos, MODE, SUMMARY, P1, P1M, P1S, P1C, P2, VSB, vlo)
         rmask = ktok < T
         k = _load_rows(k_base, ktok, skt, offs_d, rmask, MASKED and SUMMARY, PAD_D, HEAD_D)
         v = _load_rows(v_base, ktok, svt, offs_d, rmask, MASKED and SUMMARY, PAD_D, HEAD_D)
         if MASKED:
-            ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, P1M, P1S, VSB)
+            ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB)
         else:
             ok = None
         dq = _dq_step(dq, q, do, k, v, lse, delta, ok, qk_scale, MASKED, DOT_PREC)
@@ -724,6 +748,7 @@ def dq_kernel(
     P1,
     P1M,
     P1S,
+    P1C: tl.constexpr,
     P2: tl.constexpr,
     VSB: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -739,7 +764,7 @@ def dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m0 = m_blk * BM
     qpos = m0 + tl.arange(0, BM)
-    qtok = _tok(qpos, MODE, False, P1, P1M, P1S, P2, VSB, 0)
+    qtok = _tok(qpos, MODE, False, P1, P1M, P1S, P1C, P2, VSB, 0)
     q = _load_rows(Q + b * sqb + hh * sqh, qtok, sqt, offs_d, None, False, PAD_D, HEAD_D)
     do = _load_rows(DO + b * sdb + hh * sdh, qtok, sdt, offs_d, None, False, PAD_D, HEAD_D)
     lse = tl.load(LSE + bh.to(tl.int64) * T + qtok)
@@ -808,6 +833,7 @@ def dq_kernel(
                     P1,
                     P1M,
                     P1S,
+                    P1C,
                     P2,
                     VSB,
                     stage != 0 and stage != 3,  # MASKED

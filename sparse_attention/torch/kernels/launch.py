@@ -330,6 +330,8 @@ class _Plan:
             P1=tab["P1"],
             P1M=magic_divisor(tab["P1"])[0],
             P1S=magic_divisor(tab["P1"])[1],
+            # the period as a constant where it does not depend on time (see attention._div)
+            P1C=tab["P1"] if layout.mode in ("local", "fixed") else 0,
             P2=tab["P2"],
             VSB=tab["VSB"],
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
