@@ -228,7 +228,7 @@ def _probe(case: Case):
                 summary,
                 c.P1,
                 *launch.magic_divisor(c.P1),
-                c.P1 if mode in ("local", "fixed") else 0,  # P1C, as launch passes it
+                c.P1 if c.mode in ("local", "fixed") else 0,  # P1C, as launch passes it
                 c.P2,
                 c.VSB,
             )

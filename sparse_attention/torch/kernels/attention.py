@@ -78,7 +78,7 @@ def _tok(
     """Natural token index (int64) of block-order positions (or of virtual summary keys)."""
     if SUMMARY:
         # fixed: virtual summary key -> its group start + the head's first summary token + offset
-        t = (pos // VSB).to(tl.int64) * P1 + vlo + pos % VSB
+        t = (pos // VSB).to(tl.int64) * P1C + vlo + pos % VSB  # fixed: P1C == P1 == l
     elif MODE == 2:
         # strided, residue-major: P1 = n = time / l positions per residue class, P2 = l
         seg = _div(pos, P1M, P1S, P1C)
@@ -631,7 +631,7 @@ def dkdv_kernel(
     elif MODE == 3:
         vlo_h = _summary_start(h, VLO_A, VLO_C, VLO_NV)
         group = _div(kpos, P1M, P1S, P1C).to(tl.int64)  # fixed's first pass: ktok == kpos
-        r = ktok - group * P1 - vlo_h
+        r = ktok - group * P1C - vlo_h
         is_summary = kvalid & (r >= 0) & (r < VSB)
         acc_ptrs = acc_base + (group * VSB + r)[:, None] * (2 * HEAD_D)
         amask = is_summary[:, None] & (offs_d[None, :] < HEAD_D)
