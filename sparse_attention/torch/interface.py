@@ -48,8 +48,8 @@ def blocksparse_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     softmax and accumulation for fp16/bf16; a row with no allowed key outputs 0. Differentiable
     in ``q``, ``k``, ``v``; works under ``torch.compile(fullgraph=True)``.
 
-    Dispatch: CUDA tensors run the fused Triton kernels (fp16, bf16, fp32; any head_dim up to 256,
-    padded to a power of two inside the kernel); ``all`` runs PyTorch's causal SDPA where that is
+    Dispatch: CUDA tensors run the fused Triton kernels (fp16 and bf16 with any head_dim up to 256,
+    fp32 up to 128; padded to a power of two inside the kernel); ``all`` runs PyTorch's causal SDPA where that is
     faster (fp16/bf16 on CUDA: cuDNN / flash; every dtype on the CPU, 8-10x faster there than the
     block gather); everything else runs the block-gather path in plain PyTorch.
 
