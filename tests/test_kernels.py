@@ -150,6 +150,39 @@ def test_strided_views_need_no_copy(launch, mode, packing):
         assert x.transpose(1, 2).is_contiguous(), f"{name} is not time-major: merging heads would copy"
 
 
+@pytest.mark.parametrize("mode", list(VIEW_LAYOUTS))
+def test_public_call_on_a_packed_projection(launch, monkeypatch, mode):
+    """``blocksparse_attention_impl`` on column slices of one ``[B, T, 3 * H * D]`` projection
+    (``qkv[..., i * H * D:(i + 1) * H * D]``: strided, not contiguous), through the fused kernels:
+    forward and the three gradients against float64, and the call is one autograd node (heads are
+    split and merged inside it as views: no view, reshape or copy node between the caller's tensors
+    and ours; ``all`` excepted, which is SDPA's)."""
+    import sparse_attention as sa
+    from sparse_attention.torch import dispatch
+
+    monkeypatch.setattr(dispatch, "fused_unsupported_reasons", lambda q, lay: [])  # CPU tensors: interpreter
+    lay = VIEW_LAYOUTS[mode]()
+    B, H, T, D = 2, lay.heads, lay.time, 16
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(B, T, 3 * H * D, generator=g).to(_device())
+    heads = [qkv[..., i * H * D : (i + 1) * H * D].view(B, T, H, D).transpose(1, 2) for i in range(3)]
+    do = torch.randn(B, T, H * D, generator=g).to(_device()).view(B, T, H, D).transpose(1, 2)
+
+    def public(a, b, c):  # heads in, heads out; the call itself sees slices of one projection
+        packed = torch.cat([x.transpose(1, 2).reshape(B, T, H * D) for x in (a, b, c)], dim=-1)
+        q, k, v = (packed[..., i * H * D : (i + 1) * H * D] for i in range(3))
+        assert not q.is_contiguous() and q.stride() == (T * 3 * H * D, 3 * H * D, 1)
+        o = sa.blocksparse_attention_impl(q, k, v, H, lay)
+        return o.view(B, T, H, D).transpose(1, 2)
+
+    check_against_reference(public, *heads, do, mask=lay.to_dense())
+    leaf = qkv.clone().requires_grad_()
+    o = sa.blocksparse_attention_impl(*(leaf[..., i * H * D : (i + 1) * H * D] for i in range(3)), H, lay)
+    if mode != "all":  # ``all`` runs PyTorch's SDPA on the head views
+        assert "EagerAttention" in type(o.grad_fn).__name__, o.grad_fn
+    assert o.is_contiguous()
+
+
 @pytest.mark.parametrize(
     "heads,l,b,nv,vs", [(8, 128, 32, 4, 1), (6, 128, 16, 3, 2), (4, 256, 32, 2, 4), (3, 32, 32, 1, 1)]
 )
