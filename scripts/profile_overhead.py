@@ -8,6 +8,8 @@ For each mode at the issue's target shape (fp16, B2 H8 T16384 D64; the target pr
 - ``gpu``: the sum of the kernels' durations per call (torch.profiler);
 - ``graph``: one CUDA-graph replay of the call (the kernels back to back, no host work);
 
+then ``host`` again for every call as interleaved medians (one call at a time on an idle device,
+the callables taking turns: a shared host's slow spells hit all alike), with the ratio to Flex;
 through the public function and through the bare autograd Function (no argument checks), and
 for FlexAttention ``local`` as the peer. ``calibrate`` first times plain PyTorch calls on the
 machine (an allocation, a tiny kernel, a tiny autograd backward) and our forward launcher.
@@ -34,6 +36,7 @@ from sparse_attention.utils.benchmark import (
     gpu_us,
     graph_ms,
     host_us,
+    host_us_interleaved,
     timeit,
     torch_dtype,
 )
@@ -87,6 +90,7 @@ def main(argv=None):
     )
     ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention peer (local)")
     ap.add_argument("--out", default=None, help="JSON file of the results")
+    ap.add_argument("--host-reps", type=int, default=200, help="interleaved host-time samples per call")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_overhead.py needs a CUDA GPU")
@@ -95,18 +99,20 @@ def main(argv=None):
     def inputs():
         return (torch.randn(B, H, T, D, device="cuda", dtype=torch_dtype(a.dtype)) for _ in range(4))
 
-    res = {}
+    res, callables = {}, {}
     calibrate(res, a)
     for mode in a.modes:
         lay = preset(mode, blocksize=a.blocksize).layout(T, H)
         q, k, v, do = inputs()
         f = lambda x, y, z, lay=lay: blocksparse_attention_bhtd(x, y, z, lay)  # noqa: E731
         res[f"{mode}/ours"] = measure(f"{mode}/ours", f, q, k, v, do)
+        callables[f"{mode}/ours"] = (f, q, k, v, do)
         # the public call on [batch, time, heads * head_dim] (heads split as views, no copies)
         pq, pk, pv, pdo = (x.transpose(1, 2).reshape(B, T, H * D) for x in (q, k, v, do))
         kw = preset(mode, blocksize=a.blocksize).kwargs()
         pub = lambda x, y, z, kw=kw: blocksparse_attention_impl(x, y, z, H, **kw)  # noqa: E731
         res[f"{mode}/public"] = measure(f"{mode}/public", pub, pq, pk, pv, pdo)
+        callables[f"{mode}/public"] = (pub, pq, pk, pv, pdo)
         fwd, bwd, _ = engine(q, lay)
         lf = lambda x, y, z, lay=lay, fwd=fwd, bwd=bwd: EagerAttention.apply(x, y, z, fwd, bwd, lay)  # noqa: E731
         res[f"{mode}/no-checks"] = measure(f"{mode}/no-checks", lf, q, k, v, do, graphs=False)
@@ -117,7 +123,21 @@ def main(argv=None):
         p = preset("local", blocksize=a.blocksize)
         bm = flex_block_mask(p.spec, H, T, p.blocksize, "cuda")
         q, k, v, do = inputs()
-        res["flex-local"] = measure("flex-local", lambda x, y, z: flex(x, y, z, block_mask=bm), q, k, v, do)
+        fl = lambda x, y, z: flex(x, y, z, block_mask=bm)  # noqa: E731
+        res["flex-local"] = measure("flex-local", fl, q, k, v, do)
+        callables["flex-local"] = (fl, q, k, v, do)
+    # host time per call, the callables taking turns (the host's slow spells hit all alike)
+    host = {}
+    for tag in ("fwd", "fb"):
+        calls = {name: fwd_and_fb(*c)[0 if tag == "fwd" else 1] for name, c in callables.items()}
+        for name, us in host_us_interleaved(calls, reps=a.host_reps).items():
+            host[f"{name}/{tag}"] = us
+    ref = {tag: host.get(f"flex-local/{tag}") for tag in ("fwd", "fb")}
+    print("\nhost us per call, interleaved medians (x flex-local):")
+    for key, us in host.items():
+        r = ref[key.rsplit("/", 1)[1]]
+        print(f"  {key:28s} {us:8.1f}" + (f"  {us / r:5.2f}x" if r else ""))
+    res["host_interleaved_us"] = host
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(meta=environment("cuda", argv, __file__), results=res), f, indent=1)

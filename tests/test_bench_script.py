@@ -378,3 +378,16 @@ def test_bench_curves_smoke_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "out" / "curves.json").read_text())["results"]
     assert list(res) == ["fixed"] and res["fixed"]["steps"] == [2] and 0 < res["fixed"]["val_bpb"][0] < 9
+
+
+def test_host_us_interleaved_takes_turns():
+    """Every callable is called ``reps`` times, in a rotating order (no callable always first),
+    and gets one median of positive microseconds."""
+    from sparse_attention.utils.benchmark import host_us_interleaved
+
+    order = []
+    fns = {n: (lambda n=n: order.append(n)) for n in "abc"}
+    got = host_us_interleaved(fns, reps=6, device="cpu")
+    assert sorted(got) == ["a", "b", "c"] and all(v > 0 for v in got.values())
+    assert [order.count(n) for n in "abc"] == [6, 6, 6]
+    assert {order[3 * r] for r in range(6)} == {"a", "b", "c"}

@@ -306,6 +306,23 @@ def host_us(fn, reps: int = 50, device="cuda") -> float:
     return dt / reps * 1e6
 
 
+def host_us_interleaved(fns: dict, reps: int = 200, device="cuda") -> dict:
+    """Median host microseconds of one call of each of ``fns`` (name -> callable): calls timed one
+    at a time with the device idle before each (no queue-full stalls), the callables taking turns
+    in a rotating order, so that a slow spell of a shared host hits them all alike."""
+    names = list(fns)
+    samples: dict = {n: [] for n in names}
+    for r in range(reps):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            synchronize(device)
+            t = time.perf_counter()
+            fns[n]()
+            samples[n].append((time.perf_counter() - t) * 1e6)
+    synchronize(device)
+    return {n: median(s) for n, s in samples.items()}
+
+
 def gpu_us(fn, reps: int = 10, top: int = 6) -> tuple[float, dict]:
     """GPU microseconds per call of ``fn`` (the kernels' durations summed, ``torch.profiler``) and
     the ``top`` kernels' microseconds per call."""
