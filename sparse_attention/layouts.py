@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import tables
+from .migrate import deepspeed_block_layout
 from .modes import MODES, allowed, block_rows, check_positive_int, dense_mask, fixed_vert_range, validate_pattern
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "allowed",
     "csr_layout",
     "custom_layout",
+    "deepspeed_layout",
     "dense_mask",
     "fixed_vert_range",
     "from_dense",
@@ -329,3 +331,28 @@ def from_dense(mask, blocksize: int) -> Layout:
     blocks = m.reshape(H, nb, blocksize, nb, blocksize).transpose(0, 1, 3, 2, 4)
     lay = blocks.any(axis=(3, 4))
     return custom_layout(lay, blocksize, callback=lambda shape, h, q, k, e: blocks[h, q, k])
+
+
+def deepspeed_layout(kind: str, seq_len: int, num_heads: int, block: int = 16, *, seed=None, **params) -> Layout:
+    """The layout of a DeepSpeed sparse-attention config, for users migrating from it.
+
+    Args:
+        kind: ``"dense"``, ``"fixed"``, ``"variable"``, ``"bigbird"``, ``"bslongformer"`` or
+            ``"local_sliding_window"`` (DeepSpeed's ``DenseSparsityConfig`` ... ``LocalSlidingWindowSparsityConfig``).
+        seq_len, num_heads, block: as DeepSpeed's (``seq_len`` a multiple of ``block``).
+        seed: seed of the random blocks (``variable``, ``bigbird``); DeepSpeed drew them from
+            Python's global ``random``, so ``random.seed(s)`` there equals ``seed=s`` here.
+        params: the config's own arguments, named as DeepSpeed names them
+            (``num_local_blocks``, ``attention="unidirectional"``, ``different_layout_per_head``, ...).
+
+    The block layout equals DeepSpeed's ``make_layout(seq_len)`` (:mod:`sparse_attention.migrate`).
+    With ``attention="unidirectional"`` every block is also causal token by token (DeepSpeed left
+    that to a separate mask): a query attends no later key, even in the diagonal blocks or in a
+    future block that DeepSpeed's unidirectional ``fixed`` keeps (``num_global_blocks > 1``).
+    """
+    lay, p = deepspeed_block_layout(kind, seq_len, num_heads, block, seed=seed, **params)
+    if p.get("attention") != "unidirectional":
+        return custom_layout(lay, block)
+    tri = np.tril(np.ones((block, block), bool))
+    full, none = np.ones((block, block), bool), np.zeros((block, block), bool)
+    return custom_layout(lay, block, callback=lambda shape, h, q, k, e: full if k < q else tri if k == q else none)
