@@ -8,13 +8,10 @@ or the dict of :func:`~sparse_attention.layouts.validate_pattern`. No framework 
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import weakref
 
-import numpy as np
-
-from .layouts import Layout, make_layout, validate_pattern
+from .layouts import Layout, broadcast_layout, make_layout, validate_pattern
 
 _BACKENDS = {"torch": "sparse_attention.torch", "tensorflow": "sparse_attention.tensorflow"}
 
@@ -114,5 +111,5 @@ def broadcast_heads(lay: Layout, heads: int) -> Layout:
         return lay
     per = _BROADCAST.setdefault(lay, {})
     if heads not in per:
-        per[heads] = dataclasses.replace(lay, heads=heads, head_pattern=np.repeat(lay.head_pattern[:1], heads))
+        per[heads] = broadcast_layout(lay, heads)
     return per[heads]

@@ -28,6 +28,7 @@ derived in :mod:`sparse_attention.tables`, the pictures drawn by :mod:`sparse_at
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -43,7 +44,10 @@ __all__ = [
     "allowed",
     "csr_layout",
     "custom_layout",
+    "bigbird_layout",
+    "broadcast_layout",
     "deepspeed_layout",
+    "longformer_layout",
     "dense_mask",
     "fixed_vert_range",
     "from_dense",
@@ -356,3 +360,110 @@ def deepspeed_layout(kind: str, seq_len: int, num_heads: int, block: int = 16, *
     tri = np.tril(np.ones((block, block), bool))
     full, none = np.ones((block, block), bool), np.zeros((block, block), bool)
     return custom_layout(lay, block, callback=lambda shape, h, q, k, e: full if k < q else tri if k == q else none)
+
+
+def _window_global_rule(window: int, global_tokens, causal: bool):
+    """``rule(i, j)``: the Longformer pattern on token indices (numpy broadcasting)."""
+    g = np.zeros(0, np.int64) if global_tokens is None else np.unique(np.asarray(global_tokens, np.int64))
+
+    def rule(i, j):
+        band = (i - j < window) & (j <= i) if causal else np.abs(i - j) <= window // 2
+        glob = np.isin(i, g) | np.isin(j, g)
+        return (band | glob) & (j <= i) if causal else band | glob
+
+    return rule, g
+
+
+def _rule_layout(blocks: np.ndarray, blocksize: int, rule) -> Layout:
+    """A custom layout of the enabled ``blocks`` ``bool [heads or 1, nb, nb]`` whose pairs are
+    those of ``rule(i, j)`` (evaluated inside the enabled blocks only)."""
+    offs = np.arange(blocksize)
+
+    def callback(shape, h, q, k, e):
+        return rule((q * blocksize + offs)[:, None], (k * blocksize + offs)[None, :])
+
+    return custom_layout(blocks, blocksize, callback=callback, heads=blocks.shape[0] if blocks.ndim == 3 else None)
+
+
+def _window_global_blocks(nb: int, blocksize: int, window: int, g: np.ndarray, causal: bool) -> np.ndarray:
+    r = np.arange(nb)
+    lo_tok, hi_tok = r * blocksize, r * blocksize + blocksize - 1
+    if causal:  # keys in (i - window, i]: blocks from (first query - window + 1) to the diagonal
+        first = np.maximum(lo_tok - window + 1, 0) // blocksize
+        blocks = (r[None, :] >= first[:, None]) & (r[None, :] <= r[:, None])
+    else:
+        half = window // 2
+        first, last = (
+            np.maximum(lo_tok - half, 0) // blocksize,
+            np.minimum(hi_tok + half, nb * blocksize - 1) // blocksize,
+        )
+        blocks = (r[None, :] >= first[:, None]) & (r[None, :] <= last[:, None])
+    gb = np.unique(g // blocksize)
+    blocks[gb, :] = True
+    blocks[:, gb] = True
+    return np.tril(blocks) if causal else blocks
+
+
+def longformer_layout(time: int, heads: int, window: int, global_tokens=(), blocksize: int = 64, causal: bool = True):
+    """Longformer's pattern (a sliding window plus global tokens) as a :class:`Layout`.
+
+    Query ``i`` attends key ``j`` when ``i - window < j <= i`` (``causal``; else ``|i - j| <=
+    window // 2``), or when ``i`` or ``j`` is one of ``global_tokens`` (global tokens attend
+    everything and everything attends them; still ``j <= i`` when ``causal``). Exact token by
+    token; every head the same.
+    """
+    time, heads = check_positive_int("time", time), check_positive_int("heads", heads)
+    window, blocksize = check_positive_int("window", window), check_positive_int("blocksize", blocksize)
+    if time % blocksize:
+        raise ValueError(f"time ({time}) must be a multiple of blocksize ({blocksize})")
+    rule, g = _window_global_rule(window, global_tokens, causal)
+    if g.size and (g.min() < 0 or g.max() >= time):
+        raise ValueError(f"global_tokens must lie in [0, {time}), got {g.min()}..{g.max()}")
+    lay = _rule_layout(_window_global_blocks(time // blocksize, blocksize, window, g, causal), blocksize, rule)
+    return broadcast_layout(lay, heads)
+
+
+def bigbird_layout(
+    time: int,
+    heads: int,
+    window: int,
+    global_tokens=(),
+    num_random_blocks: int = 1,
+    blocksize: int = 64,
+    causal: bool = True,
+    seed=None,
+):
+    """BigBird's pattern: :func:`longformer_layout`'s window and global tokens plus
+    ``num_random_blocks`` random key blocks per query block row and head (earlier blocks only when
+    ``causal``; drawn from ``numpy.random.default_rng(seed)``; a random diagonal block stays
+    causal inside)."""
+    base = longformer_layout(time, 1, window, global_tokens, blocksize, causal)
+    k = check_positive_int("num_random_blocks", num_random_blocks) if num_random_blocks else 0
+    nb = time // blocksize
+    rng = np.random.default_rng(seed)
+    rule, _ = _window_global_rule(window, global_tokens, causal)
+    blocks = np.repeat(base.block_layout(), heads, axis=0)
+    rand = np.zeros_like(blocks)
+    for h in range(heads):
+        for r in range(nb):
+            choices = np.arange(r + 1 if causal else nb)
+            rand[h, r, rng.choice(choices, size=min(k, choices.size), replace=False)] = True
+    offs = np.arange(blocksize)
+
+    def callback(shape, h, q, kb, e):
+        i, j = (q * blocksize + offs)[:, None], (kb * blocksize + offs)[None, :]
+        ok = rule(i, j)
+        if rand[h, q, kb]:
+            ok = ok | ((j <= i) if causal else np.ones(shape, bool))
+        return ok
+
+    return custom_layout(blocks | rand, blocksize, callback=callback)
+
+
+def broadcast_layout(layout: Layout, heads: int) -> Layout:
+    """``layout`` (one head) for ``heads`` heads sharing its tables."""
+    if layout.heads == heads:
+        return layout
+    if layout.heads != 1:
+        raise ValueError(f"only a one-head layout can be broadcast, this one has {layout.heads}")
+    return dataclasses.replace(layout, heads=heads, head_pattern=np.repeat(layout.head_pattern[:1], heads))

@@ -171,3 +171,50 @@ def test_fused_kernels_on_bidirectional_layouts(launch, kind):
     q, k, v, do = (torch.randn(1, 2, 128, 16, generator=g).to(_device()) for _ in range(4))
     fn = lambda a, b, c: EagerAttention.apply(a, b, c, launch.forward, launch.backward, lay)  # noqa: E731
     check_against_reference(fn, q, k, v, do, mask=torch.from_numpy(lay.to_dense()).to(_device()))
+
+
+def _longformer_pairs(T, window, g, causal):
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    band = ((i - j < window) & (j <= i)) if causal else (np.abs(i - j) <= window // 2)
+    glob = np.isin(i, g) | np.isin(j, g)
+    return ((band | glob) & (j <= i)) if causal else (band | glob)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window, g, b", [(24, [0, 70], 16), (64, [], 32), (5, [127], 16)])
+def test_longformer_layout_is_its_closed_form(causal, window, g, b):
+    from sparse_attention.layouts import longformer_layout
+
+    lay = longformer_layout(128, 3, window, g, blocksize=b, causal=causal)
+    assert lay.heads == 3
+    want = _longformer_pairs(128, window, np.array(g, int), causal)
+    np.testing.assert_array_equal(lay.to_dense(), np.broadcast_to(want, (3, 128, 128)))
+    # no enabled block without an allowed pair
+    assert (lay.to_dense().reshape(3, 128 // b, b, 128 // b, b).any(axis=(2, 4)) == lay.block_layout()).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_bigbird_layout_adds_random_blocks_per_head(causal):
+    from sparse_attention.layouts import bigbird_layout
+
+    lay = bigbird_layout(256, 2, 32, [0], num_random_blocks=2, blocksize=16, causal=causal, seed=4)
+    dense = lay.to_dense()
+    base = _longformer_pairs(256, 32, np.array([0]), causal)
+    assert (dense >= base).all()  # the window and global part, plus random blocks
+    extra = dense & ~base
+    assert extra.any() and not np.array_equal(extra[0], extra[1])  # heads draw their own blocks
+    if causal:
+        assert not np.triu(dense, 1).any()
+    again = bigbird_layout(256, 2, 32, [0], num_random_blocks=2, blocksize=16, causal=causal, seed=4)
+    np.testing.assert_array_equal(again.to_dense(), dense)
+
+
+def test_friendly_layouts_refuse_bad_arguments():
+    from sparse_attention.layouts import longformer_layout
+
+    with pytest.raises(ValueError, match="global_tokens"):
+        longformer_layout(64, 1, 8, [64], blocksize=16)
+    with pytest.raises(ValueError, match="multiple of blocksize"):
+        longformer_layout(60, 1, 8, blocksize=16)
+    with pytest.raises(ValueError, match="window"):
+        longformer_layout(64, 1, 0, blocksize=16)
