@@ -59,6 +59,31 @@ def test_sampling_with_kv_cache_equals_full_forward(name):
     assert cache.length == 75
 
 
+@pytest.mark.parametrize("name", [n for n in FACTORISATIONS if n != "custom-layout"])
+@pytest.mark.parametrize("t0", [1, 37, 64])
+def test_prefill_runs_block_sparse(name, t0, monkeypatch):
+    """A prompt at the start of the cache goes through the block-sparse forward (padded inside to
+    a length the pattern runs at): no masked attention over scores, and the logits of the whole
+    prompt plus the next steps equal one full pass."""
+    from sparse_attention.torch import nn as snn
+
+    model = _model(FACTORISATIONS[name]).double().eval()
+    x = torch.randint(0, 256, (2, t0 + 3), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full, _ = model(x)
+        cache = model.new_cache()
+
+        def refuse(*a, **k):
+            raise AssertionError("prefill took the masked (dense-scores) path")
+
+        with monkeypatch.context() as m:
+            m.setattr(snn, "masked_attention", refuse)
+            steps = [model(x[:, :t0], cache=cache)[0]]
+        for t in range(t0, t0 + 3):
+            steps.append(model(x[:, t : t + 1], cache=cache)[0])
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+
+
 def test_blocks_cycle_through_patterns():
     model = _model(FACTORISATIONS["per-block-ratio"], n_layer=5)
     specs = [blk.attn.attn.spec for blk in model.blocks]

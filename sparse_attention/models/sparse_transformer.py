@@ -213,11 +213,16 @@ class SparseTransformer(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
-        prefill_chunk: int = 1024,
+        prefill_chunk: int | None = None,
     ):
         """Sample ``n_new`` tokens after ``prompt [batch, t0]`` (``t0 >= 1``) with a key/value
         cache: each new token attends only to the allowed cached positions of its layer's pattern.
-        Returns ``[batch, t0 + n_new]``."""
+        Returns ``[batch, t0 + n_new]``.
+
+        The prompt is prefilled in one pass through the block-sparse forward (``impl="sparse"``,
+        built-in patterns; padded internally to a length the patterns run at), or in chunks of
+        ``prefill_chunk`` tokens (default 1024 for the other ``impl``) through masked attention
+        over the cache."""
         if prompt.dim() != 2 or prompt.shape[1] < 1:
             raise ValueError(f"prompt must be [batch, t0] with t0 >= 1, got shape {list(prompt.shape)}")
         if prompt.shape[1] + n_new > self.cfg.n_ctx:
@@ -227,6 +232,8 @@ class SparseTransformer(nn.Module):
         was_training = self.training
         self.eval()
         cache = self.new_cache()
+        if prefill_chunk is None:
+            prefill_chunk = prompt.shape[1] if self.cfg.impl == "sparse" else 1024
         for s in range(0, prompt.shape[1], prefill_chunk):
             logits, _ = self(prompt[:, s : s + prefill_chunk], cache=cache)
         out = [prompt]

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..frontend import resolve_spec
 from ..layouts import Layout, make_layout
-from ..patterns import Merged, Mode, Spec, as_spec
+from ..patterns import Custom, Merged, Mode, Spec, as_spec
 from . import baselines
 from .dispatch import attention_bhtd, register_layout
 from .merged import merged_attention
@@ -285,9 +285,31 @@ class SparseSelfAttention(nn.Module):
             cache.k[i], cache.v[i] = kc, vc
         cache.k[i][:, :, n0:n1] = kh
         cache.v[i][:, :, n0:n1] = vh
+        if n0 == 0:
+            y = self._sparse_prefill(q, k, v)
+            if y is not None:
+                return y
         keys, vals = cache.k[i][:, :, :n1], cache.v[i][:, :, :n1]
         pos_q = torch.arange(n0, n1, device=q.device)
         pos_k = torch.arange(n1, device=q.device)
         # Only the allowed cached positions of each new token (closed form of the pattern).
         o = masked_attention(qh, keys, vals, self.attn.mask(pos_q, pos_k))
         return o.transpose(1, 2).reshape(B, t, dim)
+
+    def _sparse_prefill(self, q, k, v):
+        """A prompt at the start of the cache through the block-sparse forward (no ``t x t``
+        scores), padded at the end up to a length the pattern runs at: its patterns are causal,
+        so the padding changes no earlier output. None where that does not apply (another
+        ``impl``; a custom layout, which runs at its own length only)."""
+        a = self.attn
+        if a.impl != "sparse" or isinstance(a.spec, Custom):
+            return None
+        t = q.shape[1]
+        T = -(-t // a.spec.multiple(a.blocksize)) * a.spec.multiple(a.blocksize)
+        try:
+            a.spec.check(T, a.heads, a.blocksize)
+        except ValueError:
+            return None
+        if T != t:
+            q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, T - t)) for x in (q, k, v))
+        return a(q, k, v)[:, :t]
