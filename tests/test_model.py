@@ -84,6 +84,32 @@ def test_prefill_runs_block_sparse(name, t0, monkeypatch):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("t0", [5, 20, 40])
+def test_bounded_cache_keeps_a_window_and_equals_the_full_pass(t0):
+    """``local`` layers keep a ring of their window (32 slots) in a bounded cache; after it has
+    wrapped (75 positions, prompts shorter and longer than the window) every step's logits still
+    equal the full pass, and those layers hold 32 positions while the strided one holds all."""
+    model = _model(FACTORISATIONS["per-block-ratio"]).double().eval()
+    x = torch.randint(0, 256, (2, 75), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full, _ = model(x)
+        cache = model.new_cache(bounded=True)
+        steps = [model(x[:, :t0], cache=cache)[0]]
+        for t in range(t0, 75, 3):
+            steps.append(model(x[:, t : t + 3], cache=cache)[0])
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+    slots = [k.shape[2] for k in cache.k]
+    assert slots[0] == slots[1] == 32 and slots[2] >= 75
+    assert sorted(cache.pos[0].tolist()) == list(range(75 - 32, 75))
+    unbounded = model.new_cache()
+    with torch.no_grad():
+        model(x, cache=unbounded)
+    assert cache.nbytes()[0] < unbounded.nbytes()[0]
+    a = model.generate(x[:, :10], 40, generator=torch.Generator().manual_seed(0), bounded_cache=True)
+    b = model.generate(x[:, :10], 40, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+
+
 def test_blocks_cycle_through_patterns():
     model = _model(FACTORISATIONS["per-block-ratio"], n_layer=5)
     specs = [blk.attn.attn.spec for blk in model.blocks]

@@ -202,8 +202,9 @@ class SparseTransformer(nn.Module):
             loss = F.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(B * T))
         return logits, loss
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.cfg.n_layer)
+    def new_cache(self, bounded: bool = False) -> KVCache:
+        """An empty key/value cache; ``bounded``: ``local`` layers keep only their window."""
+        return KVCache(self.cfg.n_layer, bounded=bounded)
 
     @torch.no_grad()
     def generate(
@@ -214,6 +215,7 @@ class SparseTransformer(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         prefill_chunk: int | None = None,
+        bounded_cache: bool = False,
     ):
         """Sample ``n_new`` tokens after ``prompt [batch, t0]`` (``t0 >= 1``) with a key/value
         cache: each new token attends only to the allowed cached positions of its layer's pattern.
@@ -222,7 +224,8 @@ class SparseTransformer(nn.Module):
         The prompt is prefilled in one pass through the block-sparse forward (``impl="sparse"``,
         built-in patterns; padded internally to a length the patterns run at), or in chunks of
         ``prefill_chunk`` tokens (default 1024 for the other ``impl``) through masked attention
-        over the cache."""
+        over the cache. ``bounded_cache``: ``local`` layers keep a ring of their window only
+        (:class:`~sparse_attention.torch.nn.KVCache`)."""
         if prompt.dim() != 2 or prompt.shape[1] < 1:
             raise ValueError(f"prompt must be [batch, t0] with t0 >= 1, got shape {list(prompt.shape)}")
         if prompt.shape[1] + n_new > self.cfg.n_ctx:
@@ -231,7 +234,7 @@ class SparseTransformer(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         was_training = self.training
         self.eval()
-        cache = self.new_cache()
+        cache = self.new_cache(bounded=bounded_cache)
         if prefill_chunk is None:
             prefill_chunk = prompt.shape[1] if self.cfg.impl == "sparse" else 1024
         for s in range(0, prompt.shape[1], prefill_chunk):

@@ -197,18 +197,29 @@ def _sparse_groups(q, k, v, layouts):
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, one ``[batch, heads, n_ctx, head_dim]`` pair per
-    layer, filled by :meth:`SparseSelfAttention.forward` when passed ``cache=``."""
+    """Keys and values of the tokens seen so far, one ``[batch, heads, slots, head_dim]`` pair per
+    layer, filled by :meth:`SparseSelfAttention.forward` when passed ``cache=``.
 
-    def __init__(self, n_layers: int):
+    ``bounded=True``: a layer whose pattern reads only a window of the last ``L`` positions
+    (``Mode("local", L)``) keeps a ring buffer of ``L`` slots instead of every position (its
+    memory flat in the context); other layers keep everything. ``pos[layer]`` holds the position
+    in each slot of a ring (-1: empty)."""
+
+    def __init__(self, n_layers: int, bounded: bool = False):
+        self.bounded = bounded
         self.k: list = [None] * n_layers
         self.v: list = [None] * n_layers
+        self.pos: list = [None] * n_layers
         self.length = 0
 
     def reset(self):
-        self.k = [None] * len(self.k)
-        self.v = [None] * len(self.v)
+        n = len(self.k)
+        self.k, self.v, self.pos = [None] * n, [None] * n, [None] * n
         self.length = 0
+
+    def nbytes(self) -> list[int]:
+        """Bytes of keys and values held per layer."""
+        return [0 if k is None else k.nbytes + v.nbytes for k, v in zip(self.k, self.v)]
 
 
 class SparseSelfAttention(nn.Module):
@@ -270,11 +281,22 @@ class SparseSelfAttention(nn.Module):
             y = self._cached(q, k, v, cache)
         return self.drop(self.proj(y))
 
+    def ring_slots(self) -> int | None:
+        """Slots of this layer's ring buffer in a bounded cache: the window ``L`` of a ``local``
+        pattern (the only keys any later query reads), else None (every position kept)."""
+        spec = self.attn.spec
+        if isinstance(spec, Mode) and spec.mode == "local":
+            return spec.local_attn_ctx
+        return None
+
     def _cached(self, q, k, v, cache):
         B, t, dim = q.shape
         H, d = self.heads, dim // self.heads
         qh, kh, vh = (x.reshape(B, t, H, d).transpose(1, 2) for x in (q, k, v))
         n0, n1, i = cache.length, cache.length + t, self.layer_idx
+        slots = self.ring_slots() if cache.bounded else None
+        if slots is not None:
+            return self._ring(qh, kh, vh, q, k, v, cache, slots)
         if cache.k[i] is None or cache.k[i].shape[2] < n1:
             size = max(n1, 2 * (0 if cache.k[i] is None else cache.k[i].shape[2]), 256)
             kc = kh.new_zeros(B, H, size, d)
@@ -295,6 +317,31 @@ class SparseSelfAttention(nn.Module):
         # Only the allowed cached positions of each new token (closed form of the pattern).
         o = masked_attention(qh, keys, vals, self.attn.mask(pos_q, pos_k))
         return o.transpose(1, 2).reshape(B, t, dim)
+
+    def _ring(self, qh, kh, vh, q, k, v, cache, slots):
+        """A bounded cache layer: position ``p`` lives in slot ``p % slots``; queries attend the
+        slots' positions under the pattern's closed form (empty slots never)."""
+        B, H, t, d = qh.shape
+        n0, n1, i = cache.length, cache.length + t, self.layer_idx
+        if cache.k[i] is None:
+            cache.k[i] = kh.new_zeros(B, H, slots, d)
+            cache.v[i] = vh.new_zeros(B, H, slots, d)
+            cache.pos[i] = torch.full((slots,), -1, dtype=torch.long, device=q.device)
+        pos_q = torch.arange(n0, n1, device=q.device)
+        y = self._sparse_prefill(q, k, v) if n0 == 0 else None
+        if y is None:
+            # the ring before this chunk's writes, plus the chunk itself
+            keys = torch.cat([cache.k[i], kh], dim=2)
+            vals = torch.cat([cache.v[i], vh], dim=2)
+            pos_k = torch.cat([cache.pos[i], pos_q])
+            mask = self.attn.mask(pos_q, pos_k.clamp(min=0)) & (pos_k >= 0)
+            y = masked_attention(qh, keys, vals, mask).transpose(1, 2).reshape(B, t, H * d)
+        keep = slice(max(0, t - slots), t)  # only the last `slots` positions survive
+        idx = pos_q[keep] % slots
+        cache.k[i][:, :, idx] = kh[:, :, keep]
+        cache.v[i][:, :, idx] = vh[:, :, keep]
+        cache.pos[i][idx] = pos_q[keep]
+        return y
 
     def _sparse_prefill(self, q, k, v):
         """A prompt at the start of the cache through the block-sparse forward (no ``t x t``
