@@ -110,6 +110,36 @@ def test_bounded_cache_keeps_a_window_and_equals_the_full_pass(t0):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("t0", [5, 40])
+def test_bounded_cache_of_fixed_keeps_group_and_summaries(t0):
+    """``fixed`` layers of a bounded cache keep their current group and the summary blocks only;
+    the logits of every step still equal the full pass."""
+    model = _model([Mode("fixed", 32, num_verts=2, vertsize=1)]).double().eval()
+    x = torch.randint(0, 256, (2, 90), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full, _ = model(x)
+        cache = model.new_cache(bounded=True)
+        steps = [model(x[:, :t0], cache=cache)[0]]
+        for t in range(t0, 90, 4):
+            steps.append(model(x[:, t : t + 4], cache=cache)[0])
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+    kept = sorted(cache.pos[0].tolist())
+    # groups of 32 tokens, blocks of 16: both blocks of each earlier group are some head's
+    # summary (num_verts=2), so groups 0 and 1 stay whole, plus group 2 (64..89) up to now
+    assert kept == list(range(90))
+    model = _model([Mode("fixed", 64, num_verts=1, vertsize=1)], n_ctx=192).double().eval()
+    x = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full, _ = model(x)
+        cache = model.new_cache(bounded=True)
+        steps = [model(x[:, :t0], cache=cache)[0]]
+        for t in range(t0, 150, 7):
+            steps.append(model(x[:, t : t + 7], cache=cache)[0])
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+    # groups of 64: the last block (48..63, 112..127) of each earlier group, and group 2 so far
+    assert sorted(cache.pos[0].tolist()) == list(range(48, 64)) + list(range(112, 150))
+
+
 def test_blocks_cycle_through_patterns():
     model = _model(FACTORISATIONS["per-block-ratio"], n_layer=5)
     specs = [blk.attn.attn.spec for blk in model.blocks]

@@ -202,8 +202,9 @@ class KVCache:
 
     ``bounded=True``: a layer whose pattern reads only a window of the last ``L`` positions
     (``Mode("local", L)``) keeps a ring buffer of ``L`` slots instead of every position (its
-    memory flat in the context); other layers keep everything. ``pos[layer]`` holds the position
-    in each slot of a ring (-1: empty)."""
+    memory flat in the context); a ``fixed`` layer keeps its current group and the summary blocks
+    only; other layers keep everything. ``pos[layer]`` holds the position in each slot of those
+    layers (-1: an empty ring slot)."""
 
     def __init__(self, n_layers: int, bounded: bool = False):
         self.bounded = bounded
@@ -297,6 +298,8 @@ class SparseSelfAttention(nn.Module):
         slots = self.ring_slots() if cache.bounded else None
         if slots is not None:
             return self._ring(qh, kh, vh, q, k, v, cache, slots)
+        if cache.bounded and self.prune_probes(n1) is not None:
+            return self._pruned(qh, kh, vh, q, k, v, cache)
         if cache.k[i] is None or cache.k[i].shape[2] < n1:
             size = max(n1, 2 * (0 if cache.k[i] is None else cache.k[i].shape[2]), 256)
             kc = kh.new_zeros(B, H, size, d)
@@ -317,6 +320,38 @@ class SparseSelfAttention(nn.Module):
         # Only the allowed cached positions of each new token (closed form of the pattern).
         o = masked_attention(qh, keys, vals, self.attn.mask(pos_q, pos_k))
         return o.transpose(1, 2).reshape(B, t, dim)
+
+    def prune_probes(self, n1: int):
+        """Queries whose allowed keys are every cached key a query at or after ``n1`` may read,
+        in a bounded cache: for ``fixed``, the next query (its own group) and the end of the next
+        group (the summary blocks); None where every position stays (the other patterns)."""
+        spec = self.attn.spec
+        if isinstance(spec, Mode) and spec.mode == "fixed":
+            l = spec.local_attn_ctx  # noqa: E741
+            return [n1, (n1 // l + 2) * l - 1]
+        return None
+
+    def _pruned(self, qh, kh, vh, q, k, v, cache):
+        """A bounded cache layer that keeps only the positions a later query may read (the
+        pattern's closed form at :meth:`prune_probes`): ``fixed`` keeps its current group and the
+        summary blocks, ``O(l + n * c / l)`` positions."""
+        B, H, t, d = qh.shape
+        n0, n1, i = cache.length, cache.length + t, self.layer_idx
+        pos_q = torch.arange(n0, n1, device=q.device)
+        if cache.k[i] is None:
+            cache.k[i], cache.v[i] = kh[:, :, :0], vh[:, :, :0]
+            cache.pos[i] = pos_q[:0]
+        keys = torch.cat([cache.k[i], kh], dim=2)
+        vals = torch.cat([cache.v[i], vh], dim=2)
+        pos_k = torch.cat([cache.pos[i], pos_q])
+        y = self._sparse_prefill(q, k, v) if n0 == 0 else None
+        if y is None:
+            o = masked_attention(qh, keys, vals, self.attn.mask(pos_q, pos_k))
+            y = o.transpose(1, 2).reshape(B, t, H * d)
+        probes = torch.tensor(self.prune_probes(n1), device=q.device)
+        keep = self.attn.mask(probes, pos_k).any(dim=1).any(dim=0)
+        cache.k[i], cache.v[i], cache.pos[i] = keys[:, :, keep], vals[:, :, keep], pos_k[keep]
+        return y
 
     def _ring(self, qh, kh, vh, q, k, v, cache, slots):
         """A bounded cache layer: position ``p`` lives in slot ``p % slots``; queries attend the
