@@ -1,5 +1,11 @@
 """Host side of the fused kernels: capability checks, per-layout device tables, tile configs and
 launchers for the forward and backward passes on natural-order ``[batch, heads, time, head_dim]``.
+
+Per (layout, head_dim, dtype, device) a :class:`_Plan` is made once (:func:`plan`): the kernels'
+compile-time arguments, tiles fitted to the device's shared memory (:func:`_tiles`), the
+layout's scalars and tables. A call then allocates its outputs (in the inputs' memory order) and
+launches. The pattern's period is a runtime argument where it depends on ``time`` (``strided``),
+divided by a multiply-high (:func:`magic_divisor`), so the kernels compile once for every length.
 """
 
 from __future__ import annotations
