@@ -44,19 +44,25 @@ def _model(patterns, n_ctx=96, n_layer=3, seed=0, **kw):
     return SparseTransformer(cfg)
 
 
+def _check_stepwise(model, x, t0, step, cache, around_prefill=None):
+    """Logits of a prefill of ``t0`` tokens then chunks of ``step`` through ``cache`` equal one
+    full pass (``around_prefill(run)``: runs the prefill, e.g. under a patch)."""
+    with torch.no_grad():
+        full, _ = model(x)
+        prefill = lambda: model(x[:, :t0], cache=cache)[0]  # noqa: E731
+        steps = [around_prefill(prefill) if around_prefill else prefill()]
+        for t in range(t0, x.shape[1], step):
+            steps.append(model(x[:, t : t + step], cache=cache)[0])
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+    assert cache.length == x.shape[1]
+
+
 @pytest.mark.parametrize("name", list(FACTORISATIONS))
 def test_sampling_with_kv_cache_equals_full_forward(name):
     """Logits of a prefill plus token-by-token steps through the cache equal one full pass."""
     model = _model(FACTORISATIONS[name]).double().eval()
     x = torch.randint(0, 256, (2, 75), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        full, _ = model(x)
-        cache = model.new_cache()
-        steps = [model(x[:, :20], cache=cache)[0]]
-        for t in range(20, 75):
-            steps.append(model(x[:, t : t + 1], cache=cache)[0])
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
-    assert cache.length == 75
+    _check_stepwise(model, x, 20, 1, model.new_cache())
 
 
 @pytest.mark.parametrize("name", [n for n in FACTORISATIONS if n != "custom-layout"])
@@ -69,38 +75,30 @@ def test_prefill_runs_block_sparse(name, t0, monkeypatch):
 
     model = _model(FACTORISATIONS[name]).double().eval()
     x = torch.randint(0, 256, (2, t0 + 3), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        full, _ = model(x)
-        cache = model.new_cache()
 
-        def refuse(*a, **k):
-            raise AssertionError("prefill took the masked (dense-scores) path")
+    def refuse(*a, **k):
+        raise AssertionError("prefill took the masked (dense-scores) path")
 
+    def without_masked_attention(run):
         with monkeypatch.context() as m:
             m.setattr(snn, "masked_attention", refuse)
-            steps = [model(x[:, :t0], cache=cache)[0]]
-        for t in range(t0, t0 + 3):
-            steps.append(model(x[:, t : t + 1], cache=cache)[0])
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+            return run()
+
+    _check_stepwise(model, x, t0, 1, model.new_cache(), around_prefill=without_masked_attention)
 
 
 @pytest.mark.parametrize("t0", [5, 20, 40])
 def test_bounded_cache_keeps_a_window_and_equals_the_full_pass(t0):
-    """``local`` layers keep a ring of their window (32 slots) in a bounded cache; after it has
-    wrapped (75 positions, prompts shorter and longer than the window) every step's logits still
-    equal the full pass, and those layers hold 32 positions while the strided one holds all."""
+    """``local`` layers (window 32) of a bounded cache keep the 31 positions the next token reads
+    besides itself; with prompts shorter and longer than the window, every step's logits still
+    equal the full pass, while the strided layer keeps everything."""
     model = _model(FACTORISATIONS["per-block-ratio"]).double().eval()
     x = torch.randint(0, 256, (2, 75), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        full, _ = model(x)
-        cache = model.new_cache(bounded=True)
-        steps = [model(x[:, :t0], cache=cache)[0]]
-        for t in range(t0, 75, 3):
-            steps.append(model(x[:, t : t + 3], cache=cache)[0])
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
-    slots = [k.shape[2] for k in cache.k]
-    assert slots[0] == slots[1] == 32 and slots[2] >= 75
-    assert sorted(cache.pos[0].tolist()) == list(range(75 - 32, 75))
+    cache = model.new_cache(bounded=True)
+    _check_stepwise(model, x, t0, 3, cache)
+    kept = [k.shape[2] for k in cache.k]
+    assert kept[0] == kept[1] == 31 and kept[2] >= 75
+    assert cache.pos[0].tolist() == list(range(75 - 31, 75))
     unbounded = model.new_cache()
     with torch.no_grad():
         model(x, cache=unbounded)
@@ -116,26 +114,16 @@ def test_bounded_cache_of_fixed_keeps_group_and_summaries(t0):
     the logits of every step still equal the full pass."""
     model = _model([Mode("fixed", 32, num_verts=2, vertsize=1)]).double().eval()
     x = torch.randint(0, 256, (2, 90), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        full, _ = model(x)
-        cache = model.new_cache(bounded=True)
-        steps = [model(x[:, :t0], cache=cache)[0]]
-        for t in range(t0, 90, 4):
-            steps.append(model(x[:, t : t + 4], cache=cache)[0])
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+    cache = model.new_cache(bounded=True)
+    _check_stepwise(model, x, t0, 4, cache)
     kept = sorted(cache.pos[0].tolist())
     # groups of 32 tokens, blocks of 16: both blocks of each earlier group are some head's
     # summary (num_verts=2), so groups 0 and 1 stay whole, plus group 2 (64..89) up to now
     assert kept == list(range(90))
     model = _model([Mode("fixed", 64, num_verts=1, vertsize=1)], n_ctx=192).double().eval()
     x = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        full, _ = model(x)
-        cache = model.new_cache(bounded=True)
-        steps = [model(x[:, :t0], cache=cache)[0]]
-        for t in range(t0, 150, 7):
-            steps.append(model(x[:, t : t + 7], cache=cache)[0])
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+    cache = model.new_cache(bounded=True)
+    _check_stepwise(model, x, t0, 7, cache)
     # groups of 64: the last block (48..63, 112..127) of each earlier group, and group 2 so far
     assert sorted(cache.pos[0].tolist()) == list(range(48, 64)) + list(range(112, 150))
 

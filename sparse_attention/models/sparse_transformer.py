@@ -224,7 +224,7 @@ class SparseTransformer(nn.Module):
         The prompt is prefilled in one pass through the block-sparse forward (``impl="sparse"``,
         built-in patterns; padded internally to a length the patterns run at), or in chunks of
         ``prefill_chunk`` tokens (default 1024 for the other ``impl``) through masked attention
-        over the cache. ``bounded_cache``: ``local`` layers keep a ring of their window only
+        over the cache. ``bounded_cache``: ``local`` and ``fixed`` layers keep only what later tokens read
         (:class:`~sparse_attention.torch.nn.KVCache`)."""
         if prompt.dim() != 2 or prompt.shape[1] < 1:
             raise ValueError(f"prompt must be [batch, t0] with t0 >= 1, got shape {list(prompt.shape)}")

@@ -200,11 +200,10 @@ class KVCache:
     """Keys and values of the tokens seen so far, one ``[batch, heads, slots, head_dim]`` pair per
     layer, filled by :meth:`SparseSelfAttention.forward` when passed ``cache=``.
 
-    ``bounded=True``: a layer whose pattern reads only a window of the last ``L`` positions
-    (``Mode("local", L)``) keeps a ring buffer of ``L`` slots instead of every position (its
-    memory flat in the context); a ``fixed`` layer keeps its current group and the summary blocks
-    only; other layers keep everything. ``pos[layer]`` holds the position in each slot of those
-    layers (-1: an empty ring slot)."""
+    ``bounded=True``: a layer keeps only the positions a later query of its pattern may read
+    (``local``: the window, memory flat in the context; ``fixed``: the current group and the
+    summary blocks); other layers keep everything. ``pos[layer]`` holds the position of each
+    kept key of those layers."""
 
     def __init__(self, n_layers: int, bounded: bool = False):
         self.bounded = bounded
@@ -282,22 +281,11 @@ class SparseSelfAttention(nn.Module):
             y = self._cached(q, k, v, cache)
         return self.drop(self.proj(y))
 
-    def ring_slots(self) -> int | None:
-        """Slots of this layer's ring buffer in a bounded cache: the window ``L`` of a ``local``
-        pattern (the only keys any later query reads), else None (every position kept)."""
-        spec = self.attn.spec
-        if isinstance(spec, Mode) and spec.mode == "local":
-            return spec.local_attn_ctx
-        return None
-
     def _cached(self, q, k, v, cache):
         B, t, dim = q.shape
         H, d = self.heads, dim // self.heads
         qh, kh, vh = (x.reshape(B, t, H, d).transpose(1, 2) for x in (q, k, v))
         n0, n1, i = cache.length, cache.length + t, self.layer_idx
-        slots = self.ring_slots() if cache.bounded else None
-        if slots is not None:
-            return self._ring(qh, kh, vh, q, k, v, cache, slots)
         if cache.bounded and self.prune_probes(n1) is not None:
             return self._pruned(qh, kh, vh, q, k, v, cache)
         if cache.k[i] is None or cache.k[i].shape[2] < n1:
@@ -323,9 +311,12 @@ class SparseSelfAttention(nn.Module):
 
     def prune_probes(self, n1: int):
         """Queries whose allowed keys are every cached key a query at or after ``n1`` may read,
-        in a bounded cache: for ``fixed``, the next query (its own group) and the end of the next
-        group (the summary blocks); None where every position stays (the other patterns)."""
+        in a bounded cache: for ``local``, the next query (later ones read less of the past); for
+        ``fixed``, the next query (its own group) and the end of the next group (the summary
+        blocks); None where every position stays (the other patterns)."""
         spec = self.attn.spec
+        if isinstance(spec, Mode) and spec.mode == "local":
+            return [n1]
         if isinstance(spec, Mode) and spec.mode == "fixed":
             l = spec.local_attn_ctx  # noqa: E741
             return [n1, (n1 // l + 2) * l - 1]
@@ -333,8 +324,8 @@ class SparseSelfAttention(nn.Module):
 
     def _pruned(self, qh, kh, vh, q, k, v, cache):
         """A bounded cache layer that keeps only the positions a later query may read (the
-        pattern's closed form at :meth:`prune_probes`): ``fixed`` keeps its current group and the
-        summary blocks, ``O(l + n * c / l)`` positions."""
+        pattern's closed form at :meth:`prune_probes`): ``local`` its last ``L - 1`` positions,
+        ``fixed`` its current group and the summary blocks, ``O(l + n * c / l)`` positions."""
         B, H, t, d = qh.shape
         n0, n1, i = cache.length, cache.length + t, self.layer_idx
         pos_q = torch.arange(n0, n1, device=q.device)
@@ -351,31 +342,6 @@ class SparseSelfAttention(nn.Module):
         probes = torch.tensor(self.prune_probes(n1), device=q.device)
         keep = self.attn.mask(probes, pos_k).any(dim=1).any(dim=0)
         cache.k[i], cache.v[i], cache.pos[i] = keys[:, :, keep], vals[:, :, keep], pos_k[keep]
-        return y
-
-    def _ring(self, qh, kh, vh, q, k, v, cache, slots):
-        """A bounded cache layer: position ``p`` lives in slot ``p % slots``; queries attend the
-        slots' positions under the pattern's closed form (empty slots never)."""
-        B, H, t, d = qh.shape
-        n0, n1, i = cache.length, cache.length + t, self.layer_idx
-        if cache.k[i] is None:
-            cache.k[i] = kh.new_zeros(B, H, slots, d)
-            cache.v[i] = vh.new_zeros(B, H, slots, d)
-            cache.pos[i] = torch.full((slots,), -1, dtype=torch.long, device=q.device)
-        pos_q = torch.arange(n0, n1, device=q.device)
-        y = self._sparse_prefill(q, k, v) if n0 == 0 else None
-        if y is None:
-            # the ring before this chunk's writes, plus the chunk itself
-            keys = torch.cat([cache.k[i], kh], dim=2)
-            vals = torch.cat([cache.v[i], vh], dim=2)
-            pos_k = torch.cat([cache.pos[i], pos_q])
-            mask = self.attn.mask(pos_q, pos_k.clamp(min=0)) & (pos_k >= 0)
-            y = masked_attention(qh, keys, vals, mask).transpose(1, 2).reshape(B, t, H * d)
-        keep = slice(max(0, t - slots), t)  # only the last `slots` positions survive
-        idx = pos_q[keep] % slots
-        cache.k[i][:, :, idx] = kh[:, :, keep]
-        cache.v[i][:, :, idx] = vh[:, :, keep]
-        cache.pos[i][idx] = pos_q[keep]
         return y
 
     def _sparse_prefill(self, q, k, v):
