@@ -1,0 +1,294 @@
+"""Context parallelism, the plan (numpy only): a sequence sharded over ``world`` ranks, and the
+key/value blocks each rank must receive for the pattern.
+
+A :class:`ShardPlan` cuts a :class:`~sparse_attention.layouts.Layout`'s blocks (in its block
+order, so ``strided`` is sharded in its residue-major order) into ``world`` equal shards:
+
+* ``"contiguous"``: rank ``r`` holds blocks ``[r * n, (r + 1) * n)``;
+* ``"zigzag"``: the blocks are cut into ``2 * world`` chunks and rank ``r`` holds chunks ``r``
+  and ``2 * world - 1 - r``, which balances causal patterns whose rows grow with the position
+  (``all``, ``fixed``); the default for those two.
+
+Each rank then computes its queries in two rounds, both ordinary block-sparse attention over a
+square layout derived from the global one (:meth:`ShardPlan.rank`):
+
+1. ``own``: its queries against its own keys (a :class:`Layout` over the shard; the built-in
+   layout of the shard's length where that is the same pattern, so the fast structured kernels
+   run, else a custom layout with the global layout's in-block masks);
+2. ``remote``: those of its queries that see a remote key (``rows``) against the key blocks
+   received from the other ranks (``recv[src]``, ascending global blocks per source).
+
+The two partial results are merged by their log-sum-exps. Every rank sends exactly the blocks
+another rank's queries may read (``send[dst]``): a halo of the window for ``local``, the summary
+blocks and the group's halo for ``fixed``; :meth:`ShardPlan.exchanged_blocks` counts them.
+Nothing here depends on a framework; :mod:`sparse_attention.torch.distributed` runs it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import tables
+from .layouts import Layout, csr_layout, make_layout
+
+__all__ = ["BALANCES", "RankPlan", "ShardPlan", "shard_plan"]
+
+BALANCES = ("contiguous", "zigzag")
+
+# Rows of one padded_rows call while collecting a shard's entries (bounds the temporaries).
+_ROWS_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True, eq=False)
+class RankPlan:
+    """One rank's part of a :class:`ShardPlan`; block indices are global block-order positions
+    unless named ``local``."""
+
+    rank: int
+    blocks: np.ndarray  # int64 [n]: the global blocks this rank holds, ascending
+    own: Layout  # square over the shard's n blocks: its queries x its own keys
+    rows: np.ndarray  # int64 [m]: local indices of the shard's blocks whose queries see remote keys
+    recv: dict  # src rank -> int64 [k]: global key blocks received from it, ascending
+    remote: Layout | None  # square over max(m, sum k) blocks: rows x received keys (None: nothing remote)
+    send: dict  # dst rank -> int64 [k]: local indices of the blocks sent to it, ascending
+    work: int  # enabled blocks of the shard's rows, over heads (compute cost)
+
+    @property
+    def recv_blocks(self) -> int:
+        return int(sum(len(b) for b in self.recv.values()))
+
+
+@dataclass(frozen=True, eq=False)
+class ShardPlan:
+    layout: Layout
+    world: int
+    balance: str
+    owner: np.ndarray  # int64 [nb]: rank holding each global block
+    local_index: np.ndarray  # int64 [nb]: its index within that rank's shard
+
+    @property
+    def shard_blocks(self) -> int:
+        return self.layout.nb // self.world
+
+    @property
+    def shard_time(self) -> int:
+        return self.shard_blocks * self.layout.blocksize
+
+    def blocks(self, rank: int) -> np.ndarray:
+        """Global blocks held by ``rank``, ascending."""
+        return np.nonzero(self.owner == rank)[0]
+
+    def positions(self, rank: int) -> np.ndarray:
+        """Token indices (natural order) of ``rank``'s shard, in the order the shard holds them:
+        what a data loader feeds that rank (positional embeddings use these)."""
+        b = self.layout.blocksize
+        pos = (self.blocks(rank)[:, None] * b + np.arange(b)).reshape(-1)
+        return tables.token_index(self.layout, pos)
+
+    def rank(self, rank: int) -> RankPlan:
+        """The two rounds and the exchange of ``rank`` (cached)."""
+        return _rank_plan(self, rank)
+
+    def exchanged_blocks(self) -> int:
+        """Key/value blocks sent over all ranks in one forward pass (the backward sends back as
+        many gradient blocks)."""
+        return sum(self.rank(r).recv_blocks for r in range(self.world))
+
+    def exchanged_bytes(self, batch: int, dim: int, itemsize: int) -> int:
+        """Bytes of keys and values sent over all ranks in one forward pass (``dim = heads * head_dim``)."""
+        return 2 * self.exchanged_blocks() * self.layout.blocksize * batch * dim * itemsize
+
+    def ring_bytes(self, batch: int, dim: int, itemsize: int) -> int:
+        """What ring attention sends for the same shards: every key/value shard to every other rank."""
+        return 2 * self.world * (self.world - 1) * self.shard_time * batch * dim * itemsize
+
+    def work(self) -> np.ndarray:
+        """Enabled blocks (over heads) of each rank's queries: the compute balance."""
+        return np.array([self.rank(r).work for r in range(self.world)])
+
+
+@functools.lru_cache(maxsize=32)
+def shard_plan(layout: Layout, world: int, balance: str | None = None) -> ShardPlan:
+    """The plan of ``layout`` over ``world`` ranks (cached). ``balance``: one of
+    :data:`BALANCES`; ``None`` takes ``"zigzag"`` for ``all`` and ``fixed``, else
+    ``"contiguous"``. Raises ``ValueError`` unless the blocks split evenly."""
+    if not isinstance(world, (int, np.integer)) or isinstance(world, bool) or world < 1:
+        raise ValueError(f"world (the number of ranks) must be a positive int, got {world!r}")
+    if balance is None:
+        balance = "zigzag" if layout.mode in ("all", "fixed") else "contiguous"
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {BALANCES} or None, got {balance!r}")
+    chunks = world * (2 if balance == "zigzag" and world > 1 else 1)
+    if layout.nb % chunks:
+        b = layout.blocksize
+        raise ValueError(
+            f"time ({layout.time}) must split into {chunks} equal shards of whole blocks of {b} "
+            f"({'zigzag: 2 per rank' if chunks > world else 'one per rank'}): pick a time that is a multiple of "
+            f"{chunks * b}, or another balance"
+        )
+    nb, n = layout.nb, layout.nb // chunks
+    chunk_owner = np.arange(chunks)
+    if chunks > world:
+        chunk_owner = np.minimum(chunk_owner, chunks - 1 - chunk_owner)
+    owner = np.repeat(chunk_owner, n).astype(np.int64)
+    local_index = np.zeros(nb, np.int64)
+    for r in range(world):
+        idx = np.nonzero(owner == r)[0]
+        local_index[idx] = np.arange(idx.size)
+    return ShardPlan(layout, int(world), balance, owner, local_index)
+
+
+def _runs(blocks: np.ndarray):
+    """Maximal runs ``[a, b)`` of consecutive ints in the ascending ``blocks``."""
+    if blocks.size == 0:
+        return []
+    cut = np.nonzero(np.diff(blocks) != 1)[0] + 1
+    starts = np.concatenate([[0], cut])
+    ends = np.concatenate([cut, [blocks.size]])
+    return [(int(blocks[s]), int(blocks[e - 1]) + 1) for s, e in zip(starts, ends)]
+
+
+def _entries(lay: Layout, pattern: int, blocks: np.ndarray):
+    """``(rows, cols, entries)`` of the enabled blocks of ``blocks``' rows of one pattern (global
+    indices; ``entries`` the CSR indices for custom layouts, else None)."""
+    rows, cols, ents = [], [], []
+    for a, b in _runs(blocks):
+        r0 = a
+        while r0 < b:
+            width = int(lay.row_counts()[pattern, r0:b].max(initial=1))
+            r1 = min(b, r0 + max(1, _ROWS_ELEMENTS // max(width, 1)))
+            c, valid, e = lay.padded_rows(pattern, r0, r1)
+            rr = np.broadcast_to(np.arange(r0, r1)[:, None], c.shape)
+            rows.append(rr[valid])
+            cols.append(c[valid])
+            if e is not None:
+                ents.append(e[valid])
+            r0 = r1
+    cat = lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, np.int64)  # noqa: E731
+    return cat(rows), cat(cols), (cat(ents) if lay.mode == "custom" else None)
+
+
+def _sub_layout(lay: Layout, parts, n_rows: int, n_cols: int) -> Layout:
+    """A square custom layout of ``max(n_rows, n_cols)`` blocks from per-pattern entries ``parts[p]
+    = (rows, cols, local_rows, local_cols, entries)``: global ``(rows, cols)`` for the in-block
+    masks, local ones for the positions."""
+    n = max(n_rows, n_cols, 1)
+    P = lay.n_patterns
+    row_ptr = np.zeros((P, n + 1), np.int64)
+    all_cols, all_mask = [], []
+    masks, index = [], {}
+    base = 0
+    for p, (rows, cols, lrows, lcols, ents) in enumerate(parts):
+        order = np.lexsort((lcols, lrows))
+        rows, cols, lrows, lcols = rows[order], cols[order], lrows[order], lcols[order]
+        ents = None if ents is None else ents[order]
+        row_ptr[p, 1:] = base + np.cumsum(np.bincount(lrows, minlength=n))
+        row_ptr[p, 0] = base
+        base += rows.size
+        midx = np.full(rows.size, -1, np.int32)
+        part = np.nonzero(tables.partial_entries(lay, rows, cols, ents))[0]
+        if part.size:
+            m = lay.entry_masks(p, rows[part], cols[part], None if ents is None else ents[part])
+            for e, mask in zip(part, m):
+                if mask.all():
+                    continue
+                key = mask.tobytes()
+                if key not in index:
+                    index[key] = len(masks)
+                    masks.append(mask)
+                midx[e] = index[key]
+        all_cols.append(lcols)
+        all_mask.append(midx)
+    b = lay.blocksize
+    block_masks = np.stack(masks) if masks else np.zeros((0, b, b), bool)
+    return csr_layout(row_ptr, np.concatenate(all_cols), b, lay.head_pattern, np.concatenate(all_mask), block_masks)
+
+
+def _same_pattern(a: Layout, b: Layout) -> bool:
+    """Whether two layouts of one shape allow the same pairs (tables and in-block masks)."""
+    if (a.time, a.heads, a.blocksize) != (b.time, b.heads, b.blocksize) or a.perm is not None or b.perm is not None:
+        return False
+    if not np.array_equal(a.head_pattern, b.head_pattern) or a.n_patterns != b.n_patterns:
+        return False
+    if not (np.array_equal(a.row_ptr, b.row_ptr) and np.array_equal(a.cols, b.cols)):
+        return False
+    rows, cols = a.entry_rows().astype(np.int64), a.cols.astype(np.int64)
+    ents = np.arange(a.nnz)
+    if not np.array_equal(a.partial, b.partial):
+        return False
+    pat = np.repeat(np.arange(a.n_patterns), a.row_counts().sum(axis=1))
+    for p in range(a.n_patterns):
+        sel = np.nonzero((pat == p) & a.partial)[0]
+        ma = a.entry_masks(p, rows[sel], cols[sel], ents[sel] if a.mode == "custom" else None)
+        mb = b.entry_masks(p, rows[sel], cols[sel], ents[sel] if b.mode == "custom" else None)
+        if not np.array_equal(ma, mb):
+            return False
+    return True
+
+
+def _builtin_twin(lay: Layout, own: Layout, n: int) -> Layout:
+    """The built-in layout of the shard's length if it is ``own``'s pattern (fast kernels), else ``own``."""
+    if lay.mode == "custom" or lay.perm is not None:
+        return own
+    try:
+        twin = make_layout(n * lay.blocksize, lay.heads, lay.mode, blocksize=lay.blocksize, **lay.params)
+    except ValueError:
+        return own
+    return twin if _same_pattern(own, twin) else own
+
+
+def _select(rows, cols, ents, m):
+    return rows[m], cols[m], None if ents is None else ents[m]
+
+
+@functools.lru_cache(maxsize=256)
+def _rank_plan(plan: ShardPlan, rank: int) -> RankPlan:
+    lay = plan.layout
+    if not 0 <= rank < plan.world:
+        raise ValueError(f"rank must lie in [0, {plan.world}), got {rank}")
+    blocks = plan.blocks(rank)
+    n = blocks.size
+    own_parts, remote_parts, needed = [], [], []
+    work = 0
+    for p in range(lay.n_patterns):
+        rows, cols, ents = _entries(lay, p, blocks)
+        work += rows.size * len(lay.heads_of(p))
+        mine = plan.owner[cols] == rank
+        r, c, e = _select(rows, cols, ents, mine)
+        own_parts.append((r, c, plan.local_index[r], plan.local_index[c], e))
+        remote_parts.append(_select(rows, cols, ents, ~mine))
+        needed.append(cols[~mine])
+    needed = np.unique(np.concatenate(needed)) if needed else np.zeros(0, np.int64)
+    recv = {int(s): needed[plan.owner[needed] == s] for s in np.unique(plan.owner[needed])}
+    # received keys sit in source order, each source's blocks ascending: slot of each global block
+    order = np.concatenate([recv[s] for s in sorted(recv)]) if recv else np.zeros(0, np.int64)
+    slot = np.full(lay.nb, -1, np.int64)
+    slot[order] = np.arange(order.size)
+    rows_seen = np.unique(np.concatenate([plan.local_index[r] for r, _, _ in remote_parts]))
+    row_slot = np.full(n, -1, np.int64)
+    row_slot[rows_seen] = np.arange(rows_seen.size)
+    own = _sub_layout(lay, own_parts, n, n)
+    own = _builtin_twin(lay, own, n)
+    remote = None
+    if order.size:
+        parts = [(r, c, row_slot[plan.local_index[r]], slot[c], e) for r, c, e in remote_parts]
+        remote = _sub_layout(lay, parts, rows_seen.size, order.size)
+    send = {}
+    for dst in range(plan.world):
+        theirs = _needed(plan, dst) if dst != rank else needed[:0]
+        theirs = theirs[plan.owner[theirs] == rank]
+        if theirs.size:
+            send[dst] = plan.local_index[theirs]
+    return RankPlan(rank, blocks, own, rows_seen.astype(np.int64), recv, remote, send, int(work))
+
+
+@functools.lru_cache(maxsize=256)
+def _needed(plan: ShardPlan, rank: int) -> np.ndarray:
+    """Global key blocks held by other ranks that ``rank``'s queries read, ascending."""
+    lay = plan.layout
+    blocks = plan.blocks(rank)
+    cols = np.unique(np.concatenate([_entries(lay, p, blocks)[1] for p in range(lay.n_patterns)]))
+    return cols[plan.owner[cols] != rank]

@@ -1,0 +1,349 @@
+"""Context parallelism: block-sparse attention over a sequence sharded along ``time`` across the
+ranks of a ``torch.distributed`` process group (NCCL on GPUs, gloo on CPU).
+
+Each rank holds ``time / world`` tokens of ``q``, ``k``, ``v`` (``[batch, time / world, heads *
+head_dim]``) in the order of :meth:`ContextParallel.shard`, and sends and receives only the
+key/value blocks that a remote query may read (the plan: :mod:`sparse_attention.sharding`):
+
+* **Forward.** The exchange starts (``batch_isend_irecv``), the shard's queries attend its own
+  keys meanwhile, then the queries that see remote keys attend the received blocks; the two
+  partial results merge by their log-sum-exps (in the engine's base).
+* **Backward.** Each round's backward runs with the merged output and log-sum-exp, so it gives
+  exactly the full softmax's gradient restricted to its keys (as in flash attention's split
+  passes). The received blocks' key/value gradients go back to their owners, which add them
+  to their own; the own round is computed while they travel.
+
+Both rounds run the engine :func:`~sparse_attention.torch.dispatch.choose_engine` picks (the
+fused kernels on CUDA, else the block gather). Usage::
+
+    cp = ContextParallel(time, heads, "local", local_attn_ctx=1024, blocksize=64)
+    q, k, v = (cp.shard(x) for x in (q_full, k_full, v_full))   # or load the shard directly
+    y = cp(q, k, v)                                               # [batch, time / world, dim]
+    y_full = cp.gather(y)                                         # every rank gets it all
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..frontend import resolve_spec
+from ..layouts import Layout
+from ..sharding import ShardPlan, shard_plan
+from .dispatch import choose_engine, engine_pair
+from .reference import check_dtypes, merge_heads, split_heads
+
+__all__ = ["ContextParallel", "gather_sequence", "shard_sequence", "sharded_attention"]
+
+
+class ContextParallel:
+    """One pattern over a sequence of ``time`` tokens sharded across ``group``'s ranks.
+
+    Args:
+        time: the whole sequence's length (each rank holds ``time / world``).
+        heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize: as
+            ``blocksparse_attention_impl`` (``attn_mode`` may be a :class:`Layout` of ``time``).
+        group: the process group (``None``: the default group).
+        balance: ``"contiguous"``, ``"zigzag"`` or ``None`` (zigzag for ``all`` and ``fixed``,
+            whose later rows have more keys; see :func:`sparse_attention.sharding.shard_plan`).
+    """
+
+    def __init__(
+        self,
+        time,
+        heads,
+        attn_mode,
+        local_attn_ctx=None,
+        blocksize=32,
+        num_verts=None,
+        vertsize=None,
+        *,
+        group=None,
+        balance=None,
+    ):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ContextParallel needs torch.distributed initialised (dist.init_process_group)")
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.heads = heads
+        self.layout: Layout = resolve_spec(
+            time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, sparse=True
+        )
+        self.plan: ShardPlan = shard_plan(self.layout, self.world, balance)
+        self.part = self.plan.rank(self.rank)
+        self.sent_bytes = 0  # key/value (forward) and gradient (backward) bytes this rank has sent
+
+    # -- the order of the shards ------------------------------------------------------------
+    def positions(self, device=None) -> torch.Tensor:
+        """Token indices of this rank's shard, in its order (for positional embeddings)."""
+        return _positions(self.plan, self.rank, str(device) if device is not None else "cpu")
+
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's shard of a whole sequence ``x`` (``x.shape[dim] == time``)."""
+        if x.shape[dim] != self.layout.time:
+            raise ValueError(
+                f"x.shape[{dim}] must be the whole sequence's time ({self.layout.time}), got {x.shape[dim]}"
+            )
+        return x.index_select(dim, self.positions(x.device))
+
+    def gather(self, y: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The whole sequence, natural order, from every rank's shard ``y`` (an all-gather; not
+        differentiable)."""
+        if y.shape[dim] != self.plan.shard_time:
+            raise ValueError(f"y.shape[{dim}] must be the shard's time ({self.plan.shard_time}), got {y.shape[dim]}")
+        parts = [torch.empty_like(y) for _ in range(self.world)]
+        dist.all_gather(parts, y.contiguous(), group=self.group)
+        order = torch.cat([_positions(self.plan, r, str(y.device)) for r in range(self.world)])
+        out = torch.empty_like(torch.cat(parts, dim))
+        return out.index_copy_(dim, order, torch.cat(parts, dim))
+
+    # -- attention ---------------------------------------------------------------------------
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of this rank's queries, ``[batch, time / world, heads * head_dim]``."""
+        check_dtypes(q, k, v)
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if x.dim() != 3:
+                raise ValueError(
+                    f"{name} must have shape [batch, time / world, heads * head_dim], got {tuple(x.shape)}"
+                )
+        if not (q.shape == k.shape == v.shape):
+            raise ValueError(
+                f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            )
+        if q.shape[1] != self.plan.shard_time:
+            raise ValueError(
+                f"q has {q.shape[1]} tokens; each of the {self.world} ranks must hold time / world = "
+                f"{self.plan.shard_time} (use ContextParallel.shard)"
+            )
+        if q.shape[2] % self.heads:
+            raise ValueError(f"dim ({q.shape[2]}) must be divisible by heads ({self.heads})")
+        qh = split_heads(q, self.heads)
+        lays = [self.part.own] + ([self.part.remote] if self.part.remote is not None else [])
+        index = max(choose_engine(qh, lay) for lay in lays)  # fused only if both rounds run fused
+        return _Sharded.apply(q, k, v, self, index)
+
+    def exchanged_bytes(self, batch: int, dim: int, itemsize: int) -> int:
+        """Key/value bytes all ranks send in one forward pass (the backward sends as many back)."""
+        return self.plan.exchanged_bytes(batch, dim, itemsize)
+
+
+@functools.cache
+def _positions(plan: ShardPlan, rank: int, device: str) -> torch.Tensor:
+    return torch.from_numpy(plan.positions(rank)).to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _context(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, group, balance):
+    mode = attn_mode.layout if isinstance(attn_mode, _Keyed) else attn_mode
+    return ContextParallel(
+        time, heads, mode, local_attn_ctx, blocksize, num_verts, vertsize, group=group, balance=balance
+    )
+
+
+def _cached_context(q, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, group, balance):
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("sharded_attention needs torch.distributed initialised (dist.init_process_group)")
+    if q.dim() != 3:
+        raise ValueError(f"q must have shape [batch, time / world, heads * head_dim], got {tuple(q.shape)}")
+    time = q.shape[1] * dist.get_world_size(group)
+    mode = _Keyed(attn_mode) if isinstance(attn_mode, Layout) else attn_mode
+    return _context(time, heads, mode, local_attn_ctx, blocksize, num_verts, vertsize, group, balance)
+
+
+class _Keyed:
+    """A layout hashed by identity, so the context cache holds it without comparing arrays."""
+
+    def __init__(self, layout):
+        self.layout = layout
+
+    def __hash__(self):
+        return id(self.layout)
+
+    def __eq__(self, other):
+        return isinstance(other, _Keyed) and other.layout is self.layout
+
+
+def sharded_attention(
+    q,
+    k,
+    v,
+    heads,
+    attn_mode,
+    local_attn_ctx=None,
+    blocksize=32,
+    num_verts=None,
+    vertsize=None,
+    *,
+    group=None,
+    balance=None,
+):
+    """``blocksparse_attention_impl`` over a sequence sharded across ``group``'s ranks: ``q, k, v``
+    are this rank's ``[batch, time / world, heads * head_dim]`` shard in :func:`shard_sequence`'s
+    order; returns this rank's output rows. Differentiable. See :class:`ContextParallel`."""
+    cp = _cached_context(q, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, group, balance)
+    return cp(q, k, v)
+
+
+def shard_sequence(
+    x,
+    heads,
+    attn_mode,
+    local_attn_ctx=None,
+    blocksize=32,
+    num_verts=None,
+    vertsize=None,
+    *,
+    group=None,
+    balance=None,
+    dim=1,
+):
+    """This rank's shard of the whole sequence ``x`` in the order :func:`sharded_attention` expects."""
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    probe = x.new_empty(1, x.shape[dim] // max(world, 1), heads)
+    cp = _cached_context(probe, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, group, balance)
+    return cp.shard(x, dim)
+
+
+def gather_sequence(
+    y,
+    heads,
+    attn_mode,
+    local_attn_ctx=None,
+    blocksize=32,
+    num_verts=None,
+    vertsize=None,
+    *,
+    group=None,
+    balance=None,
+    dim=1,
+):
+    """The whole sequence (natural order, on every rank) from each rank's shard ``y``."""
+    probe = y.new_empty(1, y.shape[dim], heads)
+    cp = _cached_context(probe, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, group, balance)
+    return cp.gather(y, dim)
+
+
+# -- the exchange ----------------------------------------------------------------------------------
+
+
+def _block_index(local_blocks: np.ndarray, blocksize: int, device) -> torch.Tensor:
+    pos = (local_blocks[:, None] * blocksize + np.arange(blocksize)).reshape(-1)
+    return torch.from_numpy(pos).to(device)
+
+
+def _exchange(cp: ContextParallel, outgoing: dict, incoming: dict):
+    """Start sending ``outgoing[peer]`` and receiving into ``incoming[peer]`` (tensors); returns
+    the requests to wait on."""
+    ops = []
+    cp.sent_bytes += sum(buf.numel() * buf.element_size() for buf in outgoing.values())
+    for peer, buf in incoming.items():
+        ops.append(dist.P2POp(dist.irecv, buf, _global(cp, peer), cp.group))
+    for peer, buf in outgoing.items():
+        ops.append(dist.P2POp(dist.isend, buf, _global(cp, peer), cp.group))
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _global(cp: ContextParallel, rank: int) -> int:
+    return rank if cp.group is None else dist.get_global_rank(cp.group, rank)
+
+
+def _wait(reqs):
+    for r in reqs:
+        r.wait()
+
+
+def _lse_merge(o1, l1, o2, l2, base2: bool):
+    """``(o, lse)`` of the union of two disjoint key sets from each one's ``(o, lse)``; a row with
+    no key in a part has ``lse = +inf`` there (the engines' convention) and in the result only if
+    it has none in both."""
+    exp, log = (torch.exp2, torch.log2) if base2 else (torch.exp, torch.log)
+    cd = l1.dtype
+    a = torch.where(torch.isinf(l1), -math.inf, l1)
+    b = torch.where(torch.isinf(l2), -math.inf, l2)
+    m = torch.maximum(a, b)
+    m = torch.where(torch.isinf(m), 0.0, m)
+    w1, w2 = exp(a - m), exp(b - m)
+    z = w1 + w2
+    o = (o1.to(cd) * w1[..., None] + o2.to(cd) * w2[..., None]) / torch.where(z > 0, z, 1.0)[..., None]
+    lse = torch.where(z > 0, m + log(torch.where(z > 0, z, 1.0)), math.inf)
+    return o.to(o1.dtype), lse
+
+
+def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x [B, H, t, ...]`` with rows appended (zeros) up to ``n`` along dim 2."""
+    if x.shape[2] >= n:
+        return x
+    pad = x.new_zeros(*x.shape[:2], n - x.shape[2], *x.shape[3:])
+    return torch.cat([x, pad], 2)
+
+
+class _Sharded(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cp: ContextParallel, index: int):
+        part, b, H = cp.part, cp.layout.blocksize, cp.heads
+        fwd, _, base2 = engine_pair(index)
+        dev = q.device
+        # keys and values of the blocks other ranks read, [2, batch, n * blocksize, dim] per peer
+        out = {
+            dst: torch.stack([x.index_select(1, _block_index(blk, b, dev)) for x in (k, v)])
+            for dst, blk in part.send.items()
+        }
+        inc = {src: k.new_empty(2, k.shape[0], len(blk) * b, k.shape[2]) for src, blk in part.recv.items()}
+        reqs = _exchange(cp, out, inc)
+        qh, kh, vh = (split_heads(x, H) for x in (q, k, v))
+        o, lse = fwd(qh, kh, vh, part.own)
+        kx = vx = None
+        _wait(reqs)
+        if part.remote is not None:
+            recv = torch.cat([inc[s] for s in sorted(inc)], 2)
+            n = part.remote.nb * b
+            rows = _block_index(part.rows, b, dev)
+            kx, vx = (_pad_rows(split_heads(x, H), n) for x in recv)
+            qx = _pad_rows(qh.index_select(2, rows), n)
+            o2, l2 = fwd(qx, kx, vx, part.remote)
+            m = rows.numel()
+            om, lm = _lse_merge(o.index_select(2, rows), lse.index_select(2, rows), o2[:, :, :m], l2[:, :, :m], base2)
+            o = o.index_copy(2, rows, om)
+            lse = lse.index_copy(2, rows, lm)
+        ctx.save_for_backward(q, k, v, o, lse, kx, vx)
+        ctx.cp, ctx.index = cp, index
+        return merge_heads(o)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, kx, vx = ctx.saved_tensors
+        cp, part, b, H = ctx.cp, ctx.cp.part, ctx.cp.layout.blocksize, ctx.cp.heads
+        _, bwd, _ = engine_pair(ctx.index)
+        dev = q.device
+        qh, kh, vh, doh = (split_heads(x, H) for x in (q, k, v, do))
+        reqs, back, dqx = [], {}, None
+        if part.remote is not None:
+            # the remote round first, so that its key/value gradients travel during the own round
+            rows = _block_index(part.rows, b, dev)
+            n = part.remote.nb * b
+            qx, dox, ox = (_pad_rows(x.index_select(2, rows), n) for x in (qh, doh, o))
+            lx = _pad_rows(lse.index_select(2, rows), n)
+            dqx, dkx, dvx = bwd(dox, qx, kx, vx, ox, lx, part.remote)
+            grads = torch.stack([merge_heads(dkx), merge_heads(dvx)])
+            start = 0
+            for s in sorted(part.recv):
+                t = len(part.recv[s]) * b
+                back[s] = grads[:, :, start : start + t].contiguous()
+                start += t
+        inc = {dst: k.new_empty(2, k.shape[0], len(blk) * b, k.shape[2]) for dst, blk in part.send.items()}
+        reqs = _exchange(cp, back, inc)
+        dq, dk, dv = bwd(doh, qh, kh, vh, o, lse, part.own)
+        dq, dk, dv = (merge_heads(x) for x in (dq, dk, dv))
+        if dqx is not None:
+            dq = dq.index_add(1, rows, merge_heads(dqx[:, :, : rows.numel()]))
+        _wait(reqs)
+        for dst, blk in part.send.items():
+            idx = _block_index(blk, b, dev)
+            dk = dk.index_add(1, idx, inc[dst][0])
+            dv = dv.index_add(1, idx, inc[dst][1])
+        return dq, dk, dv, None, None
