@@ -1,23 +1,19 @@
 """Context parallelism (``sparse_attention.torch.distributed``): 2 and 4 gloo processes on the
 CPU, every mode (and custom layouts, per-head patterns, both balances), float64 and float32,
 forward and the three gradients against the float64 dense reference; the bytes exchanged equal
-what the pattern needs; bad input refused. The plan alone (numpy) is checked in-process."""
+what the pattern needs; bad input refused. The plan and its kernels: ``tests/test_sharding.py``."""
 
 from __future__ import annotations
 
 import json
 import socket
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 
 import _distributed as W  # noqa: E402
-
-from sparse_attention.layouts import make_layout  # noqa: E402
-from sparse_attention.sharding import shard_plan  # noqa: E402
 
 DTYPES = ("float64", "float32")
 
@@ -69,46 +65,3 @@ def test_functions_and_errors(results):
         assert "zigzag" in errors["zigzag-uneven"]
         assert "balance must be one of" in errors["balance"]
         assert errors["dtype"] is not None
-
-
-@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize(
-    "mode,kw",
-    [
-        ("local", dict(local_attn_ctx=256)),
-        ("strided", dict(local_attn_ctx=32)),
-        ("fixed", dict(local_attn_ctx=256, num_verts=2, vertsize=1)),
-        ("all", {}),
-    ],
-)
-def test_plan_covers_every_pair_once(world, mode, kw):
-    """Over the ranks, the own and remote rounds hold each allowed pair exactly once."""
-    lay = make_layout(48 * 64, 4, mode, blocksize=64, **kw)
-    if lay.nb % (world * (2 if mode in ("all", "fixed") and world > 1 else 1)):
-        with pytest.raises(ValueError, match="equal shards"):
-            shard_plan(lay, world)
-        return
-    plan = shard_plan(lay, world)
-    dense = lay.to_dense()  # natural order [H, T, T]
-    seen = np.zeros_like(dense, dtype=np.int64)
-    b = lay.blocksize
-    for r in range(world):
-        part = plan.rank(r)
-        pos = plan.positions(r)
-        own = part.own.to_dense()  # over the shard's tokens, in its order
-        seen[:, pos[:, None], pos[None, :]] += own
-        if part.remote is not None:
-            rem = part.remote.to_dense()
-            rows = (part.rows[:, None] * b + np.arange(b)).reshape(-1)
-            keys = np.concatenate(
-                [
-                    plan.positions(s).reshape(-1, b)[plan.local_index[part.recv[s]]].reshape(-1)
-                    for s in sorted(part.recv)
-                ]
-            )
-            seen[:, pos[rows][:, None], keys[None, :]] += rem[:, : rows.size, : keys.size]
-    np.testing.assert_array_equal(seen, dense.astype(np.int64))
-    work = plan.work()
-    assert work.sum() == lay.blocks_per_head().sum()
-    if world > 1 and mode in ("all", "fixed"):
-        assert work.max() / work.mean() < 1.1, f"zigzag should balance the causal work: {work}"
