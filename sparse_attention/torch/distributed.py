@@ -231,9 +231,16 @@ def gather_sequence(
 # -- the exchange ----------------------------------------------------------------------------------
 
 
-def _block_index(local_blocks: np.ndarray, blocksize: int, device) -> torch.Tensor:
-    pos = (local_blocks[:, None] * blocksize + np.arange(blocksize)).reshape(-1)
-    return torch.from_numpy(pos).to(device)
+def _block_index(cp: ContextParallel, key, local_blocks: np.ndarray, device) -> torch.Tensor:
+    """Token indices of ``local_blocks`` (cached per context, key and device: a host-to-device copy
+    per call would wait for the queued kernels)."""
+    cache = cp.__dict__.setdefault("_indices", {})
+    k = (key, str(device))
+    if k not in cache:
+        b = cp.layout.blocksize
+        pos = (local_blocks[:, None] * b + np.arange(b)).reshape(-1)
+        cache[k] = torch.from_numpy(pos).to(device)
+    return cache[k]
 
 
 def _exchange(cp: ContextParallel, outgoing: dict, incoming: dict):
@@ -290,7 +297,7 @@ class _Sharded(torch.autograd.Function):
         dev = q.device
         # keys and values of the blocks other ranks read, [2, batch, n * blocksize, dim] per peer
         out = {
-            dst: torch.stack([x.index_select(1, _block_index(blk, b, dev)) for x in (k, v)])
+            dst: torch.stack([x.index_select(1, _block_index(cp, ("send", dst), blk, dev)) for x in (k, v)])
             for dst, blk in part.send.items()
         }
         inc = {src: k.new_empty(2, k.shape[0], len(blk) * b, k.shape[2]) for src, blk in part.recv.items()}
@@ -302,7 +309,7 @@ class _Sharded(torch.autograd.Function):
         if part.remote is not None:
             recv = torch.cat([inc[s] for s in sorted(inc)], 2)
             n = part.remote.nb * b
-            rows = _block_index(part.rows, b, dev)
+            rows = _block_index(cp, "rows", part.rows, dev)
             kx, vx = (_pad_rows(split_heads(x, H), n) for x in recv)
             qx = _pad_rows(qh.index_select(2, rows), n)
             o2, l2 = fwd(qx, kx, vx, part.remote)
@@ -324,7 +331,7 @@ class _Sharded(torch.autograd.Function):
         reqs, back, dqx = [], {}, None
         if part.remote is not None:
             # the remote round first, so that its key/value gradients travel during the own round
-            rows = _block_index(part.rows, b, dev)
+            rows = _block_index(cp, "rows", part.rows, dev)
             n = part.remote.nb * b
             qx, dox, ox = (_pad_rows(x.index_select(2, rows), n) for x in (qh, doh, o))
             lx = _pad_rows(lse.index_select(2, rows), n)
@@ -343,7 +350,7 @@ class _Sharded(torch.autograd.Function):
             dq = dq.index_add(1, rows, merge_heads(dqx[:, :, : rows.numel()]))
         _wait(reqs)
         for dst, blk in part.send.items():
-            idx = _block_index(blk, b, dev)
+            idx = _block_index(cp, ("send", dst), blk, dev)
             dk = dk.index_add(1, idx, inc[dst][0])
             dv = dv.index_add(1, idx, inc[dst][1])
         return dq, dk, dv, None, None
