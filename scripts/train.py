@@ -3,12 +3,17 @@
     python scripts/train.py --steps 2000                       # default corpus: the Python stdlib sources
     python scripts/train.py --data enwik8 --n-ctx 12288 --attn fixed --dtype bf16 --compile
     torchrun --nproc_per_node 2 scripts/train.py --steps 100   # data parallel (nccl on GPUs, gloo on CPU)
+    torchrun --nproc_per_node 4 scripts/train.py --context-parallel 2 --n-ctx 65536 --attn local
+                                                               # each sequence over 2 ranks, 2 data-parallel groups
     python scripts/train.py --out runs/a --resume              # continue from runs/a/ckpt.pt
 
 Reports bits per byte on a held-out split (the last ``--val-fraction`` of the bytes), writes
 ``log.jsonl``, ``samples.txt`` and ``ckpt.pt`` under ``--out``. ``--batch`` is the global batch:
-each of the N processes takes its share, so N processes follow the one-process run. The
-patterns are the paper's (``paper_patterns(--attn, --factorization)``).
+each of the N processes takes its share, so N processes follow the one-process run. With
+``--context-parallel C`` every sequence is sharded over C consecutive ranks (its attention
+exchanges only the key/value blocks its pattern reads; ``sparse_attention.torch.distributed``),
+and the batch over the N / C groups of them. The patterns are the paper's
+(``paper_patterns(--attn, --factorization)``).
 """
 
 from __future__ import annotations
@@ -77,6 +82,13 @@ def parse_args(argv=None):
     p.add_argument("--factorization", default="merged", choices=("interleaved", "merged", "heads"))
     p.add_argument("--impl", default="sparse", choices=("sparse", "dense", "sdpa", "flex"))
     p.add_argument("--recompute", action="store_true", help="recompute each residual block in backward")
+    p.add_argument(
+        "--context-parallel",
+        type=int,
+        default=1,
+        metavar="C",
+        help="ranks per sequence (it is sharded over them; needs --impl sparse and a natural-order pattern)",
+    )
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument(
         "--stop-at",
@@ -98,7 +110,7 @@ def parse_args(argv=None):
     add_device_arg(p, help="cpu, cuda, cuda:1, ... (default: %(default)s; cuda: each process its LOCAL_RANK's GPU)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    for name in ("steps", "batch", "n_ctx", "eval_interval", "eval_batches", "ckpt_interval"):
+    for name in ("steps", "batch", "n_ctx", "eval_interval", "eval_batches", "ckpt_interval", "context_parallel"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.val_fraction < 1:
@@ -152,19 +164,26 @@ def load_bytes(args) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(tr, dtype=np.uint8), np.frombuffer(va, dtype=np.uint8)
 
 
-def windows(data: np.ndarray, starts, n_ctx: int, device):
+def windows(data: np.ndarray, starts, n_ctx: int, device, shard=None):
+    """Inputs and targets ``[n, n_ctx]`` of the windows at ``starts``; only the positions ``shard``
+    (context parallelism) where given."""
     idx = np.asarray(starts)[:, None] + np.arange(n_ctx + 1)[None]
     xy = torch.from_numpy(data[idx].astype(np.int64)).to(device)
-    return xy[:, :-1], xy[:, 1:]
+    x, y = xy[:, :-1], xy[:, 1:]
+    if shard is not None:
+        x, y = x[:, shard], y[:, shard]
+    return x, y
 
 
-def train_batch(data, step, args, rank, world, device):
+def train_batch(data, step, args, rank, world, device, shard=None):
     """This rank's share of the global batch of ``step`` (a function of seed and step only, so a
-    resumed run and an N-process run draw the same bytes as one uninterrupted process)."""
+    resumed run and an N-process run draw the same bytes as one uninterrupted process); ``rank``
+    and ``world`` count data-parallel groups, ``shard`` the positions this rank holds under
+    context parallelism."""
     rng = np.random.default_rng([args.seed, step])
     starts = rng.integers(0, len(data) - args.n_ctx - 1, size=args.batch)
     per = args.batch // world
-    return windows(data, starts[rank * per : (rank + 1) * per], args.n_ctx, device)
+    return windows(data, starts[rank * per : (rank + 1) * per], args.n_ctx, device, shard)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -196,20 +215,21 @@ def lr_at(step: int, args) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, val, args, rank, world, device) -> float:
-    """Bits per byte on ``eval_batches * batch`` windows spread evenly over the held-out bytes."""
+def evaluate(model, val, args, rank, world, device, shard=None) -> float:
+    """Bits per byte on ``eval_batches * batch`` windows spread evenly over the held-out bytes
+    (``rank``, ``world``: data-parallel groups; ``shard``: as :func:`train_batch`)."""
     model.eval()
     n = args.eval_batches * args.batch
     starts = np.linspace(0, len(val) - args.n_ctx - 1, n).astype(np.int64)[rank::world]
     tot = torch.zeros(2, dtype=torch.float64, device=device)
     for s in range(0, len(starts), args.batch):
-        x, y = windows(val, starts[s : s + args.batch], args.n_ctx, device)
+        x, y = windows(val, starts[s : s + args.batch], args.n_ctx, device, shard)
         if args.compile and args.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, args.dtype):
             _, loss = model(x, y)
         tot += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=device)
-    if world > 1:
+    if dist.is_initialized():
         dist.all_reduce(tot)
     model.train()
     return (tot[0] / tot[1]).item() / math.log(2)
@@ -244,8 +264,14 @@ def main(argv=None) -> list[dict]:
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if args.batch % world:
-        raise ValueError(f"--batch ({args.batch}) must be a multiple of the process count ({world})")
+    cp = args.context_parallel
+    if world % cp:
+        raise ValueError(f"the process count ({world}) must be a multiple of --context-parallel ({cp})")
+    if args.batch % (world // cp):
+        raise ValueError(
+            f"--batch ({args.batch}) must be a multiple of the data-parallel group count ({world // cp} = "
+            f"{world} processes / --context-parallel {cp})"
+        )
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
@@ -282,6 +308,13 @@ def _train(args, rank, world, device) -> list[dict]:
         step, records = ckpt["step"], ckpt["records"]
     raw = model
     model.prepare(args.n_ctx, device)
+    # context parallelism: C consecutive ranks share a sequence, the N / C groups split the batch
+    cp = args.context_parallel
+    dp_rank, dp_world, shard = rank // cp, world // cp, None
+    if cp > 1:
+        groups = [dist.new_group(list(range(g * cp, (g + 1) * cp))) for g in range(dp_world)]
+        model.context_parallel(groups[dp_rank])
+        shard = model.shard_positions(args.n_ctx).to(device)
     fwd = model
     if world > 1:
         fwd = torch.nn.parallel.DistributedDataParallel(
@@ -294,7 +327,7 @@ def _train(args, rank, world, device) -> list[dict]:
         n_params = sum(p.numel() for p in raw.parameters())
         tqdm.write(
             f"{n_params / 1e6:.2f}M parameters, {len(train)} train / {len(val)} held-out bytes, "
-            f"{world} process(es) on {device}, patterns {[str(p) for p in raw.cfg.patterns]}"
+            f"{world} process(es) on {device} ({cp} per sequence), patterns {[str(p) for p in raw.cfg.patterns]}"
         )
 
     def save():
@@ -328,7 +361,7 @@ def _train(args, rank, world, device) -> list[dict]:
             group["lr"] = lr_at(step, args)
         # Dropout masks depend on (seed, step, rank) only: a resumed run repeats them.
         torch.manual_seed(args.seed * 1_000_003 + step * 101 + rank)
-        x, y = train_batch(train, step, args, rank, world, device)
+        x, y = train_batch(train, step, args, dp_rank, dp_world, device, shard)
         if graphs:  # a new step: CUDA-graph outputs of the last one may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, args.dtype):
@@ -355,7 +388,7 @@ def _train(args, rank, world, device) -> list[dict]:
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
         if step % args.eval_interval == 0 or step == args.steps:
-            rec["val_bpb"] = evaluate(fwd, val, args, rank, world, device)
+            rec["val_bpb"] = evaluate(fwd, val, args, dp_rank, dp_world, device, shard)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", val_bpb=f"{rec['val_bpb']:.3f}")
             if is_main and args.sample_len > 0:
                 text = sample_text(raw, val, args, device)

@@ -34,7 +34,7 @@ import numpy as np
 from . import tables
 from .layouts import Layout, csr_layout, make_layout
 
-__all__ = ["BALANCES", "RankPlan", "ShardPlan", "shard_plan"]
+__all__ = ["BALANCES", "RankPlan", "ShardPlan", "shard_owner", "shard_plan", "shard_positions"]
 
 BALANCES = ("contiguous", "zigzag")
 
@@ -121,24 +121,41 @@ def shard_plan(layout: Layout, world: int, balance: str | None = None) -> ShardP
         balance = "zigzag" if layout.mode in ("all", "fixed") else "contiguous"
     if balance not in BALANCES:
         raise ValueError(f"balance must be one of {BALANCES} or None, got {balance!r}")
-    chunks = world * (2 if balance == "zigzag" and world > 1 else 1)
-    if layout.nb % chunks:
-        b = layout.blocksize
-        raise ValueError(
-            f"time ({layout.time}) must split into {chunks} equal shards of whole blocks of {b} "
-            f"({'zigzag: 2 per rank' if chunks > world else 'one per rank'}): pick a time that is a multiple of "
-            f"{chunks * b}, or another balance"
-        )
-    nb, n = layout.nb, layout.nb // chunks
-    chunk_owner = np.arange(chunks)
-    if chunks > world:
-        chunk_owner = np.minimum(chunk_owner, chunks - 1 - chunk_owner)
-    owner = np.repeat(chunk_owner, n).astype(np.int64)
-    local_index = np.zeros(nb, np.int64)
+    owner = shard_owner(layout.nb, world, balance, layout.time, layout.blocksize)
+    local_index = np.zeros(layout.nb, np.int64)
     for r in range(world):
         idx = np.nonzero(owner == r)[0]
         local_index[idx] = np.arange(idx.size)
     return ShardPlan(layout, int(world), balance, owner, local_index)
+
+
+def shard_owner(nb: int, world: int, balance: str, time: int | None = None, blocksize: int | None = None):
+    """``int64 [nb]``: the rank holding each block under ``balance`` (``"contiguous"`` or
+    ``"zigzag"``); raises ``ValueError`` unless the blocks split evenly (``time`` and ``blocksize``
+    only name the sizes in the message)."""
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {BALANCES} or None, got {balance!r}")
+    chunks = world * (2 if balance == "zigzag" and world > 1 else 1)
+    if nb % chunks:
+        b = blocksize or 1
+        raise ValueError(
+            f"time ({time if time is not None else nb * b}) must split into {chunks} equal shards of whole "
+            f"blocks of {b} ({'zigzag: 2 per rank' if chunks > world else 'one per rank'}): pick a time that is "
+            f"a multiple of {chunks * b}, or another balance"
+        )
+    c = np.arange(chunks)
+    chunk_owner = np.minimum(c, chunks - 1 - c) if chunks > world else c
+    return np.repeat(chunk_owner, nb // chunks).astype(np.int64)
+
+
+def shard_positions(time: int, blocksize: int, world: int, rank: int, balance: str) -> np.ndarray:
+    """Token indices held by ``rank`` (ascending) for a layout in natural token order: what a data
+    loader feeds it; :meth:`ShardPlan.positions` for any layout."""
+    if time % blocksize:
+        raise ValueError(f"time ({time}) must be a multiple of blocksize ({blocksize})")
+    owner = shard_owner(time // blocksize, world, balance, time, blocksize)
+    blocks = np.nonzero(owner == rank)[0]
+    return (blocks[:, None] * blocksize + np.arange(blocksize)).reshape(-1)
 
 
 def _runs(blocks: np.ndarray):

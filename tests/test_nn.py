@@ -228,3 +228,18 @@ def test_self_attention_compiles_without_graph_breaks():
     (g_comp,) = torch.autograd.grad(compiled.square().sum(), x)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(g_comp, g_eager)
+
+
+def test_context_layout_is_one_natural_order_layout_or_a_clear_error():
+    from sparse_attention.patterns import Merged, Mode, PerHead
+    from sparse_attention.torch.nn import context_layout
+
+    lay = context_layout(Mode("local", 64), 256, 4, 16)
+    assert lay.mode == "local" and lay.perm is None and lay.heads == 4
+    merged = context_layout(Merged(Mode("local", 32), Mode("strided", 32)), 256, 4, 16)
+    assert merged.perm is None and merged.heads == 4
+    for spec in (Mode("strided", 32), PerHead(Mode("local", 32), Mode("strided", 32))):
+        with pytest.raises(ValueError, match="natural-order layout"):
+            context_layout(spec, 256, 4, 16)
+    with pytest.raises(ValueError, match="impl='sparse'"):
+        SparseAttention(4, "local", 64, impl="dense").context_parallel()

@@ -172,3 +172,28 @@ def test_older_flag_spellings_are_aliases():
     new = train.parse_args(["--batch", "6", "--dtype", "bf16", "--heads", "2"])
     assert vars(old) == vars(new)
     assert (new.batch, new.dtype, new.n_head) == (6, "bf16", 2)
+
+
+@pytest.mark.parametrize("procs,cp,attn", [(2, 2, "fixed"), (4, 2, "local")])
+def test_context_parallel_follows_one_process(corpus, tmp_path, procs, cp, attn):
+    """--context-parallel C: each sequence sharded over C gloo processes (and the batch over the
+    procs / C groups) gives the one-process losses and bits per byte."""
+    args = TINY + ["--data", str(corpus), "--steps", "3", "--eval-interval", "3", "--sample-len", "8"]
+    args += ["--attn", attn]
+    one = train.main(args + ["--out", str(tmp_path / "one")])
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), str(SCRIPT)]
+    cmd += args + ["--context-parallel", str(cp), "--out", str(tmp_path / "cp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert f"({cp} per sequence)" in proc.stdout + proc.stderr
+    got = [json.loads(line) for line in (tmp_path / "cp" / "log.jsonl").read_text().splitlines()]
+    assert len(got) == 3
+    for a, b in zip(one, got):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
+    assert abs(one[-1]["val_bpb"] - got[-1]["val_bpb"]) < 1e-4
+
+
+def test_context_parallel_refuses_a_bad_split(tmp_path):
+    with pytest.raises(ValueError, match="multiple of --context-parallel"):
+        train.main(TINY + ["--context-parallel", "3", "--out", str(tmp_path)])

@@ -169,6 +169,39 @@ class SparseTransformer(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.head.weight, std=cfg.init_std)
 
+    context = None  # (group, balance) under context parallelism
+
+    def context_parallel(self, group=None, balance: str = "zigzag") -> None:
+        """Train on sequences sharded over ``group``'s ranks: from now on ``forward(idx, targets)``
+        takes this rank's tokens, ``idx[:, model.shard_positions(time)]`` of a ``[batch, time]``
+        sequence (every layer's attention exchanges only the key/value blocks its pattern reads,
+        :mod:`sparse_attention.torch.distributed`), and returns their logits and mean loss.
+        ``group=False`` turns it off. Generation (a cache) always runs unsharded."""
+        import torch.distributed as dist
+
+        if group is not False and not dist.is_initialized():
+            raise RuntimeError("context_parallel needs torch.distributed initialised (dist.init_process_group)")
+        self.context = None if group is False else (group, balance)
+        for blk in self.blocks:
+            blk.attn.attn.context_parallel(group, balance)
+
+    def shard_positions(self, time: int) -> torch.Tensor:
+        """The token positions of this rank's shard of a ``time``-token sequence (ascending)."""
+        import torch.distributed as dist
+
+        from ..sharding import shard_positions
+
+        if self.context is None:
+            raise RuntimeError("call context_parallel(group) first")
+        group, balance = self.context
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if time % self.cfg.multiple or time > self.cfg.n_ctx:
+            raise ValueError(
+                f"under context parallelism time ({time}) must be a multiple of {self.cfg.multiple} "
+                f"and at most n_ctx ({self.cfg.n_ctx}); the model does not pad a sharded sequence"
+            )
+        return torch.from_numpy(shard_positions(time, self.cfg.blocksize, world, rank, balance))
+
     def prepare(self, time: int, device) -> None:
         """Precompute per-context state (FlexAttention block masks) before ``torch.compile``."""
         t = math.ceil(time / self.cfg.multiple) * self.cfg.multiple
@@ -179,6 +212,8 @@ class SparseTransformer(nn.Module):
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be integer tokens [batch, time], got {idx.dtype} {list(idx.shape)}")
         B, T = idx.shape
+        if self.context is not None and cache is None:
+            return self._sharded_forward(idx, targets)
         start = 0 if cache is None else cache.length
         if start + T > self.cfg.n_ctx:
             raise ValueError(f"positions {start}..{start + T - 1} exceed n_ctx ({self.cfg.n_ctx})")
@@ -200,6 +235,24 @@ class SparseTransformer(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(B * T))
+        return logits, loss
+
+    def _sharded_forward(self, idx, targets):
+        import torch.distributed as dist
+
+        group, _ = self.context
+        time = idx.shape[1] * dist.get_world_size(group)
+        positions = self.shard_positions(time).to(idx.device)
+        h = self.drop(self.embed(idx, positions))
+        for blk in self.blocks:
+            if self.cfg.recompute and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(blk, h, use_reentrant=False)
+            else:
+                h = blk(h)
+        logits = self.head(self.norm(h))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
 
     def new_cache(self, bounded: bool = False) -> KVCache:

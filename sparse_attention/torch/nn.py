@@ -66,11 +66,33 @@ class SparseAttention(nn.Module):
         self.recompute, self.impl = recompute, impl
         self._layouts: dict = {}
         self._block_masks: dict = {}
+        self.context = None  # (group, balance) under context parallelism: see context_parallel
+        self._contexts: dict = {}
 
     def extra_repr(self):
         return f"heads={self.heads}, spec={self.spec}, blocksize={self.blocksize}, impl={self.impl!r}"
 
+    def context_parallel(self, group=None, balance: str = "zigzag") -> None:
+        """Take ``q, k, v`` from now on as this rank's shard of a sequence split over ``group``'s
+        ranks (:mod:`sparse_attention.torch.distributed`; tokens at
+        :func:`sparse_attention.sharding.shard_positions`); ``group=False`` turns it off. Needs
+        ``impl="sparse"`` and a pattern with one natural-order layout over all heads
+        (:func:`context_layout`)."""
+        if group is False:
+            self.context = None
+            return
+        if self.impl != "sparse":
+            raise ValueError(f"context parallelism needs impl='sparse', this module has impl={self.impl!r}")
+        self.context = (group, balance)
+        self._contexts.clear()
+
     def forward(self, q, k, v):
+        if self.context is not None:
+            return self._sharded(q, k, v)
+        return self.forward_unsharded(q, k, v)
+
+    def forward_unsharded(self, q, k, v):
+        """``forward`` on a whole sequence, whatever :meth:`context_parallel` set (generation)."""
         T = q.shape[1]
         layouts = None
         if self.impl == "sparse":
@@ -90,6 +112,19 @@ class SparseAttention(nn.Module):
             layouts=layouts,
         )
 
+    def _sharded(self, q, k, v):
+        import torch.distributed as dist
+
+        from .distributed import ContextParallel
+
+        group, balance = self.context
+        T = q.shape[1] * dist.get_world_size(group)
+        cp = self._contexts.get(T)
+        if cp is None:
+            lay = context_layout(self.spec, T, self.heads, self.blocksize)
+            cp = self._contexts[T] = ContextParallel(T, self.heads, lay, group=group, balance=balance)
+        return cp(q, k, v)
+
     def prepare(self, time: int, device) -> None:
         """Build what depends on the context only (the layouts, FlexAttention's block mask) ahead
         of ``torch.compile``, so that the compiled forward only reads it."""
@@ -101,6 +136,26 @@ class SparseAttention(nn.Module):
     def mask(self, i, j):
         """Allowed pairs ``bool [heads or 1, len(i), len(j)]`` for position tensors ``i``, ``j``."""
         return self.spec.mask(i, j, self.heads, self.blocksize)
+
+
+def context_layout(spec: Spec, time: int, heads: int, blocksize: int) -> Layout:
+    """The one layout over all heads, in natural token order, that context parallelism shards:
+    a built-in mode other than ``strided``, a custom layout, or a spec with a ``layout`` method
+    (``Group``, ``Merged``). Raises ``ValueError`` for the rest (``strided``, whose fast layout
+    reorders the tokens; per-head groups)."""
+    groups = resolve_layouts(spec, time, heads, blocksize)
+    lay = None
+    if len(groups) == 1 and groups[0][1] == heads and isinstance(groups[0][2], Layout):
+        lay = groups[0][2]
+    elif hasattr(spec, "layout"):
+        lay = spec.layout(time, heads, blocksize)
+    if lay is None or lay.perm is not None:
+        raise ValueError(
+            f"context parallelism shards one natural-order layout over all heads; {spec} is not one "
+            "(strided reorders its tokens, per-head specs have several layouts): use local, fixed, all, "
+            "a Merged spec or a custom layout"
+        )
+    return lay
 
 
 def resolve_layouts(spec: Spec, time: int, heads: int, blocksize: int) -> list:
@@ -360,4 +415,4 @@ class SparseSelfAttention(nn.Module):
             return None
         if T != t:
             q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, T - t)) for x in (q, k, v))
-        return a(q, k, v)[:, :t]
+        return a.forward_unsharded(q, k, v)[:, :t]
