@@ -55,6 +55,8 @@ class RankPlan:
     remote: Layout | None  # square over max(m, sum k) blocks: rows x received keys (None: nothing remote)
     send: dict  # dst rank -> int64 [k]: local indices of the blocks sent to it, ascending
     work: int  # enabled blocks of the shard's rows, over heads (compute cost)
+    own_causal: bool = False  # the own round is plain causal attention (any dense causal kernel runs it)
+    remote_full: bool = False  # the remote round is a full rectangle, rows x received keys (any dense kernel)
 
     @property
     def recv_blocks(self) -> int:
@@ -299,7 +301,15 @@ def _rank_plan(plan: ShardPlan, rank: int) -> RankPlan:
         theirs = theirs[plan.owner[theirs] == rank]
         if theirs.size:
             send[dst] = plan.local_index[theirs]
-    return RankPlan(rank, blocks, own, rows_seen.astype(np.int64), recv, remote, send, int(work))
+    m, k = rows_seen.size, order.size
+    full = remote is not None and all(
+        np.all(np.diff(remote.row_ptr[p, : m + 1]) == k) and remote.row_counts()[p, m:].sum() == 0
+        for p in range(remote.n_patterns)
+    )
+    full = full and not np.any(remote.mask_idx >= 0)
+    return RankPlan(
+        rank, blocks, own, rows_seen.astype(np.int64), recv, remote, send, int(work), own.mode == "all", bool(full)
+    )
 
 
 @functools.lru_cache(maxsize=256)

@@ -259,25 +259,32 @@ def _global(cp: ContextParallel, rank: int) -> int:
     return rank if cp.group is None else dist.get_global_rank(cp.group, rank)
 
 
+def _rows(x: torch.Tensor, rows: torch.Tensor, every: bool) -> torch.Tensor:
+    """Rows ``rows`` of ``x [B, H, t, ...]`` (``every``: all of them, in order: no copy)."""
+    return x if every else x.index_select(2, rows)
+
+
 def _wait(reqs):
     for r in reqs:
         r.wait()
 
 
-def _lse_merge(o1, l1, o2, l2, base2: bool):
-    """``(o, lse)`` of the union of two disjoint key sets from each one's ``(o, lse)``; a row with
-    no key in a part has ``lse = +inf`` there (the engines' convention) and in the result only if
-    it has none in both."""
-    exp, log = (torch.exp2, torch.log2) if base2 else (torch.exp, torch.log)
+LN2 = math.log(2.0)
+
+
+def _lse_merge(o1, l1, o2, l2):
+    """``(o, lse)`` of the union of two disjoint key sets from each one's ``(o, lse)`` (natural
+    log-sum-exps); a row with no key in a part has ``lse = +inf`` there (the engines' convention)
+    and in the result only if it has none in both."""
     cd = l1.dtype
     a = torch.where(torch.isinf(l1), -math.inf, l1)
     b = torch.where(torch.isinf(l2), -math.inf, l2)
     m = torch.maximum(a, b)
     m = torch.where(torch.isinf(m), 0.0, m)
-    w1, w2 = exp(a - m), exp(b - m)
+    w1, w2 = torch.exp(a - m), torch.exp(b - m)
     z = w1 + w2
     o = (o1.to(cd) * w1[..., None] + o2.to(cd) * w2[..., None]) / torch.where(z > 0, z, 1.0)[..., None]
-    lse = torch.where(z > 0, m + log(torch.where(z > 0, z, 1.0)), math.inf)
+    lse = torch.where(z > 0, m + torch.log(torch.where(z > 0, z, 1.0)), math.inf)
     return o.to(o1.dtype), lse
 
 
@@ -289,11 +296,65 @@ def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([x, pad], 2)
 
 
+class _Round:
+    """One round of a rank: ``fwd(q, k, v) -> (o, lse)`` and ``bwd(do, q, k, v, o, lse) -> (dq, dk,
+    dv)`` with natural log-sum-exps, over ``[B, H, t, D]``. A round that is plain causal or full
+    attention runs PyTorch's flash attention (CUDA half precision; the CPU's flash kernel for any
+    float dtype), the rest the block-sparse engine ``index`` over its layout (``pad``: rows and
+    keys padded to the layout's square)."""
+
+    def __init__(self, layout, index: int, q, dense: str | None):
+        self.layout, self.dense, self.pad = layout, None, layout.time if layout is not None else 0
+        if dense is not None and _flash_runs(q):
+            self.dense, self.pad = dense, 0
+        self.engine = engine_pair(index)
+
+    def fwd(self, q, k, v):
+        if self.dense is not None:
+            return _flash_fwd(q, k, v, self.dense == "causal")
+        fwd, _, base2 = self.engine
+        q, k, v = (_pad_rows(x, self.pad) for x in (q, k, v))
+        o, lse = fwd(q, k, v, self.layout)
+        return o, lse * LN2 if base2 else lse
+
+    def bwd(self, do, q, k, v, o, lse):
+        if self.dense is not None:
+            return _flash_bwd(do, q, k, v, o, lse, self.dense == "causal")
+        _, bwd, base2 = self.engine
+        do, q, k, v, o, lse = (_pad_rows(x, self.pad) for x in (do, q, k, v, o, lse))
+        return bwd(do, q, k, v, o, lse / LN2 if base2 else lse, self.layout)
+
+
+def _flash_runs(q) -> bool:
+    if q.is_cuda:
+        return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+    return q.dtype in (torch.float32, torch.float64)
+
+
+def _flash_fwd(q, k, v, causal: bool):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if q.is_cuda:
+        out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        return out[0], out[1]
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+
+
+def _flash_bwd(do, q, k, v, o, lse, causal: bool):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if q.is_cuda:
+        none = torch.empty(0, dtype=torch.int64, device=q.device)
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            do, q, k, v, o, lse, none, none, q.shape[2], k.shape[2], 0.0, causal, none, none, scale=scale
+        )
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do.contiguous(), q, k, v, o, lse, 0.0, causal, scale=scale
+    )
+
+
 class _Sharded(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cp: ContextParallel, index: int):
         part, b, H = cp.part, cp.layout.blocksize, cp.heads
-        fwd, _, base2 = engine_pair(index)
         dev = q.device
         # keys and values of the blocks other ranks read, [2, batch, n * blocksize, dim] per peer
         out = {
@@ -303,20 +364,22 @@ class _Sharded(torch.autograd.Function):
         inc = {src: k.new_empty(2, k.shape[0], len(blk) * b, k.shape[2]) for src, blk in part.recv.items()}
         reqs = _exchange(cp, out, inc)
         qh, kh, vh = (split_heads(x, H) for x in (q, k, v))
-        o, lse = fwd(qh, kh, vh, part.own)
+        own = _Round(part.own, index, qh, "causal" if part.own_causal else None)
+        t = qh.shape[2]
+        o, lse = own.fwd(qh, kh, vh)
+        o, lse = o[:, :, :t], lse[:, :, :t]
         kx = vx = None
         _wait(reqs)
         if part.remote is not None:
             recv = torch.cat([inc[s] for s in sorted(inc)], 2)
-            n = part.remote.nb * b
             rows = _block_index(cp, "rows", part.rows, dev)
-            kx, vx = (_pad_rows(split_heads(x, H), n) for x in recv)
-            qx = _pad_rows(qh.index_select(2, rows), n)
-            o2, l2 = fwd(qx, kx, vx, part.remote)
             m = rows.numel()
-            om, lm = _lse_merge(o.index_select(2, rows), lse.index_select(2, rows), o2[:, :, :m], l2[:, :, :m], base2)
-            o = o.index_copy(2, rows, om)
-            lse = lse.index_copy(2, rows, lm)
+            kx, vx = (split_heads(x, H) for x in recv)
+            every = m == t
+            rem = _Round(part.remote, index, qh, "full" if part.remote_full else None)
+            o2, l2 = rem.fwd(_rows(qh, rows, every), kx, vx)
+            om, lm = _lse_merge(_rows(o, rows, every), _rows(lse, rows, every), o2[:, :, :m], l2[:, :, :m])
+            o, lse = (om, lm) if every else (o.index_copy(2, rows, om), lse.index_copy(2, rows, lm))
         ctx.save_for_backward(q, k, v, o, lse, kx, vx)
         ctx.cp, ctx.index = cp, index
         return merge_heads(o)
@@ -325,29 +388,31 @@ class _Sharded(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse, kx, vx = ctx.saved_tensors
         cp, part, b, H = ctx.cp, ctx.cp.part, ctx.cp.layout.blocksize, ctx.cp.heads
-        _, bwd, _ = engine_pair(ctx.index)
         dev = q.device
         qh, kh, vh, doh = (split_heads(x, H) for x in (q, k, v, do))
-        reqs, back, dqx = [], {}, None
+        t = qh.shape[2]
+        back, dqx = {}, None
         if part.remote is not None:
             # the remote round first, so that its key/value gradients travel during the own round
             rows = _block_index(cp, "rows", part.rows, dev)
-            n = part.remote.nb * b
-            qx, dox, ox = (_pad_rows(x.index_select(2, rows), n) for x in (qh, doh, o))
-            lx = _pad_rows(lse.index_select(2, rows), n)
-            dqx, dkx, dvx = bwd(dox, qx, kx, vx, ox, lx, part.remote)
-            grads = torch.stack([merge_heads(dkx), merge_heads(dvx)])
+            m, n = rows.numel(), kx.shape[2]
+            every = m == t
+            rem = _Round(part.remote, ctx.index, qh, "full" if part.remote_full else None)
+            dox, qx, ox, lx = (_rows(x, rows, every) for x in (doh, qh, o, lse))
+            dqx, dkx, dvx = rem.bwd(dox, qx, kx, vx, ox, lx)
+            grads = torch.stack([merge_heads(dkx[:, :, :n]), merge_heads(dvx[:, :, :n])])
             start = 0
             for s in sorted(part.recv):
-                t = len(part.recv[s]) * b
-                back[s] = grads[:, :, start : start + t].contiguous()
-                start += t
+                w = len(part.recv[s]) * b
+                back[s] = grads[:, :, start : start + w].contiguous()
+                start += w
         inc = {dst: k.new_empty(2, k.shape[0], len(blk) * b, k.shape[2]) for dst, blk in part.send.items()}
         reqs = _exchange(cp, back, inc)
-        dq, dk, dv = bwd(doh, qh, kh, vh, o, lse, part.own)
-        dq, dk, dv = (merge_heads(x) for x in (dq, dk, dv))
+        own = _Round(part.own, ctx.index, qh, "causal" if part.own_causal else None)
+        dq, dk, dv = (merge_heads(x[:, :, :t]) for x in own.bwd(doh, qh, kh, vh, o, lse))
         if dqx is not None:
-            dq = dq.index_add(1, rows, merge_heads(dqx[:, :, : rows.numel()]))
+            dqx = merge_heads(dqx[:, :, :m])
+            dq = dq + dqx if every else dq.index_add(1, rows, dqx)
         _wait(reqs)
         for dst, blk in part.send.items():
             idx = _block_index(cp, ("send", dst), blk, dev)
