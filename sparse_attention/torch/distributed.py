@@ -311,7 +311,8 @@ class _Round:
 
     def fwd(self, q, k, v):
         if self.dense is not None:
-            return _flash_fwd(q, k, v, self.dense == "causal")
+            o, lse, self.aux = _flash_fwd(q, k, v, self.dense == "causal")
+            return o, lse
         fwd, _, base2 = self.engine
         q, k, v = (_pad_rows(x, self.pad) for x in (q, k, v))
         o, lse = fwd(q, k, v, self.layout)
@@ -319,7 +320,7 @@ class _Round:
 
     def bwd(self, do, q, k, v, o, lse):
         if self.dense is not None:
-            return _flash_bwd(do, q, k, v, o, lse, self.dense == "causal")
+            return _flash_bwd(do, q, k, v, o, lse, self.dense == "causal", self.aux)
         _, bwd, base2 = self.engine
         do, q, k, v, o, lse = (_pad_rows(x, self.pad) for x in (do, q, k, v, o, lse))
         return bwd(do, q, k, v, o, lse / LN2 if base2 else lse, self.layout)
@@ -332,19 +333,21 @@ def _flash_runs(q) -> bool:
 
 
 def _flash_fwd(q, k, v, causal: bool):
+    """``(o, lse, aux)``; ``aux``: what the backward takes back from the forward (CUDA)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     if q.is_cuda:
         out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
-        return out[0], out[1]
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        # (cum_seq_q, cum_seq_k, max_q, max_k, rng_state, unused), as SDPA's own backward takes them
+        return out[0], out[1], out[2:8]
+    return (*torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale), None)
 
 
-def _flash_bwd(do, q, k, v, o, lse, causal: bool):
+def _flash_bwd(do, q, k, v, o, lse, causal: bool, aux):
     scale = 1.0 / math.sqrt(q.shape[-1])
     if q.is_cuda:
-        none = torch.empty(0, dtype=torch.int64, device=q.device)
+        cq, ck, mq, mk, seed, offset = aux
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            do, q, k, v, o, lse, none, none, q.shape[2], k.shape[2], 0.0, causal, none, none, scale=scale
+            do, q, k, v, o, lse, cq, ck, mq, mk, 0.0, causal, seed, offset, scale=scale
         )
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         do.contiguous(), q, k, v, o, lse, 0.0, causal, scale=scale
@@ -368,7 +371,7 @@ class _Sharded(torch.autograd.Function):
         t = qh.shape[2]
         o, lse = own.fwd(qh, kh, vh)
         o, lse = o[:, :, :t], lse[:, :, :t]
-        kx = vx = None
+        kx = vx = rem = None
         _wait(reqs)
         if part.remote is not None:
             recv = torch.cat([inc[s] for s in sorted(inc)], 2)
@@ -381,7 +384,7 @@ class _Sharded(torch.autograd.Function):
             om, lm = _lse_merge(_rows(o, rows, every), _rows(lse, rows, every), o2[:, :, :m], l2[:, :, :m])
             o, lse = (om, lm) if every else (o.index_copy(2, rows, om), lse.index_copy(2, rows, lm))
         ctx.save_for_backward(q, k, v, o, lse, kx, vx)
-        ctx.cp, ctx.index = cp, index
+        ctx.cp, ctx.rounds = cp, (own, rem)
         return merge_heads(o)
 
     @staticmethod
@@ -397,7 +400,7 @@ class _Sharded(torch.autograd.Function):
             rows = _block_index(cp, "rows", part.rows, dev)
             m, n = rows.numel(), kx.shape[2]
             every = m == t
-            rem = _Round(part.remote, ctx.index, qh, "full" if part.remote_full else None)
+            rem = ctx.rounds[1]
             dox, qx, ox, lx = (_rows(x, rows, every) for x in (doh, qh, o, lse))
             dqx, dkx, dvx = rem.bwd(dox, qx, kx, vx, ox, lx)
             grads = torch.stack([merge_heads(dkx[:, :, :n]), merge_heads(dvx[:, :, :n])])
@@ -408,7 +411,7 @@ class _Sharded(torch.autograd.Function):
                 start += w
         inc = {dst: k.new_empty(2, k.shape[0], len(blk) * b, k.shape[2]) for dst, blk in part.send.items()}
         reqs = _exchange(cp, back, inc)
-        own = _Round(part.own, ctx.index, qh, "causal" if part.own_causal else None)
+        own = ctx.rounds[0]
         dq, dk, dv = (merge_heads(x[:, :, :t]) for x in own.bwd(doh, qh, kh, vh, o, lse))
         if dqx is not None:
             dqx = merge_heads(dqx[:, :, :m])
