@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from sparse_attention import blocksparse_attention_impl
 from sparse_attention.layouts import make_layout
-from sparse_attention.torch.distributed import ContextParallel
+from sparse_attention.torch.distributed import ContextParallel, dense_backend
 from sparse_attention.utils.benchmark import (
     allowed_pairs,
     call_ms,
@@ -233,11 +233,13 @@ def main(argv=None):
         dev = torch.device("cpu")
     env = environment(dev)
     env["world"] = world
+    env["dense rounds"] = dense_backend(torch.empty(1, 1, 1, args.head_dim, device=dev, dtype=torch_dtype(args.dtype)))
     results = {"env": env, "args": vars(args)}
     for part in ("check", "throughput", "max_length"):
         results[part] = globals()[part](args, dev, world, rank)
         if rank == 0:
-            print(f"\n## {part} (world {world}, {env['device']})\n{table(results[part])}", flush=True)
+            print(f"\n## {part} (world {world}, {env['device']}, dense rounds: {env['dense rounds']})", flush=True)
+            print(table(results[part]), flush=True)
     if rank == 0 and args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -37,7 +37,7 @@ from ..sharding import ShardPlan, shard_plan
 from .dispatch import choose_engine, engine_pair
 from .reference import check_dtypes, merge_heads, split_heads
 
-__all__ = ["ContextParallel", "gather_sequence", "shard_sequence", "sharded_attention"]
+__all__ = ["ContextParallel", "dense_backend", "gather_sequence", "shard_sequence", "sharded_attention"]
 
 
 class ContextParallel:
@@ -333,25 +333,91 @@ def _flash_runs(q) -> bool:
 
 
 def _flash_fwd(q, k, v, causal: bool):
-    """``(o, lse, aux)``; ``aux``: what the backward takes back from the forward (CUDA)."""
+    """``(o, lse [B, H, t] natural, aux)``; ``aux``: what the backward takes back from the forward.
+    CUDA: cuDNN's attention where it passes :func:`_cudnn_ok` (the kernel SDPA itself picks on
+    Hopper), else flash attention's."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if q.is_cuda:
-        out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
-        # (cum_seq_q, cum_seq_k, max_q, max_k, rng_state, unused), as SDPA's own backward takes them
-        return out[0], out[1], out[2:8]
-    return (*torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale), None)
+    if not q.is_cuda:
+        return (*torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale), None)
+    if _cudnn_ok(str(q.device), q.dtype):
+        return _cudnn_fwd(q, k, v, causal, scale)
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    # (cum_seq_q, cum_seq_k, max_q, max_k, rng_state, unused), as SDPA's own backward takes them
+    return out[0], out[1], ("flash", *out[2:8])
+
+
+def _cudnn_fwd(q, k, v, causal: bool, scale: float):
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    o, lse = out[0], out[1]
+    # (lse's own shape, philox_seed, philox_offset, cum_seq_q, cum_seq_k, max_q, max_k)
+    aux = ("cudnn", lse.shape, out[6], out[7], out[2], out[3], out[4], out[5])
+    return o, lse.reshape(lse.shape[:3]), aux
 
 
 def _flash_bwd(do, q, k, v, o, lse, causal: bool, aux):
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if q.is_cuda:
-        cq, ck, mq, mk, seed, offset = aux
-        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            do, q, k, v, o, lse, cq, ck, mq, mk, 0.0, causal, seed, offset, scale=scale
+    if not q.is_cuda:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do.contiguous(), q, k, v, o, lse, 0.0, causal, scale=scale
         )
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        do.contiguous(), q, k, v, o, lse, 0.0, causal, scale=scale
+    if aux[0] == "cudnn":
+        shape, seed, offset, cq, ck, mq, mk = aux[1:]
+        bias = torch.empty(0, dtype=q.dtype, device=q.device)
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            do,
+            q,
+            k,
+            v,
+            o,
+            lse.reshape(shape).contiguous(),
+            seed,
+            offset,
+            bias,
+            cq,
+            ck,
+            mq,
+            mk,
+            0.0,
+            causal,
+            scale=scale,
+        )
+    cq, ck, mq, mk, seed, offset = aux[1:]
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        do, q, k, v, o, lse, cq, ck, mq, mk, 0.0, causal, seed, offset, scale=scale
     )
+
+
+def dense_backend(q: torch.Tensor) -> str | None:
+    """The kernel that runs the plain causal and full-rectangle rounds for tensors like ``q``:
+    ``"cudnn"``, ``"flash"``, ``"cpu-flash"``, or None (the block-sparse engine runs them)."""
+    if not _flash_runs(q):
+        return None
+    if not q.is_cuda:
+        return "cpu-flash"
+    return "cudnn" if _cudnn_ok(str(q.device), q.dtype) else "flash"
+
+
+@functools.cache
+def _cudnn_ok(device: str, dtype) -> bool:
+    """Whether cuDNN's attention runs here and agrees with flash attention (forward, log-sum-exp
+    and gradients; causal square and full rectangle), checked once per device and dtype."""
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        for causal, tq in ((True, 256), (False, 128)):
+            q = torch.randn(1, 2, tq, 64, device=device, dtype=dtype, generator=g)
+            k, v, do = (torch.randn(1, 2, n, 64, device=device, dtype=dtype, generator=g) for n in (256, 256, tq))
+            scale = 0.125
+            o1, l1, aux = _cudnn_fwd(q, k, v, causal, scale)
+            ref = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+            if not (torch.allclose(o1.float(), ref[0].float(), atol=2e-2) and torch.allclose(l1, ref[1], atol=2e-2)):
+                return False
+            g1 = _flash_bwd(do, q, k, v, o1, l1, causal, aux)
+            g2 = _flash_bwd(do, q, k, v, ref[0], ref[1], causal, ("flash", *ref[2:8]))
+            if not all(torch.allclose(a.float(), b.float(), atol=5e-2) for a, b in zip(g1, g2)):
+                return False
+        return True
+    except (RuntimeError, TypeError, ValueError):
+        return False
 
 
 class _Sharded(torch.autograd.Function):
