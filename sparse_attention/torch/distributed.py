@@ -362,7 +362,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal: bool, aux):
         )
     if aux[0] == "cudnn":
         shape, seed, offset, cq, ck, mq, mk = aux[1:]
-        bias = torch.empty(0, dtype=q.dtype, device=q.device)
+        bias = None  # the undefined tensor SDPA's own backward passes (an empty one is refused)
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             do,
             q,
