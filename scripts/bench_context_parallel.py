@@ -30,10 +30,11 @@ from sparse_attention import blocksparse_attention_impl
 from sparse_attention.layouts import make_layout
 from sparse_attention.torch.distributed import ContextParallel, dense_backend
 from sparse_attention.utils.benchmark import (
+    add_dtype_arg,
+    add_model_args,
     allowed_pairs,
     call_ms,
     comma_list,
-    dtype_name,
     environment,
     median,
     script_parser,
@@ -121,7 +122,7 @@ def _timed(fn, reps, dev):
 
 def throughput(args, dev, world, rank):
     rows = []
-    B, H, D, b = args.batch, args.heads, args.head_dim, args.blocksize
+    B, H, D, b = args.batch, args.n_head, args.head_dim, args.blocksize
     dtype = torch_dtype(args.dtype)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     for name, (mode, kw) in patterns(args).items():
@@ -166,7 +167,7 @@ def max_length(args, dev, world, rank):
     rows = []
     if not args.max_shard_len:
         return rows
-    B, H, D, b = 1, args.heads, args.head_dim, args.blocksize
+    B, H, D, b = 1, args.n_head, args.head_dim, args.blocksize
     dtype = torch_dtype(args.dtype)
     for name, (mode, kw) in patterns(args).items():
         if name not in args.modes or name not in ("local", "strided"):
@@ -211,13 +212,9 @@ def main(argv=None):
     ap.add_argument("--all-shard-len", type=int, default=32768, help="tokens per GPU for all (dense causal)")
     ap.add_argument("--check-len", type=int, default=8192, help="tokens per GPU (correctness)")
     ap.add_argument("--max-shard-len", type=int, default=2097152, help="tokens per GPU of the max-length run (0: none)")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--blocksize", type=int, default=64)
+    add_model_args(ap, batch=1, n_head=8, head_dim=64, blocksize=64, stride=128)
     ap.add_argument("--ctx", type=int, default=1024, help="local window and fixed group length")
-    ap.add_argument("--stride", type=int, default=128)
-    ap.add_argument("--dtype", type=dtype_name, default="bf16", help="fp16, bf16 (fp32 on the CPU)")
+    add_dtype_arg(ap, "bf16", help="fp16 or bf16 (fp32 on the CPU)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

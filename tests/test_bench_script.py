@@ -391,3 +391,24 @@ def test_host_us_interleaved_takes_turns():
     assert sorted(got) == ["a", "b", "c"] and all(v > 0 for v in got.values())
     assert [order.count(n) for n in "abc"] == [6, 6, 6]
     assert {order[3 * r] for r in range(6)} == {"a", "b", "c"}
+
+
+def test_bench_context_parallel_runs_on_two_cpu_processes(tmp_path):
+    """scripts/bench_context_parallel.py under torchrun with gloo: every check passes, the
+    throughput rows and the max-length rows are written."""
+    out = tmp_path / "cp.json"
+    tiny = "--device cpu --shard-len 2048 --all-shard-len 1024 --check-len 1024 --max-shard-len 2048"
+    tiny += f" --ctx 256 --n-head 2 --head-dim 16 --reps 1 --out {out}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(ROOT / "scripts" / "bench_context_parallel.py"), *tiny.split()]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["env"]["world"] == 2 and res["env"]["dense rounds"] == "cpu-flash"
+    assert [r["mode"] for r in res["check"]] == ["local", "strided", "fixed", "all"]
+    assert all(r["pass"] for r in res["check"])
+    assert {r["mode"] for r in res["throughput"]} == {"local", "strided", "fixed", "all"}
+    assert all(r["ok"] for r in res["max_length"]) and len(res["max_length"]) == 2
+    local = next(r for r in res["throughput"] if r["mode"] == "local")
+    assert 0 < local["sent/ring"] < 0.1  # a 256-token halo of 2048-token shards
