@@ -46,7 +46,7 @@ def patterns(args) -> dict:
     return {
         "local": ("local", dict(local_attn_ctx=args.ctx)),
         "strided": ("strided", dict(local_attn_ctx=args.stride)),
-        "fixed": ("fixed", dict(local_attn_ctx=args.ctx, num_verts=1, vertsize=1)),
+        "fixed": ("fixed", dict(local_attn_ctx=args.ctx, num_verts=args.num_verts, vertsize=1)),
         "all": ("all", {}),
     }
 
@@ -214,6 +214,7 @@ def main(argv=None):
     ap.add_argument("--max-shard-len", type=int, default=2097152, help="tokens per GPU of the max-length run (0: none)")
     add_model_args(ap, batch=1, n_head=8, head_dim=64, blocksize=64, stride=128)
     ap.add_argument("--ctx", type=int, default=1024, help="local window and fixed group length")
+    ap.add_argument("--num-verts", type=int, default=1, help="fixed: summary patterns over the heads (vertsize 1)")
     add_dtype_arg(ap, "bf16", help="fp16 or bf16 (fp32 on the CPU)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=None)

@@ -57,10 +57,17 @@ class RankPlan:
     work: int  # enabled blocks of the shard's rows, over heads (compute cost)
     own_causal: bool = False  # the own round is plain causal attention (any dense causal kernel runs it)
     remote_full: bool = False  # the remote round is a full rectangle, rows x received keys (any dense kernel)
+    recv_heads: dict | None = None  # src rank -> bool [k, heads]: the heads that read each received block
+    send_heads: dict | None = None  # dst rank -> bool [k, heads]: the heads sent of each block sent
 
     @property
     def recv_blocks(self) -> int:
         return int(sum(len(b) for b in self.recv.values()))
+
+    @property
+    def recv_block_heads(self) -> int:
+        """Received (block, head) pairs: only the heads whose pattern reads a block travel."""
+        return int(sum(m.sum() for m in self.recv_heads.values()))
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,13 +102,15 @@ class ShardPlan:
         return _rank_plan(self, rank)
 
     def exchanged_blocks(self) -> int:
-        """Key/value blocks sent over all ranks in one forward pass (the backward sends back as
-        many gradient blocks)."""
-        return sum(self.rank(r).recv_blocks for r in range(self.world))
+        """Key/value blocks sent over all ranks in one forward pass, in (block, head) pairs over
+        ``heads`` (the backward sends back as many gradient blocks)."""
+        return sum(self.rank(r).recv_block_heads for r in range(self.world)) / self.layout.heads
 
     def exchanged_bytes(self, batch: int, dim: int, itemsize: int) -> int:
-        """Bytes of keys and values sent over all ranks in one forward pass (``dim = heads * head_dim``)."""
-        return 2 * self.exchanged_blocks() * self.layout.blocksize * batch * dim * itemsize
+        """Bytes of keys and values sent over all ranks in one forward pass (``dim = heads * head_dim``):
+        each block with the heads that read it."""
+        pairs = sum(self.rank(r).recv_block_heads for r in range(self.world))
+        return 2 * pairs * self.layout.blocksize * batch * (dim // self.layout.heads) * itemsize
 
     def ring_bytes(self, batch: int, dim: int, itemsize: int) -> int:
         """What ring attention sends for the same shards: every key/value shard to every other rank."""
@@ -270,7 +279,7 @@ def _rank_plan(plan: ShardPlan, rank: int) -> RankPlan:
         raise ValueError(f"rank must lie in [0, {plan.world}), got {rank}")
     blocks = plan.blocks(rank)
     n = blocks.size
-    own_parts, remote_parts, needed = [], [], []
+    own_parts, remote_parts = [], []
     work = 0
     for p in range(lay.n_patterns):
         rows, cols, ents = _entries(lay, p, blocks)
@@ -279,9 +288,10 @@ def _rank_plan(plan: ShardPlan, rank: int) -> RankPlan:
         r, c, e = _select(rows, cols, ents, mine)
         own_parts.append((r, c, plan.local_index[r], plan.local_index[c], e))
         remote_parts.append(_select(rows, cols, ents, ~mine))
-        needed.append(cols[~mine])
-    needed = np.unique(np.concatenate(needed)) if needed else np.zeros(0, np.int64)
-    recv = {int(s): needed[plan.owner[needed] == s] for s in np.unique(plan.owner[needed])}
+    needed, heads = _needed(plan, rank)
+    src = plan.owner[needed]
+    recv = {int(s): needed[src == s] for s in np.unique(src)}
+    recv_heads = {int(s): heads[src == s] for s in np.unique(src)}
     # received keys sit in source order, each source's blocks ascending: slot of each global block
     order = np.concatenate([recv[s] for s in sorted(recv)]) if recv else np.zeros(0, np.int64)
     slot = np.full(lay.nb, -1, np.int64)
@@ -295,12 +305,15 @@ def _rank_plan(plan: ShardPlan, rank: int) -> RankPlan:
     if order.size:
         parts = [(r, c, row_slot[plan.local_index[r]], slot[c], e) for r, c, e in remote_parts]
         remote = _sub_layout(lay, parts, rows_seen.size, order.size)
-    send = {}
+    send, send_heads = {}, {}
     for dst in range(plan.world):
-        theirs = _needed(plan, dst) if dst != rank else needed[:0]
-        theirs = theirs[plan.owner[theirs] == rank]
-        if theirs.size:
-            send[dst] = plan.local_index[theirs]
+        if dst == rank:
+            continue
+        theirs, their_heads = _needed(plan, dst)
+        mine = plan.owner[theirs] == rank
+        if mine.any():
+            send[dst] = plan.local_index[theirs[mine]]
+            send_heads[dst] = their_heads[mine]
     m, k = rows_seen.size, order.size
     full = remote is not None and all(
         np.all(np.diff(remote.row_ptr[p, : m + 1]) == k) and remote.row_counts()[p, m:].sum() == 0
@@ -308,14 +321,33 @@ def _rank_plan(plan: ShardPlan, rank: int) -> RankPlan:
     )
     full = full and not np.any(remote.mask_idx >= 0)
     return RankPlan(
-        rank, blocks, own, rows_seen.astype(np.int64), recv, remote, send, int(work), own.mode == "all", bool(full)
+        rank,
+        blocks,
+        own,
+        rows_seen.astype(np.int64),
+        recv,
+        remote,
+        send,
+        int(work),
+        own.mode == "all",
+        bool(full),
+        recv_heads,
+        send_heads,
     )
 
 
 @functools.lru_cache(maxsize=256)
-def _needed(plan: ShardPlan, rank: int) -> np.ndarray:
-    """Global key blocks held by other ranks that ``rank``'s queries read, ascending."""
+def _needed(plan: ShardPlan, rank: int):
+    """``(blocks, heads)``: the global key blocks held by other ranks that ``rank``'s queries read
+    (ascending), and ``bool [k, heads]``, which heads read each."""
     lay = plan.layout
     blocks = plan.blocks(rank)
-    cols = np.unique(np.concatenate([_entries(lay, p, blocks)[1] for p in range(lay.n_patterns)]))
-    return cols[plan.owner[cols] != rank]
+    per = []
+    for p in range(lay.n_patterns):
+        cols = np.unique(_entries(lay, p, blocks)[1])
+        per.append(cols[plan.owner[cols] != rank])
+    needed = np.unique(np.concatenate(per)) if per else np.zeros(0, np.int64)
+    heads = np.zeros((needed.size, lay.heads), bool)
+    for p, cols in enumerate(per):
+        heads[np.ix_(np.searchsorted(needed, cols), lay.heads_of(p))] = True
+    return needed, heads

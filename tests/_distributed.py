@@ -55,15 +55,17 @@ def _mode(name):
     return (custom() if mode == "custom" else mode), kw, balance
 
 
-def needed_blocks(layout, world, balance):
-    """Key blocks each rank reads from other ranks, from the dense block layout (independent of
-    the plan): the bytes the exchange may move."""
+def needed_block_heads(layout, world, balance):
+    """(key block, head) pairs each rank reads from other ranks, from the dense block layout
+    (independent of the plan): what the exchange may move, only the heads that read a block."""
     nb = layout.nb
     chunks = world * (2 if balance == "zigzag" else 1)
     c = np.arange(chunks)
     owner = np.repeat(np.minimum(c, chunks - 1 - c) if chunks > world else c, nb // chunks)
-    blocks = layout.block_layout().any(axis=0)  # [nb, nb], over heads
-    return sum(int((blocks[owner == r].any(axis=0) & (owner != r)).sum()) for r in range(world))
+    blocks = layout.block_layout()  # [heads, nb, nb]
+    return sum(
+        int((blocks[h][owner == r].any(axis=0) & (owner != r)).sum()) for r in range(world) for h in range(layout.heads)
+    )
 
 
 def run_case(name, dtype, rank, world):
@@ -95,7 +97,7 @@ def run_case(name, dtype, rank, world):
     sent = torch.tensor([cp.sent_bytes], dtype=torch.int64)
     dist.all_reduce(sent)
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    need = 2 * needed_blocks(cp.layout, world, cp.plan.balance) * BS * B * H * D * itemsize
+    need = 2 * needed_block_heads(cp.layout, world, cp.plan.balance) * BS * B * D * itemsize
     return {
         "errs": errs,
         "budgets": budgets,

@@ -420,17 +420,84 @@ def _cudnn_ok(device: str, dtype) -> bool:
         return False
 
 
+class _Groups:
+    """The blocks exchanged with one peer, grouped by the heads that read them (only those heads
+    travel): per group, the token indices on this side (``tok``) and the heads (``heads``, None:
+    all). Built once per context, peer and direction, and the same on both sides (both derive it
+    from the receiver's need in the plan)."""
+
+    def __init__(self, slots: np.ndarray, mask: np.ndarray, blocksize: int, device):
+        heads = mask.shape[1]
+        keys, inverse = np.unique(mask, axis=0, return_inverse=True)
+        self.groups = []
+        for g, key in enumerate(keys):
+            sel = slots[inverse.reshape(-1) == g]
+            tok = torch.from_numpy((sel[:, None] * blocksize + np.arange(blocksize)).reshape(-1)).to(device)
+            hs = None if key.all() else torch.from_numpy(np.nonzero(key)[0]).to(device)
+            self.groups.append((tok, hs, int(key.sum()) if hs is not None else heads))
+
+    def numel(self, batch: int, head_dim: int) -> int:
+        """Elements of one packed buffer: keys and values (or their gradients) of every group."""
+        return 2 * sum(tok.numel() * nh for tok, _, nh in self.groups) * batch * head_dim
+
+    def pack(self, k, v, heads: int):
+        """One flat buffer of the groups' rows and heads of ``k, v`` (``[b, t, heads * d]``)."""
+        parts = []
+        for tok, hs, _ in self.groups:
+            for x in (k, v):
+                y = x.index_select(1, tok)
+                if hs is not None:
+                    y = y.view(*y.shape[:2], heads, -1).index_select(2, hs)
+                parts.append(y.reshape(-1))
+        return torch.cat(parts)
+
+    def unpack(self, flat, batch: int, heads: int, head_dim: int):
+        """``(tok, heads or None, k piece, v piece)`` per group from a buffer of :meth:`pack`;
+        pieces ``[b, n, heads of the group, d]``."""
+        at = 0
+        for tok, hs, nh in self.groups:
+            n = batch * tok.numel() * nh * head_dim
+            kp = flat[at : at + n].view(batch, tok.numel(), nh, head_dim)
+            vp = flat[at + n : at + 2 * n].view(batch, tok.numel(), nh, head_dim)
+            at += 2 * n
+            yield tok, hs, kp, vp
+
+
+def _groups(cp: ContextParallel, direction: str, peer: int, device) -> _Groups:
+    cache = cp.__dict__.setdefault("_groups", {})
+    key = (direction, peer, str(device))
+    if key not in cache:
+        part = cp.part
+        if direction == "send":
+            slots, mask = part.send[peer], part.send_heads[peer]
+        else:  # slots of the received blocks in the concatenated receive buffer (sources in order)
+            offset = sum(len(part.recv[s]) for s in sorted(part.recv) if s < peer)
+            slots, mask = offset + np.arange(len(part.recv[peer])), part.recv_heads[peer]
+        cache[key] = _Groups(slots, mask, cp.layout.blocksize, device)
+    return cache[key]
+
+
+def _put(dst, tok, hs, piece, add: bool):
+    """``dst [b, t, heads, d]`` at rows ``tok`` and heads ``hs`` (None: all) := / += ``piece``."""
+    if hs is None:
+        if add:
+            dst.index_add_(1, tok, piece)
+        else:
+            dst.index_copy_(1, tok, piece)
+    elif add:
+        dst[:, tok[:, None], hs[None, :]] += piece
+    else:
+        dst[:, tok[:, None], hs[None, :]] = piece
+
+
 class _Sharded(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cp: ContextParallel, index: int):
         part, b, H = cp.part, cp.layout.blocksize, cp.heads
-        dev = q.device
-        # keys and values of the blocks other ranks read, [2, batch, n * blocksize, dim] per peer
-        out = {
-            dst: torch.stack([x.index_select(1, _block_index(cp, ("send", dst), blk, dev)) for x in (k, v)])
-            for dst, blk in part.send.items()
-        }
-        inc = {src: k.new_empty(2, k.shape[0], len(blk) * b, k.shape[2]) for src, blk in part.recv.items()}
+        dev, B, D = q.device, q.shape[0], q.shape[2] // H
+        # the blocks other ranks read, with the heads that read them, one flat buffer per peer
+        out = {dst: _groups(cp, "send", dst, dev).pack(k, v, H) for dst in part.send}
+        inc = {src: k.new_empty(_groups(cp, "recv", src, dev).numel(B, D)) for src in part.recv}
         reqs = _exchange(cp, out, inc)
         qh, kh, vh = (split_heads(x, H) for x in (q, k, v))
         own = _Round(part.own, index, qh, "causal" if part.own_causal else None)
@@ -440,10 +507,16 @@ class _Sharded(torch.autograd.Function):
         kx = vx = rem = None
         _wait(reqs)
         if part.remote is not None:
-            recv = torch.cat([inc[s] for s in sorted(inc)], 2)
+            # received blocks in source order; heads a block was not sent for stay 0 (never read)
+            n = part.recv_blocks * b
+            kr, vr = (k.new_zeros(B, n, H, D) for _ in range(2))
+            for src in sorted(inc):
+                for tok, hs, kp, vp in _groups(cp, "recv", src, dev).unpack(inc[src], B, H, D):
+                    _put(kr, tok, hs, kp, add=False)
+                    _put(vr, tok, hs, vp, add=False)
+            kx, vx = (x.transpose(1, 2) for x in (kr, vr))
             rows = _block_index(cp, "rows", part.rows, dev)
             m = rows.numel()
-            kx, vx = (split_heads(x, H) for x in recv)
             every = m == t
             rem = _Round(part.remote, index, qh, "full" if part.remote_full else None)
             o2, l2 = rem.fwd(_rows(qh, rows, every), kx, vx)
@@ -456,8 +529,8 @@ class _Sharded(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, kx, vx = ctx.saved_tensors
-        cp, part, b, H = ctx.cp, ctx.cp.part, ctx.cp.layout.blocksize, ctx.cp.heads
-        dev = q.device
+        cp, part, H = ctx.cp, ctx.cp.part, ctx.cp.heads
+        dev, B, D = q.device, q.shape[0], q.shape[2] // H
         qh, kh, vh, doh = (split_heads(x, H) for x in (q, k, v, do))
         t = qh.shape[2]
         back, dqx = {}, None
@@ -469,13 +542,9 @@ class _Sharded(torch.autograd.Function):
             rem = ctx.rounds[1]
             dox, qx, ox, lx = (_rows(x, rows, every) for x in (doh, qh, o, lse))
             dqx, dkx, dvx = rem.bwd(dox, qx, kx, vx, ox, lx)
-            grads = torch.stack([merge_heads(dkx[:, :, :n]), merge_heads(dvx[:, :, :n])])
-            start = 0
-            for s in sorted(part.recv):
-                w = len(part.recv[s]) * b
-                back[s] = grads[:, :, start : start + w].contiguous()
-                start += w
-        inc = {dst: k.new_empty(2, k.shape[0], len(blk) * b, k.shape[2]) for dst, blk in part.send.items()}
+            dkr, dvr = (merge_heads(x[:, :, :n]) for x in (dkx, dvx))
+            back = {src: _groups(cp, "recv", src, dev).pack(dkr, dvr, H) for src in part.recv}
+        inc = {dst: k.new_empty(_groups(cp, "send", dst, dev).numel(B, D)) for dst in part.send}
         reqs = _exchange(cp, back, inc)
         own = ctx.rounds[0]
         dq, dk, dv = (merge_heads(x[:, :, :t]) for x in own.bwd(doh, qh, kh, vh, o, lse))
@@ -483,8 +552,11 @@ class _Sharded(torch.autograd.Function):
             dqx = merge_heads(dqx[:, :, :m])
             dq = dq + dqx if every else dq.index_add(1, rows, dqx)
         _wait(reqs)
-        for dst, blk in part.send.items():
-            idx = _block_index(cp, ("send", dst), blk, dev)
-            dk = dk.index_add(1, idx, inc[dst][0])
-            dv = dv.index_add(1, idx, inc[dst][1])
+        if inc:
+            dk, dv = dk.contiguous().view(B, t, H, D), dv.contiguous().view(B, t, H, D)
+            for dst in sorted(inc):
+                for tok, hs, kp, vp in _groups(cp, "send", dst, dev).unpack(inc[dst], B, H, D):
+                    _put(dk, tok, hs, kp, add=True)
+                    _put(dv, tok, hs, vp, add=True)
+            dk, dv = dk.view(B, t, H * D), dv.view(B, t, H * D)
         return dq, dk, dv, None, None
