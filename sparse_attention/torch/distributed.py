@@ -65,10 +65,8 @@ class ContextParallel:
         group=None,
         balance=None,
     ):
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("ContextParallel needs torch.distributed initialised (dist.init_process_group)")
         self.group = group
-        self.world = dist.get_world_size(group)
+        self.world = _world(group)
         self.rank = dist.get_rank(group)
         self.heads = heads
         self.layout: Layout = resolve_spec(
@@ -145,14 +143,16 @@ def _context(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, verts
     )
 
 
-def _cached_context(q, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, group, balance):
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("sharded_attention needs torch.distributed initialised (dist.init_process_group)")
-    if q.dim() != 3:
-        raise ValueError(f"q must have shape [batch, time / world, heads * head_dim], got {tuple(q.shape)}")
-    time = q.shape[1] * dist.get_world_size(group)
+def _cached_context(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, group, balance):
+    """The :class:`ContextParallel` of these arguments (cached: the plan is made once)."""
     mode = _Keyed(attn_mode) if isinstance(attn_mode, Layout) else attn_mode
     return _context(time, heads, mode, local_attn_ctx, blocksize, num_verts, vertsize, group, balance)
+
+
+def _world(group) -> int:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("context parallelism needs torch.distributed initialised (dist.init_process_group)")
+    return dist.get_world_size(group)
 
 
 class _Keyed:
@@ -185,7 +185,10 @@ def sharded_attention(
     """``blocksparse_attention_impl`` over a sequence sharded across ``group``'s ranks: ``q, k, v``
     are this rank's ``[batch, time / world, heads * head_dim]`` shard in :func:`shard_sequence`'s
     order; returns this rank's output rows. Differentiable. See :class:`ContextParallel`."""
-    cp = _cached_context(q, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, group, balance)
+    if q.dim() != 3:
+        raise ValueError(f"q must have shape [batch, time / world, heads * head_dim], got {tuple(q.shape)}")
+    time = q.shape[1] * _world(group)
+    cp = _cached_context(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, group, balance)
     return cp(q, k, v)
 
 
@@ -203,9 +206,9 @@ def shard_sequence(
     dim=1,
 ):
     """This rank's shard of the whole sequence ``x`` in the order :func:`sharded_attention` expects."""
-    world = dist.get_world_size(group) if dist.is_initialized() else 1
-    probe = x.new_empty(1, x.shape[dim] // max(world, 1), heads)
-    cp = _cached_context(probe, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, group, balance)
+    _world(group)
+    time = x.shape[dim]
+    cp = _cached_context(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, group, balance)
     return cp.shard(x, dim)
 
 
@@ -223,8 +226,8 @@ def gather_sequence(
     dim=1,
 ):
     """The whole sequence (natural order, on every rank) from each rank's shard ``y``."""
-    probe = y.new_empty(1, y.shape[dim], heads)
-    cp = _cached_context(probe, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, group, balance)
+    time = y.shape[dim] * _world(group)
+    cp = _cached_context(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, group, balance)
     return cp.gather(y, dim)
 
 
