@@ -122,10 +122,15 @@ class ShardPlan:
 
 
 @functools.lru_cache(maxsize=32)
-def shard_plan(layout: Layout, world: int, balance: str | None = None) -> ShardPlan:
+def shard_plan(layout: Layout, world: int, balance: str | None = None, natural: bool = False) -> ShardPlan:
     """The plan of ``layout`` over ``world`` ranks (cached). ``balance``: one of
     :data:`BALANCES`; ``None`` takes ``"zigzag"`` for ``all`` and ``fixed``, else
-    ``"contiguous"``. Raises ``ValueError`` unless the blocks split evenly."""
+    ``"contiguous"``. Raises ``ValueError`` unless the blocks split evenly.
+
+    ``natural``: cut the shards in natural token order (:func:`shard_positions`, the order a model
+    shards its sequence in) even where the layout reorders its tokens (``strided``); each shard
+    must then be whole blocks of the layout's order (for ``strided`` with stride ``l``: ``time /
+    (chunks * l)`` a multiple of ``blocksize``), else ``ValueError``."""
     if not isinstance(world, (int, np.integer)) or isinstance(world, bool) or world < 1:
         raise ValueError(f"world (the number of ranks) must be a positive int, got {world!r}")
     if balance is None:
@@ -133,6 +138,16 @@ def shard_plan(layout: Layout, world: int, balance: str | None = None) -> ShardP
     if balance not in BALANCES:
         raise ValueError(f"balance must be one of {BALANCES} or None, got {balance!r}")
     owner = shard_owner(layout.nb, world, balance, layout.time, layout.blocksize)
+    if natural and layout.perm is not None:
+        b = layout.blocksize
+        tokens = np.repeat(owner, b)[layout.perm].reshape(layout.nb, b)  # owner of each block-order token
+        if np.any(tokens != tokens[:, :1]):
+            raise ValueError(
+                f"natural-order shards of {layout.mode!r} at time {layout.time} over {world} ranks ({balance}) are "
+                f"not whole blocks of {b} in its token order: make time / (shards * stride) a multiple of the "
+                "blocksize (a longer time, fewer ranks, or balance='contiguous')"
+            )
+        owner = tokens[:, 0].copy()
     local_index = np.zeros(layout.nb, np.int64)
     for r in range(world):
         idx = np.nonzero(owner == r)[0]

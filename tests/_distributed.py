@@ -39,6 +39,7 @@ CASES = {
     "local-zigzag": ("local", dict(local_attn_ctx=64, balance="zigzag")),
     "strided": ("strided", dict(local_attn_ctx=64)),
     "strided-split": ("strided", dict(local_attn_ctx=2)),
+    "strided-natural": ("strided", dict(local_attn_ctx=4, balance="zigzag", natural_order=True)),
     "fixed": ("fixed", dict(local_attn_ctx=128, num_verts=2, vertsize=1)),
     "fixed-contiguous": ("fixed", dict(local_attn_ctx=64, num_verts=1, vertsize=2, balance="contiguous")),
     "all": ("all", {}),
@@ -52,16 +53,20 @@ def _mode(name):
     mode, kw = CASES[name]
     kw = dict(kw)
     balance = kw.pop("balance", None)
-    return (custom() if mode == "custom" else mode), kw, balance
+    extra = {k: kw.pop(k) for k in ("natural_order",) if k in kw}
+    return (custom() if mode == "custom" else mode), kw, balance, extra
 
 
-def needed_block_heads(layout, world, balance):
+def needed_block_heads(layout, world, balance, natural=False):
     """(key block, head) pairs each rank reads from other ranks, from the dense block layout
-    (independent of the plan): what the exchange may move, only the heads that read a block."""
+    (independent of the plan): what the exchange may move, only the heads that read a block.
+    ``natural``: shards cut in natural token order, mapped to the layout's blocks by its ``perm``."""
     nb = layout.nb
     chunks = world * (2 if balance == "zigzag" else 1)
     c = np.arange(chunks)
     owner = np.repeat(np.minimum(c, chunks - 1 - c) if chunks > world else c, nb // chunks)
+    if natural and layout.perm is not None:
+        owner = np.repeat(owner, layout.blocksize)[layout.perm[:: layout.blocksize]]
     blocks = layout.block_layout()  # [heads, nb, nb]
     return sum(
         int((blocks[h][owner == r].any(axis=0) & (owner != r)).sum()) for r in range(world) for h in range(layout.heads)
@@ -69,7 +74,7 @@ def needed_block_heads(layout, world, balance):
 
 
 def run_case(name, dtype, rank, world):
-    mode, kw, balance = _mode(name)
+    mode, kw, balance, extra = _mode(name)
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))  # the same on every rank
     q, k, v, do = (torch.randn(B, T, H * D, generator=gen, dtype=torch.float64) for _ in range(4))
 
@@ -82,7 +87,7 @@ def run_case(name, dtype, rank, world):
     want = fwd_bwd(ref, q, k, v, do)
     cast = [x.to(dtype) for x in (q, k, v, do)]
     base = want if dtype == torch.float64 else fwd_bwd(same, *cast)
-    cp = ContextParallel(T, H, mode, blocksize=BS, group=None, balance=balance, **kw)
+    cp = ContextParallel(T, H, mode, blocksize=BS, group=None, balance=balance, **kw, **extra)
     shards = [cp.shard(x) for x in cast]
     got = fwd_bwd(cp, *shards)
     errs, budgets = [], []
@@ -97,7 +102,7 @@ def run_case(name, dtype, rank, world):
     sent = torch.tensor([cp.sent_bytes], dtype=torch.int64)
     dist.all_reduce(sent)
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    need = 2 * needed_block_heads(cp.layout, world, cp.plan.balance) * BS * B * D * itemsize
+    need = 2 * needed_block_heads(cp.layout, world, cp.plan.balance, bool(extra)) * BS * B * D * itemsize
     return {
         "errs": errs,
         "budgets": budgets,

@@ -230,16 +230,16 @@ def test_self_attention_compiles_without_graph_breaks():
     torch.testing.assert_close(g_comp, g_eager)
 
 
-def test_context_layout_is_one_natural_order_layout_or_a_clear_error():
+def test_context_layout_is_one_layout_over_all_heads_or_a_clear_error():
     from sparse_attention.patterns import Merged, Mode, PerHead
     from sparse_attention.torch.nn import context_layout
 
     lay = context_layout(Mode("local", 64), 256, 4, 16)
     assert lay.mode == "local" and lay.perm is None and lay.heads == 4
+    assert context_layout(Mode("strided", 32), 256, 4, 16).perm is not None  # sharded in natural order
     merged = context_layout(Merged(Mode("local", 32), Mode("strided", 32)), 256, 4, 16)
     assert merged.perm is None and merged.heads == 4
-    for spec in (Mode("strided", 32), PerHead(Mode("local", 32), Mode("strided", 32))):
-        with pytest.raises(ValueError, match="natural-order layout"):
-            context_layout(spec, 256, 4, 16)
+    with pytest.raises(ValueError, match="several"):
+        context_layout(PerHead(Mode("local", 32), Mode("strided", 32)), 256, 4, 16)
     with pytest.raises(ValueError, match="impl='sparse'"):
         SparseAttention(4, "local", 64, impl="dense").context_parallel()

@@ -120,3 +120,15 @@ def test_kernels_run_the_rounds(launch, case, world):
             want = gather.gather_backward(dox.double(), qx.double(), kx.double(), vx.double(), go, glse, sub)
             for name, g, w, cut in zip(("dq", "dk", "dv"), grads, want, (m, ki.numel(), ki.numel())):
                 torch.testing.assert_close(g[:, :, :cut].double(), w[:, :, :cut], atol=5e-5, rtol=1e-4, msg=name)
+
+
+def test_natural_order_shards_of_strided():
+    """Shards cut in natural order (a model's) are whole blocks of strided's residue order where
+    ``time / (chunks * l)`` is a multiple of the blocksize, and a clear error elsewhere."""
+    lay = make_layout(1024, 2, "strided", local_attn_ctx=4, blocksize=32)
+    plan = shard_plan(lay, 4, "zigzag", True)
+    for r in range(4):  # rank r holds natural chunks r and 7 - r, in the layout's order
+        want = np.concatenate([np.arange(r * 128, (r + 1) * 128), np.arange((7 - r) * 128, (8 - r) * 128)])
+        np.testing.assert_array_equal(np.sort(plan.positions(r)), want)
+    with pytest.raises(ValueError, match="whole blocks"):
+        shard_plan(make_layout(1024, 2, "strided", local_attn_ctx=8, blocksize=32), 4, "zigzag", True)

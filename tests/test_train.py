@@ -174,12 +174,21 @@ def test_older_flag_spellings_are_aliases():
     assert (new.batch, new.dtype, new.n_head) == (6, "bf16", 2)
 
 
-@pytest.mark.parametrize("procs,cp,attn", [(2, 2, "fixed"), (4, 2, "local")])
+@pytest.mark.parametrize(
+    "procs,cp,attn",
+    [(2, 2, "fixed"), (4, 2, "local"), (2, 2, "strided")],
+)
 def test_context_parallel_follows_one_process(corpus, tmp_path, procs, cp, attn):
     """--context-parallel C: each sequence sharded over C gloo processes (and the batch over the
-    procs / C groups) gives the one-process losses and bits per byte."""
+    procs / C groups) gives the one-process losses and bits per byte. ``strided`` (interleaved
+    local and strided layers) at 1,024 tokens with stride 16, where its natural-order shards are
+    whole blocks of its residue order."""
     args = TINY + ["--data", str(corpus), "--steps", "3", "--eval-interval", "3", "--sample-len", "8"]
-    args += ["--attn", attn]
+    args += ["--attn", attn] + (
+        ["--n-ctx", "1024", "--stride", "16", "--factorization", "interleaved", "--val-fraction", "0.1"]
+        if attn == "strided"
+        else []
+    )
     one = train.main(args + ["--out", str(tmp_path / "one")])
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), str(SCRIPT)]

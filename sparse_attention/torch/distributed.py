@@ -50,6 +50,9 @@ class ContextParallel:
         group: the process group (``None``: the default group).
         balance: ``"contiguous"``, ``"zigzag"`` or ``None`` (zigzag for ``all`` and ``fixed``,
             whose later rows have more keys; see :func:`sparse_attention.sharding.shard_plan`).
+        natural_order: shards cut in natural token order and held in it (the order a model shards
+            its sequence in, :func:`sparse_attention.sharding.shard_positions`), also for
+            ``strided``, which is otherwise sharded in its residue-major order (less exchange).
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class ContextParallel:
         *,
         group=None,
         balance=None,
+        natural_order: bool = False,
     ):
         self.group = group
         self.world = _world(group)
@@ -72,14 +76,22 @@ class ContextParallel:
         self.layout: Layout = resolve_spec(
             time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, sparse=True
         )
-        self.plan: ShardPlan = shard_plan(self.layout, self.world, balance)
+        self.plan: ShardPlan = shard_plan(self.layout, self.world, balance, natural_order)
         self.part = self.plan.rank(self.rank)
+        # natural_order with a reordering layout (strided): tensors hold the shard's tokens in natural
+        # order and are put in the layout's order inside the call (one gather each way)
+        self._order = None
+        if natural_order and self.layout.perm is not None:
+            tokens = self.plan.positions(self.rank)  # in the layout's order
+            to_layout = np.searchsorted(np.sort(tokens), tokens)
+            self._order = (torch.from_numpy(to_layout), torch.from_numpy(np.argsort(to_layout)))
         self.sent_bytes = 0  # key/value (forward) and gradient (backward) bytes this rank has sent
 
     # -- the order of the shards ------------------------------------------------------------
     def positions(self, device=None) -> torch.Tensor:
         """Token indices of this rank's shard, in its order (for positional embeddings)."""
-        return _positions(self.plan, self.rank, str(device) if device is not None else "cpu")
+        pos = _positions(self.plan, self.rank, str(device) if device is not None else "cpu")
+        return pos if self._order is None else pos.sort().values
 
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This rank's shard of a whole sequence ``x`` (``x.shape[dim] == time``)."""
@@ -97,6 +109,8 @@ class ContextParallel:
         parts = [torch.empty_like(y) for _ in range(self.world)]
         dist.all_gather(parts, y.contiguous(), group=self.group)
         order = torch.cat([_positions(self.plan, r, str(y.device)) for r in range(self.world)])
+        if self._order is not None:  # every rank holds its tokens in natural order
+            order = order.view(self.world, -1).sort(dim=1).values.reshape(-1)
         out = torch.empty_like(torch.cat(parts, dim))
         return out.index_copy_(dim, order, torch.cat(parts, dim))
 
@@ -123,7 +137,14 @@ class ContextParallel:
         qh = split_heads(q, self.heads)
         lays = [self.part.own] + ([self.part.remote] if self.part.remote is not None else [])
         index = max(choose_engine(qh, lay) for lay in lays)  # fused only if both rounds run fused
-        return _Sharded.apply(q, k, v, self, index)
+        if self._order is None:
+            return _Sharded.apply(q, k, v, self, index)
+        cache = self.__dict__.setdefault("_order_on", {})
+        if str(q.device) not in cache:  # once per device: a copy per call would wait for queued kernels
+            cache[str(q.device)] = tuple(x.to(q.device) for x in self._order)
+        to_layout, back = cache[str(q.device)]
+        q, k, v = (x.index_select(1, to_layout) for x in (q, k, v))
+        return _Sharded.apply(q, k, v, self, index).index_select(1, back)
 
     def exchanged_bytes(self, batch: int, dim: int, itemsize: int) -> int:
         """Key/value bytes all ranks send in one forward pass (the backward sends as many back)."""

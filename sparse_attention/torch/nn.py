@@ -75,9 +75,9 @@ class SparseAttention(nn.Module):
     def context_parallel(self, group=None, balance: str = "zigzag") -> None:
         """Take ``q, k, v`` from now on as this rank's shard of a sequence split over ``group``'s
         ranks (:mod:`sparse_attention.torch.distributed`; tokens at
-        :func:`sparse_attention.sharding.shard_positions`); ``group=False`` turns it off. Needs
-        ``impl="sparse"`` and a pattern with one natural-order layout over all heads
-        (:func:`context_layout`)."""
+        :func:`sparse_attention.sharding.shard_positions`, natural order, also for ``strided``);
+        ``group=False`` turns it off. Needs ``impl="sparse"`` and a pattern with one layout over
+        all heads (:func:`context_layout`)."""
         if group is False:
             self.context = None
             return
@@ -122,7 +122,8 @@ class SparseAttention(nn.Module):
         cp = self._contexts.get(T)
         if cp is None:
             lay = context_layout(self.spec, T, self.heads, self.blocksize)
-            cp = self._contexts[T] = ContextParallel(T, self.heads, lay, group=group, balance=balance)
+            cp = ContextParallel(T, self.heads, lay, group=group, balance=balance, natural_order=True)
+            self._contexts[T] = cp
         return cp(q, k, v)
 
     def prepare(self, time: int, device) -> None:
@@ -139,23 +140,18 @@ class SparseAttention(nn.Module):
 
 
 def context_layout(spec: Spec, time: int, heads: int, blocksize: int) -> Layout:
-    """The one layout over all heads, in natural token order, that context parallelism shards:
-    a built-in mode other than ``strided``, a custom layout, or a spec with a ``layout`` method
-    (``Group``, ``Merged``). Raises ``ValueError`` for the rest (``strided``, whose fast layout
-    reorders the tokens; per-head groups)."""
+    """The one layout over all heads that context parallelism shards: a built-in mode, a custom
+    layout, or a spec with a ``layout`` method (``Group``, ``Merged``). Raises ``ValueError`` for
+    per-head specs (several layouts)."""
     groups = resolve_layouts(spec, time, heads, blocksize)
-    lay = None
     if len(groups) == 1 and groups[0][1] == heads and isinstance(groups[0][2], Layout):
-        lay = groups[0][2]
-    elif hasattr(spec, "layout"):
-        lay = spec.layout(time, heads, blocksize)
-    if lay is None or lay.perm is not None:
-        raise ValueError(
-            f"context parallelism shards one natural-order layout over all heads; {spec} is not one "
-            "(strided reorders its tokens, per-head specs have several layouts): use local, fixed, all, "
-            "a Merged spec or a custom layout"
-        )
-    return lay
+        return groups[0][2]
+    if hasattr(spec, "layout"):
+        return spec.layout(time, heads, blocksize)
+    raise ValueError(
+        f"context parallelism shards one layout over all heads; {spec} has several (per-head specs): "
+        "use a mode, a Merged spec or a custom layout"
+    )
 
 
 def resolve_layouts(spec: Spec, time: int, heads: int, blocksize: int) -> list:
