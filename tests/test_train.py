@@ -176,13 +176,15 @@ def test_older_flag_spellings_are_aliases():
 
 @pytest.mark.parametrize(
     "procs,cp,attn",
-    [(2, 2, "fixed"), (4, 2, "local"), (2, 2, "strided")],
+    [(2, 2, "fixed"), (4, 2, "local"), (2, 2, "strided"), (2, 2, "local+compile")],
 )
 def test_context_parallel_follows_one_process(corpus, tmp_path, procs, cp, attn):
     """--context-parallel C: each sequence sharded over C gloo processes (and the batch over the
-    procs / C groups) gives the one-process losses and bits per byte. ``strided`` (interleaved
+    procs / C groups) gives the one-process losses and bits per byte, also with ``--compile``
+    (the sharded attention runs eagerly inside the compiled model). ``strided`` (interleaved
     local and strided layers) at 1,024 tokens with stride 16, where its natural-order shards are
     whole blocks of its residue order."""
+    attn, _, compiled = attn.partition("+")
     args = TINY + ["--data", str(corpus), "--steps", "3", "--eval-interval", "3", "--sample-len", "8"]
     args += ["--attn", attn] + (
         ["--n-ctx", "1024", "--stride", "16", "--factorization", "interleaved", "--val-fraction", "0.1"]
@@ -192,7 +194,7 @@ def test_context_parallel_follows_one_process(corpus, tmp_path, procs, cp, attn)
     one = train.main(args + ["--out", str(tmp_path / "one")])
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), str(SCRIPT)]
-    cmd += args + ["--context-parallel", str(cp), "--out", str(tmp_path / "cp")]
+    cmd += args + ["--context-parallel", str(cp), "--out", str(tmp_path / "cp")] + (["--compile"] if compiled else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert f"({cp} per sequence)" in proc.stdout + proc.stderr

@@ -112,7 +112,10 @@ class SparseAttention(nn.Module):
             layouts=layouts,
         )
 
+    @torch.compiler.disable
     def _sharded(self, q, k, v):
+        # not traced: the plan is numpy, the exchange torch.distributed point-to-point calls (a
+        # compiled model runs this part eagerly, one graph break per layer)
         import torch.distributed as dist
 
         from .distributed import ContextParallel
