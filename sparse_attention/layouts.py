@@ -46,6 +46,7 @@ __all__ = [
     "custom_layout",
     "bigbird_layout",
     "broadcast_layout",
+    "stack_heads",
     "deepspeed_layout",
     "longformer_layout",
     "dense_mask",
@@ -467,3 +468,55 @@ def broadcast_layout(layout: Layout, heads: int) -> Layout:
     if layout.heads != 1:
         raise ValueError(f"only a one-head layout can be broadcast, this one has {layout.heads}")
     return dataclasses.replace(layout, heads=heads, head_pattern=np.repeat(layout.head_pattern[:1], heads))
+
+
+def stack_heads(parts) -> Layout:
+    """One layout of several layouts that cover consecutive heads: ``parts`` is ``[(first_head,
+    n_heads, Layout)]``, head ranges from 0 without gaps, one ``time`` and ``blocksize``, natural
+    token order. Their patterns sit side by side (a custom layout; the built-in modes' in-block
+    masks are written out for their partial blocks)."""
+    parts = sorted(parts, key=lambda x: x[0])
+    if not parts:
+        raise ValueError("stack_heads needs at least one (first_head, n_heads, layout)")
+    first = parts[0][2]
+    row_ptrs, cols, midx, heads = [], [], [], []
+    masks, index = [], {}
+    entries = patterns = expect = 0
+    for h0, hn, lay in parts:
+        if not isinstance(lay, Layout) or h0 != expect or lay.heads != hn:
+            raise ValueError(
+                f"stack_heads: parts must be (first_head, n_heads, Layout) over consecutive heads, got {h0}"
+            )
+        if (lay.time, lay.blocksize) != (first.time, first.blocksize) or lay.perm is not None:
+            raise ValueError(
+                "stack_heads: every part needs the same time and blocksize, in natural token order "
+                f"(got {lay.mode} at time {lay.time}, blocksize {lay.blocksize}, perm {lay.perm is not None})"
+            )
+        expect += hn
+        row_ptrs.append(lay.row_ptr + entries)
+        cols.append(lay.cols)
+        own = np.full(lay.nnz, -1, np.int32)
+        rows = lay.entry_rows().astype(np.int64)
+        pattern = np.repeat(np.arange(lay.n_patterns), lay.row_counts().sum(axis=1))
+        for p in range(lay.n_patterns):
+            sel = np.nonzero((pattern == p) & lay.partial)[0]
+            if not sel.size:
+                continue
+            block = lay.entry_masks(p, rows[sel], lay.cols[sel].astype(np.int64), sel if lay.mode == "custom" else None)
+            for e, m in zip(sel, block):
+                if m.all():
+                    continue
+                key = m.tobytes()
+                if key not in index:
+                    index[key] = len(masks)
+                    masks.append(m)
+                own[e] = index[key]
+        midx.append(own)
+        heads.append(lay.head_pattern + patterns)
+        entries += lay.nnz
+        patterns += lay.n_patterns
+    b = first.blocksize
+    block_masks = np.stack(masks) if masks else np.zeros((0, b, b), bool)
+    return csr_layout(
+        np.concatenate(row_ptrs), np.concatenate(cols), b, np.concatenate(heads), np.concatenate(midx), block_masks
+    )

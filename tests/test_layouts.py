@@ -246,3 +246,24 @@ def test_csr_layout_roundtrip_and_errors():
         csr_layout(rp, [0, 0, 1], 16, [1])
     with pytest.raises(ValueError, match="mask_idx"):
         csr_layout(rp, [0, 0, 1], 16, [0], mask_idx=[0, -1, -1])
+
+
+def test_stack_heads_puts_patterns_side_by_side():
+    from sparse_attention.layouts import stack_heads
+
+    rng = np.random.default_rng(0)
+    blocks = np.tril(rng.random((8, 8)) < 0.5) | np.eye(8, dtype=bool)
+    custom = custom_layout(blocks.astype(int), 16, callback=lambda shape, h, q, k, e: rng.random(shape) < 0.7, heads=1)
+    parts = [
+        (0, 2, make_layout(128, 2, "local", local_attn_ctx=48, blocksize=16)),
+        (2, 1, custom),
+        (3, 3, make_layout(128, 3, "fixed", local_attn_ctx=64, blocksize=16, num_verts=3, vertsize=1)),
+    ]
+    stacked = stack_heads(parts)
+    want = np.concatenate([lay.to_dense() for _, _, lay in parts])
+    np.testing.assert_array_equal(stacked.to_dense(), want)
+    assert stacked.heads == 6 and stacked.n_patterns == 2 + 1 + 3 - 1  # local shares one pattern
+    with pytest.raises(ValueError, match="consecutive heads"):
+        stack_heads(parts[:1] + parts[2:])
+    with pytest.raises(ValueError, match="natural token order"):
+        stack_heads([(0, 1, make_layout(128, 1, "strided", local_attn_ctx=8, blocksize=16))])

@@ -231,7 +231,7 @@ def test_self_attention_compiles_without_graph_breaks():
 
 
 def test_context_layout_is_one_layout_over_all_heads_or_a_clear_error():
-    from sparse_attention.patterns import Merged, Mode, PerHead
+    from sparse_attention.patterns import Group, Merged, Mode, PerHead
     from sparse_attention.torch.nn import context_layout
 
     lay = context_layout(Mode("local", 64), 256, 4, 16)
@@ -239,7 +239,12 @@ def test_context_layout_is_one_layout_over_all_heads_or_a_clear_error():
     assert context_layout(Mode("strided", 32), 256, 4, 16).perm is not None  # sharded in natural order
     merged = context_layout(Merged(Mode("local", 32), Mode("strided", 32)), 256, 4, 16)
     assert merged.perm is None and merged.heads == 4
-    with pytest.raises(ValueError, match="several"):
+    with pytest.raises(ValueError, match="token order"):
         context_layout(PerHead(Mode("local", 32), Mode("strided", 32)), 256, 4, 16)
+    spec = PerHead(Group(64), Mode("fixed", 64, num_verts=1, vertsize=2))
+    stacked = context_layout(spec, 256, 4, 16)
+    i = np.arange(256)
+    want = spec.mask(i, i, 4, 16)
+    np.testing.assert_array_equal(stacked.to_dense(), np.broadcast_to(want, (4, 256, 256)))
     with pytest.raises(ValueError, match="impl='sparse'"):
         SparseAttention(4, "local", 64, impl="dense").context_parallel()

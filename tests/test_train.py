@@ -176,7 +176,7 @@ def test_older_flag_spellings_are_aliases():
 
 @pytest.mark.parametrize(
     "procs,cp,attn",
-    [(2, 2, "fixed"), (4, 2, "local"), (2, 2, "strided"), (2, 2, "local+compile")],
+    [(2, 2, "fixed"), (2, 2, "fixed/heads"), (4, 2, "local"), (2, 2, "strided"), (2, 2, "local+compile")],
 )
 def test_context_parallel_follows_one_process(corpus, tmp_path, procs, cp, attn):
     """--context-parallel C: each sequence sharded over C gloo processes (and the batch over the
@@ -185,7 +185,9 @@ def test_context_parallel_follows_one_process(corpus, tmp_path, procs, cp, attn)
     local and strided layers) at 1,024 tokens with stride 16, where its natural-order shards are
     whole blocks of its residue order."""
     attn, _, compiled = attn.partition("+")
+    attn, _, factorization = attn.partition("/")  # heads: per-head groups, stacked into one layout
     args = TINY + ["--data", str(corpus), "--steps", "3", "--eval-interval", "3", "--sample-len", "8"]
+    args += ["--factorization", factorization] if factorization else []
     args += ["--attn", attn] + (
         ["--n-ctx", "1024", "--stride", "16", "--factorization", "interleaved", "--val-fraction", "0.1"]
         if attn == "strided"

@@ -14,7 +14,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..frontend import resolve_spec
-from ..layouts import Layout, make_layout
+from ..layouts import Layout, make_layout, stack_heads
 from ..patterns import Custom, Merged, Mode, Spec, as_spec
 from . import baselines
 from .dispatch import attention_bhtd, register_layout
@@ -144,16 +144,19 @@ class SparseAttention(nn.Module):
 
 def context_layout(spec: Spec, time: int, heads: int, blocksize: int) -> Layout:
     """The one layout over all heads that context parallelism shards: a built-in mode, a custom
-    layout, or a spec with a ``layout`` method (``Group``, ``Merged``). Raises ``ValueError`` for
-    per-head specs (several layouts)."""
+    layout, a spec with a ``layout`` method (``Group``, ``Merged``), or per-head groups in natural
+    token order stacked (:func:`~sparse_attention.layouts.stack_heads`). Raises ``ValueError`` for
+    per-head groups that mix token orders (``strided`` beside another pattern)."""
     groups = resolve_layouts(spec, time, heads, blocksize)
     if len(groups) == 1 and groups[0][1] == heads and isinstance(groups[0][2], Layout):
         return groups[0][2]
     if hasattr(spec, "layout"):
         return spec.layout(time, heads, blocksize)
+    if all(isinstance(lay, Layout) and lay.perm is None for _, _, lay in groups):
+        return stack_heads(groups)  # per-head groups in natural order: one layout, patterns side by side
     raise ValueError(
-        f"context parallelism shards one layout over all heads; {spec} has several (per-head specs): "
-        "use a mode, a Merged spec or a custom layout"
+        f"context parallelism shards one layout over all heads; the head groups of {spec} do not share a "
+        "token order (strided reorders its tokens): use one mode, a Merged spec or a custom layout"
     )
 
 
