@@ -459,6 +459,10 @@ class _Groups:
             tok = torch.from_numpy((sel[:, None] * blocksize + np.arange(blocksize)).reshape(-1)).to(device)
             hs = None if key.all() else torch.from_numpy(np.nonzero(key)[0]).to(device)
             self.groups.append((tok, hs, int(key.sum()) if hs is not None else heads))
+        # one group of every head over slots 0, 1, ...: the buffer is the tensor itself (no gather)
+        self.whole = (
+            len(self.groups) == 1 and self.groups[0][1] is None and np.array_equal(slots, np.arange(len(slots)))
+        )
 
     def numel(self, batch: int, head_dim: int) -> int:
         """Elements of one packed buffer: keys and values (or their gradients) of every group."""
@@ -466,6 +470,8 @@ class _Groups:
 
     def pack(self, k, v, heads: int):
         """One flat buffer of the groups' rows and heads of ``k, v`` (``[b, t, heads * d]``)."""
+        if self.whole and k.shape[1] == self.groups[0][0].numel():
+            return torch.cat([k.reshape(-1), v.reshape(-1)])
         parts = []
         for tok, hs, _ in self.groups:
             for x in (k, v):
@@ -533,11 +539,15 @@ class _Sharded(torch.autograd.Function):
         if part.remote is not None:
             # received blocks in source order; heads a block was not sent for stay 0 (never read)
             n = part.recv_blocks * b
-            kr, vr = (k.new_zeros(B, n, H, D) for _ in range(2))
-            for src in sorted(inc):
-                for tok, hs, kp, vp in _groups(cp, "recv", src, dev).unpack(inc[src], B, H, D):
-                    _put(kr, tok, hs, kp, add=False)
-                    _put(vr, tok, hs, vp, add=False)
+            only = _groups(cp, "recv", min(inc), dev)
+            if len(inc) == 1 and only.whole:  # one source, every head: views of its buffer
+                _, _, kr, vr = next(only.unpack(inc[min(inc)], B, H, D))
+            else:
+                kr, vr = (k.new_zeros(B, n, H, D) for _ in range(2))
+                for src in sorted(inc):
+                    for tok, hs, kp, vp in _groups(cp, "recv", src, dev).unpack(inc[src], B, H, D):
+                        _put(kr, tok, hs, kp, add=False)
+                        _put(vr, tok, hs, vp, add=False)
             kx, vx = (x.transpose(1, 2) for x in (kr, vr))
             rows = _block_index(cp, "rows", part.rows, dev)
             m = rows.numel()
