@@ -1,0 +1,143 @@
+"""A static key/value cache and one decode step's attention over it.
+
+:class:`StaticKVCache` preallocates every layer's keys and values for ``n_ctx`` positions (or, with
+``bounded=True``, only the slots its pattern can still read: :meth:`DecodePlan.bounded`) and keeps
+each sequence's length as a tensor, so a decode step does the same work with the same shapes at
+every position: nothing grows with the context on the host, and the step can be captured as a
+CUDA graph. Sequences of one batch may sit at different positions (prompts of different lengths).
+
+:meth:`CacheLayer.attend` runs the decode kernel (:mod:`.kernels.decode`) on CUDA, one launch per
+head group of the layer's pattern; elsewhere (CPU, a pattern with no plan: custom layouts, other
+unions) it runs masked attention over the cache's slots under the spec's closed form
+(:meth:`Spec.allowed` at the positions each slot holds).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..decoding import DecodePlan, spec_plans
+from .reference import masked_attention
+
+# Tests set this (with TRITON_INTERPRET=1) to run the decode kernel on CPU tensors.
+KERNEL_ON_CPU = False
+
+
+class CacheLayer:
+    """One layer's slots: ``k``, ``v`` ``[batch, heads, slots + 1, head_dim]`` and the position
+    each slot holds, ``pos [batch, heads, slots + 1]`` (-1: empty); the last slot is a spare that
+    takes writes nobody reads."""
+
+    def __init__(self, spec, heads, head_dim, blocksize, batch, n_ctx, dtype, device, bounded, max_query):
+        self.spec, self.heads, self.blocksize, self.n_ctx = spec, heads, blocksize, n_ctx
+        groups = spec_plans(spec, heads, blocksize)
+        # one slot layout per layer: bounded only for a single head group with a plan that bounds
+        single = len(groups) == 1 and groups[0][2] is not None
+        if bounded and single:
+            cache_plan = groups[0][2].bounded(n_ctx, max_query)
+        else:
+            cache_plan = DecodePlan(slots=n_ctx)
+        self.plan = cache_plan
+        self.groups = [(h0, hn, None if p is None else _with_slots(p, cache_plan)) for h0, hn, p in groups]
+        self.slots = cache_plan.slots
+        S = self.slots + 1
+        self.k = torch.zeros(batch, heads, S, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.full((batch, heads, S), -1, dtype=torch.int64, device=device)
+        self._heads = torch.arange(heads, device=device)
+        self.splits = {}
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def write(self, kh, vh, lengths, ends=None):
+        """Store ``kh, vh [batch, heads, t, d]`` at positions ``lengths[b] + 0 .. t - 1``; those at
+        or past ``ends[b]`` (default: all kept) go to the spare slot."""
+        B, H, t, D = kh.shape
+        pos = lengths[:, None] + torch.arange(t, device=kh.device)  # [B, t]
+        end = lengths + t if ends is None else ends
+        live = pos < end[:, None]
+        p = self.plan
+        spare = self.slots
+        if p.ring:
+            live = live & (pos >= end[:, None] - p.ring)
+            run = torch.where(live, pos % p.ring, spare)
+        else:
+            run = torch.where(live, pos, spare)
+        self._put(run[:, None, :].expand(B, H, t), kh, vh, pos)
+        if p.sum_base >= 0:
+            o = pos[:, None, :] % p.P - (p.vlo_a - (self._heads % p.nv) * p.vlo_c)[None, :, None]
+            keep = (pos < end[:, None])[:, None, :] & (o >= 0) & (o < p.c)
+            slot = torch.where(keep, p.sum_base + (pos // p.P)[:, None, :] * p.c + o, spare)
+            self._put(slot, kh, vh, pos)
+        self.pos[:, :, spare] = -1
+
+    def _put(self, slot, kh, vh, pos):
+        B, H, t, D = kh.shape
+        idx = slot[..., None].expand(B, H, t, D)
+        self.k.scatter_(2, idx, kh)
+        self.v.scatter_(2, idx, vh)
+        self.pos.scatter_(2, slot, pos[:, None, :].expand(B, H, t))
+
+    def uses_kernel(self, q) -> bool:
+        if any(p is None for _, _, p in self.groups):
+            return False
+        return q.is_cuda or KERNEL_ON_CPU
+
+    def attend(self, qh, lengths):
+        """Attention of ``qh [batch, heads, t, d]`` at positions ``lengths[b] + 0 .. t - 1`` over
+        the cache (their own keys written first)."""
+        if self.uses_kernel(qh):
+            from .kernels.decode import decode, num_splits
+
+            out = torch.empty(qh.shape, dtype=qh.dtype, device=qh.device)
+            B, H, t, D = qh.shape
+            for h0, hn, plan in self.groups:
+                key = (h0, B * hn * t)
+                if key not in self.splits:
+                    self.splits[key] = num_splits(plan, B * hn * t, self.n_ctx, qh.device)
+                sl = slice(h0, h0 + hn)
+                decode(qh[:, sl], self.k[:, sl], self.v[:, sl], lengths, plan, self.splits[key], out=out[:, sl])
+            return out
+        i = lengths[:, None] + torch.arange(qh.shape[2], device=qh.device)  # [B, t]
+        j = self.pos[:, :, : self.slots]
+        h = self._heads[None, :, None, None]
+        ok = self.spec.allowed(i[:, None, :, None], j.clamp(min=0)[:, :, None, :], h, self.heads, self.blocksize)
+        mask = ok & (j >= 0)[:, :, None, :]
+        p = self.plan
+        if p.sum_base >= 0:
+            # a summary key sits in the summary slots and, while its group is recent, in the ring:
+            # earlier groups count from the summary slots, the query's own group from the ring
+            summary = torch.arange(self.slots, device=qh.device) >= p.sum_base
+            earlier = (j // p.P)[:, :, None, :] < (i // p.P)[:, None, :, None]
+            mask = mask & (summary == earlier)
+        return masked_attention(qh, self.k[:, :, : self.slots], self.v[:, :, : self.slots], mask)
+
+
+def _with_slots(plan: DecodePlan, cache_plan: DecodePlan) -> DecodePlan:
+    from dataclasses import replace
+
+    return replace(plan, ring=cache_plan.ring, sum_base=cache_plan.sum_base, slots=cache_plan.slots)
+
+
+class StaticKVCache:
+    """Keys and values of ``batch`` sequences for up to ``n_ctx`` positions, preallocated per
+    layer (:class:`CacheLayer`), and ``lengths`` (int64 ``[batch]``): the tokens each sequence
+    holds. ``layers``: ``(spec, heads, head_dim, blocksize)`` per layer."""
+
+    def __init__(self, layers, batch, n_ctx, dtype, device, bounded=False, max_query=1):
+        self.n_ctx, self.bounded, self.max_query = n_ctx, bounded, max_query
+        self.layers = [
+            CacheLayer(spec, heads, head_dim, blocksize, batch, n_ctx, dtype, device, bounded, max_query)
+            for spec, heads, head_dim, blocksize in layers
+        ]
+        self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)
+
+    def reset(self):
+        self.lengths.zero_()
+        for layer in self.layers:
+            layer.pos.fill_(-1)
+
+    def nbytes(self) -> list[int]:
+        """Bytes of keys and values per layer."""
+        return [layer.nbytes() for layer in self.layers]

@@ -1,0 +1,192 @@
+"""Decode attention in Triton: a few new tokens per sequence over a static key/value cache.
+
+Each program owns one query row ``(batch, head, t)`` and one of ``SPLITS`` slices of its keys.
+The query sits at ``i = lengths[batch] + t``; its keys are the union of at most two runs of
+:class:`sparse_attention.decoding.DecodePlan` (numbered ``v = 0 .. n(i) - 1``, the second run
+first), so the program walks ``v`` in tiles of ``BN``, computes each key's cache slot in closed
+form and gathers only those rows: ``local`` reads its window, ``strided`` every ``l``-th key,
+``fixed`` its group and its head's summary keys, ``all`` everything; no mask, no key outside the
+pattern, no slot that was never written. Scores are float32 (``exp2``, base-2 log-sum-exp).
+
+Long key lists are split (split-K): each slice writes its normalised partial output and its
+log-sum-exp, and :func:`_combine_kernel` merges the slices. With one slice the decode kernel
+writes the output itself. A row with no key (never with a built-in plan) outputs 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ...decoding import DecodePlan
+from . import launch  # noqa: F401  (under TRITON_INTERPRET=1 it mends Triton's interpreter first)
+
+
+@triton.jit
+def _slots(v, i, h, n2, start, RUN: tl.constexpr, SECOND: tl.constexpr, P, C, VLO_A, VLO_C, VLO_NV, RING, SUM_BASE):
+    """Cache slots (int64) of the union's keys ``v`` of a query at ``i`` (see DecodePlan)."""
+    if SECOND == 1:
+        s2 = (i % P + v * P).to(tl.int64)
+    elif SECOND == 2:
+        if SUM_BASE >= 0:
+            s2 = (SUM_BASE + v).to(tl.int64)
+        else:
+            s2 = (v // C).to(tl.int64) * P + (VLO_A - (h % VLO_NV) * VLO_C) + v % C
+    else:
+        s2 = v.to(tl.int64)
+    p1 = (start + v - n2).to(tl.int64)
+    if RING > 0:
+        p1 = p1 % RING
+    return tl.where(v < n2, s2, p1)
+
+
+@triton.jit(do_not_specialize=["W", "P", "EXCL", "C", "VLO_A", "VLO_C", "VLO_NV", "RING", "SUM_BASE"])
+def _decode_kernel(
+    Q, K, V, O, OP, LP, LEN,
+    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot,
+    H, T, qk_scale,
+    W, P, EXCL, C, VLO_A, VLO_C, VLO_NV, RING, SUM_BASE,
+    RUN: tl.constexpr, SECOND: tl.constexpr, SPLITS: tl.constexpr,
+    BN: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    b = row // (H * T)
+    h = (row // T) % H
+    t = row % T
+    i = tl.load(LEN + b).to(tl.int32) + t
+    if RUN == 1:
+        start = i * 0
+    elif RUN == 2:
+        start = tl.maximum(i - W + 1, 0)
+    elif RUN == 3:
+        start = i // W * W
+    else:  # no run (W is 0)
+        start = i + 1
+    n1 = i - start + 1
+    if SECOND == 1:
+        n2 = tl.maximum(i - EXCL - i % P + P, 0) // P
+    elif SECOND == 2:
+        n2 = (i // P) * C
+    else:
+        n2 = i * 0
+    n = n1 + n2
+    chunk = tl.cdiv(tl.cdiv(n, SPLITS), BN) * BN
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, n)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_D
+    b64, h64 = b.to(tl.int64), h.to(tl.int64)
+    q = tl.load(Q + b64 * sqb + h64 * sqh + t * sqt + offs_d, mask=dmask, other=0.0).to(tl.float32) * qk_scale
+    kbase = K + b64 * skb + h64 * skh
+    vbase = V + b64 * svb + h64 * svh
+    m_i = -float("inf")
+    l_i = 0.0
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for v0 in range(lo, hi, BN):
+        v = v0 + tl.arange(0, BN)
+        ok = v < hi
+        slot = _slots(v, i, h, n2, start, RUN, SECOND, P, C, VLO_A, VLO_C, VLO_NV, RING, SUM_BASE)
+        slot = tl.where(ok, slot, 0)
+        m2 = ok[:, None] & dmask[None, :]
+        k = tl.load(kbase + slot[:, None] * sks + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :], axis=1)
+        s = tl.where(ok, s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new)
+        vv = tl.load(vbase + slot[:, None] * svs + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = tl.where(empty, 0.0, acc / tl.where(empty, 1.0, l_i))
+    if SPLITS == 1:
+        tl.store(O + b64 * sob + h64 * soh + t * sot + offs_d, out.to(O.dtype.element_ty), mask=dmask)
+    else:
+        r64 = row.to(tl.int64) * SPLITS + split
+        tl.store(OP + r64 * HEAD_D + offs_d, out, mask=dmask)
+        tl.store(LP + r64, tl.where(empty, -float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i))))
+
+
+@triton.jit
+def _combine_kernel(
+    O, OP, LP, sob, soh, sot, H, T, SPLITS: tl.constexpr, BS: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    row = tl.program_id(0)
+    b = row // (H * T)
+    h = (row // T) % H
+    t = row % T
+    offs_s = tl.arange(0, BS)
+    offs_d = tl.arange(0, BLOCK_D)
+    smask = offs_s < SPLITS
+    r64 = row.to(tl.int64) * SPLITS
+    lse = tl.load(LP + r64 + offs_s, mask=smask, other=-float("inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.where(smask & (lse > -float("inf")), tl.exp2(lse - m), 0.0)
+    tot = tl.sum(w, axis=0)
+    w = w / tl.where(tot > 0, tot, 1.0)
+    o = tl.load(
+        OP + (r64 + offs_s[:, None]) * HEAD_D + offs_d[None, :],
+        mask=smask[:, None] & (offs_d[None, :] < HEAD_D),
+        other=0.0,
+    )
+    out = tl.sum(o * w[:, None], axis=0)
+    dst = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + t * sot + offs_d
+    tl.store(dst, out.to(O.dtype.element_ty), mask=offs_d < HEAD_D)
+
+
+BN = 64
+
+
+def num_splits(plan: DecodePlan, rows: int, n_ctx: int, device: torch.device) -> int:
+    """Slices per query row: enough programs for about four per SM, none shorter than ``4 * BN``
+    keys at the longest context (a constant per cache, so a captured graph keeps it)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    want = triton.cdiv(4 * sms, max(rows, 1))
+    return int(max(1, min(want, triton.cdiv(plan.max_keys(n_ctx), 4 * BN), 64)))
+
+
+def decode(q, k_cache, v_cache, lengths, plan: DecodePlan, splits: int = 1, out=None):
+    """Attention of ``q [batch, heads, t, d]`` (positions ``lengths[b] + 0 .. t - 1``, ``lengths``
+    int32/int64 ``[batch]`` on the device) over the cache ``[batch, heads, slots, d]`` laid out as
+    ``plan`` says; keys of the new tokens must already be in the cache. Returns ``[batch, heads,
+    t, d]`` in ``q``'s dtype (into ``out`` if given)."""
+    B, H, T, D = q.shape
+    if any(x.stride(-1) != 1 for x in (q, k_cache, v_cache)):
+        raise ValueError("decode: q and the caches need a contiguous last dimension")
+    o = torch.empty_like(q) if out is None else out
+    rows = B * H * T
+    block_d = max(16, triton.next_power_of_2(D))
+    if splits > 1:
+        op = torch.empty(rows * splits * D, device=q.device, dtype=torch.float32)
+        lp = torch.empty(rows * splits, device=q.device, dtype=torch.float32)
+    else:
+        op = lp = o
+    with torch.cuda.device(q.device) if q.is_cuda else _null():
+        _decode_kernel[(rows, splits)](
+            q, k_cache, v_cache, o, op, lp, lengths,
+            *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *o.stride()[:3],
+            H, T, math.log2(math.e) / math.sqrt(D),
+            plan.W, plan.P, plan.excl, plan.c, plan.vlo_a, plan.vlo_c, plan.nv, plan.ring, plan.sum_base,
+            RUN=plan.run, SECOND=plan.second, SPLITS=splits, BN=BN, HEAD_D=D, BLOCK_D=block_d,
+            num_warps=4,
+        )  # fmt: skip
+        if splits > 1:
+            _combine_kernel[(rows,)](
+                o, op, lp, *o.stride()[:3], H, T,
+                SPLITS=splits, BS=triton.next_power_of_2(splits), HEAD_D=D, BLOCK_D=block_d,
+            )  # fmt: skip
+    return o
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,161 @@
+"""Decoding: the plans' key lists equal the patterns, and the decode kernel (in the interpreter on
+CPU) and the masked fallback equal a float64 reference over the whole history at every step, with
+sequences at different positions, full and bounded caches, poisoned unused slots."""
+
+import numpy as np
+import pytest
+
+from tests._kernel_env import INTERPRET, device
+
+torch = pytest.importorskip("torch")
+
+from sparse_attention.decoding import DecodePlan, keys, spec_plans  # noqa: E402
+from sparse_attention.patterns import Group, Merged, Mode, PerHead  # noqa: E402
+
+B16 = 16
+SPECS = {
+    "all": Mode("all"),
+    "local": Mode("local", 48),
+    "strided": Mode("strided", 16),
+    "fixed": Mode("fixed", 64, num_verts=1, vertsize=2),
+    "fixed-nv2": Mode("fixed", 64, num_verts=2, vertsize=1),
+    "group": Group(32),
+    "local|strided": Merged(Mode("local", 32), Mode("strided", 32)),
+    "group|fixed": Merged(Group(64), Mode("fixed", 64, num_verts=1, vertsize=1)),
+    "per-head": PerHead(Mode("local", 32), Mode("strided", 16)),
+}
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_plan_keys_are_the_pattern(name):
+    spec, heads, T = SPECS[name], 4, 256
+    i = np.arange(T)
+    allowed = np.broadcast_to(spec.mask(i, i, heads, B16), (heads, T, T))
+    for h0, hn, plan in spec_plans(spec, heads, B16):
+        assert plan is not None
+        for h in range(hn):
+            for q in range(T):
+                got = keys(plan, q, h)
+                assert len(np.unique(got)) == len(got), (q, h)
+                want = np.nonzero(allowed[h0 + h, q])[0]
+                np.testing.assert_array_equal(np.sort(got), want, err_msg=f"query {q} head {h0 + h}")
+
+
+@pytest.mark.parametrize("name", ["local", "fixed", "fixed-nv2", "group"])
+def test_bounded_slots_hold_what_is_read(name):
+    """In a bounded cache every key a query reads has its own slot among the live ones."""
+    (_, hn, plan), n_ctx = spec_plans(SPECS[name], 2, B16)[0], 256
+    bp = plan.bounded(n_ctx, max_query=3)
+    assert bp.slots < n_ctx
+    for h in range(hn):
+        for i in range(n_ctx):
+            n2, n1 = bp.count(i, h)
+            ks = keys(bp, i, h)
+            run_slot, sum_slot = bp.slot(ks, h)
+            slots = np.where(np.arange(len(ks)) < n2, sum_slot if bp.sum_base >= 0 else run_slot, run_slot)
+            assert (slots >= 0).all() and (slots < bp.slots).all()
+            assert len(np.unique(slots)) == len(slots)
+
+
+def test_no_plan_for_custom_and_other_unions():
+    from sparse_attention import from_dense
+    from sparse_attention.patterns import Custom
+
+    lay = from_dense(np.tril(np.ones((2, 64, 64), bool)), 16)
+    assert spec_plans(Custom(lay), 2, 16)[0][2] is None
+    assert spec_plans(Merged(Mode("local", 32), Mode("fixed", 64, 1, 1)), 2, 16)[0][2] is None
+
+
+def _reference(q, K, V, spec, heads, i, end):
+    """float64 attention of ``q [H, d]`` at position ``i`` over keys ``0 .. end - 1``."""
+    from sparse_attention.torch.reference import masked_attention
+
+    j = torch.arange(end)
+    mask = spec.mask(torch.tensor([i]), j, heads, B16)
+    return masked_attention(q[None, :, None].double(), K[None, :, :end].double(), V[None, :, :end].double(), mask)[
+        0, :, 0
+    ]
+
+
+def _run_cache(name, kernel, bounded, dtype, D=32, steps=(1, 3), prompts=(5, 40, 64), heads=4, n_ctx=192):
+    from sparse_attention.torch import decode as dec
+
+    spec = SPECS[name]
+    dev = device() if kernel else "cpu"
+    g = torch.Generator().manual_seed(0)
+    Bn = len(prompts)
+    Q, K, V = (torch.randn(Bn, heads, n_ctx, D, generator=g).to(dev, dtype) for _ in range(3))
+    layer = dec.CacheLayer(spec, heads, D, B16, Bn, n_ctx, dtype, dev, bounded, max(steps))
+    if kernel:
+        # slots nobody wrote are NaN: a key read outside the pattern shows up
+        layer.k.fill_(float("nan"))
+        layer.v.fill_(float("nan"))
+    lengths = torch.zeros(Bn, dtype=torch.int64, device=dev)
+    ends = torch.tensor(prompts, device=dev)
+    t0 = max(prompts)
+    layer.write(K[:, :, :t0], V[:, :, :t0], lengths, ends)
+    lengths = ends.clone()
+    old = dec.KERNEL_ON_CPU
+    dec.KERNEL_ON_CPU = kernel
+    try:
+        for step in steps * 4:
+            if int(lengths.max()) + step > n_ctx:
+                break
+            idx = lengths[:, None] + torch.arange(step, device=dev)
+            take = lambda X: torch.gather(X, 2, idx[:, None, :, None].expand(Bn, heads, step, D))  # noqa: E731
+            layer.write(take(K), take(V), lengths)
+            out = layer.attend(take(Q), lengths)
+            assert out.dtype == dtype
+            for b in range(Bn):
+                for t in range(step):
+                    i = int(lengths[b]) + t
+                    want = _reference(Q[b, :, i].cpu(), K[b].cpu(), V[b].cpu(), spec, heads, i, int(lengths[b]) + step)
+                    tol = 1e-5 if dtype == torch.float32 else 2e-2
+                    torch.testing.assert_close(out[b, :, t].cpu().double(), want, rtol=tol, atol=tol)
+            lengths += step
+    finally:
+        dec.KERNEL_ON_CPU = old
+    return layer
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_fallback_cache_equals_reference(name, bounded):
+    _run_cache(name, kernel=False, bounded=bounded, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    pytest.importorskip("triton")
+    if not INTERPRET and not torch.cuda.is_available():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_decode_kernel_equals_reference(kernels, name, bounded):
+    _run_cache(name, kernel=True, bounded=bounded, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("D", [16, 40, 64])
+def test_decode_kernel_dtypes_and_head_dims(kernels, dtype, D):
+    _run_cache("fixed", kernel=True, bounded=True, dtype=getattr(torch, dtype), D=D, steps=(1,), heads=2)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_decode_kernel_split_k(kernels, splits):
+    """Every number of key slices (some empty at short positions) gives the same output."""
+    from sparse_attention.torch.kernels.decode import decode
+
+    plan = DecodePlan(run=1, slots=300)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 3, 1, 16, generator=g).to(device())
+    k, v = (torch.randn(2, 3, 301, 16, generator=g).to(device()) for _ in range(2))
+    lengths = torch.tensor([3, 290], device=device())
+    out = decode(q, k, v, lengths, plan, splits)
+    for b in range(2):
+        n = int(lengths[b]) + 1
+        s = (q[b].double() @ k[b, :, :n].double().transpose(-1, -2)) / 4.0
+        want = torch.softmax(s, -1) @ v[b, :, :n].double()
+        torch.testing.assert_close(out[b].double().cpu(), want.cpu(), rtol=1e-5, atol=1e-5)
