@@ -101,10 +101,9 @@ def _run_cache(name, kernel, bounded, dtype, D=32, steps=(1, 3), prompts=(5, 40,
         for step in steps * 4:
             if int(lengths.max()) + step > n_ctx:
                 break
-            idx = lengths[:, None] + torch.arange(step, device=dev)
-            take = lambda X: torch.gather(X, 2, idx[:, None, :, None].expand(Bn, heads, step, D))  # noqa: E731
-            layer.write(take(K), take(V), lengths)
-            out = layer.attend(take(Q), lengths)
+            idx = (lengths[:, None] + torch.arange(step, device=dev))[:, None, :, None].expand(Bn, heads, step, D)
+            layer.write(torch.gather(K, 2, idx), torch.gather(V, 2, idx), lengths)
+            out = layer.attend(torch.gather(Q, 2, idx), lengths)
             assert out.dtype == dtype
             for b in range(Bn):
                 for t in range(step):
