@@ -233,3 +233,80 @@ def test_config_errors_name_the_argument():
         model(torch.zeros(1, 65, dtype=torch.int64))
     with pytest.raises(ValueError, match="idx"):
         model(torch.zeros(1, 8))
+
+
+def _check_static(model, x, lengths, step, bounded, kernel=False, monkeypatch=None):
+    """A static cache (rows at different positions: prompts of ``lengths``, steps of ``step``
+    tokens) gives every row's logits of one full pass, at every position."""
+    from sparse_attention.torch import decode as dec
+
+    if kernel:
+        monkeypatch.setattr(dec, "KERNEL_ON_CPU", True)
+    B, T = x.shape
+    t0 = max(lengths)
+    with torch.no_grad():
+        full, _ = model(x)
+        cache = model.new_static_cache(B, bounded=bounded, max_query=step)
+        if kernel:  # slots nobody wrote are NaN: a key read outside the pattern shows up
+            for layer in cache.layers:
+                layer.k.fill_(float("nan"))
+                layer.v.fill_(float("nan"))
+        last = model.prefill(x[:, :t0], cache, lengths)
+        rows = torch.arange(B)
+        ends = torch.tensor(lengths)
+        tol = dict(rtol=1e-9, atol=1e-9) if x.device.type == "cpu" and not kernel else dict(rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(last, full[rows, ends - 1], **tol)
+        while int(cache.lengths.max()) + step <= T:
+            pos = cache.lengths[:, None] + torch.arange(step)
+            logits, _ = model(torch.gather(x, 1, pos), cache=cache)
+            torch.testing.assert_close(logits, full[rows[:, None], pos], **tol)
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+@pytest.mark.parametrize("name", list(FACTORISATIONS))
+def test_static_cache_equals_full_forward(name, bounded):
+    model = _model(FACTORISATIONS[name]).double()
+    x = torch.randint(0, 256, (3, 96), generator=torch.Generator().manual_seed(1))
+    _check_static(model, x, [17, 40, 3], step=1, bounded=bounded)
+    _check_static(model, x, [64, 64, 64], step=3, bounded=bounded)
+
+
+@pytest.mark.parametrize("name", ["fixed-merged", "strided-interleaved", "strided-heads", "dense"])
+def test_static_cache_through_decode_kernel(name, monkeypatch):
+    pytest.importorskip("triton")
+    from tests._kernel_env import INTERPRET
+
+    if not INTERPRET:
+        pytest.skip("the interpreter runs the decode kernel on CPU tensors (CUDA: test_model_gpu)")
+    model = _model(FACTORISATIONS[name])
+    x = torch.randint(0, 256, (2, 96), generator=torch.Generator().manual_seed(2))
+    _check_static(model, x, [33, 50], step=1, bounded=True, kernel=True, monkeypatch=monkeypatch)
+
+
+def test_static_generate_matches_the_growing_cache():
+    model = _model(FACTORISATIONS["fixed-interleaved"]).double()
+    prompt = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(3))
+    a = model.generate(prompt, 30, generator=torch.Generator().manual_seed(4), static=False)
+    b = model.generate(prompt, 30, generator=torch.Generator().manual_seed(4), static=True, bounded_cache=True)
+    torch.testing.assert_close(a, b)
+
+
+def test_generate_with_prompt_lengths_continues_each_row():
+    model = _model(FACTORISATIONS["strided-merged"]).double()
+    prompt = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(5))
+    out = model.generate(prompt, 10, top_k=1, prompt_lengths=[7, 20])  # greedy: rows independent
+    alone = model.generate(prompt[:1, :7], 10, top_k=1, static=True)
+    assert out.shape == (2, 30)
+    torch.testing.assert_close(out[0, :17], alone[0])
+    torch.testing.assert_close(out[:, :7], prompt[:, :7])
+
+
+def test_static_cache_errors():
+    model = _model(FACTORISATIONS["dense"])
+    cache = model.new_static_cache(1)
+    with pytest.raises(ValueError, match="max_query"):
+        model(torch.zeros(1, 2, dtype=torch.int64), cache=cache)
+    with pytest.raises(ValueError, match="lengths"):
+        model.prefill(torch.zeros(1, 4, dtype=torch.int64), cache, [5])
+    with pytest.raises(ValueError, match="static"):
+        model.generate(torch.zeros(1, 4, dtype=torch.int64), 2, prompt_lengths=[3], static=False)

@@ -24,6 +24,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..patterns import as_spec
+from ..torch.decode import StaticKVCache
 from ..torch.nn import IMPLS, KVCache, SparseSelfAttention
 
 
@@ -110,9 +111,9 @@ class FactorisedEmbedding(nn.Module):
 
     def forward(self, idx, positions):
         h = self.tok(idx)
-        coords = (positions[:, None] // self.strides) % self.sizes  # [time, n_emb]
+        coords = (positions[..., None] // self.strides) % self.sizes  # [(batch,) time, n_emb]
         for k, e in enumerate(self.pos):
-            h = h + e(coords[:, k])
+            h = h + e(coords[..., k])
         return h
 
 
@@ -214,6 +215,8 @@ class SparseTransformer(nn.Module):
         B, T = idx.shape
         if self.context is not None and cache is None:
             return self._sharded_forward(idx, targets)
+        if isinstance(cache, StaticKVCache):
+            return self._static_forward(idx, cache), None
         start = 0 if cache is None else cache.length
         if start + T > self.cfg.n_ctx:
             raise ValueError(f"positions {start}..{start + T - 1} exceed n_ctx ({self.cfg.n_ctx})")
@@ -255,6 +258,59 @@ class SparseTransformer(nn.Module):
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
 
+    def _static_forward(self, idx, cache: StaticKVCache):
+        # every shape is fixed and nothing waits on the device: a decode step can be a CUDA graph
+        B, T = idx.shape
+        if T > cache.max_query and not cache.prefilling:
+            raise ValueError(
+                f"a decode step through this cache takes at most max_query={cache.max_query} tokens, got {T}; "
+                "prefill prompts with model.prefill(prompt, cache)"
+            )
+        positions = cache.lengths[:, None] + torch.arange(T, device=idx.device)
+        h = self.drop(self.embed(idx, positions))
+        for blk in self.blocks:
+            h = blk(h, cache)
+        cache.lengths.add_(T)
+        return self.head(self.norm(h))
+
+    def new_static_cache(
+        self, batch: int, dtype=None, device=None, bounded: bool = False, max_query: int = 1
+    ) -> StaticKVCache:
+        """A preallocated cache of ``batch`` sequences up to ``n_ctx`` tokens for :meth:`prefill`
+        and decode steps ``model(tokens [batch, <= max_query], cache=cache)`` (positions from
+        ``cache.lengths``, per sequence). ``bounded``: layers whose pattern allows it keep only
+        what later tokens read (``local`` its window, ``fixed`` its group and the summary keys).
+        ``dtype``/``device``: of the keys and values (default: the model's parameters)."""
+        p = next(self.parameters())
+        d = self.cfg.d_model // self.cfg.n_head
+        layers = [(blk.attn.attn.spec, self.cfg.n_head, d, self.cfg.blocksize) for blk in self.blocks]
+        return StaticKVCache(
+            layers, batch, self.cfg.n_ctx, dtype or p.dtype, device or p.device, bounded=bounded, max_query=max_query
+        )
+
+    @torch.no_grad()
+    def prefill(self, prompt, cache: StaticKVCache, lengths=None):
+        """Run ``prompt [batch, t0]`` into an empty static cache (block-sparse forward where the
+        pattern allows it) and return the logits of each sequence's last prompt token ``[batch,
+        vocab]``. ``lengths``: each prompt's length (``<= t0``; the rest of its row is padding,
+        never attended to and overwritten by later tokens); default ``t0`` for all."""
+        B, t0 = prompt.shape
+        if t0 > self.cfg.n_ctx:
+            raise ValueError(f"prompt ({t0} tokens) exceeds n_ctx ({self.cfg.n_ctx})")
+        ends = torch.full((B,), t0, device=prompt.device, dtype=torch.int64)
+        if lengths is not None:
+            ends = torch.as_tensor(lengths, device=prompt.device).to(torch.int64).reshape(B)
+            if bool(((ends < 1) | (ends > t0)).any()):
+                raise ValueError(f"lengths must be in 1 .. {t0} (the prompt's width), got {ends.tolist()}")
+        cache.reset()
+        cache.ends, cache.prefilling = ends, True
+        try:
+            logits = self._static_forward(prompt, cache)
+        finally:
+            cache.ends, cache.prefilling = None, False
+        cache.lengths.copy_(ends)
+        return logits[torch.arange(B, device=prompt.device), ends - 1]
+
     def new_cache(self, bounded: bool = False) -> KVCache:
         """An empty key/value cache; ``bounded``: ``local`` layers keep only their window."""
         return KVCache(self.cfg.n_layer, bounded=bounded)
@@ -269,39 +325,110 @@ class SparseTransformer(nn.Module):
         generator: torch.Generator | None = None,
         prefill_chunk: int | None = None,
         bounded_cache: bool = False,
+        prompt_lengths=None,
+        static: bool | None = None,
+        cuda_graph: bool = False,
     ):
         """Sample ``n_new`` tokens after ``prompt [batch, t0]`` (``t0 >= 1``) with a key/value
         cache: each new token attends only to the allowed cached positions of its layer's pattern.
         Returns ``[batch, t0 + n_new]``.
 
-        The prompt is prefilled in one pass through the block-sparse forward (``impl="sparse"``,
-        built-in patterns; padded internally to a length the patterns run at), or in chunks of
-        ``prefill_chunk`` tokens (default 1024 for the other ``impl``) through masked attention
-        over the cache. ``bounded_cache``: ``local`` and ``fixed`` layers keep only what later tokens read
-        (:class:`~sparse_attention.torch.nn.KVCache`)."""
+        ``static`` (default: on CUDA, or with ``prompt_lengths`` or ``cuda_graph``): a
+        preallocated :class:`~sparse_attention.torch.decode.StaticKVCache`, the prompt prefilled by
+        :meth:`prefill`, then decode steps through the decode kernel (CUDA; masked attention over
+        the cache's slots elsewhere). ``prompt_lengths``: each row's prompt length (``<= t0``, the
+        rest padding); row ``b``'s sequence is then ``out[b, :prompt_lengths[b] + n_new]``.
+        ``cuda_graph``: one decode step captured as a CUDA graph and replayed (no host work per
+        layer).
+
+        Otherwise a growing :class:`~sparse_attention.torch.nn.KVCache`: the prompt is prefilled
+        in one pass through the block-sparse forward (``impl="sparse"``, built-in patterns; padded
+        internally to a length the patterns run at), or in chunks of ``prefill_chunk`` tokens
+        (default 1024 for the other ``impl``) through masked attention over the cache.
+
+        ``bounded_cache``: ``local`` and ``fixed`` layers keep only what later tokens read."""
         if prompt.dim() != 2 or prompt.shape[1] < 1:
             raise ValueError(f"prompt must be [batch, t0] with t0 >= 1, got shape {list(prompt.shape)}")
         if prompt.shape[1] + n_new > self.cfg.n_ctx:
             raise ValueError(f"prompt ({prompt.shape[1]}) + n_new ({n_new}) exceeds n_ctx ({self.cfg.n_ctx})")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if static is None:
+            static = prompt.is_cuda or prompt_lengths is not None or cuda_graph
+        if not static and (prompt_lengths is not None or cuda_graph):
+            raise ValueError("prompt_lengths and cuda_graph need static=True")
+        if cuda_graph and not prompt.is_cuda:
+            raise ValueError("cuda_graph=True needs the prompt and the model on a CUDA device")
         was_training = self.training
         self.eval()
-        cache = self.new_cache(bounded=bounded_cache)
-        if prefill_chunk is None:
-            prefill_chunk = prompt.shape[1] if self.cfg.impl == "sparse" else 1024
-        for s in range(0, prompt.shape[1], prefill_chunk):
-            logits, _ = self(prompt[:, s : s + prefill_chunk], cache=cache)
-        out = [prompt]
-        for _ in range(n_new):
-            last = logits[:, -1].float() / temperature
-            if top_k is not None:
-                kth = torch.topk(last, min(top_k, last.shape[-1])).values[:, -1:]
-                last = last.masked_fill(last < kth, float("-inf"))
-            tok = torch.multinomial(torch.softmax(last, dim=-1), 1, generator=generator)
-            out.append(tok)
-            if len(out) - 1 == n_new:
+        try:
+            if static:
+                return self._generate_static(
+                    prompt, n_new, temperature, top_k, generator, bounded_cache, prompt_lengths, cuda_graph
+                )
+            cache = self.new_cache(bounded=bounded_cache)
+            if prefill_chunk is None:
+                prefill_chunk = prompt.shape[1] if self.cfg.impl == "sparse" else 1024
+            for s in range(0, prompt.shape[1], prefill_chunk):
+                logits, _ = self(prompt[:, s : s + prefill_chunk], cache=cache)
+            out = [prompt]
+            for _ in range(n_new):
+                tok = _sample(logits[:, -1], temperature, top_k, generator)
+                out.append(tok)
+                if len(out) - 1 == n_new:
+                    break
+                logits, _ = self(tok, cache=cache)
+            return torch.cat(out, dim=1)
+        finally:
+            self.train(was_training)
+
+    def _generate_static(self, prompt, n_new, temperature, top_k, generator, bounded, prompt_lengths, cuda_graph):
+        B, t0 = prompt.shape
+        cache = self.new_static_cache(B, bounded=bounded)
+        last = self.prefill(prompt, cache, prompt_lengths)
+        ends = cache.lengths.clone()
+        step = self.decode_graph(cache) if cuda_graph else (lambda tok: self(tok, cache=cache)[0])
+        out = torch.cat([prompt, prompt.new_zeros(B, n_new)], dim=1)
+        for n in range(n_new):
+            tok = _sample(last, temperature, top_k, generator)
+            out.scatter_(1, (ends + n)[:, None], tok.to(out.dtype))
+            if n + 1 == n_new:
                 break
+            last = step(tok)[:, -1]
+        return out
+
+    @torch.no_grad()
+    def decode_graph(self, cache: StaticKVCache):
+        """One decode step ``tok [batch, 1] -> logits [batch, 1, vocab]`` through ``cache``,
+        captured as a CUDA graph: each call copies ``tok`` in and replays it (the returned logits
+        are the graph's own buffer, overwritten by the next call)."""
+        B = cache.lengths.shape[0]
+        tok = torch.zeros(B, 1, dtype=torch.int64, device=cache.lengths.device)
+        saved = cache.lengths.clone()
+        side = torch.cuda.Stream(device=tok.device)
+        side.wait_stream(torch.cuda.current_stream(tok.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile the kernels; the steps' writes are overwritten by the real ones
+                self(tok, cache=cache)
+                cache.lengths.copy_(saved)
+        torch.cuda.current_stream(tok.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             logits, _ = self(tok, cache=cache)
-        self.train(was_training)
-        return torch.cat(out, dim=1)
+        cache.lengths.copy_(saved)
+
+        def step(t):
+            tok.copy_(t)
+            graph.replay()
+            return logits
+
+        step.graph = graph
+        return step
+
+
+def _sample(last, temperature, top_k, generator):
+    last = last.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(last, min(top_k, last.shape[-1])).values[:, -1:]
+        last = last.masked_fill(last < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(last, dim=-1), 1, generator=generator)

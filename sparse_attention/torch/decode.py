@@ -75,8 +75,8 @@ class CacheLayer:
     def _put(self, slot, kh, vh, pos):
         B, H, t, D = kh.shape
         idx = slot[..., None].expand(B, H, t, D)
-        self.k.scatter_(2, idx, kh)
-        self.v.scatter_(2, idx, vh)
+        self.k.scatter_(2, idx, kh.to(self.k.dtype))
+        self.v.scatter_(2, idx, vh.to(self.v.dtype))
         self.pos.scatter_(2, slot, pos[:, None, :].expand(B, H, t))
 
     def uses_kernel(self, q) -> bool:
@@ -132,6 +132,8 @@ class StaticKVCache:
             for spec, heads, head_dim, blocksize in layers
         ]
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.ends = None  # during a prefill: each prompt's length (positions past it are padding)
+        self.prefilling = False
 
     def reset(self):
         self.lengths.zero_()

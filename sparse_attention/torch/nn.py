@@ -17,6 +17,7 @@ from ..frontend import resolve_spec
 from ..layouts import Layout, make_layout, stack_heads
 from ..patterns import Custom, Merged, Mode, Spec, as_spec
 from . import baselines
+from .decode import StaticKVCache
 from .dispatch import attention_bhtd, register_layout
 from .merged import merged_attention
 from .reference import masked_attention
@@ -334,9 +335,26 @@ class SparseSelfAttention(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         if cache is None:
             y = self.attn(q, k, v)
+        elif isinstance(cache, StaticKVCache):
+            y = self._static(q, k, v, cache)
         else:
             y = self._cached(q, k, v, cache)
         return self.drop(self.proj(y))
+
+    def _static(self, q, k, v, cache):
+        """Tokens at positions ``cache.lengths[b] + 0 ..`` through a :class:`StaticKVCache`: a
+        prefill runs the block-sparse forward where it can (and fills the cache), a decode step
+        writes its keys and runs the decode kernel over the allowed ones."""
+        B, t, dim = q.shape
+        H = self.heads
+        qh, kh, vh = (x.reshape(B, t, H, dim // H).transpose(1, 2) for x in (q, k, v))
+        layer = cache.layers[self.layer_idx]
+        layer.write(kh, vh, cache.lengths, cache.ends)
+        if cache.prefilling:
+            y = self._sparse_prefill(q, k, v)
+            if y is not None:
+                return y
+        return layer.attend(qh, cache.lengths).transpose(1, 2).reshape(B, t, dim)
 
     def _cached(self, q, k, v, cache):
         B, t, dim = q.shape
