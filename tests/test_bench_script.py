@@ -412,3 +412,19 @@ def test_bench_context_parallel_runs_on_two_cpu_processes(tmp_path):
     assert all(r["ok"] for r in res["max_length"]) and len(res["max_length"]) == 2
     local = next(r for r in res["throughput"] if r["mode"] == "local")
     assert 0 < local["sent/ring"] < 0.1  # a 256-token halo of 2048-token shards
+
+
+def test_bench_generate_smoke_on_the_cpu(tmp_path):
+    """``bench_generate.py --device cpu`` at tiny sizes: both tables, every pattern, no failures."""
+    tiny = "--contexts 128 --batches 1,2 --n-layer 2 --d-model 32 --stride 32 --c 16 --blocksize 16"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_generate.py"), "--device", "cpu", *tiny.split()]
+    cmd += ["--tokens", "2", "--million", "0", "--no-flex", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "generate.json").read_text())
+    assert len(res["attention"]) == 2 and len(res["model"]) == 8
+    assert not [r for r in res["model"] if "error" in r]
+    for r in res["attention"]:
+        assert all("error" not in v for k, v in r.items() if ":" in k)
+        assert r["ours:local:bounded"]["cache_mib"] < r["ours:local"]["cache_mib"]
+    assert "| fixed | 128 | 2 |" in (tmp_path / "generate.md").read_text()

@@ -59,3 +59,30 @@ def test_cuda_sampling_matches_full_pass(cuda, name):
         steps = [model(x[:, :200], cache=cache)[0]]
         steps += [model(x[:, t : t + 1], cache=cache)[0] for t in range(200, 300)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+@pytest.mark.parametrize("name", list(PATTERNS) + ["local", "dense"])
+def test_static_cache_decode_kernel_matches_full_pass(cuda, name, bounded):
+    """Rows at different positions decode through the kernel (unused slots NaN) to the full pass's logits."""
+    from tests.test_model import _check_static
+
+    specs = {"local": paper_patterns("local", stride=128), "dense": paper_patterns("dense")}
+    torch.manual_seed(0)
+    cfg = SparseTransformerConfig(
+        n_ctx=1024, d_model=128, n_head=4, n_layer=2, patterns=specs.get(name) or PATTERNS[name]
+    )
+    model = SparseTransformer(cfg).to(cuda)
+    x = torch.randint(0, 256, (3, 1024), device=cuda, generator=torch.Generator(device=cuda).manual_seed(1))
+    _check_static(model, x[:, :700], [300, 517, 640], step=1, bounded=bounded, kernel=True, monkeypatch=None)
+
+
+@pytest.mark.parametrize("name", ["fixed", "strided-interleaved"])
+def test_cuda_graph_generate_equals_eager(cuda, name):
+    model = _model(name).to(cuda)
+    prompt = torch.randint(0, 256, (2, 200), device=cuda)
+    a = model.generate(prompt, 40, top_k=1, prompt_lengths=[150, 200])
+    b = model.generate(prompt, 40, top_k=1, prompt_lengths=[150, 200], cuda_graph=True)
+    c = model.generate(prompt, 40, top_k=1, prompt_lengths=[150, 200], cuda_graph=True, bounded_cache=True)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
