@@ -139,6 +139,8 @@ def test_decode_kernel_equals_reference(kernels, name, bounded):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("D", [16, 40, 64])
 def test_decode_kernel_dtypes_and_head_dims(kernels, dtype, D):
+    if INTERPRET and dtype == "bfloat16":
+        pytest.skip("Triton 3.6's interpreter computes bfloat16 on raw bits (the GPU suite runs this case)")
     _run_cache("fixed", kernel=True, bounded=True, dtype=getattr(torch, dtype), D=D, steps=(1,), heads=2)
 
 

@@ -50,7 +50,7 @@ def _decode_kernel(
     H, T, qk_scale,
     W, P, EXCL, C, VLO_A, VLO_C, VLO_NV, RING, SUM_BASE,
     RUN: tl.constexpr, SECOND: tl.constexpr, SPLITS: tl.constexpr,
-    BN: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BN: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -81,36 +81,43 @@ def _decode_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_D
     b64, h64 = b.to(tl.int64), h.to(tl.int64)
-    q = tl.load(Q + b64 * sqb + h64 * sqh + t * sqt + offs_d, mask=dmask, other=0.0).to(tl.float32) * qk_scale
+    q = tl.load(Q + b64 * sqb + h64 * sqh + t * sqt + offs_d, mask=dmask, other=0.0)
+    # the query repeated over 16 rows: both products run on the tensor cores, and Triton pipelines
+    # the gathered key/value loads that feed them (the rows stay equal; row 0 is stored)
+    qm = tl.broadcast_to(q[None, :], [16, BLOCK_D])
     kbase = K + b64 * skb + h64 * skh
     vbase = V + b64 * svb + h64 * svh
-    m_i = -float("inf")
-    l_i = 0.0
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([16], -float("inf"), tl.float32)
+    l_i = tl.zeros([16], dtype=tl.float32)
+    acc = tl.zeros([16, BLOCK_D], dtype=tl.float32)
     for v0 in range(lo, hi, BN):
         v = v0 + tl.arange(0, BN)
         ok = v < hi
         slot = _slots(v, i, h, n2, start, RUN, SECOND, P, C, VLO_A, VLO_C, VLO_NV, RING, SUM_BASE)
         slot = tl.where(ok, slot, 0)
         m2 = ok[:, None] & dmask[None, :]
-        k = tl.load(kbase + slot[:, None] * sks + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-        s = tl.sum(k * q[None, :], axis=1)
-        s = tl.where(ok, s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        k = tl.load(kbase + slot[:, None] * sks + offs_d[None, :], mask=m2, other=0.0)
+        vv = tl.load(vbase + slot[:, None] * svs + offs_d[None, :], mask=m2, other=0.0)
+        s = tl.dot(qm, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s = tl.where(ok[None, :], s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new)
-        vv = tl.load(vbase + slot[:, None] * svs + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
+        p = tl.exp2(s - m_new[:, None])
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    empty = l_i == 0.0
-    out = tl.where(empty, 0.0, acc / tl.where(empty, 1.0, l_i))
+    first = tl.arange(0, 16) == 0
+    acc1 = tl.sum(tl.where(first[:, None], acc, 0.0), axis=0)
+    l1 = tl.sum(tl.where(first, l_i, 0.0), axis=0)
+    m1 = tl.max(tl.where(first, m_i, -float("inf")), axis=0)
+    empty = l1 == 0.0
+    out = tl.where(empty, 0.0, acc1 / tl.where(empty, 1.0, l1))
     if SPLITS == 1:
         tl.store(O + b64 * sob + h64 * soh + t * sot + offs_d, out.to(O.dtype.element_ty), mask=dmask)
     else:
         r64 = row.to(tl.int64) * SPLITS + split
         tl.store(OP + r64 * HEAD_D + offs_d, out, mask=dmask)
-        tl.store(LP + r64, tl.where(empty, -float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i))))
+        tl.store(LP + r64, tl.where(empty, -float("inf"), m1 + tl.log2(tl.where(empty, 1.0, l1))))
 
 
 @triton.jit
@@ -140,15 +147,16 @@ def _combine_kernel(
     tl.store(dst, out.to(O.dtype.element_ty), mask=offs_d < HEAD_D)
 
 
-BN = 64
+# Tile of keys per step, warps per program, programs per SM aimed at and the fewest keys per slice.
+TUNE = dict(BN=128, num_warps=4, num_stages=3, per_sm=16, min_keys=256, max_splits=128)
 
 
 def num_splits(plan: DecodePlan, rows: int, n_ctx: int, device: torch.device) -> int:
-    """Slices per query row: enough programs for about four per SM, none shorter than ``4 * BN``
-    keys at the longest context (a constant per cache, so a captured graph keeps it)."""
+    """Slices per query row: enough programs for ``per_sm`` per SM, none shorter than
+    ``min_keys`` keys at the longest context (a constant per cache, so a captured graph keeps it)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    want = triton.cdiv(4 * sms, max(rows, 1))
-    return int(max(1, min(want, triton.cdiv(plan.max_keys(n_ctx), 4 * BN), 64)))
+    want = triton.cdiv(TUNE["per_sm"] * sms, max(rows, 1))
+    return int(max(1, min(want, triton.cdiv(plan.max_keys(n_ctx), TUNE["min_keys"]), TUNE["max_splits"])))
 
 
 def decode(q, k_cache, v_cache, lengths, plan: DecodePlan, splits: int = 1, out=None):
@@ -173,8 +181,9 @@ def decode(q, k_cache, v_cache, lengths, plan: DecodePlan, splits: int = 1, out=
             *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *o.stride()[:3],
             H, T, math.log2(math.e) / math.sqrt(D),
             plan.W, plan.P, plan.excl, plan.c, plan.vlo_a, plan.vlo_c, plan.nv, plan.ring, plan.sum_base,
-            RUN=plan.run, SECOND=plan.second, SPLITS=splits, BN=BN, HEAD_D=D, BLOCK_D=block_d,
-            num_warps=4,
+            RUN=plan.run, SECOND=plan.second, SPLITS=splits, BN=TUNE["BN"], HEAD_D=D, BLOCK_D=block_d,
+            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=TUNE["num_warps"],
+            num_stages=TUNE["num_stages"],
         )  # fmt: skip
         if splits > 1:
             _combine_kernel[(rows,)](
