@@ -14,7 +14,7 @@ import pathlib
 import pytest
 
 PKG = pathlib.Path(__file__).resolve().parents[1] / "sparse_attention"
-NUMPY_LAYER = ("modes", "tables", "layouts", "migrate", "patterns", "plot", "sharding")
+NUMPY_LAYER = ("modes", "tables", "layouts", "migrate", "patterns", "plot", "sharding", "decoding")
 
 
 def _modules() -> dict[str, pathlib.Path]:
