@@ -85,19 +85,20 @@ def _run_cache(name, kernel, bounded, dtype, D=32, steps=(1, 3), prompts=(5, 40,
     g = torch.Generator().manual_seed(0)
     Bn = len(prompts)
     Q, K, V = (torch.randn(Bn, heads, n_ctx, D, generator=g).to(dev, dtype) for _ in range(3))
-    layer = dec.CacheLayer(spec, heads, D, B16, Bn, n_ctx, dtype, dev, bounded, max(steps))
-    if kernel:
-        # slots nobody wrote are NaN: a key read outside the pattern shows up
-        layer.k.fill_(float("nan"))
-        layer.v.fill_(float("nan"))
-    lengths = torch.zeros(Bn, dtype=torch.int64, device=dev)
-    ends = torch.tensor(prompts, device=dev)
-    t0 = max(prompts)
-    layer.write(K[:, :, :t0], V[:, :, :t0], lengths, ends)
-    lengths = ends.clone()
     old = dec.KERNEL_ON_CPU
     dec.KERNEL_ON_CPU = kernel
     try:
+        layer = dec.CacheLayer(spec, heads, D, B16, Bn, n_ctx, dtype, dev, bounded, max(steps))
+        assert layer.kernel == kernel
+        if kernel:
+            # slots nobody wrote are NaN: a key read outside the pattern shows up
+            layer.k.fill_(float("nan"))
+            layer.v.fill_(float("nan"))
+        lengths = torch.zeros(Bn, dtype=torch.int64, device=dev)
+        ends = torch.tensor(prompts, device=dev)
+        t0 = max(prompts)
+        layer.write(K[:, :, :t0], V[:, :, :t0], lengths, ends)
+        lengths = ends.clone()
         for step in steps * 4:
             if int(lengths.max()) + step > n_ctx:
                 break

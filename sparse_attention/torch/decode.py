@@ -19,7 +19,8 @@ import torch
 from ..decoding import DecodePlan, spec_plans
 from .reference import masked_attention
 
-# Tests set this (with TRITON_INTERPRET=1) to run the decode kernel on CPU tensors.
+# Tests set this (with TRITON_INTERPRET=1) to run the decode kernel on CPU tensors (read when a
+# cache is made).
 KERNEL_ON_CPU = False
 
 
@@ -43,7 +44,10 @@ class CacheLayer:
         S = self.slots + 1
         self.k = torch.zeros(batch, heads, S, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.pos = torch.full((batch, heads, S), -1, dtype=torch.int64, device=device)
+        # the decode kernel finds its keys' slots in closed form; the masked path reads positions
+        dev = torch.device(device)
+        self.kernel = all(p is not None for _, _, p in self.groups) and (dev.type == "cuda" or KERNEL_ON_CPU)
+        self.pos = None if self.kernel else torch.full((batch, heads, S), -1, dtype=torch.int64, device=device)
         self._heads = torch.arange(heads, device=device)
         self.splits = {}
 
@@ -70,24 +74,25 @@ class CacheLayer:
             keep = (pos < end[:, None])[:, None, :] & (o >= 0) & (o < p.c)
             slot = torch.where(keep, p.sum_base + (pos // p.P)[:, None, :] * p.c + o, spare)
             self._put(slot, kh, vh, pos)
-        self.pos[:, :, spare] = -1
+        if self.pos is not None:
+            self.pos[:, :, spare] = -1
 
     def _put(self, slot, kh, vh, pos):
         B, H, t, D = kh.shape
         idx = slot[..., None].expand(B, H, t, D)
         self.k.scatter_(2, idx, kh.to(self.k.dtype))
         self.v.scatter_(2, idx, vh.to(self.v.dtype))
-        self.pos.scatter_(2, slot, pos[:, None, :].expand(B, H, t))
+        if self.pos is not None:
+            self.pos.scatter_(2, slot, pos[:, None, :].expand(B, H, t))
 
-    def uses_kernel(self, q) -> bool:
-        if any(p is None for _, _, p in self.groups):
-            return False
-        return q.is_cuda or KERNEL_ON_CPU
+    def reset(self):
+        if self.pos is not None:
+            self.pos.fill_(-1)
 
     def attend(self, qh, lengths):
         """Attention of ``qh [batch, heads, t, d]`` at positions ``lengths[b] + 0 .. t - 1`` over
         the cache (their own keys written first)."""
-        if self.uses_kernel(qh):
+        if self.kernel:
             from .kernels.decode import decode, num_splits
 
             out = torch.empty(qh.shape, dtype=qh.dtype, device=qh.device)
@@ -138,7 +143,7 @@ class StaticKVCache:
     def reset(self):
         self.lengths.zero_()
         for layer in self.layers:
-            layer.pos.fill_(-1)
+            layer.reset()
 
     def nbytes(self) -> list[int]:
         """Bytes of keys and values per layer."""
