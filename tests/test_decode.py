@@ -137,12 +137,12 @@ def test_decode_kernel_equals_reference(kernels, name, bounded):
     _run_cache(name, kernel=True, bounded=bounded, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("D", [16, 40, 64])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("D", [16, 40, 64, 128, 256])
 def test_decode_kernel_dtypes_and_head_dims(kernels, dtype, D):
     if INTERPRET and dtype == "bfloat16":
         pytest.skip("Triton 3.6's interpreter computes bfloat16 on raw bits (the GPU suite runs this case)")
-    _run_cache("fixed", kernel=True, bounded=True, dtype=getattr(torch, dtype), D=D, steps=(1,), heads=2)
+    _run_cache("fixed", kernel=True, bounded=True, dtype=getattr(torch, dtype), D=D, steps=(1, 2), heads=2, n_ctx=140)
 
 
 @pytest.mark.parametrize("splits", [1, 2, 5])

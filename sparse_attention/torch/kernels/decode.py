@@ -170,6 +170,8 @@ def decode(q, k_cache, v_cache, lengths, plan: DecodePlan, splits: int = 1, out=
     o = torch.empty_like(q) if out is None else out
     rows = B * H * T
     block_d = max(16, triton.next_power_of_2(D))
+    # one stage of keys and values within 64 KiB, so that the pipeline fits shared memory
+    bn = max(16, min(TUNE["BN"], 32768 // (block_d * q.element_size())))
     if splits > 1:
         op = torch.empty(rows * splits * D, device=q.device, dtype=torch.float32)
         lp = torch.empty(rows * splits, device=q.device, dtype=torch.float32)
@@ -181,7 +183,7 @@ def decode(q, k_cache, v_cache, lengths, plan: DecodePlan, splits: int = 1, out=
             *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *o.stride()[:3],
             H, T, math.log2(math.e) / math.sqrt(D),
             plan.W, plan.P, plan.excl, plan.c, plan.vlo_a, plan.vlo_c, plan.nv, plan.ring, plan.sum_base,
-            RUN=plan.run, SECOND=plan.second, SPLITS=splits, BN=TUNE["BN"], HEAD_D=D, BLOCK_D=block_d,
+            RUN=plan.run, SECOND=plan.second, SPLITS=splits, BN=bn, HEAD_D=D, BLOCK_D=block_d,
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=TUNE["num_warps"],
             num_stages=TUNE["num_stages"],
         )  # fmt: skip
