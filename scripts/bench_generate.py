@@ -36,6 +36,7 @@ from sparse_attention.utils.benchmark import (
     add_device_arg,
     add_dtype_arg,
     add_model_args,
+    call_ms,
     comma_list,
     environment,
     graph_ms,
@@ -137,6 +138,16 @@ def model_rows(a, device, dtype):
                 if B > 1 and n > a.max_batched_context:
                     continue
                 yield _model_row(a, device, dtype, pattern, specs, n, B)
+        if a.model_million and pattern != "dense":
+            yield _model_row(a, device, dtype, pattern, specs, 1 << 20, 1)
+
+
+def _once_or_median(fn, n, device) -> float:
+    """Milliseconds of ``fn``: the median of a few calls, or one call after a warm-up at 1M tokens."""
+    if n >= 1 << 20:
+        fn()
+        return call_ms(fn, 1, device)[0]
+    return timeit(fn, budget_s=0.5, max_reps=3, device=device)
 
 
 def _model_row(a, device, dtype, pattern, specs, n, B):
@@ -151,7 +162,8 @@ def _model_row(a, device, dtype, pattern, specs, n, B):
     try:
         with torch.no_grad():
             x = torch.randint(0, 256, (B, n), device=device)
-            row["forward_ms"] = round(timeit(partial(model, x), budget_s=0.5, max_reps=5, device=device), 2)
+            row["forward_ms"] = round(_once_or_median(partial(model, x), n, device), 2)
+            del x
             for bounded in (False, True):
                 tag = "bounded_" if bounded else ""
                 cache = model.new_static_cache(B, bounded=bounded)
@@ -159,9 +171,7 @@ def _model_row(a, device, dtype, pattern, specs, n, B):
                 row[f"{tag}cache_mib"] = round(sum(cache.nbytes()) / 2**20, 2)
                 if is_cuda(device):
                     torch.cuda.reset_peak_memory_stats(device)
-                row[f"{tag}prefill_ms"] = round(
-                    timeit(partial(model.prefill, prompt, cache), budget_s=0.5, max_reps=3, device=device), 2
-                )
+                row[f"{tag}prefill_ms"] = round(_once_or_median(partial(model.prefill, prompt, cache), n, device), 2)
                 if is_cuda(device):
                     row[f"{tag}peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
                 tok = torch.randint(0, 256, (B, 1), device=device)
@@ -252,6 +262,7 @@ def main(argv=None):
     p.add_argument("--batches", type=comma_list(int), default=[1, 32])
     p.add_argument("--max-batched-context", type=int, default=16384, help="model rows with batch > 1 up to this n")
     p.add_argument("--million", type=int, default=1, help="1: attention rows at 1,048,576 tokens too")
+    p.add_argument("--model-million", type=int, default=0, help="1: model rows at 1,048,576 tokens (batch 1)")
     p.add_argument("--patterns", type=comma_list(str), default=["dense", "local", "fixed", "strided-interleaved"])
     add_model_args(p, n_layer=4, d_model=512, stride=128, c=32, blocksize=32)
     p.add_argument("--tokens", type=int, default=32, help="decode steps timed per row")
