@@ -9,6 +9,10 @@ an arithmetic progression whose length is a closed form of ``i``:
   run's window when it is merged with ``local``), or ``fixed``'s summary keys of the earlier groups
   ``v -> (v // c) * l + vlo(h) + v % c`` (``c = vertsize * blocksize``, ``v < (i // l) * c``).
 
+Any other pattern with a block layout (custom layouts, other unions) reads the **blocks** of its
+query's layout row (``SECOND_BLOCKS``): key ``v`` is offset ``v % b`` of the ``v // b``-th enabled
+block, kept where the block's in-block mask allows it.
+
 Key ``v`` of the union is the ``v``-th key of the second run, then of the run; the decode kernel
 (:mod:`sparse_attention.torch.kernels.decode`) walks ``v`` in tiles and computes each key's cache
 slot, so it reads exactly the allowed keys and nothing else. :func:`keys` enumerates the same set
@@ -22,12 +26,13 @@ at ``sum_base + v``. One extra slot (``slots``) takes the writes that nothing wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 RUN_NONE, RUN_ALL, RUN_WINDOW, RUN_GROUP = 0, 1, 2, 3
-SECOND_NONE, SECOND_STRIDED, SECOND_SUMMARY = 0, 1, 2
+SECOND_NONE, SECOND_STRIDED, SECOND_SUMMARY, SECOND_BLOCKS = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class DecodePlan:
     ring: int = 0
     sum_base: int = -1
     slots: int = 0
+    layout: object = field(default=None, compare=False, repr=False)
 
     def count(self, i: int, h: int = 0) -> tuple[int, int]:
         """``(second-run keys, run keys)`` of a query at ``i``."""
@@ -61,6 +67,10 @@ class DecodePlan:
             n2 = max(i - self.excl - i % self.P + self.P, 0) // self.P
         elif self.second == SECOND_SUMMARY:
             n2 = (i // self.P) * self.c
+        elif self.second == SECOND_BLOCKS:
+            lay = self.layout
+            rp = lay.row_ptr[lay.head_pattern[h], i // self.c :][:2]
+            n2 = int(rp[1] - rp[0]) * self.c
         return n2, (0 if self.run == RUN_NONE else i - self.start(i) + 1)
 
     def start(self, i: int) -> int:
@@ -75,6 +85,8 @@ class DecodePlan:
 
     def max_keys(self, n_ctx: int) -> int:
         """Keys read by the query with the most, below ``n_ctx``."""
+        if self.second == SECOND_BLOCKS:
+            return int(self.layout.row_counts().max()) * self.c
         last = [n_ctx - 1] + ([n_ctx // self.W * self.W - 1] if self.run == RUN_GROUP and n_ctx > self.W else [])
         return max(sum(self.count(i)) for i in last)
 
@@ -110,6 +122,14 @@ def keys(plan: DecodePlan, i: int, h: int = 0) -> np.ndarray:
         second = i % plan.P + v * plan.P
     elif plan.second == SECOND_SUMMARY:
         second = (v // plan.c) * plan.P + plan.vlo(h) + v % plan.c
+    elif plan.second == SECOND_BLOCKS:
+        # the enabled blocks of the query's row, minus what their in-block masks exclude
+        lay, b = plan.layout, plan.c
+        e = lay.row_ptr[lay.head_pattern[h], i // b] + v // b
+        second = lay.cols[e].astype(np.int64) * b + v % b
+        mi = lay.mask_idx[e] if lay.mask_idx is not None else np.full(len(e), -1)
+        inb = np.where(mi >= 0, lay.block_masks[np.maximum(mi, 0), i % b, v % b], True)
+        second = second[inb]
     else:
         second = v
     return np.concatenate([second, plan.start(i) + np.arange(n1)]).astype(np.int64)
@@ -147,11 +167,43 @@ def plan_of(mode: str, kwargs: dict, blocksize: int) -> DecodePlan | None:
     return None
 
 
-def spec_plans(spec, heads: int, blocksize: int) -> list:
+def spec_plans(spec, heads: int, blocksize: int, n_ctx: int | None = None) -> list:
     """``[(first_head, n_heads, DecodePlan or None)]`` of a pattern spec
-    (:mod:`sparse_attention.patterns`): None for a head group no plan describes (custom layouts,
-    unions other than ``local | strided``, ``Group | fixed`` and those holding ``all``)."""
-    return [(h0, hn, _spec_plan(sub, blocksize)) for h0, hn, _, sub in spec.groups(heads)]
+    (:mod:`sparse_attention.patterns`). Built-in modes, ``Group`` and the unions ``local |
+    strided``, ``Group | fixed`` and those holding ``all`` read runs in closed form; with
+    ``n_ctx``, any other group with a block layout covering ``n_ctx`` in natural order (custom
+    layouts, other unions) reads its query's block row (``SECOND_BLOCKS``); None where neither
+    applies."""
+    out = []
+    for h0, hn, _, sub in spec.groups(heads):
+        plan = _spec_plan(sub, blocksize)
+        if plan is None and n_ctx is not None:
+            plan = _layout_plan(sub, hn, blocksize, n_ctx)
+        out.append((h0, hn, plan))
+    return out
+
+
+def _layout_plan(spec, heads: int, blocksize: int, n_ctx: int) -> DecodePlan | None:
+    from .layouts import Layout, broadcast_layout
+    from .patterns import Custom
+
+    if isinstance(spec, Custom):
+        lay = spec.layout
+    elif hasattr(spec, "layout"):
+        m = spec.multiple(blocksize)
+        T = math.ceil(n_ctx / m) * m
+        try:
+            spec.check(T, heads, blocksize)
+        except ValueError:
+            return None
+        lay = spec.layout(T, heads, blocksize)
+    else:
+        return None
+    if not isinstance(lay, Layout) or lay.mode != "custom" or lay.perm is not None or lay.time < n_ctx:
+        return None
+    if lay.heads != heads:
+        lay = broadcast_layout(lay, heads)
+    return DecodePlan(second=SECOND_BLOCKS, c=lay.blocksize, layout=lay)
 
 
 def _spec_plan(spec, blocksize: int) -> DecodePlan | None:

@@ -124,7 +124,8 @@ class Custom(Spec):
         """The layout's dense mask ``bool [heads, time, time]``: numpy, or a torch tensor on the
         device of ``like`` (cached per layout and device)."""
         per = _DENSE.setdefault(self.layout, {})
-        key = str(getattr(like, "device", "numpy"))
+        # numpy >= 2 arrays have a .device ("cpu") too: key them apart from torch's cpu tensors
+        key = "numpy" if isinstance(like, np.ndarray) else str(like.device)
         if key not in per:
             dense = self.layout.to_dense()
             if not isinstance(like, np.ndarray):

@@ -13,6 +13,18 @@ from sparse_attention.decoding import DecodePlan, keys, spec_plans  # noqa: E402
 from sparse_attention.patterns import Group, Merged, Mode, PerHead  # noqa: E402
 
 B16 = 16
+
+
+def _custom(causal: bool, diagonal: bool):
+    """A per-head random layout with in-block masks (``diagonal=False``: some rows allow nothing)."""
+    from sparse_attention import from_dense
+    from sparse_attention.patterns import Custom
+
+    m = np.random.default_rng(0).random((4, 256, 256)) < 0.1
+    m |= np.eye(256, dtype=bool) & diagonal
+    return Custom(from_dense(np.tril(m) if causal else m, B16))
+
+
 SPECS = {
     "all": Mode("all"),
     "local": Mode("local", 48),
@@ -23,6 +35,9 @@ SPECS = {
     "local|strided": Merged(Mode("local", 32), Mode("strided", 32)),
     "group|fixed": Merged(Group(64), Mode("fixed", 64, num_verts=1, vertsize=1)),
     "per-head": PerHead(Mode("local", 32), Mode("strided", 16)),
+    "custom": _custom(causal=True, diagonal=True),
+    "custom-noncausal-empty-rows": _custom(causal=False, diagonal=False),
+    "local|fixed": Merged(Mode("local", 32), Mode("fixed", 64, num_verts=1, vertsize=1)),
 }
 
 
@@ -31,7 +46,7 @@ def test_plan_keys_are_the_pattern(name):
     spec, heads, T = SPECS[name], 4, 256
     i = np.arange(T)
     allowed = np.broadcast_to(spec.mask(i, i, heads, B16), (heads, T, T))
-    for h0, hn, plan in spec_plans(spec, heads, B16):
+    for h0, hn, plan in spec_plans(spec, heads, B16, n_ctx=T):
         assert plan is not None
         for h in range(hn):
             for q in range(T):
@@ -57,13 +72,20 @@ def test_bounded_slots_hold_what_is_read(name):
             assert len(np.unique(slots)) == len(slots)
 
 
-def test_no_plan_for_custom_and_other_unions():
+def test_layout_plans_need_a_layout_covering_the_context():
     from sparse_attention import from_dense
+    from sparse_attention.decoding import SECOND_BLOCKS
     from sparse_attention.patterns import Custom
 
-    lay = from_dense(np.tril(np.ones((2, 64, 64), bool)), 16)
-    assert spec_plans(Custom(lay), 2, 16)[0][2] is None
-    assert spec_plans(Merged(Mode("local", 32), Mode("fixed", 64, 1, 1)), 2, 16)[0][2] is None
+    lay = from_dense(np.tril(np.ones((1, 64, 64), bool)), 16)
+    assert spec_plans(Custom(lay), 2, 16)[0][2] is None  # no context given: no layout plan
+    plan = spec_plans(Custom(lay), 2, 16, n_ctx=64)[0][2]
+    assert plan.second == SECOND_BLOCKS and plan.layout.heads == 2  # one head broadcast
+    assert spec_plans(Custom(lay), 2, 16, n_ctx=80)[0][2] is None  # the layout is too short
+    union = Merged(Mode("local", 32), Mode("fixed", 64, 1, 1))
+    assert spec_plans(union, 2, 16)[0][2] is None
+    assert spec_plans(union, 2, 16, n_ctx=100)[0][2].layout.time == 112
+    assert spec_plans(union, 2, 16, n_ctx=9000)[0][2] is None  # its layout needs a dense mask
 
 
 def _reference(q, K, V, spec, heads, i, end):
@@ -161,3 +183,10 @@ def test_decode_kernel_split_k(kernels, splits):
         s = (q[b].double() @ k[b, :, :n].double().transpose(-1, -2)) / 4.0
         want = torch.softmax(s, -1) @ v[b, :, :n].double()
         torch.testing.assert_close(out[b].double().cpu(), want.cpu(), rtol=1e-5, atol=1e-5)
+
+
+def test_custom_mask_on_numpy_then_torch():
+    """A custom layout's dense mask is cached per kind: numpy >= 2 arrays have a ``.device`` too."""
+    spec, i = _custom(causal=True, diagonal=True), np.arange(4)
+    assert isinstance(spec.allowed(i, i, 0, 4, B16), np.ndarray)
+    assert isinstance(spec.allowed(torch.from_numpy(i), torch.from_numpy(i), 0, 4, B16), torch.Tensor)

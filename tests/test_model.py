@@ -273,7 +273,7 @@ def test_static_cache_equals_full_forward(name, bounded):
     _check_static(model, x, [64, 64, 64], step=3, bounded=bounded)
 
 
-@pytest.mark.parametrize("name", ["fixed-merged", "strided-interleaved", "strided-heads", "dense"])
+@pytest.mark.parametrize("name", ["fixed-merged", "strided-interleaved", "strided-heads", "dense", "custom-layout"])
 def test_static_cache_through_decode_kernel(name, monkeypatch):
     pytest.importorskip("triton")
     from tests._kernel_env import INTERPRET

@@ -31,7 +31,7 @@ class CacheLayer:
 
     def __init__(self, spec, heads, head_dim, blocksize, batch, n_ctx, dtype, device, bounded, max_query):
         self.spec, self.heads, self.blocksize, self.n_ctx = spec, heads, blocksize, n_ctx
-        groups = spec_plans(spec, heads, blocksize)
+        groups = spec_plans(spec, heads, blocksize, n_ctx)
         # one slot layout per layer: bounded only for a single head group with a plan that bounds
         single = len(groups) == 1 and groups[0][2] is not None
         if bounded and single:

@@ -11,6 +11,9 @@ pattern, no slot that was never written. Scores are float32 (``exp2``, base-2 lo
 Long key lists are split (split-K): each slice writes its normalised partial output and its
 log-sum-exp, and :func:`_combine_kernel` merges the slices. With one slice the decode kernel
 writes the output itself. A row with no key (never with a built-in plan) outputs 0.
+
+Layouts with no closed-form plan (custom ones, other unions) walk the enabled blocks of the query's
+layout row (the CSR tables of the training kernels) and apply their in-block masks.
 """
 
 from __future__ import annotations
@@ -45,9 +48,9 @@ def _slots(v, i, h, n2, start, RUN: tl.constexpr, SECOND: tl.constexpr, P, C, VL
 
 @triton.jit(do_not_specialize=["W", "P", "EXCL", "C", "VLO_A", "VLO_C", "VLO_NV", "RING", "SUM_BASE"])
 def _decode_kernel(
-    Q, K, V, O, OP, LP, LEN,
+    Q, K, V, O, OP, LP, LEN, HEAD_PAT, ROW_PTR, COLS, MASK_IDX, MASKS,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot,
-    H, T, qk_scale,
+    H, T, qk_scale, NBLK,
     W, P, EXCL, C, VLO_A, VLO_C, VLO_NV, RING, SUM_BASE,
     RUN: tl.constexpr, SECOND: tl.constexpr, SPLITS: tl.constexpr,
     BN: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -71,6 +74,11 @@ def _decode_kernel(
         n2 = tl.maximum(i - EXCL - i % P + P, 0) // P
     elif SECOND == 2:
         n2 = (i // P) * C
+    elif SECOND == 3:  # the enabled blocks of the query's layout row (C = blocksize)
+        rp = ROW_PTR + tl.load(HEAD_PAT + h).to(tl.int64) * (NBLK + 1) + i // C
+        e0 = tl.load(rp)
+        n2 = ((tl.load(rp + 1) - e0) * C).to(tl.int32)
+        iend = tl.load(LEN + b) + T  # keys past this step's tokens are not in the cache yet
     else:
         n2 = i * 0
     n = n1 + n2
@@ -93,7 +101,14 @@ def _decode_kernel(
     for v0 in range(lo, hi, BN):
         v = v0 + tl.arange(0, BN)
         ok = v < hi
-        slot = _slots(v, i, h, n2, start, RUN, SECOND, P, C, VLO_A, VLO_C, VLO_NV, RING, SUM_BASE)
+        if SECOND == 3:
+            e = e0 + v // C
+            slot = tl.load(COLS + e, mask=ok, other=0).to(tl.int64) * C + v % C
+            mi = tl.load(MASK_IDX + e, mask=ok, other=-1).to(tl.int64)
+            inb = tl.load(MASKS + mi * C * C + (i % C) * C + v % C, mask=ok & (mi >= 0), other=1)
+            ok = ok & (inb != 0) & (slot < iend)
+        else:
+            slot = _slots(v, i, h, n2, start, RUN, SECOND, P, C, VLO_A, VLO_C, VLO_NV, RING, SUM_BASE)
         slot = tl.where(ok, slot, 0)
         m2 = ok[:, None] & dmask[None, :]
         k = tl.load(kbase + slot[:, None] * sks + offs_d[None, :], mask=m2, other=0.0)
@@ -101,8 +116,9 @@ def _decode_kernel(
         s = tl.dot(qm, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         s = tl.where(ok[None, :], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # a tile (so far) with no allowed key
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
         acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
@@ -177,11 +193,18 @@ def decode(q, k_cache, v_cache, lengths, plan: DecodePlan, splits: int = 1, out=
         lp = torch.empty(rows * splits, device=q.device, dtype=torch.float32)
     else:
         op = lp = o
+    if plan.layout is not None:
+        from .launch import device_tables
+
+        tab = device_tables(plan.layout, q)
+        tables = (tab["HEAD_PAT"], tab["ROW_PTR"], tab["COLS"], tab["MASK_IDX"], tab["MASKS"])
+    else:
+        tables = (lengths,) * 5  # never read
     with torch.cuda.device(q.device) if q.is_cuda else _null():
         _decode_kernel[(rows, splits)](
-            q, k_cache, v_cache, o, op, lp, lengths,
+            q, k_cache, v_cache, o, op, lp, lengths, *tables,
             *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *o.stride()[:3],
-            H, T, math.log2(math.e) / math.sqrt(D),
+            H, T, math.log2(math.e) / math.sqrt(D), 0 if plan.layout is None else plan.layout.nb,
             plan.W, plan.P, plan.excl, plan.c, plan.vlo_a, plan.vlo_c, plan.nv, plan.ring, plan.sum_base,
             RUN=plan.run, SECOND=plan.second, SPLITS=splits, BN=bn, HEAD_D=D, BLOCK_D=block_d,
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=TUNE["num_warps"],
