@@ -280,7 +280,9 @@ class SparseTransformer(nn.Module):
         and decode steps ``model(tokens [batch, <= max_query], cache=cache)`` (positions from
         ``cache.lengths``, per sequence). ``bounded``: layers whose pattern allows it keep only
         what later tokens read (``local`` its window, ``fixed`` its group and the summary keys).
-        ``dtype``/``device``: of the keys and values (default: the model's parameters)."""
+        ``dtype``/``device``: of the keys and values (default: the model's parameters). A step
+        is not checked against ``n_ctx`` (that would wait on the device): keep ``lengths + step <=
+        n_ctx`` (:meth:`generate` checks it up front)."""
         p = next(self.parameters())
         d = self.cfg.d_model // self.cfg.n_head
         layers = [(blk.attn.attn.spec, self.cfg.n_head, d, self.cfg.blocksize) for blk in self.blocks]
