@@ -190,3 +190,59 @@ def test_custom_mask_on_numpy_then_torch():
     spec, i = _custom(causal=True, diagonal=True), np.arange(4)
     assert isinstance(spec.allowed(i, i, 0, 4, B16), np.ndarray)
     assert isinstance(spec.allowed(torch.from_numpy(i), torch.from_numpy(i), 0, 4, B16), torch.Tensor)
+
+
+FUNCTIONAL = {
+    "all": dict(attn_mode="all"),
+    "local": dict(attn_mode="local", local_attn_ctx=32),
+    "strided": dict(attn_mode="strided", local_attn_ctx=24),
+    "fixed": dict(attn_mode="fixed", local_attn_ctx=64, num_verts=2, vertsize=1),
+}
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize("name", list(FUNCTIONAL) + ["layout"])
+def test_blocksparse_decode_equals_the_full_attention(name, kernel, monkeypatch):
+    """``blocksparse_decode`` on a [batch, n_ctx, dim] cache gives the rows of the dense
+    reference at each sequence's new positions; rows past them are NaN and never read."""
+    from sparse_attention import attention_impl
+    from sparse_attention.torch import blocksparse_decode
+    from sparse_attention.torch import decode as dec
+
+    if kernel:
+        pytest.importorskip("triton")
+        if not INTERPRET and not torch.cuda.is_available():
+            pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+        monkeypatch.setattr(dec, "KERNEL_ON_CPU", True)
+    dev = device() if kernel else "cpu"
+    kw = FUNCTIONAL.get(name) or dict(attn_mode=_custom(causal=True, diagonal=True).layout)
+    B, N, heads, d, t = 3, (192 if name in FUNCTIONAL else 256), 4, 16, 2
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, N, heads * d, generator=g) for _ in range(3))
+    full = attention_impl(q, k, v, heads, blocksize=16, **kw)
+    lengths = torch.tensor([0, 37, 150])
+    rows = (lengths[:, None] + torch.arange(t))[:, :, None].expand(B, t, heads * d)
+    past = torch.arange(N)[None, :, None] >= (lengths + t)[:, None, None]
+    kc, vc = (x.masked_fill(past, float("nan")) for x in (k, v))
+    out = blocksparse_decode(
+        torch.gather(q, 1, rows).to(dev), kc.to(dev), vc.to(dev), lengths.to(dev), heads, blocksize=16, **kw
+    )
+    torch.testing.assert_close(out.cpu(), torch.gather(full, 1, rows), rtol=1e-5, atol=1e-5)
+
+
+def test_blocksparse_decode_errors_name_the_argument():
+    from sparse_attention.torch import blocksparse_decode
+
+    q, c = torch.zeros(2, 1, 32), torch.zeros(2, 64, 32)
+    with pytest.raises(ValueError, match="k_cache"):
+        blocksparse_decode(q, c[:1], c, 0, 4, "all")
+    with pytest.raises(ValueError, match="heads"):
+        blocksparse_decode(q, c, c, 0, 3, "all")
+    with pytest.raises(ValueError, match="lengths"):
+        blocksparse_decode(q, c, c, torch.zeros(3, dtype=torch.int64), 4, "all")
+    with pytest.raises(TypeError, match="lengths"):
+        blocksparse_decode(q, c, c, torch.zeros(2), 4, "all")
+    with pytest.raises(ValueError, match="local_attn_ctx"):
+        blocksparse_decode(q, c, c, 0, 4, "strided", blocksize=16)
+    with pytest.raises(ValueError, match="q must have shape"):
+        blocksparse_decode(q[0], c, c, 0, 4, "all")

@@ -148,3 +148,83 @@ class StaticKVCache:
     def nbytes(self) -> list[int]:
         """Bytes of keys and values per layer."""
         return [layer.nbytes() for layer in self.layers]
+
+
+def blocksparse_decode(
+    q,
+    k_cache,
+    v_cache,
+    lengths,
+    heads: int,
+    attn_mode,
+    local_attn_ctx=None,
+    blocksize: int = 32,
+    num_verts=None,
+    vertsize=None,
+):
+    """Attention of new tokens over a key/value cache, under the pattern of
+    ``blocksparse_attention_impl`` with the same arguments (or a ``Layout`` / pattern spec as
+    ``attn_mode``): the decode kernel on CUDA, masked attention elsewhere.
+
+    Args:
+        q: ``[batch, t, heads * head_dim]``, the tokens at positions ``lengths[b] + 0 .. t - 1``.
+        k_cache, v_cache: ``[batch, n_ctx, heads * head_dim]`` (any row stride), position ``j`` at
+            row ``j``; rows ``< lengths[b] + t`` written, the new tokens' included; later rows are
+            never read (they may hold anything).
+        lengths: int tensor ``[batch]`` (or an int): the tokens each sequence held before these.
+
+    Returns ``[batch, t, heads * head_dim]`` in ``q``'s dtype. Each query ``i`` sees the keys
+    ``j < lengths[b] + t`` its pattern allows, as row ``i`` of the full attention would.
+    """
+    from ..patterns import Mode, as_spec
+    from .reference import check_dtypes
+
+    check_dtypes(q, k_cache, v_cache)
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.dim() != 3:
+            raise ValueError(f"{name} must have shape [batch, time, heads * head_dim], got {tuple(x.shape)}")
+    B, t, dim = q.shape
+    if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[2] != dim:
+        raise ValueError(
+            f"k_cache and v_cache must both be [batch={B}, n_ctx, {dim}], got {tuple(k_cache.shape)}, "
+            f"{tuple(v_cache.shape)}"
+        )
+    if not isinstance(heads, int) or heads < 1 or dim % heads:
+        raise ValueError(f"heads must be a positive int dividing dim ({dim}), got {heads!r}")
+    n_ctx = k_cache.shape[1]
+    if isinstance(lengths, int):
+        lengths = torch.full((B,), lengths, dtype=torch.int64, device=q.device)
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"lengths must be an int or an int32/int64 tensor [batch], got {type(lengths).__name__}")
+    if lengths.shape != (B,) or lengths.device != q.device:
+        raise ValueError(f"lengths must be [batch={B}] on {q.device}, got {tuple(lengths.shape)} on {lengths.device}")
+    if isinstance(attn_mode, str):
+        spec = Mode(attn_mode, local_attn_ctx, num_verts, vertsize)
+        period = local_attn_ctx if attn_mode == "strided" and isinstance(local_attn_ctx, int) else 1
+        spec.check(blocksize * max(period, 1), heads, blocksize)  # the arguments' errors
+    else:
+        spec = as_spec(attn_mode)
+    d = dim // heads
+    qh = q.view(B, t, heads, d).transpose(1, 2)
+    kh, vh = (x.view(B, n_ctx, heads, d).transpose(1, 2) for x in (k_cache, v_cache))
+    groups = spec_plans(spec, heads, blocksize, n_ctx)
+    out = torch.empty(B, t, heads, d, dtype=q.dtype, device=q.device)
+    if all(p is not None for _, _, p in groups) and (q.is_cuda or KERNEL_ON_CPU):
+        from .kernels.decode import decode, num_splits
+
+        for h0, hn, plan in groups:
+            plan = _with_slots(plan, DecodePlan(slots=n_ctx))
+            sl = slice(h0, h0 + hn)
+            splits = num_splits(plan, B * hn * t, n_ctx, q.device)
+            decode(qh[:, sl], kh[:, sl], vh[:, sl], lengths, plan, splits, out=out.transpose(1, 2)[:, sl])
+        return out.view(B, t, dim)
+    end = int(lengths.max()) + t
+    i = lengths[:, None] + torch.arange(t, device=q.device)  # [B, t]
+    j = torch.arange(end, device=q.device)
+    written = j[None, :] < (lengths + t)[:, None]  # [B, end]
+    h = torch.arange(heads, device=q.device)[None, :, None, None]
+    mask = spec.allowed(i[:, None, :, None], j[None, None, None, :], h, heads, blocksize) & written[:, None, None, :]
+    keep = written[:, None, :, None]
+    ks, vs = (torch.where(keep, x[:, :, :end], 0) for x in (kh, vh))  # rows past a sequence may hold NaN
+    out.transpose(1, 2).copy_(masked_attention(qh, ks, vs, mask))
+    return out.view(B, t, dim)
