@@ -312,3 +312,20 @@ def test_static_cache_errors():
         model.prefill(torch.zeros(1, 4, dtype=torch.int64), cache, [5])
     with pytest.raises(ValueError, match="static"):
         model.generate(torch.zeros(1, 4, dtype=torch.int64), 2, prompt_lengths=[3], static=False)
+
+
+def test_forward_pads_to_a_multiple_of_128_for_the_fused_kernels():
+    """The sparse model runs a 90-token input at 128 (the kernels' tiles follow time's power-of-two
+    divisor); logits of the real tokens are unchanged, custom layouts keep their own length."""
+    model = _model(FACTORISATIONS["fixed-merged"]).double()
+    assert model.cfg.pad_multiple == 128
+    seen = []
+    hook = model.blocks[0].attn.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    x = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(7))
+    logits, _ = model(x)
+    hook.remove()
+    assert seen == [128] and logits.shape[1] == 90
+    dense = _model(FACTORISATIONS["fixed-merged"], impl="dense").double()
+    dense.load_state_dict(model.state_dict())
+    torch.testing.assert_close(logits, dense(x)[0], rtol=1e-9, atol=1e-9)
+    assert _model(FACTORISATIONS["custom-layout"]).cfg.pad_multiple == 96
