@@ -25,7 +25,7 @@ from torch import nn
 
 from ..patterns import Custom, as_spec
 from ..torch.decode import StaticKVCache
-from ..torch.nn import IMPLS, PREFILL_QUANTUM, KVCache, SparseSelfAttention
+from ..torch.nn import IMPLS, TILE_QUANTUM, KVCache, SparseSelfAttention
 
 
 @dataclass
@@ -96,7 +96,7 @@ class SparseTransformerConfig:
         tokens than at 65,536 on an H200). The padding is at the end and every pattern is causal,
         so it changes nothing before it."""
         if self.impl == "sparse" and not any(isinstance(p, Custom) for p in self.patterns):
-            return math.lcm(self.multiple, PREFILL_QUANTUM)
+            return math.lcm(self.multiple, TILE_QUANTUM)
         return self.multiple
 
     @property

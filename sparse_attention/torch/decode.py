@@ -14,6 +14,8 @@ unions) it runs masked attention over the cache's slots under the spec's closed 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..decoding import DecodePlan, spec_plans
@@ -49,7 +51,7 @@ class CacheLayer:
         self.kernel = all(p is not None for _, _, p in self.groups) and (dev.type == "cuda" or KERNEL_ON_CPU)
         self.pos = None if self.kernel else torch.full((batch, heads, S), -1, dtype=torch.int64, device=device)
         self._heads = torch.arange(heads, device=device)
-        self.splits = {}
+        self.splits: dict = {}
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
@@ -93,35 +95,54 @@ class CacheLayer:
         """Attention of ``qh [batch, heads, t, d]`` at positions ``lengths[b] + 0 .. t - 1`` over
         the cache (their own keys written first)."""
         if self.kernel:
-            from .kernels.decode import decode, num_splits
-
             out = torch.empty(qh.shape, dtype=qh.dtype, device=qh.device)
-            B, H, t, D = qh.shape
-            for h0, hn, plan in self.groups:
-                key = (h0, B * hn * t)
-                if key not in self.splits:
-                    self.splits[key] = num_splits(plan, B * hn * t, self.n_ctx, qh.device)
-                sl = slice(h0, h0 + hn)
-                decode(qh[:, sl], self.k[:, sl], self.v[:, sl], lengths, plan, self.splits[key], out=out[:, sl])
-            return out
+            return _kernel_step(qh, self.k, self.v, lengths, self.groups, self.n_ctx, out, self.splits)
         i = lengths[:, None] + torch.arange(qh.shape[2], device=qh.device)  # [B, t]
         j = self.pos[:, :, : self.slots]
-        h = self._heads[None, :, None, None]
-        ok = self.spec.allowed(i[:, None, :, None], j.clamp(min=0)[:, :, None, :], h, self.heads, self.blocksize)
-        mask = ok & (j >= 0)[:, :, None, :]
+        extra = None
         p = self.plan
         if p.sum_base >= 0:
             # a summary key sits in the summary slots and, while its group is recent, in the ring:
             # earlier groups count from the summary slots, the query's own group from the ring
             summary = torch.arange(self.slots, device=qh.device) >= p.sum_base
-            earlier = (j // p.P)[:, :, None, :] < (i // p.P)[:, None, :, None]
-            mask = mask & (summary == earlier)
-        return masked_attention(qh, self.k[:, :, : self.slots], self.v[:, :, : self.slots], mask)
+            extra = summary == ((j // p.P)[:, :, None, :] < (i // p.P)[:, None, :, None])
+        k, v = self.k[:, :, : self.slots], self.v[:, :, : self.slots]
+        return _masked_step(self.spec, self.heads, self.blocksize, qh, k, v, i, j, j >= 0, extra)
+
+
+def _kernel_step(qh, kh, vh, lengths, groups, n_ctx, out, splits=None):
+    """The decode kernel on ``qh [B, H, t, d]`` over a cache ``kh, vh [B, H, slots, d]``, one launch
+    per head group ``(h0, hn, plan)``, into ``out`` (any strides); ``splits`` caches the slice
+    counts per group and row count."""
+    from .kernels.decode import decode, num_splits
+
+    B, _, t, _ = qh.shape
+    for h0, hn, plan in groups:
+        key = (h0, B * hn * t)
+        n = None if splits is None else splits.get(key)
+        if n is None:
+            n = num_splits(plan, B * hn * t, n_ctx, qh.device)
+            if splits is not None:
+                splits[key] = n
+        sl = slice(h0, h0 + hn)
+        decode(qh[:, sl], kh[:, sl], vh[:, sl], lengths, plan, n, out=out[:, sl])
+    return out
+
+
+def _masked_step(spec, heads, blocksize, qh, kh, vh, i, j, keep, extra=None):
+    """Masked attention of ``qh [B, H, t, d]`` at positions ``i [B, t]`` over keys at positions ``j``
+    (``[B, H or 1, S]``) that count where ``keep`` (same shape) and ``extra`` (``[B, H, t, S]``, if
+    given) allow, under the spec's closed form; keys not kept are zeroed first (they may hold NaN)."""
+    h = torch.arange(heads, device=qh.device)[None, :, None, None]
+    mask = spec.allowed(i[:, None, :, None], j.clamp(min=0)[:, :, None, :], h, heads, blocksize)
+    mask = mask & keep[:, :, None, :]
+    if extra is not None:
+        mask = mask & extra
+    k, v = (torch.where(keep[..., None], x, 0) for x in (kh, vh))
+    return masked_attention(qh, k, v, mask)
 
 
 def _with_slots(plan: DecodePlan, cache_plan: DecodePlan) -> DecodePlan:
-    from dataclasses import replace
-
     return replace(plan, ring=cache_plan.ring, sum_base=cache_plan.sum_base, slots=cache_plan.slots)
 
 
@@ -208,23 +229,15 @@ def blocksparse_decode(
     qh = q.view(B, t, heads, d).transpose(1, 2)
     kh, vh = (x.view(B, n_ctx, heads, d).transpose(1, 2) for x in (k_cache, v_cache))
     groups = spec_plans(spec, heads, blocksize, n_ctx)
-    out = torch.empty(B, t, heads, d, dtype=q.dtype, device=q.device)
+    out = torch.empty(B, t, heads, d, dtype=q.dtype, device=q.device)  # written through a transposed view
     if all(p is not None for _, _, p in groups) and (q.is_cuda or KERNEL_ON_CPU):
-        from .kernels.decode import decode, num_splits
-
-        for h0, hn, plan in groups:
-            plan = _with_slots(plan, DecodePlan(slots=n_ctx))
-            sl = slice(h0, h0 + hn)
-            splits = num_splits(plan, B * hn * t, n_ctx, q.device)
-            decode(qh[:, sl], kh[:, sl], vh[:, sl], lengths, plan, splits, out=out.transpose(1, 2)[:, sl])
+        groups = [(h0, hn, replace(p, slots=n_ctx)) for h0, hn, p in groups]
+        _kernel_step(qh, kh, vh, lengths, groups, n_ctx, out.transpose(1, 2))
         return out.view(B, t, dim)
     end = int(lengths.max()) + t
     i = lengths[:, None] + torch.arange(t, device=q.device)  # [B, t]
-    j = torch.arange(end, device=q.device)
-    written = j[None, :] < (lengths + t)[:, None]  # [B, end]
-    h = torch.arange(heads, device=q.device)[None, :, None, None]
-    mask = spec.allowed(i[:, None, :, None], j[None, None, None, :], h, heads, blocksize) & written[:, None, None, :]
-    keep = written[:, None, :, None]
-    ks, vs = (torch.where(keep, x[:, :, :end], 0) for x in (kh, vh))  # rows past a sequence may hold NaN
-    out.transpose(1, 2).copy_(masked_attention(qh, ks, vs, mask))
+    j = torch.arange(end, device=q.device).expand(B, 1, end)
+    keep = j < (lengths + t)[:, None, None]  # rows past each sequence are not read
+    o = _masked_step(spec, heads, blocksize, qh, kh[:, :, :end], vh[:, :, :end], i, j, keep)
+    out.transpose(1, 2).copy_(o)
     return out.view(B, t, dim)

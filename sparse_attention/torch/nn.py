@@ -25,8 +25,9 @@ from .merged import merged_attention
 from .reference import masked_attention
 
 IMPLS = ("sparse", "dense", "sdpa", "flex")
-# prompts are padded to a multiple of this (and of the pattern's multiple) for the sparse prefill
-PREFILL_QUANTUM = 128
+# the sparse prefill and the model pad time to a multiple of this too: the fused kernels cap their
+# tiles at the largest power of two dividing time
+TILE_QUANTUM = 128
 
 
 class SparseAttention(nn.Module):
@@ -434,7 +435,7 @@ class SparseSelfAttention(nn.Module):
         t = q.shape[1]
         # a multiple of 128 too: the fused kernels' tiles are capped by the largest power of two
         # dividing time (at 65,504 tokens fixed's forward ran 3.5x slower than at 65,536 on an H200)
-        m = math.lcm(a.spec.multiple(a.blocksize), PREFILL_QUANTUM)
+        m = math.lcm(a.spec.multiple(a.blocksize), TILE_QUANTUM)
         T = -(-t // m) * m
         try:
             a.spec.check(T, a.heads, a.blocksize)

@@ -5,8 +5,8 @@ The query sits at ``i = lengths[batch] + t``; its keys are the union of at most 
 :class:`sparse_attention.decoding.DecodePlan` (numbered ``v = 0 .. n(i) - 1``, the second run
 first), so the program walks ``v`` in tiles of ``BN``, computes each key's cache slot in closed
 form and gathers only those rows: ``local`` reads its window, ``strided`` every ``l``-th key,
-``fixed`` its group and its head's summary keys, ``all`` everything; no mask, no key outside the
-pattern, no slot that was never written. Scores are float32 (``exp2``, base-2 log-sum-exp).
+``fixed`` its group and its head's summary keys, ``all`` everything; no in-block mask, no key
+outside the pattern, no slot that was never written. Scores are float32 (``exp2``, base-2 log-sum-exp).
 
 Long key lists are split (split-K): each slice writes its normalised partial output and its
 log-sum-exp, and :func:`_combine_kernel` merges the slices. With one slice the decode kernel
