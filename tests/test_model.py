@@ -308,6 +308,8 @@ def test_static_cache_errors():
     cache = model.new_static_cache(1)
     with pytest.raises(ValueError, match="max_query"):
         model(torch.zeros(1, 2, dtype=torch.int64), cache=cache)
+    with pytest.raises(ValueError, match="holds 1 sequences"):
+        model.prefill(torch.zeros(2, 4, dtype=torch.int64), cache)
     with pytest.raises(ValueError, match="lengths"):
         model.prefill(torch.zeros(1, 4, dtype=torch.int64), cache, [5])
     with pytest.raises(ValueError, match="static"):

@@ -272,6 +272,8 @@ class SparseTransformer(nn.Module):
     def _static_forward(self, idx, cache: StaticKVCache):
         # every shape is fixed and nothing waits on the device: a decode step can be a CUDA graph
         B, T = idx.shape
+        if B != cache.lengths.shape[0]:
+            raise ValueError(f"the cache holds {cache.lengths.shape[0]} sequences, idx has batch {B}")
         if T > cache.max_query and not cache.prefilling:
             raise ValueError(
                 f"a decode step through this cache takes at most max_query={cache.max_query} tokens, got {T}; "
