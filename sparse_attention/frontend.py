@@ -56,7 +56,11 @@ def backend_for(q, k, v):
 
 
 def check_shapes(q, k, v, heads) -> tuple[int, int, int]:
-    """Rank, shapes, heads; dtypes and devices are the backend's to check. Returns (batch, time, dim)."""
+    """Rank, shapes, heads; dtypes and devices are the backend's to check. Returns (batch, time, dim).
+
+    ``k`` and ``v`` have one shape, ``[batch, time, kv_heads * head_dim]``: ``q``'s, or fewer
+    heads of the same ``head_dim`` with ``heads % kv_heads == 0`` (grouped-query attention, see
+    :func:`kv_heads_of`)."""
     if not isinstance(heads, int) or isinstance(heads, bool):
         raise TypeError(f"heads must be an int, got {type(heads).__name__} {heads!r}")
     if heads < 1:
@@ -68,8 +72,12 @@ def check_shapes(q, k, v, heads) -> tuple[int, int, int]:
         if len(shape) != 3:
             raise ValueError(f"{name} must have rank 3, [batch, time, heads * head_dim], got shape {list(shape)}")
         shapes.append(shape)
-    if not (shapes[0] == shapes[1] == shapes[2]):
-        raise ValueError(f"q, k and v must have the same shape, got {shapes[0]}, {shapes[1]}, {shapes[2]}")
+    if shapes[1] != shapes[2]:
+        raise ValueError(f"k and v must have the same shape, got {list(shapes[1])} and {list(shapes[2])}")
+    if shapes[0][:2] != shapes[1][:2]:
+        raise ValueError(
+            f"q, k and v must have the same batch and time, got q {list(shapes[0])}, k and v {list(shapes[1])}"
+        )
     batch, time, dim = shapes[0]
     if time is not None and time < 1:
         raise ValueError(f"time (q.shape[1]) must be >= 1, got {time}")
@@ -78,7 +86,26 @@ def check_shapes(q, k, v, heads) -> tuple[int, int, int]:
             f"dim (q.shape[2] = {dim}) must be divisible by heads ({heads}); "
             f"valid heads here: {[h for h in range(1, min(dim, 64) + 1) if dim % h == 0]}"
         )
+    kv_heads_of(dim, shapes[1][2], heads)
     return batch, time, dim
+
+
+def kv_heads_of(dim, kv_dim, heads: int) -> int:
+    """Key/value heads of grouped-query attention: ``k`` and ``v`` of ``kv_dim = kv_heads *
+    head_dim`` columns with ``head_dim = dim / heads`` and ``heads % kv_heads == 0``; query head
+    ``h`` reads key/value head ``h // (heads // kv_heads)`` (the convention of PyTorch SDPA's
+    ``enable_gqa``). ``kv_dim == dim`` is ordinary attention (``kv_heads == heads``)."""
+    if dim is None or kv_dim is None or kv_dim == dim:
+        return heads
+    d = dim // heads
+    valid = [h * d for h in range(1, heads + 1) if heads % h == 0]
+    if kv_dim % d or heads % (kv_dim // d):
+        raise ValueError(
+            f"k and v have {kv_dim} columns, but with heads={heads} and q's {dim} columns (head_dim {d}) "
+            f"they must have kv_heads * {d} columns with heads % kv_heads == 0 (grouped-query attention): "
+            f"one of {valid}"
+        )
+    return kv_dim // d
 
 
 def resolve_spec(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, *, sparse: bool):

@@ -58,6 +58,19 @@ def check_inputs(q, k, v, heads):
     return int(time), int(dim), int(dim) // heads
 
 
+def expand_kv(x, time: int, heads: int, hd: int):
+    """Grouped-query key/value columns ``[B, T, kv_heads * hd]`` repeated for ``heads`` query
+    heads (query head ``h`` reads key/value head ``h // (heads // kv_heads)``); ``x`` itself
+    without grouping. The gradient of each key/value head sums over its group."""
+    kv_dim = x.shape[-1]
+    kv_dim = getattr(kv_dim, "value", kv_dim)
+    if kv_dim == heads * hd:
+        return x
+    hk = kv_dim // hd
+    x = tf.repeat(tf.reshape(x, [-1, time, hk, hd]), heads // hk, axis=2)
+    return tf.reshape(x, [-1, time, heads * hd])
+
+
 def _compute_dtype(dtype):
     """Scores, softmax and accumulation dtype: float32 for half inputs, else the input dtype."""
     return tf.float64 if tf.as_dtype(dtype).base_dtype == tf.float64 else tf.float32
@@ -96,6 +109,7 @@ def _dense_mask(spec, time, heads):
 def dense_attention(q, k, v, heads, spec):
     """Masked attention over the full ``time x time`` scores (the reference; small sizes)."""
     time, dim, hd = check_inputs(q, k, v, heads)
+    k, v = expand_kv(k, time, heads, hd), expand_kv(v, time, heads, hd)
     out_dtype = q.dtype
     cdt = _compute_dtype(out_dtype)
     q, k, v = (tf.reshape(tf.cast(x, cdt), [-1, time, heads, hd]) for x in (q, k, v))
@@ -201,6 +215,7 @@ def _attend_chunk(q, k, v, chunk: _Chunk, masks):
 def blocksparse_attention(q, k, v, heads, layout: Layout):
     """Attention over the enabled blocks of ``layout`` only (see the module docstring)."""
     time, dim, hd = check_inputs(q, k, v, heads)
+    k, v = expand_kv(k, time, heads, hd), expand_kv(v, time, heads, hd)
     out_dtype = q.dtype
     cdt = _compute_dtype(out_dtype)
     plan = plan_layout(layout)

@@ -28,7 +28,7 @@ import torch
 
 from ..layouts import Layout, make_layout
 from . import gather
-from .reference import compute_dtype, merge_heads, split_heads
+from .reference import compute_dtype, merge_heads, split_heads, split_qkv
 
 __all__ = [
     "AttentionOp",
@@ -177,12 +177,12 @@ def packed_pair(forward, backward, heads: int):
     records one autograd node, not the four views' eight."""
 
     def fwd(q, k, v, *layouts):
-        o, lse = forward(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), *layouts)
+        o, lse = forward(*split_qkv(q, k, v, heads), *layouts)
         return merge_heads(o), lse
 
     def bwd(do, q, k, v, o, lse, *layouts):
-        heads_of = (split_heads(x, heads) for x in (do, q, k, v, o))
-        return tuple(merge_heads(g) for g in backward(*heads_of, lse, *layouts))
+        grads = backward(split_heads(do, heads), *split_qkv(q, k, v, heads), split_heads(o, heads), lse, *layouts)
+        return tuple(merge_heads(g) for g in grads)
 
     return fwd, bwd
 
@@ -234,7 +234,7 @@ class AttentionOp:
         heads * head_dim]`` (heads split inside the one autograd node, output merged)."""
         if heads is not None and torch.compiler.is_compiling():
             # the compiler makes views free: the ops see [b, h, t, d]
-            return merge_heads(self(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), *layouts))
+            return merge_heads(self(*split_qkv(q, k, v, heads), *layouts))
         index = choose_engine(q if heads is None else split_heads(q, heads), layouts[0])
         if torch.compiler.is_compiling():
             return self.fwd_op(q, k, v, *(layout_spec(lay) for lay in layouts), index)[0]
@@ -272,8 +272,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, lay
     """Block-sparse attention on validated ``[batch, time, heads * head_dim]`` tensors (the
     public call): one autograd node eagerly, no copies (heads are strided views)."""
     if layout.mode == "all" or torch.compiler.is_compiling():
-        qh, kh, vh = (split_heads(x, heads) for x in (q, k, v))
-        return merge_heads(attention_bhtd(qh, kh, vh, layout))
+        return merge_heads(attention_bhtd(*split_qkv(q, k, v, heads), layout))
     if layout.mode == "custom":
         register_layout(layout)
     return attention_op(q, k, v, layout, heads=heads)
@@ -288,15 +287,12 @@ def attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: La
         # fp32 softmax inside), and every dtype on the CPU, where it runs 8-10x faster than the
         # block gather; there the inputs are upcast first, since the CPU kernels keep half
         # precision in parts of the backward pass (the contract: fp32 softmax and accumulation).
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        kw = dict(is_causal=True, scale=1.0 / math.sqrt(q.shape[-1]), enable_gqa=k.shape[1] != q.shape[1])
         if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
         if not q.is_cuda:
             cd = compute_dtype(q.dtype)
-            o = torch.nn.functional.scaled_dot_product_attention(
-                q.to(cd), k.to(cd), v.to(cd), is_causal=True, scale=scale
-            )
-            return o.to(q.dtype)
+            return torch.nn.functional.scaled_dot_product_attention(q.to(cd), k.to(cd), v.to(cd), **kw).to(q.dtype)
     if layout.mode == "custom" and not torch.compiler.is_compiling():
         register_layout(layout)
     return attention_op(q, k, v, layout)

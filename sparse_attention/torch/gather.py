@@ -21,7 +21,7 @@ import torch
 from .. import tables
 from ..layouts import Layout
 from .cache import derived
-from .reference import compute_dtype
+from .reference import compute_dtype, expand_kv
 
 # Scores per chunk (batch * heads * rows * blocksize * keys): about 64 MiB of float32, so the
 # transient tensors of one chunk stay a few hundred MiB.
@@ -33,8 +33,10 @@ def gather_forward(q, k, v, layout: Layout):
     is float64 for float64 inputs, else float32.
 
     ``lse`` is the log-sum-exp of each row's scaled scores (``+inf`` for a row with no allowed
-    key); :func:`gather_backward` takes it back.
+    key); :func:`gather_backward` takes it back. ``k``, ``v`` may have fewer heads (grouped-query
+    attention); the scores are per query head anyway, so they are expanded here.
     """
+    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     perm = _perm(layout, q.device)
     if perm is not None:
         q, k, v = (x.index_select(2, perm) for x in (q, k, v))
@@ -51,7 +53,19 @@ def gather_forward(q, k, v, layout: Layout):
 
 
 def gather_backward(do, q, k, v, o, lse, layout: Layout):
-    """Backward pass: ``(dq, dk, dv)`` from the output gradient and :func:`gather_forward`'s results."""
+    """Backward pass: ``(dq, dk, dv)`` from the output gradient and :func:`gather_forward`'s
+    results; with grouped-query ``k``, ``v`` each key/value head's gradient is the sum over its
+    query heads (in the compute dtype, rounded once)."""
+    B, H, T, D = q.shape
+    hk = k.shape[1]
+    dq, dk, dv = _backward(do, q, expand_kv(k, H), expand_kv(v, H), o, lse, layout)
+    if hk != H:
+        dk, dv = (x.view(B, hk, H // hk, T, D).sum(2) for x in (dk, dv))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _backward(do, q, k, v, o, lse, layout: Layout):
+    """:func:`gather_backward` for ungrouped heads, gradients in the compute dtype."""
     perm = _perm(layout, q.device)
     if perm is not None:
         do, q, k, v, o, lse = (x.index_select(2, perm) for x in (do, q, k, v, o, lse))
@@ -63,7 +77,7 @@ def gather_backward(do, q, k, v, o, lse, layout: Layout):
     if perm is not None:
         inv = _inv_perm(layout, q.device)
         dq, dk, dv = (x.index_select(2, inv) for x in (dq, dk, dv))
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv
 
 
 def _perm(layout: Layout, device):

@@ -25,14 +25,24 @@ def blocksparse_attention(q, k, v, heads: int, layout: Layout) -> torch.Tensor:
     return attention(q, k, v, heads, layout)
 
 
-def check_bhtd(q, k, v, layout: Layout) -> None:
-    """Tensors, dtypes and devices, ``[batch, heads, time, head_dim]`` shapes and the layout."""
+def check_bhtd(q, k, v, layout: Layout, *, grouped: bool = True) -> None:
+    """Tensors, dtypes and devices, ``[batch, heads, time, head_dim]`` shapes and the layout;
+    ``k`` and ``v`` may have fewer heads (``[batch, kv_heads, time, head_dim]`` with ``heads %
+    kv_heads == 0``: grouped-query attention) where ``grouped``."""
     check_dtypes(q, k, v)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
             raise ValueError(f"{name} must have shape [batch, heads, time, head_dim], got {tuple(x.shape)}")
-    if not (q.shape == k.shape == v.shape):
+    B, H, T, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)}, {tuple(v.shape)}")
+    if not grouped and k.shape != q.shape:
         raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if (k.shape[0], k.shape[2], k.shape[3]) != (B, T, D) or H % k.shape[1]:
+        raise ValueError(
+            f"k and v must have shape [batch, kv_heads, time, head_dim] = [{B}, kv_heads, {T}, {D}] with "
+            f"heads ({H}) % kv_heads == 0 (grouped-query attention), got {tuple(k.shape)}"
+        )
     if not isinstance(layout, Layout):
         raise TypeError(f"layout must be a sparse_attention.Layout, got {type(layout).__name__}")
     _, H, T, _ = q.shape
@@ -54,8 +64,11 @@ def blocksparse_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     block gather); everything else runs the block-gather path in plain PyTorch.
 
     Args:
-        q, k, v: ``[batch, heads, time, head_dim]``, same shape, dtype and device; any strides with
-            a contiguous last dimension (e.g. ``x.view(B, T, H, D).transpose(1, 2)``) avoid a copy.
+        q, k, v: ``[batch, heads, time, head_dim]``, one dtype and device; any strides with a
+            contiguous last dimension (e.g. ``x.view(B, T, H, D).transpose(1, 2)``) avoid a copy.
+            ``k`` and ``v`` may have ``kv_heads`` heads with ``heads % kv_heads == 0``
+            (grouped-query attention: query head ``h`` reads key/value head ``h // (heads //
+            kv_heads)``; the fused kernels read each key/value head once per group, no copy).
         layout: a :class:`~sparse_attention.layouts.Layout` with ``layout.time == time`` and
             ``layout.heads == heads``.
 
@@ -98,5 +111,5 @@ def merged_local_strided_bhtd(q, k, v, local: Layout, strided: Layout) -> torch.
         torch.Size([1, 4, 1024, 64])
     """
     check_merged_pair(local, strided)
-    check_bhtd(q, k, v, local)
+    check_bhtd(q, k, v, local, grouped=False)
     return merged_attention(q, k, v, local, strided)

@@ -43,6 +43,24 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.reshape(b, t, heads, dim // heads).transpose(1, 2)
 
 
+def split_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int):
+    """:func:`split_heads` of q, k, v, with k and v split into their own (grouped-query
+    attention: fewer) heads of q's head_dim."""
+    d = q.shape[-1] // heads
+    return split_heads(q, heads), split_heads(k, k.shape[-1] // d), split_heads(v, v.shape[-1] // d)
+
+
+def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Key/value heads ``[batch, kv_heads, time, d]`` repeated for ``heads`` query heads (query
+    head ``h`` reads ``h // (heads // kv_heads)``); ``x`` itself without grouping. The engines
+    that materialise scores use it; the fused kernels read the grouped heads directly. Autograd
+    sums the gradient of each key/value head over its group."""
+    b, hk, t, d = x.shape
+    if hk == heads:
+        return x
+    return x[:, :, None].expand(b, hk, heads // hk, t, d).reshape(b, heads, t, d)
+
+
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """``[batch, heads, time, d]`` -> ``[batch, time, heads * d]``."""
     b, h, t, d = x.shape
@@ -78,5 +96,6 @@ def dense_attention(q, k, v, heads: int, spec) -> torch.Tensor:
     """``attention_impl`` for torch tensors ``[batch, time, dim]`` (arguments already validated)."""
     check_dtypes(q, k, v)
     mask = pattern_mask(spec, q.shape[1], heads, q.device)
-    o = masked_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), mask)
+    qh, kh, vh = split_qkv(q, k, v, heads)
+    o = masked_attention(qh, expand_kv(kh, heads), expand_kv(vh, heads), mask)
     return merge_heads(o)

@@ -324,13 +324,15 @@ def fwd_kernel(
     VSB: tl.constexpr,
     DOT_PREC: tl.constexpr,
     SPLIT: tl.constexpr,
+    G: tl.constexpr,
 ):
     m_blk, bh = _tile_and_head(True, MODE)
     b = (bh // H).to(tl.int64)
     h = bh % H
+    hk = (h // G).to(tl.int64)  # the key/value head of query head h (grouped-query attention)
     q_base = Q + b * sqb + h.to(tl.int64) * sqh
-    k_base = K + b * skb + h.to(tl.int64) * skh
-    v_base = V + b * svb + h.to(tl.int64) * svh
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
     PAD_D: tl.constexpr = BLOCK_D != HEAD_D
     offs_d = tl.arange(0, BLOCK_D)
     m0 = m_blk * BM
@@ -539,101 +541,136 @@ def dkdv_kernel(
     P2: tl.constexpr,
     VSB: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    G: tl.constexpr,
 ):
-    n_blk, bh = _tile_and_head(False, MODE)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hh = h.to(tl.int64)
-    q_base = Q + b * sqb + hh * sqh
-    do_base = DO + b * sdb + hh * sdh
-    lse_base = LSE + bh.to(tl.int64) * T
-    d_base = DELTA + bh.to(tl.int64) * T
+    # One program per key tile and key/value head (grouped-query attention: its G query heads
+    # are walked in turn, so k and v are read once per group). fixed's summary pass runs one
+    # program per summary class present in the group (class r: the heads h with h % NV == r,
+    # whose summary keys start at VLO_A - r * VLO_C); classes own disjoint keys, so no race.
+    n_blk, prog = _tile_and_head(False, MODE)
+    HK = H // G
+    if MODE == 3 and G > 1:
+        NCLS = tl.minimum(VLO_NV, G)
+    else:
+        NCLS = 1
+    b = (prog // (HK * NCLS)).to(tl.int64)
+    rem = prog % (HK * NCLS)
+    hk = rem // NCLS
+    j = rem % NCLS
+    hk64 = hk.to(tl.int64)
     PAD_D: tl.constexpr = BLOCK_D != HEAD_D
     offs_d = tl.arange(0, BLOCK_D)
     n0 = n_blk * BN
     kpos = n0 + tl.arange(0, BN)
     vlo = 0
     if SUMMARY:
-        vlo = _summary_start(h, VLO_A, VLO_C, VLO_NV)
+        vlo = _summary_start(hk * G + j, VLO_A, VLO_C, VLO_NV)
     ktok = _tok(kpos, MODE, SUMMARY, P1, P1M, P1S, P1C, P2, VSB, vlo)
     kvalid = (kpos < NKEYS) & (ktok < T)
-    k = _load_rows(K + b * skb + hh * skh, ktok, skt, offs_d, kvalid, SUMMARY, PAD_D, HEAD_D)  # [BN, BLOCK_D]
-    v = _load_rows(V + b * svb + hh * svh, ktok, svt, offs_d, kvalid, SUMMARY, PAD_D, HEAD_D)
+    k = _load_rows(K + b * skb + hk64 * skh, ktok, skt, offs_d, kvalid, SUMMARY, PAD_D, HEAD_D)  # [BN, BLOCK_D]
+    v = _load_rows(V + b * svb + hk64 * svh, ktok, svt, offs_d, kvalid, SUMMARY, PAD_D, HEAD_D)
     dk = tl.zeros([BN, BLOCK_D], tl.float32)
     dv = tl.zeros([BN, BLOCK_D], tl.float32)
-    if MODE == 4:
-        pat = tl.load(HEAD_PAT + h)
-        cp = COL_PTR + pat.to(tl.int64) * (NBLK + 1) + n_blk
-        start = tl.load(cp)
-        end = tl.load(cp + 1)
-        for e in range(start, end):
-            r = tl.load(ROWS + e)
-            mi = tl.load(ENTRY_MASK + e)
-            qtok = (r * BM + tl.arange(0, BM)).to(tl.int64)
-            q = _load_rows(q_base, qtok, sqt, offs_d, None, False, PAD_D, HEAD_D)
-            do = _load_rows(do_base, qtok, sdt, offs_d, None, False, PAD_D, HEAD_D)
-            lse = tl.load(lse_base + qtok)
-            delta = tl.load(d_base + qtok)
-            if mi >= 0:
-                # the block mask is [query, key]; read it transposed
-                mp = MASKS + mi.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[None, :] * BN + tl.arange(0, BN)[:, None]
-                ok = tl.load(mp) != 0
-                dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, ok, qk_scale, True, DOT_PREC)
-            else:
-                dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, None, qk_scale, False, DOT_PREC)
+    # the query heads this program walks: the group's (summary pass: those of its class)
+    if G == 1:
+        g0 = 0
+        gstep = 1
+    elif SUMMARY:
+        g0 = j
+        gstep = VLO_NV
     else:
+        g0 = 0
+        gstep = 1
+    if MODE != 4:
         lo, flo, fhi, hi = _col_bounds(n0, T, BM, BN, MODE, SUMMARY, P1, VSB)
-        # One loop that masks every tile: splitting off the full tiles into their own loop makes
-        # ptxas serialize the wgmma chain here (C7515), which costs more than the mask.
-        dk, dv = _dkdv_range(
-            dk,
-            dv,
-            k,
-            v,
-            kpos,
-            q_base,
-            do_base,
-            lse_base,
-            d_base,
-            sqt,
-            sdt,
-            lo,
-            hi,
-            qk_scale,
-            offs_d,
-            BM,
-            MODE,
-            SUMMARY,
-            P1,
-            P1M,
-            P1S,
-            P1C,
-            P2,
-            VSB,
-            True,
-            PAD_D,
-            HEAD_D,
-            DOT_PREC,
-        )
+    for g in range(g0, G, gstep):
+        h = hk * G + g
+        hh = h.to(tl.int64)
+        bh = b * H + hh
+        q_base = Q + b * sqb + hh * sqh
+        do_base = DO + b * sdb + hh * sdh
+        lse_base = LSE + bh * T
+        d_base = DELTA + bh * T
+        if MODE == 4:
+            pat = tl.load(HEAD_PAT + h)
+            cp = COL_PTR + pat.to(tl.int64) * (NBLK + 1) + n_blk
+            start = tl.load(cp)
+            end = tl.load(cp + 1)
+            for e in range(start, end):
+                r = tl.load(ROWS + e)
+                mi = tl.load(ENTRY_MASK + e)
+                qtok = (r * BM + tl.arange(0, BM)).to(tl.int64)
+                q = _load_rows(q_base, qtok, sqt, offs_d, None, False, PAD_D, HEAD_D)
+                do = _load_rows(do_base, qtok, sdt, offs_d, None, False, PAD_D, HEAD_D)
+                lse = tl.load(lse_base + qtok)
+                delta = tl.load(d_base + qtok)
+                if mi >= 0:
+                    # the block mask is [query, key]; read it transposed
+                    mp = (
+                        MASKS + mi.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[None, :] * BN + tl.arange(0, BN)[:, None]
+                    )
+                    ok = tl.load(mp) != 0
+                    dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, ok, qk_scale, True, DOT_PREC)
+                else:
+                    dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, None, qk_scale, False, DOT_PREC)
+        else:
+            # One loop that masks every tile: splitting off the full tiles into their own loop makes
+            # ptxas serialize the wgmma chain here (C7515), which costs more than the mask.
+            dk, dv = _dkdv_range(
+                dk,
+                dv,
+                k,
+                v,
+                kpos,
+                q_base,
+                do_base,
+                lse_base,
+                d_base,
+                sqt,
+                sdt,
+                lo,
+                hi,
+                qk_scale,
+                offs_d,
+                BM,
+                MODE,
+                SUMMARY,
+                P1,
+                P1M,
+                P1S,
+                P1C,
+                P2,
+                VSB,
+                True,
+                PAD_D,
+                HEAD_D,
+                DOT_PREC,
+            )
     dk = dk * sm_scale
-    dk_ptrs = DK + b * sgkb + hh * sgkh + ktok[:, None] * sgkt + offs_d[None, :]
-    dv_ptrs = DV + b * sgvb + hh * sgvh + ktok[:, None] * sgvt + offs_d[None, :]
+    dk_ptrs = DK + b * sgkb + hk64 * sgkh + ktok[:, None] * sgkt + offs_d[None, :]
+    dv_ptrs = DV + b * sgvb + hk64 * sgvh + ktok[:, None] * sgvt + offs_d[None, :]
     smask = kvalid[:, None] & (offs_d[None, :] < HEAD_D)
     # fixed: a summary key's gradients are its local part (first pass) plus its summary part
     # (second pass), summed in float32 and rounded once: the first pass keeps the local part of
-    # the summary keys in ACC [B*H, NSUM, 2, HEAD_D] (float32), indexed by virtual summary key
-    acc_base = ACC + bh.to(tl.int64) * NSUM * 2 * HEAD_D + offs_d[None, :]
+    # the summary keys in ACC [B*HK*NCLS, NSUM, 2, HEAD_D] (float32), indexed by summary class
+    # and virtual summary key
+    acc_row = ACC + ((b * HK + hk64) * NCLS) * NSUM * 2 * HEAD_D + offs_d[None, :]
     if SUMMARY:
         # each virtual key lies in one tile of one pass: no race
-        acc_ptrs = acc_base + kpos[:, None].to(tl.int64) * (2 * HEAD_D)
+        acc_ptrs = acc_row + j.to(tl.int64) * NSUM * 2 * HEAD_D + kpos[:, None].to(tl.int64) * (2 * HEAD_D)
         dk += tl.load(acc_ptrs, mask=smask, other=0.0)
         dv += tl.load(acc_ptrs + HEAD_D, mask=smask, other=0.0)
     elif MODE == 3:
-        vlo_h = _summary_start(h, VLO_A, VLO_C, VLO_NV)
         group = _div(kpos, P1M, P1S, P1C).to(tl.int64)  # fixed's first pass: ktok == kpos
-        r = ktok - group * P1C - vlo_h
-        is_summary = kvalid & (r >= 0) & (r < VSB)
-        acc_ptrs = acc_base + (group * VSB + r)[:, None] * (2 * HEAD_D)
+        off = ktok - group * P1C  # the key's offset in its group
+        # its summary class r (VLO_A - r * VLO_C <= off < that + VLO_C), if any, and whether a
+        # head of this group is of that class (then the summary pass finishes the key)
+        in_any = (off >= VLO_A - (VLO_NV - 1) * VLO_C) & (off < VLO_A + VLO_C)
+        cls = tl.maximum(VLO_A + VLO_C - 1 - off, 0) // VLO_C
+        jj = ((cls - hk * G) % VLO_NV + VLO_NV) % VLO_NV
+        is_summary = kvalid & in_any & (jj < G)
+        vkey = group * VSB + off - (VLO_A - cls * VLO_C)
+        acc_ptrs = acc_row + (jj.to(tl.int64) * NSUM + vkey)[:, None] * (2 * HEAD_D)
         amask = is_summary[:, None] & (offs_d[None, :] < HEAD_D)
         tl.store(acc_ptrs, dk, mask=amask)
         tl.store(acc_ptrs + HEAD_D, dv, mask=amask)
@@ -753,13 +790,15 @@ def dq_kernel(
     VSB: tl.constexpr,
     DOT_PREC: tl.constexpr,
     SPLIT: tl.constexpr,
+    G: tl.constexpr,
 ):
     m_blk, bh = _tile_and_head(True, MODE)
     b = (bh // H).to(tl.int64)
     h = bh % H
     hh = h.to(tl.int64)
-    k_base = K + b * skb + hh * skh
-    v_base = V + b * svb + hh * svh
+    hk = (h // G).to(tl.int64)  # the key/value head of query head h (grouped-query attention)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
     PAD_D: tl.constexpr = BLOCK_D != HEAD_D
     offs_d = tl.arange(0, BLOCK_D)
     m0 = m_blk * BM

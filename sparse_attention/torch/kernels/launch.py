@@ -219,11 +219,11 @@ class _Kernel:
     def __init__(self, kernel, kw: dict, fixed_tiles: bool):
         self.kernel, self.kw, self.fixed_tiles = kernel, kw, fixed_tiles
 
-    def run(self, grid_of, *args) -> None:
+    def run(self, grid_of, *args, **extra) -> None:
         while True:
             kw = self.kw
             try:
-                self.kernel[grid_of(kw["BM"], kw["BN"])](*args, **kw)
+                self.kernel[grid_of(kw["BM"], kw["BN"])](*args, **kw, **extra)
                 return
             except triton.runtime.errors.OutOfResources:
                 smaller = shrink(kw, self.fixed_tiles)
@@ -431,9 +431,16 @@ def _strides(*xs) -> tuple:
     return tuple(st for x in xs for st in x.stride()[:3])
 
 
+def kv_group(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Query heads per key/value head of ``[B, H, T, D]`` q and ``[B, HK, T, D]`` k (grouped-query
+    attention: query head ``h`` reads key/value head ``h // group``); 1 for ordinary attention."""
+    return q.shape[1] // k.shape[1]
+
+
 @_whole_call
 def forward(q, k, v, layout: Layout):
-    """``(o [B, H, T, D] dtype of q, lse [B, H, T] float32, base 2)``."""
+    """``(o [B, H, T, D] dtype of q, lse [B, H, T] float32, base 2)``; ``k``, ``v`` may have fewer
+    heads (``[B, HK, T, D]``, ``H % HK == 0``: grouped-query attention)."""
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     B, H, T, D = q.shape
     p = plan(layout, q)
@@ -442,7 +449,7 @@ def forward(q, k, v, layout: Layout):
     lse = new_output(q, (B, H, T), torch.float32)
     p.fwd.run(
         lambda bm, bn: (T // bm, B * H),
-        *(q, k, v, o, lse), *summary, *rows, *_strides(q, k, v, o), *(T, H, p.nb, p.qk_scale),
+        *(q, k, v, o, lse), *summary, *rows, *_strides(q, k, v, o), *(T, H, p.nb, p.qk_scale), G=kv_group(q, k),
     )  # fmt: skip
     return o, lse
 
@@ -452,6 +459,7 @@ def backward(do, q, k, v, o, lse, layout: Layout):
     """``(dq, dk, dv)`` for upstream gradient ``do`` (same shapes and dtypes as q, k, v)."""
     do, q, k, v, o = (last_dim_contiguous(x) for x in (do, q, k, v, o))
     B, H, T, D = q.shape
+    G = kv_group(q, k)
     p = plan(layout, q)
     summary, rows, cols = p.tables(q)
     delta = new_output(q, (B, H, T), torch.float32)
@@ -461,16 +469,20 @@ def backward(do, q, k, v, o, lse, layout: Layout):
     p.dq.run(
         lambda bm, bn: (T // bm, B * H),
         *(q, k, v, do, o, dq, lse, delta), *summary, *rows, *strides, *_strides(o, dq),
-        *(T, H, p.nb, p.qk_scale, p.sm_scale),
+        *(T, H, p.nb, p.qk_scale, p.sm_scale), G=G,
     )  # fmt: skip
-    # fixed: the summary keys' float32 partial gradients between the two dK/dV passes
+    # dK/dV: one program per key tile and key/value head (fixed: and summary class in its group)
     nsum = p.nsum
-    acc = new_output(q, (B * H, nsum, 2, D), torch.float32) if nsum else dk
+    ncls = min(p.vlo[2], G) if nsum else 1
+    progs = B * (H // G) * ncls
+    # fixed: the summary keys' float32 partial gradients between the two dK/dV passes
+    acc = new_output(q, (progs, nsum, 2, D), torch.float32) if nsum else dk
     # the transposed table: per key-block column, its query blocks and their masks
     args = (q, k, v, do, dk, dv, lse, delta, acc, *summary, *cols, *strides, *_strides(dk, dv))
-    p.dkdv.run(lambda bm, bn: (triton.cdiv(T, bn), B * H), *args, *(T, H, p.nb, T, nsum, p.qk_scale, p.sm_scale))
+    p.dkdv.run(lambda bm, bn: (triton.cdiv(T, bn), progs), *args, *(T, H, p.nb, T, nsum, p.qk_scale, p.sm_scale), G=G)
     if nsum:
         p.dkdv_summary.run(
-            lambda bm, bn: (triton.cdiv(nsum, bn), B * H), *args, *(T, H, p.nb, nsum, nsum, p.qk_scale, p.sm_scale)
-        )
+            lambda bm, bn: (triton.cdiv(nsum, bn), progs),
+            *args, *(T, H, p.nb, nsum, nsum, p.qk_scale, p.sm_scale), G=G,
+        )  # fmt: skip
     return dq, dk, dv
