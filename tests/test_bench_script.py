@@ -428,3 +428,19 @@ def test_bench_generate_smoke_on_the_cpu(tmp_path):
         assert all("error" not in v for k, v in r.items() if ":" in k)
         assert r["ours:local:bounded"]["cache_mib"] < r["ours:local"]["cache_mib"]
     assert "| fixed | 128 | 2 |" in (tmp_path / "generate.md").read_text()
+
+
+def test_bench_gqa_smoke_on_the_cpu(tmp_path):
+    """``bench_gqa.py --device cpu`` at a tiny size: every mode, both kv-head counts, no failures."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_gqa.py"), "--device", "cpu", "--n-ctx", "256"]
+    cmd += ["--batch", "1", "--kv-heads", "1,4", "--no-flex", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((tmp_path / "gqa.json").read_text())
+    assert [(r["mode"], r["kv_heads"]) for r in rec["rows"]] == [
+        (m, hk) for m in ("all", "local", "strided", "fixed") for hk in (1, 4)
+    ]
+    for r in rec["rows"]:
+        assert set(r["results"]) == {"grouped", "expanded", "pre-expanded"}
+        assert all(v["fwd_ms"] > 0 and v["fb_ms"] > 0 for v in r["results"].values())
+    assert "| fixed | 1 |" in (tmp_path / "gqa.md").read_text()
