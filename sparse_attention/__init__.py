@@ -32,7 +32,9 @@ __version__ = "0.1.0"
 
 
 @recomputable("attention_impl")
-def attention_impl(q, k, v, heads, attn_mode, local_attn_ctx=None, blocksize=32, num_verts=None, vertsize=None):
+def attention_impl(
+    q, k, v, heads, attn_mode, local_attn_ctx=None, blocksize=32, num_verts=None, vertsize=None, *, causal=True
+):
     """Dense reference attention: the full ``time x time`` scores, masked by the pattern.
 
     Same arguments and result as :func:`blocksparse_attention_impl` (``recompute=False`` keyword
@@ -41,25 +43,33 @@ def attention_impl(q, k, v, heads, attn_mode, local_attn_ctx=None, blocksize=32,
     """
     backend = backend_for(q, k, v)
     _, time, _ = check_shapes(q, k, v, heads)
-    spec = resolve_spec(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, sparse=False)
+    spec = resolve_spec(
+        time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, sparse=False, causal=causal
+    )
     return backend.dense_attention(q, k, v, heads, spec)
 
 
 @recomputable("blocksparse_attention_impl")
 def blocksparse_attention_impl(
-    q, k, v, heads, attn_mode, local_attn_ctx=None, blocksize=32, num_verts=None, vertsize=None
+    q, k, v, heads, attn_mode, local_attn_ctx=None, blocksize=32, num_verts=None, vertsize=None, *, causal=True
 ):
     """Block-sparse attention: only the enabled blocks of the layout are computed.
 
     Args:
         q, k, v: ``[batch, time, heads * head_dim]``, one framework, dtype and device; float16,
             bfloat16, float32 or float64 (half inputs are computed in float32 and cast back).
+            ``k`` and ``v`` may have ``kv_heads * head_dim`` columns with ``heads % kv_heads ==
+            0`` (grouped-query / multi-query attention: query head ``h`` reads key/value head
+            ``h // (heads // kv_heads)``).
         heads: number of heads; head ``h`` owns columns ``h*head_dim:(h+1)*head_dim``.
         attn_mode: ``"all"`` (causal), ``"local"``, ``"strided"``, ``"fixed"``, or a
             :class:`Layout` (see :func:`custom_layout`, :func:`from_dense`).
         local_attn_ctx: window (``local``), stride (``strided``) or group length (``fixed``).
         blocksize: layout block size (16, 32, 64, 128); ``time`` must be a multiple of it.
         num_verts, vertsize: ``fixed`` only, the summary blocks per head (SEMANTICS.md).
+        causal: keyword only; ``False`` gives the bidirectional version of a built-in mode
+            (``all`` every key; ``local`` ``|i - j| < L``; ``strided`` ``(i - j) mod l == 0``;
+            ``fixed`` the own group or a summary block of any group). A Layout says it itself.
         recompute: recompute activations in the backward pass instead of storing them.
 
     Returns:
@@ -78,5 +88,7 @@ def blocksparse_attention_impl(
     """
     backend = backend_for(q, k, v)
     _, time, _ = check_shapes(q, k, v, heads)
-    layout = resolve_spec(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, sparse=True)
+    layout = resolve_spec(
+        time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, sparse=True, causal=causal
+    )
     return backend.blocksparse_attention(q, k, v, heads, layout)

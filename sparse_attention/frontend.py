@@ -108,9 +108,15 @@ def kv_heads_of(dim, kv_dim, heads: int) -> int:
     return kv_dim // d
 
 
-def resolve_spec(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, *, sparse: bool):
-    """A Layout (block-sparse path, or a custom layout) or a validated pattern dict (dense path)."""
+def resolve_spec(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, *, sparse: bool, causal=True):
+    """A Layout (block-sparse path, or a custom layout) or a validated pattern dict (dense path);
+    ``causal=False``: the built-in mode's bidirectional version."""
     if isinstance(attn_mode, Layout):
+        if causal is not True:
+            raise ValueError(
+                "causal applies to the built-in modes only; a Layout says itself which pairs attend "
+                "(make_layout(..., causal=False) builds a bidirectional one)"
+            )
         lay = attn_mode
         if lay.time != time:
             raise ValueError(f"the layout covers time={lay.time} but q has time={time}")
@@ -122,9 +128,9 @@ def resolve_spec(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, v
     if time is None:
         raise ValueError("time (q.shape[1]) must be known statically; give the placeholder a fixed time")
     if sparse:
-        return make_layout(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize)
+        return make_layout(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, causal)
     return validate_pattern(
-        time, heads, attn_mode, local_attn_ctx, blocksize if attn_mode == "fixed" else None, num_verts, vertsize
+        time, heads, attn_mode, local_attn_ctx, blocksize if attn_mode == "fixed" else None, num_verts, vertsize, causal
     )
 
 

@@ -36,7 +36,16 @@ import numpy as np
 
 from . import tables
 from .migrate import deepspeed_block_layout
-from .modes import MODES, allowed, block_rows, check_positive_int, dense_mask, fixed_vert_range, validate_pattern
+from .modes import (
+    MODES,
+    allowed,
+    block_rows,
+    check_positive_int,
+    dense_mask,
+    fixed_vert_range,
+    pattern_allowed,
+    validate_pattern,
+)
 
 __all__ = [
     "MODES",
@@ -191,18 +200,108 @@ class Layout:
 
 
 @functools.lru_cache(maxsize=64)
-def make_layout(time, heads, attn_mode, local_attn_ctx=None, blocksize=32, num_verts=None, vertsize=None) -> Layout:
+def make_layout(
+    time, heads, attn_mode, local_attn_ctx=None, blocksize=32, num_verts=None, vertsize=None, causal: bool = True
+) -> Layout:
     """The layout of a built-in mode (cached by its parameters); see SEMANTICS.md.
 
     Builds only the structured form (``O(nb)`` memory, milliseconds even at ``time = 2**20``);
     the CSR tables follow on first use.
 
+    ``causal=False``: the mode's bidirectional version (:func:`~sparse_attention.modes.allowed`),
+    built as a custom layout (CSR tables, memory proportional to the enabled blocks; ``strided``
+    in its residue-major token order, where each residue class is one dense segment); its
+    ``params`` name the mode, with ``causal: False``.
+
     >>> make_layout(1024, 4, "fixed", local_attn_ctx=128, blocksize=32, num_verts=4, vertsize=1)
     Layout(mode='fixed', time=1024, heads=4, blocksize=32, patterns=4, nnz=304, density=0.2969)
     """
-    p = validate_pattern(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize)
+    p = validate_pattern(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, causal)
+    if not causal:
+        return _bidirectional_layout(p)
     params = {k: v for k, v in p.items() if k in ("local_attn_ctx", "num_verts", "vertsize")}
     return Layout(time, heads, p["blocksize"], attn_mode, params, **block_rows(p))
+
+
+def _bidirectional_layout(p: dict) -> Layout:
+    """The custom layout of a bidirectional built-in mode (``p`` from :func:`validate_pattern`):
+    each row's key blocks from the pattern's block-level closed form, the in-block masks of the
+    partial ones from :func:`allowed` (deduplicated)."""
+    time, heads, mode, b = p["time"], p["heads"], p["attn_mode"], p["blocksize"]
+    nb = time // b
+    r = np.arange(nb, dtype=np.int64)
+    perm = None
+    head_pattern = np.zeros(heads, np.int64)
+    if mode == "all":
+        rows = [[np.arange(nb)] * nb]
+    elif mode == "local":
+        s = p["local_attn_ctx"] // b
+        rows = [[np.arange(max(x - s, 0), min(x + s, nb - 1) + 1) for x in r]]
+    elif mode == "strided":
+        # residue-major order (as the causal mode): position q holds token (q % n) * l + q // n,
+        # and the pattern is every pair inside one segment of n = time / l positions
+        n = time // p["local_attn_ctx"]
+        pos = np.arange(time, dtype=np.int64)
+        perm = (pos % n) * p["local_attn_ctx"] + pos // n
+        first = (r * b // n) * n // b  # the first block of the row's first segment
+        last = (((r * b + b - 1) // n + 1) * n - 1) // b  # the last block of its last segment
+        rows = [[np.arange(a, z + 1) for a, z in zip(first, last)]]
+    else:  # fixed: the own group, and the summary blocks of the head in every group
+        s, nv, vs = p["local_attn_ctx"] // b, p["num_verts"], p["vertsize"]
+        groups = np.arange(-(-nb // s))
+        rows = []
+        for hp in range(nv):
+            summary = (groups[:, None] * s + fixed_vert_range(hp, s, nv, vs)[0] + np.arange(vs)).reshape(-1)
+            summary = summary[summary < nb]
+            per_group = [np.union1d(summary, np.arange(g * s, min(g * s + s, nb))) for g in groups]
+            rows.append([per_group[x // s] for x in r])
+        head_pattern = np.arange(heads, dtype=np.int64) % nv
+    counts = np.array([[len(c) for c in pat] for pat in rows], np.int64)
+    row_ptr = np.concatenate([[0], np.cumsum(counts.reshape(-1))]).astype(np.int64)
+    row_ptr = np.stack([row_ptr[i * nb : (i + 1) * nb + 1] for i in range(len(rows))])
+    cols = np.concatenate([c for pat in rows for c in pat]).astype(np.int64)
+    # in-block masks of the entries that may be partial (by the block-level closed form: local's
+    # band edges, strided's blocks across segment ends; all's and fixed's blocks are full), from
+    # the token-level closed form at block-order positions, deduplicated
+    ent_row = np.repeat(np.tile(r, len(rows)), counts.reshape(-1))
+    first_head = [int(np.nonzero(head_pattern == i)[0][0]) for i in range(len(rows))]
+    ent_head = np.repeat(np.repeat(first_head, nb), counts.reshape(-1))
+    if mode == "local":
+        cand = np.nonzero(np.abs(ent_row - cols) == p["local_attn_ctx"] // b)[0]
+    elif mode == "strided":
+        n = time // p["local_attn_ctx"]
+        seg_a, seg_b = ent_row * b // n, (ent_row * b + b - 1) // n
+        col_a, col_b = cols * b // n, (cols * b + b - 1) // n
+        cand = np.nonzero(~((seg_a == seg_b) & (col_a == col_b) & (seg_a == col_a)))[0]
+    else:
+        cand = np.zeros(0, np.int64)
+    tok = np.arange(time, dtype=np.int64) if perm is None else perm
+    mask_idx = np.full(cols.size, -1, np.int32)
+    masks = []
+    step = max(1, (1 << 22) // (b * b))
+    for start in range(0, cand.size, step):  # in chunks: a mask per entry is b * b bools
+        e = cand[start : start + step]
+        i = tok[(ent_row[e, None] * b + np.arange(b))][:, :, None]
+        j = tok[(cols[e, None] * b + np.arange(b))][:, None, :]
+        m = np.broadcast_to(pattern_allowed(p, i, j, ent_head[e, None, None]), (e.size, b, b))
+        part = ~m.reshape(e.size, -1).all(axis=1)
+        if part.any():
+            packed = np.packbits(m[part].reshape(int(part.sum()), -1), axis=1)
+            uniq, inv = np.unique(packed, axis=0, return_inverse=True)
+            base = sum(len(x) for x in masks)
+            masks.append(np.unpackbits(uniq, axis=1)[:, : b * b].reshape(-1, b, b).astype(bool))
+            mask_idx[e[part]] = base + np.asarray(inv).reshape(-1)
+    block_masks = np.zeros((0, b, b), bool)
+    if masks:  # one copy of each mask across the chunks
+        uniq, inv = np.unique(
+            np.packbits(np.concatenate(masks).reshape(-1, b * b), axis=1), axis=0, return_inverse=True
+        )
+        block_masks = np.unpackbits(uniq, axis=1)[:, : b * b].reshape(-1, b, b).astype(bool)
+        has = mask_idx >= 0
+        mask_idx[has] = np.asarray(inv).reshape(-1)[mask_idx[has]]
+    lay = csr_layout(row_ptr, cols, b, head_pattern, mask_idx, block_masks)
+    params = {k: v for k, v in p.items() if k in ("attn_mode", "local_attn_ctx", "num_verts", "vertsize", "causal")}
+    return dataclasses.replace(lay, perm=perm, params=params)
 
 
 # -- custom layouts ----------------------------------------------------------------------------

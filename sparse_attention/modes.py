@@ -41,8 +41,10 @@ def validate_pattern(
     blocksize: int | None = 32,
     num_verts=None,
     vertsize=None,
+    causal: bool = True,
 ) -> dict:
-    """Check the pattern parameters against SEMANTICS.md; return them normalised.
+    """Check the pattern parameters against SEMANTICS.md; return them normalised (with
+    ``causal: False`` for a bidirectional pattern, see :func:`allowed`).
 
     ``blocksize=None`` checks only what the dense reference needs (``fixed`` still needs a
     blocksize, its summary columns are defined in blocks). Raises ``ValueError``/``TypeError``
@@ -63,7 +65,11 @@ def validate_pattern(
                 f"time ({time}) must be a multiple of blocksize ({blocksize}); "
                 f"pad the sequence to {math.ceil(time / blocksize) * blocksize} or pick another blocksize"
             )
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be True or False, got {type(causal).__name__} {causal!r}")
     p = {"time": time, "heads": heads, "attn_mode": attn_mode, "blocksize": blocksize}
+    if not causal:
+        p["causal"] = False
     if attn_mode == "local":
         L = check_positive_int("local_attn_ctx", local_attn_ctx, mode=attn_mode)
         if blocksize is not None and L % blocksize:
@@ -102,13 +108,21 @@ def validate_pattern(
     return p
 
 
-def allowed(i, j, h, attn_mode: str, local_attn_ctx=None, blocksize=None, num_verts=None, vertsize=None):
+def allowed(
+    i, j, h, attn_mode: str, local_attn_ctx=None, blocksize=None, num_verts=None, vertsize=None, causal: bool = True
+):
     """Closed form of SEMANTICS.md: may query token ``i`` of head ``h`` attend to key token ``j``?
+
+    ``causal=False`` gives the bidirectional version of each mode: ``all`` every ``j``; ``local``
+    ``|i - j| < L``; ``strided`` ``(i - j) mod l == 0``; ``fixed`` the own group of ``l`` tokens or
+    a summary block of the head in any group, before or after.
 
     Works elementwise with broadcasting on numpy arrays, torch and tf tensors: only ``<=``, ``<``,
     ``//``, ``%``, ``&`` and ``|`` are used (never ``==``, which compares identity on TF1 graph
     tensors).
     """
+    if not causal:
+        return _bidirectional(i, j, h, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize)
     causal = j <= i
     if attn_mode == "all":
         return causal
@@ -125,6 +139,22 @@ def allowed(i, j, h, attn_mode: str, local_attn_ctx=None, blocksize=None, num_ve
     raise ValueError(f"unknown attn_mode {attn_mode!r}; expected one of {MODES}")
 
 
+def _bidirectional(i, j, h, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize):
+    both = (j <= i) | (i <= j)  # all True, broadcast to the shape of i and j
+    if attn_mode == "all":
+        return both
+    if attn_mode == "local":
+        return (i - j < local_attn_ctx) & (j - i < local_attn_ctx)
+    if attn_mode == "strided":
+        return both & ((i - j) % local_attn_ctx < 1)
+    if attn_mode == "fixed":
+        lo, hi = fixed_vert_range(h, local_attn_ctx // blocksize, num_verts, vertsize)
+        col = (j // blocksize) % (local_attn_ctx // blocksize)
+        gi, gj = i // local_attn_ctx, j // local_attn_ctx
+        return ((gi <= gj) & (gj <= gi)) | ((lo <= col) & (col <= hi))
+    raise ValueError(f"unknown attn_mode {attn_mode!r}; expected one of {MODES}")
+
+
 def fixed_vert_range(h, s: int, num_verts: int, vertsize: int):
     """The summary blocks of head ``h`` in a group of ``s`` blocks: the range ``[lo, hi]``."""
     hi = s - 1 - (h % num_verts) * vertsize
@@ -135,14 +165,24 @@ def pattern_allowed(p: dict, i, j, h):
     """:func:`allowed` under a pattern of :func:`validate_pattern` (``p``), on index arrays or
     tensors of any framework; a mode that ignores ``h`` keeps a leading dimension of 1."""
     return allowed(
-        i, j, h, p["attn_mode"], p.get("local_attn_ctx"), p.get("blocksize"), p.get("num_verts"), p.get("vertsize")
+        i,
+        j,
+        h,
+        p["attn_mode"],
+        p.get("local_attn_ctx"),
+        p.get("blocksize"),
+        p.get("num_verts"),
+        p.get("vertsize"),
+        p.get("causal", True),
     )
 
 
-def dense_mask(time, heads, attn_mode, local_attn_ctx=None, blocksize=32, num_verts=None, vertsize=None):
+def dense_mask(
+    time, heads, attn_mode, local_attn_ctx=None, blocksize=32, num_verts=None, vertsize=None, causal: bool = True
+):
     """The allowed pairs as a dense bool array ``[heads, time, time]`` (closed form; small sizes)."""
     p = validate_pattern(
-        time, heads, attn_mode, local_attn_ctx, None if attn_mode != "fixed" else blocksize, num_verts, vertsize
+        time, heads, attn_mode, local_attn_ctx, None if attn_mode != "fixed" else blocksize, num_verts, vertsize, causal
     )
     i = np.arange(time)[None, :, None]
     m = pattern_allowed({**p, "blocksize": blocksize}, i, i.transpose(0, 2, 1), np.arange(heads)[:, None, None])

@@ -271,23 +271,32 @@ attention_op = AttentionOp("attn", lambda index: engine_pair(index)[:2])
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, layout: Layout) -> torch.Tensor:
     """Block-sparse attention on validated ``[batch, time, heads * head_dim]`` tensors (the
     public call): one autograd node eagerly, no copies (heads are strided views)."""
-    if layout.mode == "all" or torch.compiler.is_compiling():
+    if _dense_all(layout) or torch.compiler.is_compiling():
         return merge_heads(attention_bhtd(*split_qkv(q, k, v, heads), layout))
     if layout.mode == "custom":
         register_layout(layout)
     return attention_op(q, k, v, layout, heads=heads)
 
 
+def _dense_all(layout: Layout) -> bool:
+    """``all``, causal or bidirectional (the latter a custom layout naming its mode)."""
+    return layout.mode == "all" or (layout.mode == "custom" and layout.params.get("attn_mode") == "all")
+
+
 def attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> torch.Tensor:
     """Block-sparse attention on validated natural-order ``[batch, heads, time, head_dim]``
     tensors: PyTorch's causal SDPA for ``all`` where it is the faster dense kernel, else the
     engine of :func:`engine` (eagerly :class:`EagerAttention`, compiled the custom ops)."""
-    if layout.mode == "all" and os.environ.get("SPARSE_ATTENTION_ALL_FUSED", "0") != "1":
+    if _dense_all(layout) and os.environ.get("SPARSE_ATTENTION_ALL_FUSED", "0") != "1":
         # Causal SDPA where it is the faster dense kernel: half inputs on CUDA (cuDNN / flash,
         # fp32 softmax inside), and every dtype on the CPU, where it runs 8-10x faster than the
         # block gather; there the inputs are upcast first, since the CPU kernels keep half
         # precision in parts of the backward pass (the contract: fp32 softmax and accumulation).
-        kw = dict(is_causal=True, scale=1.0 / math.sqrt(q.shape[-1]), enable_gqa=k.shape[1] != q.shape[1])
+        kw = dict(
+            is_causal=layout.params.get("causal", True),
+            scale=1.0 / math.sqrt(q.shape[-1]),
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
         if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
         if not q.is_cuda:

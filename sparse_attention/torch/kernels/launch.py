@@ -112,6 +112,8 @@ def unsupported_reasons(q: torch.Tensor, layout: Layout) -> list[str]:
         why.append(f"float32 with head_dim {q.shape[-1]} > {MAX_HEAD_DIM_FP32} (fp16/bf16 run up to {MAX_HEAD_DIM})")
     if layout.mode == "custom" and layout.blocksize > MAX_BLOCKSIZE_CUSTOM:
         why.append(f"custom layout blocksize {layout.blocksize} > {MAX_BLOCKSIZE_CUSTOM}")
+    if layout.mode == "custom" and layout.perm is not None:
+        why.append("a custom layout in a permuted token order (e.g. bidirectional strided) runs on the block gather")
     if layout.mode == "custom" and layout.blocksize < 16:
         why.append(f"custom layout blocksize {layout.blocksize} < 16")
     if layout.mode == "custom" and q.dtype in SUPPORTED_DTYPES and q.shape[-1] <= MAX_HEAD_DIM:
