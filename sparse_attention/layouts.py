@@ -125,7 +125,9 @@ class Layout:
     # -- sizes ---------------------------------------------------------------------------
     @property
     def nb(self) -> int:
-        return self.time // self.blocksize
+        """Blocks per row: ``ceil(time / blocksize)``; positions ``>= time`` of the last block
+        hold no token (no pair with one is allowed)."""
+        return -(-self.time // self.blocksize)
 
     @property
     def n_patterns(self) -> int:
@@ -228,7 +230,7 @@ def _bidirectional_layout(p: dict) -> Layout:
     each row's key blocks from the pattern's block-level closed form, the in-block masks of the
     partial ones from :func:`allowed` (deduplicated)."""
     time, heads, mode, b = p["time"], p["heads"], p["attn_mode"], p["blocksize"]
-    nb = time // b
+    nb = -(-time // b)
     r = np.arange(nb, dtype=np.int64)
     perm = None
     head_pattern = np.zeros(heads, np.int64)
@@ -244,7 +246,7 @@ def _bidirectional_layout(p: dict) -> Layout:
         pos = np.arange(time, dtype=np.int64)
         perm = (pos % n) * p["local_attn_ctx"] + pos // n
         first = (r * b // n) * n // b  # the first block of the row's first segment
-        last = (((r * b + b - 1) // n + 1) * n - 1) // b  # the last block of its last segment
+        last = np.minimum((((r * b + b - 1) // n + 1) * n - 1) // b, nb - 1)  # the last of its last segment
         rows = [[np.arange(a, z + 1) for a, z in zip(first, last)]]
     else:  # fixed: the own group, and the summary blocks of the head in every group
         s, nv, vs = p["local_attn_ctx"] // b, p["num_verts"], p["vertsize"]
@@ -275,7 +277,9 @@ def _bidirectional_layout(p: dict) -> Layout:
         cand = np.nonzero(~((seg_a == seg_b) & (col_a == col_b) & (seg_a == col_a)))[0]
     else:
         cand = np.zeros(0, np.int64)
-    tok = np.arange(time, dtype=np.int64) if perm is None else perm
+    if time % b:  # the last block's positions past time: its row and column are partial
+        cand = np.union1d(cand, np.nonzero((ent_row == nb - 1) | (cols == nb - 1))[0])
+    tok = tables.token_index_padded(time, nb * b, perm)
     mask_idx = np.full(cols.size, -1, np.int32)
     masks = []
     step = max(1, (1 << 22) // (b * b))
@@ -283,7 +287,8 @@ def _bidirectional_layout(p: dict) -> Layout:
         e = cand[start : start + step]
         i = tok[(ent_row[e, None] * b + np.arange(b))][:, :, None]
         j = tok[(cols[e, None] * b + np.arange(b))][:, None, :]
-        m = np.broadcast_to(pattern_allowed(p, i, j, ent_head[e, None, None]), (e.size, b, b))
+        m = pattern_allowed(p, i, j, ent_head[e, None, None]) & (i < time) & (j < time)
+        m = np.broadcast_to(m, (e.size, b, b))
         part = ~m.reshape(e.size, -1).all(axis=1)
         if part.any():
             packed = np.packbits(m[part].reshape(int(part.sum()), -1), axis=1)
@@ -301,7 +306,7 @@ def _bidirectional_layout(p: dict) -> Layout:
         mask_idx[has] = np.asarray(inv).reshape(-1)[mask_idx[has]]
     lay = csr_layout(row_ptr, cols, b, head_pattern, mask_idx, block_masks)
     params = {k: v for k, v in p.items() if k in ("attn_mode", "local_attn_ctx", "num_verts", "vertsize", "causal")}
-    return dataclasses.replace(lay, perm=perm, params=params)
+    return dataclasses.replace(lay, time=time, perm=perm, params=params)
 
 
 # -- custom layouts ----------------------------------------------------------------------------

@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 MODES = ("all", "local", "strided", "fixed")
@@ -60,11 +58,6 @@ def validate_pattern(
         blocksize = check_positive_int("blocksize", blocksize)
         if blocksize < 16 or blocksize & (blocksize - 1):
             raise ValueError(f"blocksize must be a power of two >= 16 (16, 32, 64, 128, ...), got {blocksize}")
-        if time % blocksize:
-            raise ValueError(
-                f"time ({time}) must be a multiple of blocksize ({blocksize}); "
-                f"pad the sequence to {math.ceil(time / blocksize) * blocksize} or pick another blocksize"
-            )
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be True or False, got {type(causal).__name__} {causal!r}")
     p = {"time": time, "heads": heads, "attn_mode": attn_mode, "blocksize": blocksize}
@@ -215,7 +208,7 @@ def block_rows(p: dict) -> dict:
     ``perm``, ``row_lo``, ``row_hi``, ``prefix_cols``, ``prefix_len``. ``O(nb)`` memory.
     """
     time, heads, mode, b = p["time"], p["heads"], p["attn_mode"], p["blocksize"]
-    nb = time // b
+    nb = -(-time // b)  # the last block may end past time (its positions >= time are no tokens)
     r = np.arange(nb, dtype=np.int32)
     perm = None
     head_pattern = np.zeros(heads, np.int64)

@@ -82,8 +82,19 @@ def col_table(lay):
 
 
 def token_index(lay, positions):
-    """Token index of block-order positions (identity unless the layout permutes)."""
-    return positions if lay.perm is None else lay.perm[positions]
+    """Token index of block-order positions (identity unless the layout permutes); positions
+    ``>= time`` (the last block's, when blocks do not divide time) map to themselves, past every
+    token."""
+    if lay.perm is None:
+        return positions
+    return token_index_padded(lay.time, lay.nb * lay.blocksize, lay.perm)[positions]
+
+
+def token_index_padded(time: int, positions: int, perm=None) -> np.ndarray:
+    """``int64 [positions]``: the token of each block-order position, ``perm`` (or the identity)
+    extended by the identity past ``time``."""
+    head = np.arange(time, dtype=np.int64) if perm is None else np.asarray(perm, np.int64)
+    return np.concatenate([head, np.arange(time, positions, dtype=np.int64)])
 
 
 def entry_masks(lay, pattern: int, rows, cols, entries=None) -> np.ndarray:
@@ -104,7 +115,10 @@ def entry_masks(lay, pattern: int, rows, cols, entries=None) -> np.ndarray:
     j = token_index(lay, cols[:, None] * b + off)[:, None, :]
     h = int(lay.heads_of(pattern)[0])
     p = lay.params
-    return allowed(i, j, h, lay.mode, p.get("local_attn_ctx"), b, p.get("num_verts"), p.get("vertsize"))
+    ok = allowed(i, j, h, lay.mode, p.get("local_attn_ctx"), b, p.get("num_verts"), p.get("vertsize"))
+    if lay.time % b:  # no pair with a position past time
+        ok = ok & (i < lay.time) & (j < lay.time)
+    return ok
 
 
 def padded_rows(lay, pattern: int, r0: int, r1: int):
@@ -177,7 +191,7 @@ def to_dense(lay) -> np.ndarray:
         rows = np.broadcast_to(np.arange(nb)[:, None], cols.shape)[valid]
         e = None if entries is None else entries[valid]
         dense[p, rows, :, cols[valid], :] = entry_masks(lay, p, rows, cols[valid], e)
-    dense = dense.reshape(lay.n_patterns, T, T)
+    dense = dense.reshape(lay.n_patterns, nb * b, nb * b)[:, :T, :T]
     if lay.perm is not None:
         nat = np.zeros_like(dense)
         nat[:, lay.perm[:, None], lay.perm[None, :]] = dense

@@ -36,7 +36,9 @@ def gather_forward(q, k, v, layout: Layout):
     key); :func:`gather_backward` takes it back. ``k``, ``v`` may have fewer heads (grouped-query
     attention); the scores are per query head anyway, so they are expanded here.
     """
+    T = q.shape[2]
     k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    q, k, v = (_pad_time(x, layout) for x in (q, k, v))
     perm = _perm(layout, q.device)
     if perm is not None:
         q, k, v = (x.index_select(2, perm) for x in (q, k, v))
@@ -49,7 +51,7 @@ def gather_forward(q, k, v, layout: Layout):
     if perm is not None:
         inv = _inv_perm(layout, q.device)
         o, lse = o.index_select(2, inv), lse.index_select(2, inv)
-    return o.to(q.dtype), lse
+    return o[:, :, :T].to(q.dtype), lse[:, :, :T]
 
 
 def gather_backward(do, q, k, v, o, lse, layout: Layout):
@@ -66,6 +68,9 @@ def gather_backward(do, q, k, v, o, lse, layout: Layout):
 
 def _backward(do, q, k, v, o, lse, layout: Layout):
     """:func:`gather_backward` for ungrouped heads, gradients in the compute dtype."""
+    T = q.shape[2]
+    do, q, k, v, o = (_pad_time(x, layout) for x in (do, q, k, v, o))
+    lse = _pad_time(lse, layout, math.inf)  # rows past time: p = exp(s - lse) = 0
     perm = _perm(layout, q.device)
     if perm is not None:
         do, q, k, v, o, lse = (x.index_select(2, perm) for x in (do, q, k, v, o, lse))
@@ -77,17 +82,32 @@ def _backward(do, q, k, v, o, lse, layout: Layout):
     if perm is not None:
         inv = _inv_perm(layout, q.device)
         dq, dk, dv = (x.index_select(2, inv) for x in (dq, dk, dv))
-    return dq, dk, dv
+    return dq[:, :, :T], dk[:, :, :T], dv[:, :, :T]
+
+
+def _pad_time(x, layout: Layout, value: float = 0.0):
+    """``x [B, H, T, ...]`` padded along time to whole blocks (``layout.nb * blocksize``): the
+    positions past time, which no allowed pair touches."""
+    pad = layout.nb * layout.blocksize - x.shape[2]
+    if not pad:
+        return x
+    widths = [0, 0] * (x.dim() - 3) + [0, pad]
+    return torch.nn.functional.pad(x, widths, value=value)
 
 
 def _perm(layout: Layout, device):
+    """The token of each block-order position, over whole blocks (identity past time)."""
     if layout.perm is None:
         return None
-    return _device_cache(layout, "perm", device, lambda: torch.from_numpy(layout.perm))
+    return _device_cache(layout, "perm", device, lambda: torch.from_numpy(_padded_perm(layout)))
 
 
 def _inv_perm(layout: Layout, device):
-    return _device_cache(layout, "inv_perm", device, lambda: torch.from_numpy(np.argsort(layout.perm)))
+    return _device_cache(layout, "inv_perm", device, lambda: torch.from_numpy(np.argsort(_padded_perm(layout))))
+
+
+def _padded_perm(layout: Layout) -> np.ndarray:
+    return tables.token_index_padded(layout.time, layout.nb * layout.blocksize, layout.perm)
 
 
 def _per_pattern(layout: Layout, device, *xs):

@@ -198,6 +198,21 @@ def _load_rows(base, tok, stride_t, offs_d, rmask, MASK_ROWS: tl.constexpr, PAD_
 
 
 @triton.jit
+def _store_rows(ptrs, x, rmask, MASK_ROWS: tl.constexpr, PAD_D: tl.constexpr, HEAD_D: tl.constexpr, offs_d):
+    """Store ``x [rows, BLOCK_D]`` at ``ptrs``, the rows of ``rmask`` only where ``MASK_ROWS``."""
+    if MASK_ROWS:
+        if PAD_D:
+            tl.store(ptrs, x, mask=rmask[:, None] & (offs_d[None, :] < HEAD_D))
+        else:
+            tl.store(ptrs, x, mask=rmask[:, None])
+    else:
+        if PAD_D:
+            tl.store(ptrs, x, mask=offs_d[None, :] < HEAD_D)
+        else:
+            tl.store(ptrs, x)
+
+
+@triton.jit
 def _fwd_step(acc, l_i, m_i, q, k, v, ok, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
     # [BM, BN] scores in base 2
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
@@ -246,13 +261,20 @@ def _fwd_range(
     PAD_D: tl.constexpr,
     HEAD_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    TAIL: tl.constexpr,
 ):
     for n0 in range(start, end, BN):
         kpos = n0 + tl.arange(0, BN)
         ktok = _tok(kpos, MODE, SUMMARY, P1, P1M, P1S, P1C, P2, VSB, vlo)
-        rmask = ktok < T
-        k = _load_rows(k_base, ktok, skt, offs_d, rmask, MASKED and SUMMARY, PAD_D, HEAD_D)
-        v = _load_rows(v_base, ktok, svt, offs_d, rmask, MASKED and SUMMARY, PAD_D, HEAD_D)
+        # rows past time: fixed's virtual summary keys of the last group, or the tail tile of a
+        # time that is not a multiple of the tile (TAIL; a position >= T has no token)
+        if SUMMARY:
+            rmask = ktok < T
+        else:
+            rmask = kpos < T
+        mrows: tl.constexpr = (MASKED and SUMMARY) or (TAIL and not SUMMARY)
+        k = _load_rows(k_base, ktok, skt, offs_d, rmask, mrows, PAD_D, HEAD_D)
+        v = _load_rows(v_base, ktok, svt, offs_d, rmask, mrows, PAD_D, HEAD_D)
         if MASKED:
             ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB)
         else:
@@ -325,6 +347,7 @@ def fwd_kernel(
     DOT_PREC: tl.constexpr,
     SPLIT: tl.constexpr,
     G: tl.constexpr,
+    TAIL: tl.constexpr,
 ):
     m_blk, bh = _tile_and_head(True, MODE)
     b = (bh // H).to(tl.int64)
@@ -338,7 +361,8 @@ def fwd_kernel(
     m0 = m_blk * BM
     qpos = m0 + tl.arange(0, BM)
     qtok = _tok(qpos, MODE, False, P1, P1M, P1S, P1C, P2, VSB, 0)
-    q = _load_rows(q_base, qtok, sqt, offs_d, None, False, PAD_D, HEAD_D)  # [BM, BLOCK_D]
+    qvalid = qpos < T  # TAIL: the query tile past time (a position >= T has no token)
+    q = _load_rows(q_base, qtok, sqt, offs_d, qvalid, TAIL, PAD_D, HEAD_D)  # [BM, BLOCK_D]
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BLOCK_D], tl.float32)
@@ -351,8 +375,9 @@ def fwd_kernel(
             c = tl.load(COLS + e)
             mi = tl.load(MASK_IDX + e)
             ktok = (c * BN + tl.arange(0, BN)).to(tl.int64)
-            k = _load_rows(k_base, ktok, skt, offs_d, None, False, PAD_D, HEAD_D)
-            v = _load_rows(v_base, ktok, svt, offs_d, None, False, PAD_D, HEAD_D)
+            # the layout's masks keep keys past time out of every row
+            k = _load_rows(k_base, ktok, skt, offs_d, ktok < T, TAIL, PAD_D, HEAD_D)
+            v = _load_rows(v_base, ktok, svt, offs_d, ktok < T, TAIL, PAD_D, HEAD_D)
             if mi >= 0:
                 mp = MASKS + mi.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
                 ok = tl.load(mp) != 0
@@ -412,17 +437,18 @@ def fwd_kernel(
                     PAD_D,
                     HEAD_D,
                     DOT_PREC,
+                    TAIL,
                 )
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     o_ptrs = O + b * sob + h.to(tl.int64) * soh + qtok[:, None] * sot + offs_d[None, :]
-    if PAD_D:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_d[None, :] < HEAD_D)
+    _store_rows(o_ptrs, out.to(O.dtype.element_ty), qvalid, TAIL, PAD_D, HEAD_D, offs_d)
+    if TAIL:
+        tl.store(LSE + bh.to(tl.int64) * T + qtok, lse, mask=qvalid)
     else:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty))
-    tl.store(LSE + bh.to(tl.int64) * T + qtok, lse)
+        tl.store(LSE + bh.to(tl.int64) * T + qtok, lse)
 
 
 @triton.jit
@@ -436,6 +462,34 @@ def _dkdv_step(dk, dv, k, v, q, do, lse, delta, ok, qk_scale, MASKED: tl.constex
     dsT = pT * (dpT - delta[None, :])
     dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
     return dk, dv
+
+
+@triton.jit
+def _load_query_rows(
+    q_base,
+    do_base,
+    lse_base,
+    d_base,
+    qtok,
+    qvalid,
+    sqt,
+    sdt,
+    offs_d,
+    TAIL: tl.constexpr,
+    PAD_D: tl.constexpr,
+    HEAD_D: tl.constexpr,
+):
+    """A query tile's q, dO, log-sum-exp and delta for dK/dV; rows past time (TAIL) read as
+    q = dO = 0 and lse = +inf, so that they add nothing."""
+    q = _load_rows(q_base, qtok, sqt, offs_d, qvalid, TAIL, PAD_D, HEAD_D)
+    do = _load_rows(do_base, qtok, sdt, offs_d, qvalid, TAIL, PAD_D, HEAD_D)
+    if TAIL:
+        lse = tl.load(lse_base + qtok, mask=qvalid, other=float("inf"))
+        delta = tl.load(d_base + qtok, mask=qvalid, other=0.0)
+    else:
+        lse = tl.load(lse_base + qtok)
+        delta = tl.load(d_base + qtok)
+    return q, do, lse, delta
 
 
 @triton.jit
@@ -453,6 +507,7 @@ def _dkdv_range(
     sdt,
     start,
     end,
+    T,
     qk_scale,
     offs_d,
     BM: tl.constexpr,
@@ -468,14 +523,14 @@ def _dkdv_range(
     PAD_D: tl.constexpr,
     HEAD_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    TAIL: tl.constexpr,
 ):
     for m0 in range(start, end, BM):
         qpos = m0 + tl.arange(0, BM)
         qtok = _tok(qpos, MODE, False, P1, P1M, P1S, P1C, P2, VSB, 0)
-        q = _load_rows(q_base, qtok, sqt, offs_d, None, False, PAD_D, HEAD_D)
-        do = _load_rows(do_base, qtok, sdt, offs_d, None, False, PAD_D, HEAD_D)
-        lse = tl.load(lse_base + qtok)
-        delta = tl.load(d_base + qtok)
+        q, do, lse, delta = _load_query_rows(
+            q_base, do_base, lse_base, d_base, qtok, qpos < T, sqt, sdt, offs_d, TAIL, PAD_D, HEAD_D
+        )
         if MASKED:
             ok = _allowed(qpos[None, :], kpos[:, None], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB)
         else:
@@ -542,6 +597,7 @@ def dkdv_kernel(
     VSB: tl.constexpr,
     DOT_PREC: tl.constexpr,
     G: tl.constexpr,
+    TAIL: tl.constexpr,
 ):
     # One program per key tile and key/value head (grouped-query attention: its G query heads
     # are walked in turn, so k and v are read once per group). fixed's summary pass runs one
@@ -567,8 +623,8 @@ def dkdv_kernel(
         vlo = _summary_start(hk * G + j, VLO_A, VLO_C, VLO_NV)
     ktok = _tok(kpos, MODE, SUMMARY, P1, P1M, P1S, P1C, P2, VSB, vlo)
     kvalid = (kpos < NKEYS) & (ktok < T)
-    k = _load_rows(K + b * skb + hk64 * skh, ktok, skt, offs_d, kvalid, SUMMARY, PAD_D, HEAD_D)  # [BN, BLOCK_D]
-    v = _load_rows(V + b * svb + hk64 * svh, ktok, svt, offs_d, kvalid, SUMMARY, PAD_D, HEAD_D)
+    k = _load_rows(K + b * skb + hk64 * skh, ktok, skt, offs_d, kvalid, SUMMARY or TAIL, PAD_D, HEAD_D)  # [BN, BLOCK_D]
+    v = _load_rows(V + b * svb + hk64 * svh, ktok, svt, offs_d, kvalid, SUMMARY or TAIL, PAD_D, HEAD_D)
     dk = tl.zeros([BN, BLOCK_D], tl.float32)
     dv = tl.zeros([BN, BLOCK_D], tl.float32)
     # the query heads this program walks: the group's (summary pass: those of its class)
@@ -600,10 +656,9 @@ def dkdv_kernel(
                 r = tl.load(ROWS + e)
                 mi = tl.load(ENTRY_MASK + e)
                 qtok = (r * BM + tl.arange(0, BM)).to(tl.int64)
-                q = _load_rows(q_base, qtok, sqt, offs_d, None, False, PAD_D, HEAD_D)
-                do = _load_rows(do_base, qtok, sdt, offs_d, None, False, PAD_D, HEAD_D)
-                lse = tl.load(lse_base + qtok)
-                delta = tl.load(d_base + qtok)
+                q, do, lse, delta = _load_query_rows(
+                    q_base, do_base, lse_base, d_base, qtok, qtok < T, sqt, sdt, offs_d, TAIL, PAD_D, HEAD_D
+                )
                 if mi >= 0:
                     # the block mask is [query, key]; read it transposed
                     mp = (
@@ -630,6 +685,7 @@ def dkdv_kernel(
                 sdt,
                 lo,
                 hi,
+                T,
                 qk_scale,
                 offs_d,
                 BM,
@@ -645,6 +701,7 @@ def dkdv_kernel(
                 PAD_D,
                 HEAD_D,
                 DOT_PREC,
+                TAIL,
             )
     dk = dk * sm_scale
     dk_ptrs = DK + b * sgkb + hk64 * sgkh + ktok[:, None] * sgkt + offs_d[None, :]
@@ -721,13 +778,20 @@ def _dq_range(
     PAD_D: tl.constexpr,
     HEAD_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    TAIL: tl.constexpr,
 ):
     for n0 in range(start, end, BN):
         kpos = n0 + tl.arange(0, BN)
         ktok = _tok(kpos, MODE, SUMMARY, P1, P1M, P1S, P1C, P2, VSB, vlo)
-        rmask = ktok < T
-        k = _load_rows(k_base, ktok, skt, offs_d, rmask, MASKED and SUMMARY, PAD_D, HEAD_D)
-        v = _load_rows(v_base, ktok, svt, offs_d, rmask, MASKED and SUMMARY, PAD_D, HEAD_D)
+        # rows past time: fixed's virtual summary keys of the last group, or the tail tile of a
+        # time that is not a multiple of the tile (TAIL; a position >= T has no token)
+        if SUMMARY:
+            rmask = ktok < T
+        else:
+            rmask = kpos < T
+        mrows: tl.constexpr = (MASKED and SUMMARY) or (TAIL and not SUMMARY)
+        k = _load_rows(k_base, ktok, skt, offs_d, rmask, mrows, PAD_D, HEAD_D)
+        v = _load_rows(v_base, ktok, svt, offs_d, rmask, mrows, PAD_D, HEAD_D)
         if MASKED:
             ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB)
         else:
@@ -791,6 +855,7 @@ def dq_kernel(
     DOT_PREC: tl.constexpr,
     SPLIT: tl.constexpr,
     G: tl.constexpr,
+    TAIL: tl.constexpr,
 ):
     m_blk, bh = _tile_and_head(True, MODE)
     b = (bh // H).to(tl.int64)
@@ -804,13 +869,18 @@ def dq_kernel(
     m0 = m_blk * BM
     qpos = m0 + tl.arange(0, BM)
     qtok = _tok(qpos, MODE, False, P1, P1M, P1S, P1C, P2, VSB, 0)
-    q = _load_rows(Q + b * sqb + hh * sqh, qtok, sqt, offs_d, None, False, PAD_D, HEAD_D)
-    do = _load_rows(DO + b * sdb + hh * sdh, qtok, sdt, offs_d, None, False, PAD_D, HEAD_D)
-    lse = tl.load(LSE + bh.to(tl.int64) * T + qtok)
+    qvalid = qpos < T  # TAIL: the query tile past time
+    q, do, lse, _ = _load_query_rows(
+        Q + b * sqb + hh * sqh, DO + b * sdb + hh * sdh, LSE + bh.to(tl.int64) * T, LSE, qtok, qvalid, sqt, sdt,
+        offs_d, TAIL, PAD_D, HEAD_D,
+    )  # fmt: skip
     # delta = rowsum(dO * O) of this tile's rows, stored for the dK/dV kernel that runs next
-    o = _load_rows(O + b * sob + hh * soh, qtok, sot, offs_d, None, False, PAD_D, HEAD_D)
+    o = _load_rows(O + b * sob + hh * soh, qtok, sot, offs_d, qvalid, TAIL, PAD_D, HEAD_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * T + qtok, delta)
+    if TAIL:
+        tl.store(DELTA + bh.to(tl.int64) * T + qtok, delta, mask=qvalid)
+    else:
+        tl.store(DELTA + bh.to(tl.int64) * T + qtok, delta)
     dq = tl.zeros([BM, BLOCK_D], tl.float32)
     if MODE == 4:
         pat = tl.load(HEAD_PAT + h)
@@ -821,8 +891,9 @@ def dq_kernel(
             c = tl.load(COLS + e)
             mi = tl.load(MASK_IDX + e)
             ktok = (c * BN + tl.arange(0, BN)).to(tl.int64)
-            k = _load_rows(k_base, ktok, skt, offs_d, None, False, PAD_D, HEAD_D)
-            v = _load_rows(v_base, ktok, svt, offs_d, None, False, PAD_D, HEAD_D)
+            # the layout's masks keep keys past time out of every row
+            k = _load_rows(k_base, ktok, skt, offs_d, ktok < T, TAIL, PAD_D, HEAD_D)
+            v = _load_rows(v_base, ktok, svt, offs_d, ktok < T, TAIL, PAD_D, HEAD_D)
             if mi >= 0:
                 mp = MASKS + mi.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
                 ok = tl.load(mp) != 0
@@ -879,10 +950,8 @@ def dq_kernel(
                     PAD_D,
                     HEAD_D,
                     DOT_PREC,
+                    TAIL,
                 )
     dq = dq * sm_scale
     dq_ptrs = DQ + b * sgb + hh * sgh + qtok[:, None] * sgt + offs_d[None, :]
-    if PAD_D:
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=offs_d[None, :] < HEAD_D)
-    else:
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
+    _store_rows(dq_ptrs, dq.to(DQ.dtype.element_ty), qvalid, TAIL, PAD_D, HEAD_D, offs_d)

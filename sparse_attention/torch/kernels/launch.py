@@ -134,10 +134,6 @@ def head_dim_bucket(D: int) -> int:
     return 64 if D <= 64 else 128 if D <= 128 else 256
 
 
-def _pow2_divisor(n: int) -> int:
-    return n & (-n)
-
-
 def shared_memory_limit(device) -> int:
     """Bytes of shared memory one program may use on ``device`` (the H100's 227 KiB when unknown)."""
     if interpreting() or not torch.cuda.is_available():
@@ -181,19 +177,17 @@ def shrink(cfg: dict, fixed_tiles: bool) -> dict | None:
 
 def _tiles(kind: str, q: torch.Tensor, layout: Layout) -> dict:
     """The tile config of a kernel for these inputs: the tuned table's entry for the head-dim
-    bucket, capped by ``time``'s largest power-of-two divisor, shrunk (:func:`shrink`) until its
-    tiles fit the device's shared memory. Raises ValueError when nothing fits (custom layouts,
-    whose tiles are their blocks)."""
-    T, D = q.shape[2], q.shape[3]
+    bucket, shrunk (:func:`shrink`) until its tiles fit the device's shared memory. Any ``time``
+    runs at these tiles (the kernels mask the tile past its end). Raises ValueError when nothing
+    fits (custom layouts, whose tiles are their blocks)."""
+    D = q.shape[3]
     bucket = head_dim_bucket(D)
     cfg = (FP32_CONFIGS.get((kind, bucket)) if q.dtype == torch.float32 else None) or (
         MODE_CONFIGS.get((kind, layout.mode, bucket)) or CONFIGS[(kind, bucket)]
     )
     cfg = dict(cfg)
-    cap = _pow2_divisor(T)
     if interpreting():
         cfg["BM"], cfg["BN"] = min(cfg["BM"], 32), min(cfg["BN"], 32)
-    cfg["BM"], cfg["BN"] = min(cfg["BM"], cap), min(cfg["BN"], cap)
     fixed_tiles = layout.mode == "custom"
     if fixed_tiles:
         cfg["BM"] = cfg["BN"] = layout.blocksize
@@ -221,11 +215,14 @@ class _Kernel:
     def __init__(self, kernel, kw: dict, fixed_tiles: bool):
         self.kernel, self.kw, self.fixed_tiles = kernel, kw, fixed_tiles
 
-    def run(self, grid_of, *args, **extra) -> None:
+    def run(self, grid_of, *args, time: int, **extra) -> None:
+        """``time``: the sequence length; a tile that runs past it is masked (``TAIL``, a
+        compile-time flag: lengths that the tiles divide compile without the masks)."""
         while True:
             kw = self.kw
             try:
-                self.kernel[grid_of(kw["BM"], kw["BN"])](*args, **kw, **extra)
+                tail = bool(time % kw["BM"] or time % kw["BN"])
+                self.kernel[grid_of(kw["BM"], kw["BN"])](*args, **kw, **extra, TAIL=tail)
                 return
             except triton.runtime.errors.OutOfResources:
                 smaller = shrink(kw, self.fixed_tiles)
@@ -450,8 +447,8 @@ def forward(q, k, v, layout: Layout):
     o = new_output(q)
     lse = new_output(q, (B, H, T), torch.float32)
     p.fwd.run(
-        lambda bm, bn: (T // bm, B * H),
-        *(q, k, v, o, lse), *summary, *rows, *_strides(q, k, v, o), *(T, H, p.nb, p.qk_scale), G=kv_group(q, k),
+        lambda bm, bn: (triton.cdiv(T, bm), B * H),
+        *(q, k, v, o, lse), *summary, *rows, *_strides(q, k, v, o), *(T, H, p.nb, p.qk_scale), G=kv_group(q, k), time=T,
     )  # fmt: skip
     return o, lse
 
@@ -469,9 +466,9 @@ def backward(do, q, k, v, o, lse, layout: Layout):
     strides = _strides(q, k, v, do)
     # dQ first: it computes delta = rowsum(dO * O) of its rows and stores it for dK/dV
     p.dq.run(
-        lambda bm, bn: (T // bm, B * H),
+        lambda bm, bn: (triton.cdiv(T, bm), B * H),
         *(q, k, v, do, o, dq, lse, delta), *summary, *rows, *strides, *_strides(o, dq),
-        *(T, H, p.nb, p.qk_scale, p.sm_scale), G=G,
+        *(T, H, p.nb, p.qk_scale, p.sm_scale), G=G, time=T,
     )  # fmt: skip
     # dK/dV: one program per key tile and key/value head (fixed: and summary class in its group)
     nsum = p.nsum
@@ -481,10 +478,13 @@ def backward(do, q, k, v, o, lse, layout: Layout):
     acc = new_output(q, (progs, nsum, 2, D), torch.float32) if nsum else dk
     # the transposed table: per key-block column, its query blocks and their masks
     args = (q, k, v, do, dk, dv, lse, delta, acc, *summary, *cols, *strides, *_strides(dk, dv))
-    p.dkdv.run(lambda bm, bn: (triton.cdiv(T, bn), progs), *args, *(T, H, p.nb, T, nsum, p.qk_scale, p.sm_scale), G=G)
+    p.dkdv.run(
+        lambda bm, bn: (triton.cdiv(T, bn), progs),
+        *args, *(T, H, p.nb, T, nsum, p.qk_scale, p.sm_scale), G=G, time=T,
+    )  # fmt: skip
     if nsum:
         p.dkdv_summary.run(
             lambda bm, bn: (triton.cdiv(nsum, bn), progs),
-            *args, *(T, H, p.nb, nsum, nsum, p.qk_scale, p.sm_scale), G=G,
+            *args, *(T, H, p.nb, nsum, nsum, p.qk_scale, p.sm_scale), G=G, time=T,
         )  # fmt: skip
     return dq, dk, dv
