@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from ..layouts import Layout
 from ..modes import pattern_allowed
-from ..tables import row_chunks
+from ..tables import row_chunks, token_index_padded
 
 _FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
@@ -188,7 +188,8 @@ def plan_layout(layout: Layout) -> _Plan:
                 idx[valid] = ids[np.asarray(inv).reshape(-1)]
             pchunks.append(_Chunk(r0, r1, cols.astype(np.int32), idx, b))
         chunks.append(pchunks)
-    perm = None if layout.perm is None else layout.perm.astype(np.int32)
+    # block-order positions over whole blocks: past time (no token) the identity
+    perm = None if layout.perm is None else token_index_padded(layout.time, layout.nb * b, layout.perm).astype(np.int32)
     plan = _Plan(heads_of, chunks, np.stack(masks), perm)
     _PLANS[layout] = plan
     return plan
@@ -221,6 +222,9 @@ def blocksparse_attention(q, k, v, heads, layout: Layout):
     plan = plan_layout(layout)
     b, nb = layout.blocksize, layout.nb
     q, k, v = (tf.cast(x, cdt) for x in (q, k, v))
+    padded = nb * b
+    if padded != time:  # the last block runs past time: its positions there are no tokens
+        q, k, v = (tf.pad(x, [[0, 0], [0, padded - time], [0, 0]]) for x in (q, k, v))
     if plan.perm is not None:
         # strided: block order is residue-major, where the pattern is block sparse
         q, k, v = (tf.gather(x, plan.perm, axis=1) for x in (q, k, v))
@@ -242,7 +246,9 @@ def blocksparse_attention(q, k, v, heads, layout: Layout):
     else:
         order = np.argsort(np.concatenate(plan.heads_of)).astype(np.int32)
         out = tf.gather(tf.concat(outs, axis=1), order, axis=1)
-    out = tf.reshape(tf.transpose(out, [0, 2, 3, 1, 4]), [-1, time, dim])  # [B, nb, b, H, hd] -> [B, T, D]
+    out = tf.reshape(tf.transpose(out, [0, 2, 3, 1, 4]), [-1, padded, dim])  # [B, nb, b, H, hd] -> [B, T, D]
     if plan.inv_perm is not None:
         out = tf.gather(out, plan.inv_perm, axis=1)
+    if padded != time:
+        out = out[:, :time]
     return tf.cast(out, out_dtype)
