@@ -33,7 +33,18 @@ __version__ = "0.1.0"
 
 @recomputable("attention_impl")
 def attention_impl(
-    q, k, v, heads, attn_mode, local_attn_ctx=None, blocksize=32, num_verts=None, vertsize=None, *, causal=True
+    q,
+    k,
+    v,
+    heads,
+    attn_mode,
+    local_attn_ctx=None,
+    blocksize=32,
+    num_verts=None,
+    vertsize=None,
+    *,
+    causal=True,
+    cu_seqlens=None,
 ):
     """Dense reference attention: the full ``time x time`` scores, masked by the pattern.
 
@@ -42,16 +53,26 @@ def attention_impl(
     to check the block-sparse path, not for long sequences.
     """
     backend = backend_for(q, k, v)
-    _, time, _ = check_shapes(q, k, v, heads)
-    spec = resolve_spec(
-        time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, sparse=False, causal=causal
-    )
+    batch, time, _ = check_shapes(q, k, v, heads)
+    args = (time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize)
+    spec = resolve_spec(*args, sparse=False, causal=causal, cu_seqlens=cu_seqlens, batch=batch)
     return backend.dense_attention(q, k, v, heads, spec)
 
 
 @recomputable("blocksparse_attention_impl")
 def blocksparse_attention_impl(
-    q, k, v, heads, attn_mode, local_attn_ctx=None, blocksize=32, num_verts=None, vertsize=None, *, causal=True
+    q,
+    k,
+    v,
+    heads,
+    attn_mode,
+    local_attn_ctx=None,
+    blocksize=32,
+    num_verts=None,
+    vertsize=None,
+    *,
+    causal=True,
+    cu_seqlens=None,
 ):
     """Block-sparse attention: only the enabled blocks of the layout are computed.
 
@@ -70,6 +91,9 @@ def blocksparse_attention_impl(
         causal: keyword only; ``False`` gives the bidirectional version of a built-in mode
             (``all`` every key; ``local`` ``|i - j| < L``; ``strided`` ``(i - j) mod l == 0``;
             ``fixed`` the own group or a summary block of any group). A Layout says it itself.
+        cu_seqlens: keyword only; packed documents in one sequence (``batch`` 1): ints ``[n_docs +
+            1]`` (list, numpy array or tensor), ``0 = cu[0] < ... < cu[n] = time``. Each document
+            attends only within itself, its pattern restarted at its first token, any lengths.
         recompute: recompute activations in the backward pass instead of storing them.
 
     Returns:
@@ -87,8 +111,7 @@ def blocksparse_attention_impl(
         . . . . x x x x x x x x x x x x      (row 15)
     """
     backend = backend_for(q, k, v)
-    _, time, _ = check_shapes(q, k, v, heads)
-    layout = resolve_spec(
-        time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, sparse=True, causal=causal
-    )
+    batch, time, _ = check_shapes(q, k, v, heads)
+    args = (time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize)
+    layout = resolve_spec(*args, sparse=True, causal=causal, cu_seqlens=cu_seqlens, batch=batch)
     return backend.blocksparse_attention(q, k, v, heads, layout)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import weakref
 
-from .layouts import Layout, broadcast_layout, make_layout, validate_pattern
+from .layouts import Layout, broadcast_layout, check_cu_seqlens, make_layout, packed_layout, validate_pattern
 
 _BACKENDS = {"torch": "sparse_attention.torch", "tensorflow": "sparse_attention.tensorflow"}
 
@@ -108,9 +108,26 @@ def kv_heads_of(dim, kv_dim, heads: int) -> int:
     return kv_dim // d
 
 
-def resolve_spec(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, *, sparse: bool, causal=True):
+def resolve_spec(
+    time,
+    heads,
+    attn_mode,
+    local_attn_ctx,
+    blocksize,
+    num_verts,
+    vertsize,
+    *,
+    sparse: bool,
+    causal=True,
+    cu_seqlens=None,
+    batch=None,
+):
     """A Layout (block-sparse path, or a custom layout) or a validated pattern dict (dense path);
-    ``causal=False``: the built-in mode's bidirectional version."""
+    ``causal=False``: the built-in mode's bidirectional version; ``cu_seqlens``: packed documents
+    (:func:`~sparse_attention.layouts.packed_layout`, ``batch`` 1)."""
+    if cu_seqlens is not None:
+        args = (time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize)
+        return _documents(*args, sparse=sparse, causal=causal, cu=cu_seqlens, batch=batch)
     if isinstance(attn_mode, Layout):
         if causal is not True:
             raise ValueError(
@@ -132,6 +149,27 @@ def resolve_spec(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, v
     return validate_pattern(
         time, heads, attn_mode, local_attn_ctx, blocksize if attn_mode == "fixed" else None, num_verts, vertsize, causal
     )
+
+
+def _documents(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, *, sparse, causal, cu, batch):
+    """:func:`resolve_spec` for packed documents."""
+    if isinstance(attn_mode, Layout):
+        raise ValueError(
+            "cu_seqlens applies to the built-in modes only; build a Layout of packed documents with "
+            "sparse_attention.layouts.packed_layout(cu_seqlens, heads, mode, ...) and pass it as attn_mode"
+        )
+    if batch is not None and batch != 1:
+        raise ValueError(f"cu_seqlens packs documents into one sequence: batch must be 1, got {batch}")
+    cu = check_cu_seqlens(cu)
+    if time is not None and int(cu[-1]) != time:
+        raise ValueError(
+            f"cu_seqlens must end at time ({time}), the packed sequence's length; it ends at {int(cu[-1])}"
+        )
+    if sparse:
+        return packed_layout(cu, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, causal)
+    b = blocksize if attn_mode == "fixed" else None
+    p = validate_pattern(time, heads, attn_mode, local_attn_ctx, b, num_verts, vertsize, causal, documents=True)
+    return {**p, "cu_seqlens": tuple(int(x) for x in cu)}
 
 
 _BROADCAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

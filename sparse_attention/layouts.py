@@ -58,6 +58,7 @@ __all__ = [
     "stack_heads",
     "deepspeed_layout",
     "longformer_layout",
+    "packed_layout",
     "dense_mask",
     "fixed_vert_range",
     "from_dense",
@@ -258,16 +259,9 @@ def _bidirectional_layout(p: dict) -> Layout:
             per_group = [np.union1d(summary, np.arange(g * s, min(g * s + s, nb))) for g in groups]
             rows.append([per_group[x // s] for x in r])
         head_pattern = np.arange(heads, dtype=np.int64) % nv
-    counts = np.array([[len(c) for c in pat] for pat in rows], np.int64)
-    row_ptr = np.concatenate([[0], np.cumsum(counts.reshape(-1))]).astype(np.int64)
-    row_ptr = np.stack([row_ptr[i * nb : (i + 1) * nb + 1] for i in range(len(rows))])
-    cols = np.concatenate([c for pat in rows for c in pat]).astype(np.int64)
-    # in-block masks of the entries that may be partial (by the block-level closed form: local's
-    # band edges, strided's blocks across segment ends; all's and fixed's blocks are full), from
-    # the token-level closed form at block-order positions, deduplicated
-    ent_row = np.repeat(np.tile(r, len(rows)), counts.reshape(-1))
-    first_head = [int(np.nonzero(head_pattern == i)[0][0]) for i in range(len(rows))]
-    ent_head = np.repeat(np.repeat(first_head, nb), counts.reshape(-1))
+    ent_row, cols, ent_head = _entries(rows, nb, head_pattern)
+    # the entries that may be partial, by the block-level closed form (local's band edges,
+    # strided's blocks across segment ends; all's and fixed's blocks are full)
     if mode == "local":
         cand = np.nonzero(np.abs(ent_row - cols) == p["local_attn_ctx"] // b)[0]
     elif mode == "strided":
@@ -277,36 +271,202 @@ def _bidirectional_layout(p: dict) -> Layout:
         cand = np.nonzero(~((seg_a == seg_b) & (col_a == col_b) & (seg_a == col_a)))[0]
     else:
         cand = np.zeros(0, np.int64)
+    tok = tables.token_index_padded(time, nb * b, perm)
+
+    def rule(i, j, h):
+        return pattern_allowed(p, tok[i], tok[j], h)
+
+    lay = _rule_csr(time, b, head_pattern, ent_row, cols, ent_head, rule, cand)
+    params = {k: v for k, v in p.items() if k in ("attn_mode", "local_attn_ctx", "num_verts", "vertsize", "causal")}
+    return dataclasses.replace(lay, perm=perm, params=params)
+
+
+def check_cu_seqlens(cu_seqlens) -> np.ndarray:
+    """``cu_seqlens`` (a list, numpy array or tensor of ints) as ``int64 [n_docs + 1]``, checked:
+    ``0 = cu[0] < cu[1] < ... < cu[n_docs]`` (the documents' boundaries in the packed sequence)."""
+    if hasattr(cu_seqlens, "detach"):  # a torch tensor (a CUDA one is read once, to build the layout)
+        cu_seqlens = cu_seqlens.detach().cpu().numpy()
+    elif hasattr(cu_seqlens, "numpy") and not isinstance(cu_seqlens, np.ndarray):  # a tf eager tensor
+        cu_seqlens = cu_seqlens.numpy()
+    cu = np.asarray(cu_seqlens)
+    if cu.dtype.kind not in "iu" and not (cu.dtype.kind == "O" and all(isinstance(x, (int, np.integer)) for x in cu)):
+        raise TypeError(f"cu_seqlens must hold integers, got dtype {cu.dtype}")
+    cu = cu.astype(np.int64)
+    if cu.ndim != 1 or cu.size < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with n_docs + 1 >= 2 entries, got shape {list(cu.shape)}")
+    if cu[0] != 0 or np.any(np.diff(cu) <= 0):
+        raise ValueError(
+            f"cu_seqlens must start at 0 and increase strictly (every document non-empty), got {cu.tolist()[:12]}"
+        )
+    return cu
+
+
+def packed_layout(
+    cu_seqlens,
+    heads,
+    attn_mode,
+    local_attn_ctx=None,
+    blocksize=32,
+    num_verts=None,
+    vertsize=None,
+    causal: bool = True,
+) -> Layout:
+    """The layout of packed documents: document ``d`` holds tokens ``cu[d]:cu[d+1]`` of one
+    sequence of ``time = cu[-1]`` tokens; each attends only within itself, under the mode's
+    pattern restarted at its own first token (positions ``i - cu[d]``), documents of any length.
+
+    A custom layout (CSR tables; memory proportional to the enabled blocks): the candidate blocks
+    per row from the pattern's block-level form inside each document, the in-block masks from
+    :func:`allowed` on document positions (one mask per block offset inside a document for the
+    modes that depend on ``i - j`` only), blocks that hold no allowed pair dropped.
+    ``strided`` runs in natural order here (its residue-major order is per document). Its
+    ``params`` name the mode, with ``cu_seqlens`` as a tuple.
+    """
+    cu = check_cu_seqlens(cu_seqlens)
+    return _packed_layout(
+        tuple(int(x) for x in cu), heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, causal
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _packed_layout(cu, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, causal) -> Layout:
+    cu = np.asarray(cu, np.int64)
+    time = int(cu[-1])
+    p = validate_pattern(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, causal, documents=True)
+    b, mode = p["blocksize"], attn_mode
+    nb = -(-time // b)
+    pos = np.arange(nb * b, dtype=np.int64)
+    doc = np.searchsorted(cu, pos, side="right") - 1
+    doc[pos >= time] = -1
+    start = np.where(doc >= 0, cu[np.maximum(doc, 0)], 0)
+    L = p.get("local_attn_ctx")
+    n_pat = p["num_verts"] if mode == "fixed" else 1
+    head_pattern = np.arange(heads, dtype=np.int64) % n_pat
+    if mode == "strided":  # block offsets R - C whose blocks can hold i - j = 0 mod l (any document start)
+        P = L // np.gcd(L, b)
+        offs = np.arange(P)
+        x = (-offs * b) % L  # i - j = offs * b + (a - a') = 0 mod l needs a - a' = x or x - l
+        hit = offs[(x < b) | (L - x < b)]
+    rows = []
+    for hp in range(n_pat):
+        if mode == "fixed":
+            s, nv, vs = L // b, p["num_verts"], p["vertsize"]
+            lo, hi = fixed_vert_range(hp, s, nv, vs)
+        pat_rows = []
+        for R in range(nb):
+            t0, t1 = R * b, min(R * b + b, time) - 1  # the row's first and last token
+            cols = []
+            for d in range(doc[t0], doc[t1] + 1):
+                c0, c1 = int(cu[d]), int(cu[d + 1]) - 1  # the document's tokens
+                i0, i1 = max(t0, c0), min(t1, c1)  # the row's tokens in it
+                last = i1 if causal else c1  # the latest key any of them may read
+                if mode == "all":
+                    lo_t = c0
+                elif mode == "local":
+                    lo_t = max(i0 - L + 1, c0)
+                    last = i1 if causal else min(i1 + L - 1, c1)
+                elif mode == "strided":
+                    lo_t = c0
+                else:  # fixed: the own groups of the row's tokens, then every summary block
+                    lo_t = c0 + (i0 - c0) // L * L
+                    if not causal:
+                        last = min(c0 + ((i1 - c0) // L + 1) * L - 1, c1)
+                blocks = np.arange(lo_t // b, last // b + 1)
+                if mode == "strided":
+                    blocks = np.arange(c0 // b, last // b + 1)
+                    blocks = blocks[np.isin((R - blocks) % P, hit)]
+                cols.append(blocks)
+                if mode == "fixed":  # summary keys: up to the row's last token, or anywhere (bidirectional)
+                    key_end = last if causal else c1
+                    g = np.arange((key_end - c0) // L + 1)
+                    tok_lo = c0 + g * L + lo * b
+                    tok_hi = np.minimum(c0 + g * L + (hi + 1) * b - 1, key_end)
+                    ok = tok_lo <= tok_hi
+                    for a, z in zip(tok_lo[ok] // b, tok_hi[ok] // b):
+                        cols.append(np.arange(a, z + 1))
+            pat_rows.append(np.unique(np.concatenate(cols)) if cols else np.zeros(0, np.int64))
+        rows.append(pat_rows)
+    ent_row, ent_col, ent_head = _entries(rows, nb, head_pattern)
+
+    def rule(i, j, h):
+        same = (doc[i] == doc[j]) & (doc[i] >= 0)
+        return same & pattern_allowed(p, i - start[i], j - start[j], h)
+
+    key = None
+    if mode != "fixed":  # i - j patterns: blocks inside one document share the mask of their offset
+        first_r, last_r = doc[ent_row * b], doc[np.minimum(ent_row * b + b - 1, time - 1)]
+        first_c, last_c = doc[ent_col * b], doc[np.minimum(ent_col * b + b - 1, time - 1)]
+        inside = (first_r == last_r) & (first_c == last_c) & (first_r == first_c) & (ent_row * b + b <= time)
+        inside &= ent_col * b + b <= time
+        key = np.where(inside, ent_row - ent_col + nb, -1)
+    lay = _rule_csr(time, b, head_pattern, ent_row, ent_col, ent_head, rule, np.arange(ent_col.size), key)
+    params = {k: v for k, v in p.items() if k in ("attn_mode", "local_attn_ctx", "num_verts", "vertsize", "causal")}
+    return dataclasses.replace(lay, params={**params, "cu_seqlens": tuple(int(x) for x in cu)})
+
+
+def _entries(rows, nb: int, head_pattern):
+    """Flatten per-pattern rows (lists of ascending column arrays) into entries: ``(row, col,
+    a head of the pattern)``, in CSR order."""
+    counts = np.array([[len(c) for c in pat] for pat in rows], np.int64).reshape(-1)
+    ent_row = np.repeat(np.tile(np.arange(nb, dtype=np.int64), len(rows)), counts)
+    cols = np.concatenate([np.asarray(c, np.int64) for pat in rows for c in pat] or [np.zeros(0, np.int64)])
+    first_head = [int(np.nonzero(head_pattern == i)[0][0]) for i in range(len(rows))]
+    ent_head = np.repeat(np.repeat(first_head, nb), counts)
+    return ent_row, cols, ent_head
+
+
+def _rule_csr(time, b, head_pattern, ent_row, cols, ent_head, rule, cand, key=None) -> Layout:
+    """A custom layout from candidate entries (CSR order) and a token rule ``rule(i, j, h)``
+    (block-order positions, broadcast arrays): the entries ``cand`` get the rule's in-block mask
+    (entries with one ``key >= 0`` share the mask of the first of them), the others are full;
+    no pair with a position past ``time`` is allowed; entries whose mask is empty are dropped;
+    masks are deduplicated."""
+    nb = -(-time // b)
     if time % b:  # the last block's positions past time: its row and column are partial
         cand = np.union1d(cand, np.nonzero((ent_row == nb - 1) | (cols == nb - 1))[0])
-    tok = tables.token_index_padded(time, nb * b, perm)
-    mask_idx = np.full(cols.size, -1, np.int32)
+    if key is not None:  # evaluate one entry per key, the first of it among the candidates
+        k = key[cand]
+        shared = k >= 0
+        _, first, inverse = np.unique(k[shared], return_index=True, return_inverse=True)
+        evaluate = np.union1d(cand[~shared], cand[shared][first])
+    else:
+        evaluate = cand
+    mask_idx = np.full(cols.size, -1, np.int64)
+    empty = np.zeros(cols.size, bool)
     masks = []
     step = max(1, (1 << 22) // (b * b))
-    for start in range(0, cand.size, step):  # in chunks: a mask per entry is b * b bools
-        e = cand[start : start + step]
-        i = tok[(ent_row[e, None] * b + np.arange(b))][:, :, None]
-        j = tok[(cols[e, None] * b + np.arange(b))][:, None, :]
-        m = pattern_allowed(p, i, j, ent_head[e, None, None]) & (i < time) & (j < time)
-        m = np.broadcast_to(m, (e.size, b, b))
-        part = ~m.reshape(e.size, -1).all(axis=1)
+    for start in range(0, evaluate.size, step):  # in chunks: a mask per entry is b * b bools
+        e = evaluate[start : start + step]
+        i = (ent_row[e, None] * b + np.arange(b))[:, :, None]
+        j = (cols[e, None] * b + np.arange(b))[:, None, :]
+        m = np.broadcast_to(rule(i, j, ent_head[e, None, None]) & (i < time) & (j < time), (e.size, b, b))
+        flat = m.reshape(e.size, -1)
+        empty[e] = ~flat.any(axis=1)
+        part = ~flat.all(axis=1)
         if part.any():
-            packed = np.packbits(m[part].reshape(int(part.sum()), -1), axis=1)
-            uniq, inv = np.unique(packed, axis=0, return_inverse=True)
-            base = sum(len(x) for x in masks)
-            masks.append(np.unpackbits(uniq, axis=1)[:, : b * b].reshape(-1, b, b).astype(bool))
-            mask_idx[e[part]] = base + np.asarray(inv).reshape(-1)
+            mask_idx[e[part]] = sum(len(x) for x in masks) + np.arange(int(part.sum()))
+            masks.append(np.packbits(flat[part], axis=1))
+    if key is not None and shared.any():
+        rep = cand[shared][first][inverse]  # each shared candidate's evaluated entry
+        mask_idx[cand[shared]], empty[cand[shared]] = mask_idx[rep], empty[rep]
     block_masks = np.zeros((0, b, b), bool)
-    if masks:  # one copy of each mask across the chunks
-        uniq, inv = np.unique(
-            np.packbits(np.concatenate(masks).reshape(-1, b * b), axis=1), axis=0, return_inverse=True
-        )
+    if masks:  # one copy of each mask
+        uniq, inv = np.unique(np.concatenate(masks), axis=0, return_inverse=True)
         block_masks = np.unpackbits(uniq, axis=1)[:, : b * b].reshape(-1, b, b).astype(bool)
         has = mask_idx >= 0
         mask_idx[has] = np.asarray(inv).reshape(-1)[mask_idx[has]]
-    lay = csr_layout(row_ptr, cols, b, head_pattern, mask_idx, block_masks)
-    params = {k: v for k, v in p.items() if k in ("attn_mode", "local_attn_ctx", "num_verts", "vertsize", "causal")}
-    return dataclasses.replace(lay, time=time, perm=perm, params=params)
+    keep = ~empty
+    P = int(np.max(head_pattern)) + 1
+    pat = np.zeros(cols.size, np.int64)
+    first_head = [int(np.nonzero(head_pattern == i)[0][0]) for i in range(P)]
+    for i, h in enumerate(first_head):  # entries are in pattern order: recover the pattern
+        pat[ent_head == h] = i
+    counts = np.bincount(pat[keep] * nb + ent_row[keep], minlength=P * nb).reshape(P, nb)
+    row_ptr = np.zeros((P, nb + 1), np.int64)
+    row_ptr[:, 1:] = np.cumsum(counts, axis=1)
+    row_ptr += np.concatenate([[0], np.cumsum(counts.sum(axis=1))[:-1]])[:, None]
+    lay = csr_layout(row_ptr, cols[keep], b, head_pattern, mask_idx[keep], block_masks)
+    return dataclasses.replace(lay, time=time)
 
 
 # -- custom layouts ----------------------------------------------------------------------------

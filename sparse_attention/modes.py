@@ -40,6 +40,7 @@ def validate_pattern(
     num_verts=None,
     vertsize=None,
     causal: bool = True,
+    documents: bool = False,
 ) -> dict:
     """Check the pattern parameters against SEMANTICS.md; return them normalised (with
     ``causal: False`` for a bidirectional pattern, see :func:`allowed`).
@@ -72,7 +73,7 @@ def validate_pattern(
         p["local_attn_ctx"] = L
     elif attn_mode == "strided":
         l = check_positive_int("local_attn_ctx", local_attn_ctx, mode=attn_mode)  # noqa: E741
-        if time % l:
+        if time % l and not documents:  # packed documents: each is a sequence of its own length
             raise ValueError(
                 f"local_attn_ctx ({l}) must divide time ({time}) for attn_mode='strided' "
                 "(it is the stride of the pattern)"
@@ -168,6 +169,19 @@ def pattern_allowed(p: dict, i, j, h):
         p.get("vertsize"),
         p.get("causal", True),
     )
+
+
+def document_mask(p: dict, heads: int) -> np.ndarray:
+    """The allowed pairs of packed documents, ``bool [heads, time, time]`` (numpy; small sizes):
+    ``p`` from :func:`validate_pattern` with ``p["cu_seqlens"]`` the documents' boundaries; pairs
+    inside one document under the pattern at document positions ``i - cu[d]``."""
+    cu = np.asarray(p["cu_seqlens"], np.int64)
+    i = np.arange(int(cu[-1]))
+    doc = np.searchsorted(cu, i, side="right") - 1
+    pos = i - cu[doc]
+    same = doc[:, None] == doc[None, :]
+    ok = same & pattern_allowed(p, pos[None, :, None], pos[None, None, :], np.arange(heads)[:, None, None])
+    return np.broadcast_to(ok, (heads, len(i), len(i))).copy()
 
 
 def dense_mask(

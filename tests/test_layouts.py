@@ -198,7 +198,7 @@ def test_million_token_layouts_build_fast():
         (dict(attn_mode="fixed", local_attn_ctx=128, vertsize=1), ValueError, "num_verts is required"),
         (dict(attn_mode="all", blocksize=24), ValueError, "power of two"),
         (dict(attn_mode="all", blocksize=8), ValueError, ">= 16"),
-        (dict(attn_mode="all", time=1000), ValueError, "multiple of blocksize"),
+        (dict(attn_mode="strided", local_attn_ctx=7, time=1000), ValueError, "must divide time"),
     ],
 )
 def test_pattern_errors(kw, exc, match):

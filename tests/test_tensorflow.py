@@ -406,7 +406,12 @@ def _bad_cases(make, float_dtype, int_dtype, half_dtype):
         ("heads-not-dividing", lambda: bs(good, good, good, 3, "all", blocksize=16), ValueError, "heads"),
         ("unknown-mode", lambda: bs(good, good, good, 2, "diagonal", blocksize=16), ValueError, "attn_mode"),
         ("local-without-ctx", lambda: bs(good, good, good, 2, "local", blocksize=16), ValueError, "local_attn_ctx"),
-        ("time-not-multiple", lambda: bs(good, good, good, 2, "all", blocksize=128), ValueError, "blocksize"),
+        (
+            "stride-not-dividing-time",
+            lambda: bs(good, good, good, 2, "strided", local_attn_ctx=7, blocksize=16),
+            ValueError,
+            "must divide time",
+        ),
         (
             "fixed-bad-verts",
             lambda: sa.attention_impl(

@@ -252,7 +252,6 @@ def test_bad_input_errors(fn, make, kw, exc, match):
     [
         (dict(attn_mode="local", local_attn_ctx=40), "multiple of blocksize"),
         (dict(attn_mode="all", blocksize=48), "power of two"),
-        (dict(attn_mode="all", blocksize=256), "multiple of blocksize"),
     ],
 )
 def test_blocksparse_only_errors(kw, match):

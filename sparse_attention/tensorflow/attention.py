@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..layouts import Layout
-from ..modes import pattern_allowed
+from ..modes import document_mask, pattern_allowed
 from ..tables import row_chunks, token_index_padded
 
 _FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
@@ -102,6 +102,8 @@ def _dense_mask(spec, time, heads):
     compares identity on TF1 graph tensors)."""
     if isinstance(spec, Layout):
         return tf.constant(spec.to_dense())
+    if "cu_seqlens" in spec:  # packed documents
+        return tf.constant(document_mask(spec, heads))
     i = tf.range(time)
     return pattern_allowed(spec, i[None, :, None], i[None, None, :], tf.range(heads)[:, None, None])
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import weakref
 
 import torch
 
@@ -48,7 +49,8 @@ __all__ = [
 ]
 
 # Registered custom layouts by key (their id: a plain int lookup, which torch.compile traces)
-_REGISTRY: dict[int, Layout] = {}
+# (held weakly: a layout made per batch, e.g. of packed documents, is not kept alive by it)
+_REGISTRY: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _MODES = ("all", "local", "strided", "fixed", "custom")
 
 
@@ -280,7 +282,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, lay
 
 def _dense_all(layout: Layout) -> bool:
     """``all``, causal or bidirectional (the latter a custom layout naming its mode)."""
-    return layout.mode == "all" or (layout.mode == "custom" and layout.params.get("attn_mode") == "all")
+    custom_all = layout.params.get("attn_mode") == "all" and "cu_seqlens" not in layout.params
+    return layout.mode == "all" or (layout.mode == "custom" and custom_all)
 
 
 def attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> torch.Tensor:

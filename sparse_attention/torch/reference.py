@@ -12,7 +12,7 @@ import math
 import torch
 
 from ..layouts import Layout
-from ..modes import pattern_allowed
+from ..modes import document_mask, pattern_allowed
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -71,6 +71,8 @@ def pattern_mask(spec, time: int, heads: int, device) -> torch.Tensor:
     """The allowed pairs, ``bool [heads or 1, time, time]``."""
     if isinstance(spec, Layout):
         return torch.from_numpy(spec.to_dense()).to(device)
+    if "cu_seqlens" in spec:  # packed documents
+        return torch.from_numpy(document_mask(spec, heads)).to(device)
     i = torch.arange(time, device=device)
     return pattern_allowed(spec, i[None, :, None], i[None, None, :], torch.arange(heads, device=device)[:, None, None])
 

@@ -1,0 +1,192 @@
+"""Packed documents (``cu_seqlens``): one sequence of ``batch`` 1 holding documents of any
+lengths; each attends only within itself, its pattern restarted at its own first token. The
+layouts against the closed form on document positions, every engine against the library's calls
+on each document alone (an independent reference) and against float64 dense attention, forward
+and the three gradients."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+from _attn_ref import check_against_reference
+from _kernel_env import device as _device
+from _kernel_env import launch_fixture  # noqa: F401  (sets TRITON_INTERPRET; the `launch` fixture)
+
+import sparse_attention as sa
+from sparse_attention.layouts import packed_layout
+from sparse_attention.modes import document_mask, validate_pattern
+from sparse_attention.torch.reference import masked_attention, merge_heads, split_heads
+
+MODES = {
+    "all": {},
+    "local": dict(local_attn_ctx=32),
+    "strided": dict(local_attn_ctx=8),
+    "fixed": dict(local_attn_ctx=32, num_verts=2, vertsize=1),
+}
+DOCS = {
+    "one": [0, 100],
+    "two-unaligned": [0, 37, 100],
+    "tiny-and-long": [0, 5, 6, 50, 130, 131],
+    "aligned": [0, 16, 48, 96],
+}
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("docs", list(DOCS))
+@pytest.mark.parametrize("mode", list(MODES) + ["fixed-vs2", "strided-l40"])
+def test_layout_is_the_closed_form_per_document(mode, docs, causal):
+    kw = {"fixed-vs2": dict(local_attn_ctx=64, num_verts=2, vertsize=2), "strided-l40": dict(local_attn_ctx=40)}.get(
+        mode, MODES.get(mode)
+    )
+    mode = mode.split("-")[0]
+    cu = DOCS[docs]
+    lay = packed_layout(cu, 4, mode, blocksize=16, causal=causal, **kw)
+    p = validate_pattern(cu[-1], 4, mode, blocksize=16, causal=causal, documents=True, **kw)
+    want = document_mask({**p, "cu_seqlens": cu}, 4)
+    assert (np.broadcast_to(lay.to_dense(), want.shape) == want).all()
+    # no enabled block without an allowed pair (work is skipped for such blocks)
+    blocks = lay.block_layout()
+    nb = lay.nb
+    padded = np.zeros((4, nb * 16, nb * 16), bool)
+    padded[:, : cu[-1], : cu[-1]] = want
+    pairs = padded.reshape(4, nb, 16, nb, 16).any(axis=(2, 4))
+    assert (blocks == pairs).all()
+
+
+def _per_document(fn, H, mode, kw, cu, causal):
+    """``fn`` (a public call) run on each document alone, outputs concatenated."""
+
+    def call(q, k, v):
+        outs = []
+        for a, b in zip(cu[:-1], cu[1:]):
+            part = [x[:, a:b] for x in (q, k, v)]
+            n = b - a
+            if mode == "strided" and n % kw["local_attn_ctx"]:
+                # strided's stride must divide the length of a sequence of its own: the document
+                # padded at its end (causal patterns read no later key, so it changes nothing)
+                pad = -n % kw["local_attn_ctx"]
+                part = [torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in part]
+                outs.append(fn(*part, H, mode, blocksize=16, causal=causal, **kw)[:, :n])
+            else:
+                outs.append(fn(*part, H, mode, blocksize=16, causal=causal, **kw))
+        return torch.cat(outs, dim=1)
+
+    return call
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("docs", list(DOCS))
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("fn", [sa.attention_impl, sa.blocksparse_attention_impl], ids=["dense", "blocksparse"])
+def test_public_calls_equal_each_document_alone(fn, mode, docs, kv_heads):
+    """Causal: the packed call equals the call on each document alone (forward and gradients);
+    on the CPU the blocksparse call runs the block gather."""
+    H, D, cu = 4, 16, DOCS[docs]
+    T = cu[-1]
+    g = torch.Generator().manual_seed(len(cu))
+    q, do = (torch.randn(1, T, H * D, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, T, kv_heads * D, generator=g, dtype=torch.float64) for _ in range(2))
+    ref = _per_document(sa.attention_impl, H, mode, MODES[mode], cu, True)
+
+    def packed(a, b, c):
+        return fn(a, b, c, H, mode, blocksize=16, cu_seqlens=cu, **MODES[mode])
+
+    check_against_reference(packed, q, k, v, do, ref=ref)
+
+
+@pytest.mark.parametrize("docs", list(DOCS))
+@pytest.mark.parametrize("mode", list(MODES))
+def test_bidirectional_documents(mode, docs):
+    """``causal=False`` with documents: against dense attention under the document mask."""
+    H, D, cu = 4, 16, DOCS[docs]
+    T = cu[-1]
+    g = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(1, H, T, D, generator=g, dtype=torch.float64) for _ in range(4))
+    p = validate_pattern(T, H, mode, blocksize=16, causal=False, documents=True, **MODES[mode])
+    mask = torch.from_numpy(document_mask({**p, "cu_seqlens": cu}, H))
+
+    def call(a, b, c):
+        cols = [merge_heads(x) for x in (a, b, c)]
+        y = sa.blocksparse_attention_impl(*cols, H, mode, blocksize=16, causal=False, cu_seqlens=cu, **MODES[mode])
+        return split_heads(y, H)
+
+    check_against_reference(call, q, k, v, do, mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_fused_kernels_on_documents(launch, mode, causal, dtype):
+    """The kernels' custom path on a packed layout (NaN-poisoned outputs), grouped heads."""
+    from sparse_attention.torch.dispatch import EagerAttention
+
+    cu = DOCS["tiny-and-long"]
+    lay = packed_layout(cu, 4, mode, blocksize=16, causal=causal, **MODES[mode])
+    g = torch.Generator().manual_seed(4)
+    T = cu[-1]
+    q, do = (torch.randn(1, 4, T, 32, generator=g).to(_device(), dtype) for _ in range(2))
+    k, v = (torch.randn(1, 2, T, 32, generator=g).to(_device(), dtype) for _ in range(2))
+    mask = torch.from_numpy(lay.to_dense()).to(q.device)
+
+    def ref(a, b, c):
+        return masked_attention(a, b.repeat_interleave(2, 1), c.repeat_interleave(2, 1), mask, dtype=a.dtype)
+
+    fn = lambda a, b, c: EagerAttention.apply(a, b, c, launch.forward, launch.backward, lay)  # noqa: E731
+    check_against_reference(fn, q, k, v, do, ref=ref, floor=1e-4)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_tensorflow_documents(mode):
+    tf = pytest.importorskip("tensorflow")
+    H, D, cu = 4, 16, DOCS["two-unaligned"]
+    T = cu[-1]
+    x = [np.random.RandomState(i).randn(1, T, H * D) for i in range(3)]
+    want = sa.attention_impl(*(torch.from_numpy(a) for a in x), H, mode, blocksize=16, cu_seqlens=cu, **MODES[mode])
+    for fn in (sa.attention_impl, sa.blocksparse_attention_impl):
+        got = fn(*(tf.constant(a) for a in x), H, mode, blocksize=16, cu_seqlens=np.array(cu), **MODES[mode])
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(cu_seqlens=[0, 50, 99]), ValueError, "must end at time"),
+        (dict(cu_seqlens=[0, 60, 50, 100]), ValueError, "increase strictly"),
+        (dict(cu_seqlens=[5, 100]), ValueError, "start at 0"),
+        (dict(cu_seqlens=[0.0, 100.0]), TypeError, "integers"),
+        (dict(cu_seqlens=[[0, 100]]), ValueError, "1-D"),
+    ],
+)
+def test_document_errors(kw, exc, match):
+    x = torch.randn(1, 100, 32)
+    for fn in (sa.attention_impl, sa.blocksparse_attention_impl):
+        with pytest.raises(exc, match=match):
+            fn(x, x, x, 2, "local", local_attn_ctx=32, blocksize=16, **kw)
+
+
+def test_documents_need_batch_one_and_a_mode():
+    x = torch.randn(2, 100, 32)
+    with pytest.raises(ValueError, match="batch must be 1"):
+        sa.blocksparse_attention_impl(x, x, x, 2, "all", blocksize=16, cu_seqlens=[0, 50, 100])
+    lay = sa.make_layout(100, 2, "all", blocksize=16)
+    with pytest.raises(ValueError, match="packed_layout"):
+        sa.blocksparse_attention_impl(x[:1], x[:1], x[:1], 2, lay, cu_seqlens=[0, 50, 100])
+
+
+def test_layouts_made_per_batch_are_not_kept():
+    """A training loop builds a layout per batch of documents: the custom-op registry holds them
+    weakly, so they go when the caller drops them."""
+    from sparse_attention.torch import dispatch
+
+    x = torch.randn(1, 96, 32)
+    before = len(dispatch._REGISTRY)
+    for cut in range(20, 60):
+        lay = packed_layout([0, cut, 96], 2, "local", local_attn_ctx=32, blocksize=16)
+        sa.blocksparse_attention_impl(x, x, x, 2, lay)
+        del lay
+    sa.layouts._packed_layout.cache_clear()
+    gc.collect()
+    assert len(dispatch._REGISTRY) <= before + 1
