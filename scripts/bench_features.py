@@ -1,0 +1,237 @@
+"""Packed documents and bidirectional patterns against FlexAttention with the same masks, in one
+run (grouped-query heads: ``scripts/bench_gqa.py``).
+
+* ``packed``: ``time`` tokens in one sequence as documents (``cu_seqlens``): one document, equal
+  documents of ``--doc-len`` tokens, and a long-tailed mix; against the same tokens without
+  boundaries (``[1, time]``), the equal documents as a batch (``[time / doc_len, doc_len]``), and
+  Flex under the pattern composed with the document mask. ``layout_ms``: building the packed
+  layout (a new one per batch of documents).
+* ``bidirectional``: ``causal=False`` against the causal call and Flex's bidirectional mask.
+
+GPU time (CUDA-graph replays) and events, forward and forward+backward, in ms.
+
+    python scripts/bench_features.py --out benchmarks/features-h200
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time as _time
+
+import numpy as np
+import torch
+
+import sparse_attention as sa
+from sparse_attention.layouts import packed_layout
+from sparse_attention.modes import allowed
+from sparse_attention.patterns import preset
+from sparse_attention.utils.benchmark import attention_parser, comma_list, environment, graph_ms, timeit, torch_dtype
+
+
+def parse_args(argv=None):
+    p = attention_parser(__doc__, dtype="fp16", n_head=8, n_ctx=16384, head_dim=64)
+    p.add_argument("--sections", type=comma_list(str, ("packed", "bidirectional")), default=["packed", "bidirectional"])
+    p.add_argument("--doc-len", type=int, default=4096, help="length of the equal documents (default: %(default)s)")
+    p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    p.add_argument("--out", default=None, help="directory for features.json and features.md")
+    return p.parse_args(argv)
+
+
+def timings(call, inputs, do, device) -> dict:
+    leaves = [x.detach().requires_grad_() for x in inputs]
+
+    def fwd():
+        with torch.no_grad():
+            call(*inputs)
+
+    def fb():
+        for x in leaves:
+            x.grad = None
+        call(*leaves).backward(do)
+
+    r = {}
+    for name, fn in (("fwd", fwd), ("fb", fb)):
+        try:
+            r[f"{name}_ms"] = timeit(fn, budget_s=0.5, device=device)
+            if torch.device(device).type == "cuda":
+                r[f"{name}_gpu_ms"] = graph_ms(fn)
+        except Exception as e:
+            r[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+    return r
+
+
+def long_tailed(total: int, seed: int = 0) -> list[int]:
+    """Document lengths summing to ``total``: Pareto-distributed (many short, a few long)."""
+    rng = np.random.default_rng(seed)
+    lens = []
+    while sum(lens) < total:
+        lens.append(int(min(max(16, 64 * (1 + rng.pareto(1.2))), total)))
+    lens[-1] -= sum(lens) - total
+    return [n for n in lens if n > 0]
+
+
+def flex_call(kw, heads, T, device, cu=None, causal=True):
+    """Compiled FlexAttention under the mode's closed form (with documents: on document positions,
+    pairs inside one document only)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    mode = kw["attn_mode"]
+    args = (kw.get("local_attn_ctx"), kw["blocksize"], kw.get("num_verts"), kw.get("vertsize"), causal)
+    if cu is None:
+
+        def mask_mod(b, h, i, j):
+            return allowed(i, j, h, mode, *args)
+
+    else:
+        cut = torch.tensor(cu, device=device)
+        pos = torch.arange(T, device=device)
+        doc = torch.searchsorted(cut, pos, right=True) - 1
+        start = cut[doc]
+
+        def mask_mod(b, h, i, j):
+            return (doc[i] == doc[j]) & allowed(i - start[i], j - start[j], h, mode, *args)
+
+    bm = create_block_mask(mask_mod, None, heads, T, T, device=device, _compile=T > 8192)
+    flex = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: flex(q, k, v, block_mask=bm)
+
+
+def run(args) -> list[dict]:
+    dev, dtype = args.device, torch_dtype(args.dtype)
+    H, T, D = args.n_head, args.n_ctx, args.head_dim
+    g = torch.Generator().manual_seed(0)
+    rows = []
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dev, dtype)
+
+    for mode in args.modes:
+        kw = preset(mode).kwargs()
+        if "packed" in args.sections:
+            mixes = {
+                "1 document": [T],
+                f"{T // args.doc_len} x {args.doc_len}": [args.doc_len] * (T // args.doc_len),
+                "long-tailed": long_tailed(T),
+            }
+            q, k, v, do = (rand(1, T, H * D) for _ in range(4))
+            base = timings(lambda a, b, c, kw=kw: sa.blocksparse_attention_impl(a, b, c, H, **kw), (q, k, v), do, dev)
+            for name, lens in mixes.items():
+                cu = np.concatenate([[0], np.cumsum(lens)]).tolist()
+                t0 = _time.perf_counter()
+                packed_layout(cu, H, **kw)
+                layout_ms = (_time.perf_counter() - t0) * 1e3
+                res = {"unpacked [1, T]": base, "layout_ms": layout_ms}
+                res["packed"] = timings(
+                    lambda a, b, c, cu=cu, kw=kw: sa.blocksparse_attention_impl(a, b, c, H, cu_seqlens=cu, **kw),
+                    (q, k, v),
+                    do,
+                    dev,
+                )
+                if len(set(lens)) == 1 and len(lens) > 1:
+                    n = lens[0]
+                    xs = [x.view(len(lens), n, -1) for x in (q, k, v, do)]
+                    res["batch of documents"] = timings(
+                        lambda a, b, c, kw=kw: sa.blocksparse_attention_impl(a, b, c, H, **kw), xs[:3], xs[3], dev
+                    )
+                if not args.no_flex:
+                    try:
+                        f = flex_call(kw, H, T, dev, cu)
+                        xs = [x.view(1, T, H, D).transpose(1, 2).contiguous() for x in (q, k, v, do)]
+                        res["flex"] = timings(f, xs[:3], xs[3], dev)
+                    except Exception as e:
+                        res["flex"] = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+                rows.append(dict(section="packed", mode=mode, docs=name, n_docs=len(lens), T=T, H=H, D=D, results=res))
+                print(json.dumps(rows[-1]), flush=True)
+        if "bidirectional" in args.sections:
+            q, k, v, do = (rand(1, T, H * D) for _ in range(4))
+            res = {}
+            for causal in (True, False):
+                res["causal" if causal else "bidirectional"] = timings(
+                    lambda a, b, c, causal=causal, kw=kw: sa.blocksparse_attention_impl(
+                        a, b, c, H, causal=causal, **kw
+                    ),
+                    (q, k, v),
+                    do,
+                    dev,
+                )
+                if not args.no_flex:
+                    try:
+                        f = flex_call(kw, H, T, dev, causal=causal)
+                        xs = [x.view(1, T, H, D).transpose(1, 2).contiguous() for x in (q, k, v, do)]
+                        res["flex " + ("causal" if causal else "bidirectional")] = timings(f, xs[:3], xs[3], dev)
+                    except Exception as e:
+                        res["flex " + ("causal" if causal else "bidirectional")] = {"error": str(e)[:160]}
+            rows.append(dict(section="bidirectional", mode=mode, T=T, H=H, D=D, results=res))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _f(x):
+    return "–" if x is None else f"{x:.3f}"
+
+
+def _pair(r: dict, key: str) -> str:
+    x = r.get(key, {})
+    return f"{_f(x.get('fwd_gpu_ms'))} / {_f(x.get('fb_gpu_ms'))}"
+
+
+def _ratio(r: dict, a: str, b: str) -> str:
+    out = []
+    for k in ("fwd_gpu_ms", "fb_gpu_ms"):
+        x, y = r.get(a, {}).get(k), r.get(b, {}).get(k)
+        out.append("–" if x is None or y is None else f"{x / y:.2f}")
+    return " / ".join(out)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["GPU time (CUDA-graph replays), ms, forward / forward+backward.", ""]
+    packed = [r for r in rows if r["section"] == "packed"]
+    if packed:
+        lines += [
+            "| mode | documents | packed | unpacked [1, T] | batch of documents | Flex + document mask | "
+            "packed / unpacked | Flex / packed | layout build ms |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in packed:
+            r = row["results"]
+            lines.append(
+                f"| {row['mode']} | {row['docs']} | {_pair(r, 'packed')} | {_pair(r, 'unpacked [1, T]')} | "
+                f"{_pair(r, 'batch of documents')} | {_pair(r, 'flex')} | {_ratio(r, 'packed', 'unpacked [1, T]')} | "
+                f"{_ratio(r, 'flex', 'packed')} | {r['layout_ms']:.0f} |"
+            )
+        lines.append("")
+    bidir = [r for r in rows if r["section"] == "bidirectional"]
+    if bidir:
+        lines += [
+            "| mode | bidirectional | causal | Flex bidirectional | Flex causal | Flex / ours, bidirectional | "
+            "Flex / ours, causal |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in bidir:
+            r = row["results"]
+            lines.append(
+                f"| {row['mode']} | {_pair(r, 'bidirectional')} | {_pair(r, 'causal')} | "
+                f"{_pair(r, 'flex bidirectional')} | {_pair(r, 'flex causal')} | "
+                f"{_ratio(r, 'flex bidirectional', 'bidirectional')} | {_ratio(r, 'flex causal', 'causal')} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows = run(args)
+    rec = dict(environment(args.device, argv, script="scripts/bench_features.py"), rows=rows)
+    md = table(rows)
+    print(md)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "features.json"), "w") as fh:
+            json.dump(rec, fh, indent=1)
+        with open(os.path.join(args.out, "features.md"), "w") as fh:
+            fh.write(f"{rec['device']}, torch {rec['torch']}, triton {rec['triton']}, {rec['date']}\n\n")
+            fh.write(f"`{rec['command']}`\n\n{md}\n")
+
+
+if __name__ == "__main__":
+    main()
