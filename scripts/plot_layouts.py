@@ -1,10 +1,13 @@
 """Draw the four built-in modes (token-level masks, natural order) into one PNG.
 
-    python scripts/plot_layouts.py docs/layouts.png --migrated docs/layouts-migrated.png
+    python scripts/plot_layouts.py docs/layouts.png --migrated docs/layouts-migrated.png \
+        --features docs/layouts-features.png
 
 The patterns are ``sparse_attention.patterns.PRESETS["small"]``; the last panel is ``fixed``'s
 second head (the other summary block). ``--migrated`` also draws the layouts users bring from
 elsewhere: DeepSpeed's configs (``layouts.deepspeed_layout``), Longformer and BigBird.
+``--features`` draws the bidirectional modes (``causal=False``) and packed documents
+(``cu_seqlens``), at a time that is not a multiple of the block size.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ def main(argv=None):
     ap = script_parser(__doc__)
     ap.add_argument("path", nargs="?", default="docs/layouts.png", help="the PNG to write (default: %(default)s)")
     ap.add_argument("--migrated", default=None, help="also draw the migrated layouts into this PNG")
+    ap.add_argument("--features", default=None, help="also draw bidirectional modes and packed documents")
     add_model_args(ap, n_ctx=256)
     args = ap.parse_args(argv)
     import matplotlib
@@ -39,6 +43,32 @@ def main(argv=None):
     print(f"wrote {args.path}")
     if args.migrated:
         plot_migrated(plt, args.n_ctx, args.migrated)
+    if args.features:
+        plot_features(plt, args.n_ctx - 16 - 7, args.features)
+
+
+def plot_features(plt, T: int, path: str) -> None:
+    """Bidirectional modes and packed documents of the small presets at ``time = T``."""
+    from sparse_attention.layouts import make_layout, packed_layout
+
+    presets = PRESETS["small"]
+    cut = [0, T // 5, T // 5 + 9, T // 2 + 3, T]
+    panels = {}
+    for mode, p in presets.items():
+        t = T - T % p.spec.local_attn_ctx if mode == "strided" else T  # its stride divides time
+        panels[f"{mode}, causal=False" + (f"\n(time {t})" if t != T else "")] = make_layout(
+            t, 2, **p.kwargs(), causal=False
+        )
+    for mode in ("local", "fixed"):
+        panels[f"{mode}, 4 documents\n(cu_seqlens {cut})"] = packed_layout(cut, 2, **presets[mode].kwargs())
+    fig, axes = plt.subplots(1, len(panels), figsize=(19, 3.8))
+    for ax, (title, lay) in zip(axes, panels.items()):
+        lay.plot(heads=[0], ax=ax, tokens=True)
+        ax.set_title(title, fontsize=8)
+    fig.suptitle(f"Bidirectional modes and packed documents, time={T} (not a multiple of the blocks)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def plot_migrated(plt, T: int, path: str) -> None:
