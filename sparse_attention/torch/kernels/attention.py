@@ -89,6 +89,18 @@ def _tok(
 
 
 @triton.jit
+def _custom_tok(pos, PERM, T, HAS_PERM: tl.constexpr):
+    """Custom layouts: the token (int64) of block-order positions, through the layout's ``PERM``
+    table where it has one (e.g. bidirectional ``strided``, residue-major); a position past time
+    reads token 0, which every such load and store masks by position."""
+    if HAS_PERM:
+        t = tl.load(PERM + pos, mask=pos < T, other=0).to(tl.int64)
+    else:
+        t = pos.to(tl.int64)
+    return t
+
+
+@triton.jit
 def _summary_start(h, VLO_A, VLO_C, VLO_NV):
     """fixed: the first summary token of head ``h`` (int64); the layout's closed form, see
     ``launch.device_tables``."""
@@ -313,6 +325,7 @@ def fwd_kernel(
     VLO_C,
     VLO_NV,
     HEAD_PAT,
+    PERM,
     ROW_PTR,
     COLS,
     MASK_IDX,
@@ -348,6 +361,7 @@ def fwd_kernel(
     SPLIT: tl.constexpr,
     G: tl.constexpr,
     TAIL: tl.constexpr,
+    HAS_PERM: tl.constexpr,
 ):
     m_blk, bh = _tile_and_head(True, MODE)
     b = (bh // H).to(tl.int64)
@@ -361,6 +375,8 @@ def fwd_kernel(
     m0 = m_blk * BM
     qpos = m0 + tl.arange(0, BM)
     qtok = _tok(qpos, MODE, False, P1, P1M, P1S, P1C, P2, VSB, 0)
+    if MODE == 4:
+        qtok = _custom_tok(qpos, PERM, T, HAS_PERM)
     qvalid = qpos < T  # TAIL: the query tile past time (a position >= T has no token)
     q = _load_rows(q_base, qtok, sqt, offs_d, qvalid, TAIL, PAD_D, HEAD_D)  # [BM, BLOCK_D]
     m_i = tl.full([BM], float("-inf"), tl.float32)
@@ -374,10 +390,11 @@ def fwd_kernel(
         for e in range(start, end):
             c = tl.load(COLS + e)
             mi = tl.load(MASK_IDX + e)
-            ktok = (c * BN + tl.arange(0, BN)).to(tl.int64)
+            kp = c * BN + tl.arange(0, BN)
+            ktok = _custom_tok(kp, PERM, T, HAS_PERM)
             # the layout's masks keep keys past time out of every row
-            k = _load_rows(k_base, ktok, skt, offs_d, ktok < T, TAIL, PAD_D, HEAD_D)
-            v = _load_rows(v_base, ktok, svt, offs_d, ktok < T, TAIL, PAD_D, HEAD_D)
+            k = _load_rows(k_base, ktok, skt, offs_d, kp < T, TAIL, PAD_D, HEAD_D)
+            v = _load_rows(v_base, ktok, svt, offs_d, kp < T, TAIL, PAD_D, HEAD_D)
             if mi >= 0:
                 mp = MASKS + mi.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
                 ok = tl.load(mp) != 0
@@ -554,6 +571,7 @@ def dkdv_kernel(
     VLO_C,
     VLO_NV,
     HEAD_PAT,
+    PERM,
     COL_PTR,
     ROWS,
     ENTRY_MASK,
@@ -598,6 +616,7 @@ def dkdv_kernel(
     DOT_PREC: tl.constexpr,
     G: tl.constexpr,
     TAIL: tl.constexpr,
+    HAS_PERM: tl.constexpr,
 ):
     # One program per key tile and key/value head (grouped-query attention: its G query heads
     # are walked in turn, so k and v are read once per group). fixed's summary pass runs one
@@ -622,6 +641,8 @@ def dkdv_kernel(
     if SUMMARY:
         vlo = _summary_start(hk * G + j, VLO_A, VLO_C, VLO_NV)
     ktok = _tok(kpos, MODE, SUMMARY, P1, P1M, P1S, P1C, P2, VSB, vlo)
+    if MODE == 4:
+        ktok = _custom_tok(kpos, PERM, T, HAS_PERM)
     kvalid = (kpos < NKEYS) & (ktok < T)
     k = _load_rows(K + b * skb + hk64 * skh, ktok, skt, offs_d, kvalid, SUMMARY or TAIL, PAD_D, HEAD_D)  # [BN, BLOCK_D]
     v = _load_rows(V + b * svb + hk64 * svh, ktok, svt, offs_d, kvalid, SUMMARY or TAIL, PAD_D, HEAD_D)
@@ -655,9 +676,10 @@ def dkdv_kernel(
             for e in range(start, end):
                 r = tl.load(ROWS + e)
                 mi = tl.load(ENTRY_MASK + e)
-                qtok = (r * BM + tl.arange(0, BM)).to(tl.int64)
+                qp = r * BM + tl.arange(0, BM)
+                qtok = _custom_tok(qp, PERM, T, HAS_PERM)
                 q, do, lse, delta = _load_query_rows(
-                    q_base, do_base, lse_base, d_base, qtok, qtok < T, sqt, sdt, offs_d, TAIL, PAD_D, HEAD_D
+                    q_base, do_base, lse_base, d_base, qtok, qp < T, sqt, sdt, offs_d, TAIL, PAD_D, HEAD_D
                 )
                 if mi >= 0:
                     # the block mask is [query, key]; read it transposed
@@ -814,6 +836,7 @@ def dq_kernel(
     VLO_C,
     VLO_NV,
     HEAD_PAT,
+    PERM,
     ROW_PTR,
     COLS,
     MASK_IDX,
@@ -856,6 +879,7 @@ def dq_kernel(
     SPLIT: tl.constexpr,
     G: tl.constexpr,
     TAIL: tl.constexpr,
+    HAS_PERM: tl.constexpr,
 ):
     m_blk, bh = _tile_and_head(True, MODE)
     b = (bh // H).to(tl.int64)
@@ -869,6 +893,8 @@ def dq_kernel(
     m0 = m_blk * BM
     qpos = m0 + tl.arange(0, BM)
     qtok = _tok(qpos, MODE, False, P1, P1M, P1S, P1C, P2, VSB, 0)
+    if MODE == 4:
+        qtok = _custom_tok(qpos, PERM, T, HAS_PERM)
     qvalid = qpos < T  # TAIL: the query tile past time
     q, do, lse, _ = _load_query_rows(
         Q + b * sqb + hh * sqh, DO + b * sdb + hh * sdh, LSE + bh.to(tl.int64) * T, LSE, qtok, qvalid, sqt, sdt,
@@ -890,10 +916,11 @@ def dq_kernel(
         for e in range(start, end):
             c = tl.load(COLS + e)
             mi = tl.load(MASK_IDX + e)
-            ktok = (c * BN + tl.arange(0, BN)).to(tl.int64)
+            kp = c * BN + tl.arange(0, BN)
+            ktok = _custom_tok(kp, PERM, T, HAS_PERM)
             # the layout's masks keep keys past time out of every row
-            k = _load_rows(k_base, ktok, skt, offs_d, ktok < T, TAIL, PAD_D, HEAD_D)
-            v = _load_rows(v_base, ktok, svt, offs_d, ktok < T, TAIL, PAD_D, HEAD_D)
+            k = _load_rows(k_base, ktok, skt, offs_d, kp < T, TAIL, PAD_D, HEAD_D)
+            v = _load_rows(v_base, ktok, svt, offs_d, kp < T, TAIL, PAD_D, HEAD_D)
             if mi >= 0:
                 mp = MASKS + mi.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
                 ok = tl.load(mp) != 0

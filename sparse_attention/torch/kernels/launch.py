@@ -112,8 +112,6 @@ def unsupported_reasons(q: torch.Tensor, layout: Layout) -> list[str]:
         why.append(f"float32 with head_dim {q.shape[-1]} > {MAX_HEAD_DIM_FP32} (fp16/bf16 run up to {MAX_HEAD_DIM})")
     if layout.mode == "custom" and layout.blocksize > MAX_BLOCKSIZE_CUSTOM:
         why.append(f"custom layout blocksize {layout.blocksize} > {MAX_BLOCKSIZE_CUSTOM}")
-    if layout.mode == "custom" and layout.perm is not None:
-        why.append("a custom layout in a permuted token order (e.g. bidirectional strided) runs on the block gather")
     if layout.mode == "custom" and layout.blocksize < 16:
         why.append(f"custom layout blocksize {layout.blocksize} < 16")
     if layout.mode == "custom" and q.dtype in SUPPORTED_DTYPES and q.shape[-1] <= MAX_HEAD_DIM:
@@ -231,7 +229,7 @@ class _Kernel:
                 self.kw = smaller
 
 
-POINTER_TABLES = ("HEAD_PAT", "ROW_PTR", "COLS", "MASK_IDX", "MASKS", "COL_PTR", "ROWS", "ENTRY_MASK")
+POINTER_TABLES = ("HEAD_PAT", "PERM", "ROW_PTR", "COLS", "MASK_IDX", "MASKS", "COL_PTR", "ROWS", "ENTRY_MASK")
 
 
 def device_tables(layout: Layout, q: torch.Tensor) -> dict:
@@ -274,6 +272,7 @@ def _build_tables(layout: Layout, device) -> dict:
 
         t.update(
             HEAD_PAT=dev(layout.head_pattern, torch.int32),
+            PERM=dev(np.zeros(0, np.int32) if layout.perm is None else layout.perm, torch.int32),
             ROW_PTR=dev(layout.row_ptr, torch.int64),
             COLS=dev(layout.cols, torch.int32),
             MASK_IDX=dev(layout.mask_idx, torch.int32),
@@ -340,6 +339,7 @@ class _Plan:
             P2=tab["P2"],
             VSB=tab["VSB"],
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            HAS_PERM=layout.mode == "custom" and layout.perm is not None,
         )
         custom = mode == K.MODE_CUSTOM
         fwd, dq, dkdv = (_tiles(kind, q, layout) for kind in ("fwd", "dq", "dkdv"))
@@ -352,7 +352,7 @@ class _Plan:
         self.dkdv_summary = _Kernel(K.dkdv_kernel, {**consts, **dkdv, "SUMMARY": True}, custom)
         self.custom = custom
         self.vlo = (tab["VLO_A"], tab["VLO_C"], tab["VLO_NV"])
-        self.head_pat = tab["HEAD_PAT"]
+        self.head_pat, self.perm = tab["HEAD_PAT"], tab["PERM"]
         self.row_table = (tab["ROW_PTR"], tab["COLS"], tab["MASK_IDX"], tab["MASKS"])
         self.col_table = (tab["COL_PTR"], tab["ROWS"], tab["ENTRY_MASK"], tab["MASKS"])
         self.nb = layout.nb
@@ -363,8 +363,8 @@ class _Plan:
         """``(summary, row table, column table)`` arguments; a built-in mode's pointer arguments
         are ``q`` (never read: the kernels take their tiles from the closed form)."""
         if self.custom:
-            return (*self.vlo, self.head_pat), self.row_table, self.col_table
-        return (*self.vlo, q), (q,) * 4, (q,) * 4
+            return (*self.vlo, self.head_pat, self.perm), self.row_table, self.col_table
+        return (*self.vlo, q, q), (q,) * 4, (q,) * 4
 
 
 # Bumped by :func:`configs_changed`: plans made under older tile tables are not used again.
