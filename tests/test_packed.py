@@ -177,8 +177,8 @@ def test_documents_need_batch_one_and_a_mode():
 
 
 def test_layouts_made_per_batch_are_not_kept():
-    """A training loop builds a layout per batch of documents: the custom-op registry holds them
-    weakly, so they go when the caller drops them."""
+    """A training loop builds a layout per batch of documents: eager calls do not put them in the
+    custom-op registry (which keeps what it holds), so they go when the caller drops them."""
     from sparse_attention.torch import dispatch
 
     x = torch.randn(1, 96, 32)
@@ -189,4 +189,19 @@ def test_layouts_made_per_batch_are_not_kept():
         del lay
     sa.layouts._packed_layout.cache_clear()
     gc.collect()
-    assert len(dispatch._REGISTRY) <= before + 1
+    assert len(dispatch._REGISTRY) == before
+
+
+def test_packed_layout_under_torch_compile():
+    """Registered once, a layout of packed documents runs under ``torch.compile(fullgraph=True)``;
+    unregistered, the compiled call says what to do."""
+    from sparse_attention.torch import blocksparse_attention_bhtd, register_layout
+
+    lay = packed_layout([0, 40, 96], 2, "local", local_attn_ctx=32, blocksize=16)
+    g = torch.Generator().manual_seed(9)
+    q, k, v, do = (torch.randn(1, 2, 96, 16, generator=g, dtype=torch.float64) for _ in range(4))
+    f = torch.compile(lambda a, b, c: blocksparse_attention_bhtd(a, b, c, lay), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="register_layout"):
+        f(q, k, v)
+    register_layout(lay)
+    check_against_reference(f, q, k, v, do, mask=torch.from_numpy(lay.to_dense()))

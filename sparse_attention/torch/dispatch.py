@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import weakref
 
 import torch
 
@@ -49,8 +48,7 @@ __all__ = [
 ]
 
 # Registered custom layouts by key (their id: a plain int lookup, which torch.compile traces)
-# (held weakly: a layout made per batch, e.g. of packed documents, is not kept alive by it)
-_REGISTRY: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_REGISTRY: dict[int, Layout] = {}
 _MODES = ("all", "local", "strided", "fixed", "custom")
 
 
@@ -70,6 +68,14 @@ def register_layout(layout: Layout, device=None) -> int:
     return k
 
 
+def _register_eagerly(layout: Layout) -> None:
+    """An eager call registers its custom layout, so that a later compiled call finds it; not a
+    layout of packed documents, made per batch, which the registry would keep alive forever
+    (register one yourself to use it under ``torch.compile``)."""
+    if layout.mode == "custom" and "cu_seqlens" not in layout.params:
+        register_layout(layout)
+
+
 def layout_spec(layout: Layout) -> list[int]:
     """The op argument naming a layout: the parameters of a built-in mode (the op rebuilds it
     with the cached ``make_layout``), or ``[4, key]`` of a registered custom layout. Built from
@@ -79,7 +85,8 @@ def layout_spec(layout: Layout) -> list[int]:
         if _REGISTRY.get(k) is not layout:
             raise RuntimeError(
                 "a custom layout must be registered before torch.compile traces it: call "
-                "sparse_attention.torch.register_layout(layout) once (an eager call does it too)"
+                "sparse_attention.torch.register_layout(layout) once (an eager call does it too, except for "
+                "layouts of packed documents)"
             )
         return [4, k]
     p = layout.params
@@ -275,8 +282,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, lay
     public call): one autograd node eagerly, no copies (heads are strided views)."""
     if _dense_all(layout) or torch.compiler.is_compiling():
         return merge_heads(attention_bhtd(*split_qkv(q, k, v, heads), layout))
-    if layout.mode == "custom":
-        register_layout(layout)
+    _register_eagerly(layout)
     return attention_op(q, k, v, layout, heads=heads)
 
 
@@ -305,6 +311,6 @@ def attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: La
         if not q.is_cuda:
             cd = compute_dtype(q.dtype)
             return torch.nn.functional.scaled_dot_product_attention(q.to(cd), k.to(cd), v.to(cd), **kw).to(q.dtype)
-    if layout.mode == "custom" and not torch.compiler.is_compiling():
-        register_layout(layout)
+    if not torch.compiler.is_compiling():
+        _register_eagerly(layout)
     return attention_op(q, k, v, layout)
