@@ -450,8 +450,10 @@ def _rule_csr(time, b, head_pattern, ent_row, cols, ent_head, rule, cand, key=No
         rep = cand[shared][first][inverse]  # each shared candidate's evaluated entry
         mask_idx[cand[shared]], empty[cand[shared]] = mask_idx[rep], empty[rep]
     block_masks = np.zeros((0, b, b), bool)
-    if masks:  # one copy of each mask
-        uniq, inv = np.unique(np.concatenate(masks), axis=0, return_inverse=True)
+    if masks:  # one copy of each mask (rows of packed bits compared as one opaque value each)
+        packed = np.ascontiguousarray(np.concatenate(masks))
+        uniq, inv = np.unique(packed.view(f"V{packed.shape[1]}").reshape(-1), return_inverse=True)
+        uniq = np.frombuffer(uniq.tobytes(), np.uint8).reshape(len(uniq), packed.shape[1])
         block_masks = np.unpackbits(uniq, axis=1)[:, : b * b].reshape(-1, b, b).astype(bool)
         has = mask_idx >= 0
         mask_idx[has] = np.asarray(inv).reshape(-1)[mask_idx[has]]
