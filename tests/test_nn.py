@@ -248,3 +248,47 @@ def test_context_layout_is_one_layout_over_all_heads_or_a_clear_error():
     np.testing.assert_array_equal(stacked.to_dense(), np.broadcast_to(want, (4, 256, 256)))
     with pytest.raises(ValueError, match="impl='sparse'"):
         SparseAttention(4, "local", 64, impl="dense").context_parallel()
+
+
+@pytest.mark.parametrize("impl", ["sparse", "dense", "sdpa"])
+@pytest.mark.parametrize("spec", ["local", "merged", "fixed"])
+def test_grouped_query_layer_equals_the_layer_with_repeated_heads(spec, impl):
+    """``SparseSelfAttention(kv_heads=2)`` equals the ordinary layer whose key/value projection
+    repeats each key/value head for its query heads (forward and the input's gradient)."""
+    from sparse_attention.patterns import Merged, Mode
+    from sparse_attention.torch.nn import SparseSelfAttention
+
+    sp = {
+        "local": Mode("local", 32),
+        "merged": Merged(Mode("local", 32), Mode("strided", 32)),
+        "fixed": Mode("fixed", 32, num_verts=2, vertsize=1),
+    }[spec]
+    torch.manual_seed(0)
+    dim, H, HK, d = 64, 4, 2, 16
+    gqa = SparseSelfAttention(dim, H, sp, blocksize=16, kv_heads=HK, impl=impl).double()
+    full = SparseSelfAttention(dim, H, sp, blocksize=16, impl=impl).double()
+    with torch.no_grad():
+        w, b = gqa.qkv.weight, gqa.qkv.bias
+        heads = torch.arange(H) // (H // HK)  # query head h reads key/value head h // 2
+        rows = lambda base: (base + heads[:, None] * d + torch.arange(d)).reshape(-1)  # noqa: E731
+        full.qkv.weight.copy_(torch.cat([w[:dim], w[rows(dim)], w[rows(dim + HK * d)]]))
+        full.qkv.bias.copy_(torch.cat([b[:dim], b[rows(dim)], b[rows(dim + HK * d)]]))
+        full.proj.load_state_dict(gqa.proj.state_dict())
+    x = torch.randn(2, 128, dim, dtype=torch.float64, requires_grad=True)
+    y = gqa(x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    x2 = x.detach().requires_grad_()
+    y2 = full(x2)
+    (gx2,) = torch.autograd.grad(y2.sum(), x2)
+    torch.testing.assert_close(y, y2, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx, gx2, rtol=1e-10, atol=1e-10)
+
+
+def test_grouped_query_layer_errors():
+    from sparse_attention.torch.nn import KVCache, SparseSelfAttention
+
+    with pytest.raises(ValueError, match="kv_heads must be a positive divisor"):
+        SparseSelfAttention(64, 4, "all", kv_heads=3)
+    layer = SparseSelfAttention(64, 4, "all", blocksize=16, kv_heads=2)
+    with pytest.raises(ValueError, match="not supported yet"):
+        layer(torch.randn(1, 16, 64), cache=KVCache(1))

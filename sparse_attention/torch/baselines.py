@@ -11,15 +11,17 @@ from __future__ import annotations
 import torch
 
 from ..patterns import Mode, Spec
-from .reference import masked_attention
+from .reference import expand_kv, masked_attention
 
 
 def sdpa_attention(q, k, v, spec: Spec, blocksize: int) -> torch.Tensor:
     """``F.scaled_dot_product_attention``: causal for ``Mode("all")``, else under the spec's dense mask."""
+    gqa = k.shape[1] != q.shape[1]
     if isinstance(spec, Mode) and spec.mode == "all":
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     pos = torch.arange(q.shape[2], device=q.device)
-    return masked_attention(q, k, v, spec.mask(pos, pos, q.shape[1], blocksize))
+    H = q.shape[1]
+    return masked_attention(q, expand_kv(k, H), expand_kv(v, H), spec.mask(pos, pos, H, blocksize))
 
 
 def flex_mask_mod(spec: Spec, heads: int, blocksize: int):
@@ -57,4 +59,4 @@ def flex_attention(q, k, v, spec: Spec, blocksize: int, block_mask=None) -> torc
 
     if block_mask is None:
         block_mask = flex_block_mask(spec, q.shape[1], q.shape[2], blocksize, q.device)
-    return flex(q, k, v, block_mask=block_mask)
+    return flex(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])

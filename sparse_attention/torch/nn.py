@@ -22,7 +22,7 @@ from . import baselines
 from .decode import StaticKVCache
 from .dispatch import attention_bhtd, register_layout
 from .merged import merged_attention
-from .reference import masked_attention
+from .reference import expand_kv, masked_attention
 
 IMPLS = ("sparse", "dense", "sdpa", "flex")
 # the sparse prefill and the model pad time to a multiple of this too: the fused kernels cap their
@@ -94,6 +94,8 @@ class SparseAttention(nn.Module):
 
     def forward(self, q, k, v):
         if self.context is not None:
+            if k.shape != q.shape:
+                raise ValueError("context parallelism with grouped-query heads (fewer k/v heads) is not supported yet")
             return self._sharded(q, k, v)
         return self.forward_unsharded(q, k, v)
 
@@ -225,7 +227,7 @@ def attend(
     spec.check(T, heads, blocksize)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    qh, kh, vh = (x.view(B, T, heads, dim // heads).transpose(1, 2) for x in (q, k, v))
+    qh, kh, vh = (x.view(B, T, -1, dim // heads).transpose(1, 2) for x in (q, k, v))
     if impl == "sdpa":
         oh = baselines.sdpa_attention(qh, kh, vh, spec, blocksize)
     elif impl == "flex":
@@ -233,6 +235,7 @@ def attend(
     else:  # the library's dense reference (attention_impl), under the spec's closed form
         pos = torch.arange(T, device=q.device)
         mask = spec.mask(pos, pos, heads, blocksize)
+        kh, vh = expand_kv(kh, heads), expand_kv(vh, heads)
         if recompute and torch.is_grad_enabled():
             oh = torch.utils.checkpoint.checkpoint(masked_attention, qh, kh, vh, mask, use_reentrant=False)
         else:
@@ -242,17 +245,26 @@ def attend(
 
 def _sparse_groups(q, k, v, layouts):
     B, T, dim = q.shape
-    d = dim // sum(hn for _, hn, _ in layouts)
+    heads = sum(hn for _, hn, _ in layouts)
+    d = dim // heads
+    G = heads // (k.shape[-1] // d)  # query heads per key/value head (grouped-query attention)
     outs = []
     for h0, hn, lay in layouts:
+        if h0 % G or hn % G:
+            raise ValueError(
+                f"heads {h0}..{h0 + hn - 1} have one pattern but do not hold whole groups of {G} query heads "
+                "per key/value head; give each group of query heads one pattern"
+            )
         # [B, T, hn * d] column slice -> [B, hn, T, d] view: eagerly the engines read it through
         # its strides; compiled, the custom ops' fakes promise contiguous results, and one copy
         # per tensor keeps the compiled graph's strides in agreement with them.
-        qh, kh, vh = (x[..., h0 * d : (h0 + hn) * d].reshape(B, T, hn, d).transpose(1, 2) for x in (q, k, v))
+        qh = q[..., h0 * d : (h0 + hn) * d].reshape(B, T, hn, d).transpose(1, 2)
+        kh, vh = (x[..., h0 // G * d : (h0 + hn) // G * d].reshape(B, T, hn // G, d).transpose(1, 2) for x in (k, v))
         if torch.compiler.is_compiling():
             qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()
         if isinstance(lay, tuple):
-            oh = merged_attention(qh, kh, vh, *lay)
+            # the merged head's kernels take one key/value head per query head
+            oh = merged_attention(qh, expand_kv(kh, hn), expand_kv(vh, hn), *lay)
         else:
             oh = attention_bhtd(qh, kh, vh, lay)
         outs.append(oh.transpose(1, 2).reshape(B, T, hn * d))
@@ -308,6 +320,9 @@ class SparseSelfAttention(nn.Module):
         layer_idx: this layer's slot in a :class:`KVCache`.
         out_scale: the output projection's initial weights are scaled by it (the paper uses
             ``1 / sqrt(2 * n_layers)``).
+        kv_heads: key/value heads (grouped-query attention, ``heads % kv_heads == 0``; default
+            ``heads``): the projection makes ``kv_heads * head_dim`` key and value columns. Not yet
+            with a cache (generation) or context parallelism: those raise ``ValueError``.
     """
 
     def __init__(
@@ -321,12 +336,17 @@ class SparseSelfAttention(nn.Module):
         impl: str = "sparse",
         layer_idx: int = 0,
         out_scale: float = 1.0,
+        kv_heads: int | None = None,
     ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        kv_heads = heads if kv_heads is None else kv_heads
+        if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+            raise ValueError(f"kv_heads must be a positive divisor of heads ({heads}), got {kv_heads!r}")
         self.attn = SparseAttention(heads, as_spec(spec), blocksize=blocksize, recompute=recompute, impl=impl)
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.kv_dim = dim // heads * kv_heads
+        self.qkv = nn.Linear(dim, dim + 2 * self.kv_dim)
         self.proj = nn.Linear(dim, dim)
         self.drop = nn.Dropout(dropout)
         self.heads, self.layer_idx = heads, layer_idx
@@ -337,7 +357,9 @@ class SparseSelfAttention(nn.Module):
         """``x [batch, time, dim]``. With ``cache``: ``x`` holds the tokens at positions
         ``cache.length ...``, which attend to the cached keys/values plus their own (the caller
         advances ``cache.length`` once every layer has run)."""
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = self.qkv(x).split([x.shape[-1], self.kv_dim, self.kv_dim], dim=-1)
+        if cache is not None and self.kv_dim != x.shape[-1]:
+            raise ValueError("a cache (generation) with grouped-query heads (kv_heads < heads) is not supported yet")
         if cache is None:
             y = self.attn(q, k, v)
         elif isinstance(cache, StaticKVCache):
