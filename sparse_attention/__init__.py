@@ -86,7 +86,7 @@ def blocksparse_attention_impl(
         attn_mode: ``"all"`` (causal), ``"local"``, ``"strided"``, ``"fixed"``, or a
             :class:`Layout` (see :func:`custom_layout`, :func:`from_dense`).
         local_attn_ctx: window (``local``), stride (``strided``) or group length (``fixed``).
-        blocksize: layout block size (16, 32, 64, 128); ``time`` must be a multiple of it.
+        blocksize: layout block size (16, 32, 64, 128); ``time`` need not be a multiple of it.
         num_verts, vertsize: ``fixed`` only, the summary blocks per head (SEMANTICS.md).
         causal: keyword only; ``False`` gives the bidirectional version of a built-in mode
             (``all`` every key; ``local`` ``|i - j| < L``; ``strided`` ``(i - j) mod l == 0``;
