@@ -133,6 +133,11 @@ def shard_plan(layout: Layout, world: int, balance: str | None = None, natural: 
     (chunks * l)`` a multiple of ``blocksize``), else ``ValueError``."""
     if not isinstance(world, (int, np.integer)) or isinstance(world, bool) or world < 1:
         raise ValueError(f"world (the number of ranks) must be a positive int, got {world!r}")
+    if layout.time % layout.blocksize:
+        raise ValueError(
+            f"context parallelism shards whole blocks: time ({layout.time}) must be a multiple of blocksize "
+            f"({layout.blocksize}) here"
+        )
     if balance is None:
         balance = "zigzag" if layout.mode in ("all", "fixed") else "contiguous"
     if balance not in BALANCES:

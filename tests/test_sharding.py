@@ -132,3 +132,11 @@ def test_natural_order_shards_of_strided():
         np.testing.assert_array_equal(np.sort(plan.positions(r)), want)
     with pytest.raises(ValueError, match="whole blocks"):
         shard_plan(make_layout(1024, 2, "strided", local_attn_ctx=8, blocksize=32), 4, "zigzag", True)
+
+
+def test_a_time_past_whole_blocks_is_refused():
+    from sparse_attention.layouts import make_layout
+    from sparse_attention.sharding import shard_plan
+
+    with pytest.raises(ValueError, match="multiple of blocksize"):
+        shard_plan(make_layout(100, 2, "local", local_attn_ctx=32, blocksize=16), 2)
