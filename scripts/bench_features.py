@@ -16,7 +16,6 @@ GPU time (CUDA-graph replays) and events, forward and forward+backward, in ms.
 from __future__ import annotations
 
 import json
-import os
 import time as _time
 
 import numpy as np
@@ -26,7 +25,14 @@ import sparse_attention as sa
 from sparse_attention.layouts import packed_layout
 from sparse_attention.modes import allowed
 from sparse_attention.patterns import preset
-from sparse_attention.utils.benchmark import attention_parser, comma_list, environment, graph_ms, timeit, torch_dtype
+from sparse_attention.utils.benchmark import (
+    attention_parser,
+    comma_list,
+    environment,
+    fwd_fb_ms,
+    torch_dtype,
+    write_results,
+)
 
 
 def parse_args(argv=None):
@@ -36,29 +42,6 @@ def parse_args(argv=None):
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     p.add_argument("--out", default=None, help="directory for features.json and features.md")
     return p.parse_args(argv)
-
-
-def timings(call, inputs, do, device) -> dict:
-    leaves = [x.detach().requires_grad_() for x in inputs]
-
-    def fwd():
-        with torch.no_grad():
-            call(*inputs)
-
-    def fb():
-        for x in leaves:
-            x.grad = None
-        call(*leaves).backward(do)
-
-    r = {}
-    for name, fn in (("fwd", fwd), ("fb", fb)):
-        try:
-            r[f"{name}_ms"] = timeit(fn, budget_s=0.5, device=device)
-            if torch.device(device).type == "cuda":
-                r[f"{name}_gpu_ms"] = graph_ms(fn)
-        except Exception as e:
-            r[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:160]}"
-    return r
 
 
 def long_tailed(total: int, seed: int = 0) -> list[int]:
@@ -115,30 +98,32 @@ def run(args) -> list[dict]:
                 "long-tailed": long_tailed(T),
             }
             q, k, v, do = (rand(1, T, H * D) for _ in range(4))
-            base = timings(lambda a, b, c, kw=kw: sa.blocksparse_attention_impl(a, b, c, H, **kw), (q, k, v), do, dev)
+            base = fwd_fb_ms(lambda a, b, c, kw=kw: sa.blocksparse_attention_impl(a, b, c, H, **kw), q, k, v, do, dev)
             for name, lens in mixes.items():
                 cu = np.concatenate([[0], np.cumsum(lens)]).tolist()
                 t0 = _time.perf_counter()
                 packed_layout(cu, H, **kw)
                 layout_ms = (_time.perf_counter() - t0) * 1e3
                 res = {"unpacked [1, T]": base, "layout_ms": layout_ms}
-                res["packed"] = timings(
+                res["packed"] = fwd_fb_ms(
                     lambda a, b, c, cu=cu, kw=kw: sa.blocksparse_attention_impl(a, b, c, H, cu_seqlens=cu, **kw),
-                    (q, k, v),
+                    q,
+                    k,
+                    v,
                     do,
                     dev,
                 )
                 if len(set(lens)) == 1 and len(lens) > 1:
                     n = lens[0]
                     xs = [x.view(len(lens), n, -1) for x in (q, k, v, do)]
-                    res["batch of documents"] = timings(
-                        lambda a, b, c, kw=kw: sa.blocksparse_attention_impl(a, b, c, H, **kw), xs[:3], xs[3], dev
+                    res["batch of documents"] = fwd_fb_ms(
+                        lambda a, b, c, kw=kw: sa.blocksparse_attention_impl(a, b, c, H, **kw), *xs, dev
                     )
                 if not args.no_flex:
                     try:
                         f = flex_call(kw, H, T, dev, cu)
                         xs = [x.view(1, T, H, D).transpose(1, 2).contiguous() for x in (q, k, v, do)]
-                        res["flex"] = timings(f, xs[:3], xs[3], dev)
+                        res["flex"] = fwd_fb_ms(f, *xs, dev)
                     except Exception as e:
                         res["flex"] = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
                 rows.append(dict(section="packed", mode=mode, docs=name, n_docs=len(lens), T=T, H=H, D=D, results=res))
@@ -147,11 +132,13 @@ def run(args) -> list[dict]:
             q, k, v, do = (rand(1, T, H * D) for _ in range(4))
             res = {}
             for causal in (True, False):
-                res["causal" if causal else "bidirectional"] = timings(
+                res["causal" if causal else "bidirectional"] = fwd_fb_ms(
                     lambda a, b, c, causal=causal, kw=kw: sa.blocksparse_attention_impl(
                         a, b, c, H, causal=causal, **kw
                     ),
-                    (q, k, v),
+                    q,
+                    k,
+                    v,
                     do,
                     dev,
                 )
@@ -159,7 +146,7 @@ def run(args) -> list[dict]:
                     try:
                         f = flex_call(kw, H, T, dev, causal=causal)
                         xs = [x.view(1, T, H, D).transpose(1, 2).contiguous() for x in (q, k, v, do)]
-                        res["flex " + ("causal" if causal else "bidirectional")] = timings(f, xs[:3], xs[3], dev)
+                        res["flex " + ("causal" if causal else "bidirectional")] = fwd_fb_ms(f, *xs, dev)
                     except Exception as e:
                         res["flex " + ("causal" if causal else "bidirectional")] = {"error": str(e)[:160]}
             rows.append(dict(section="bidirectional", mode=mode, T=T, H=H, D=D, results=res))
@@ -224,13 +211,7 @@ def main(argv=None):
     rec = dict(environment(args.device, argv, script="scripts/bench_features.py"), rows=rows)
     md = table(rows)
     print(md)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "features.json"), "w") as fh:
-            json.dump(rec, fh, indent=1)
-        with open(os.path.join(args.out, "features.md"), "w") as fh:
-            fh.write(f"{rec['device']}, torch {rec['torch']}, triton {rec['triton']}, {rec['date']}\n\n")
-            fh.write(f"`{rec['command']}`\n\n{md}\n")
+    write_results(args.out, "features", rec, md)
 
 
 if __name__ == "__main__":

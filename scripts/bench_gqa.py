@@ -20,7 +20,6 @@ events per call, forward and forward+backward, of
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 
@@ -31,9 +30,9 @@ from sparse_attention.utils.benchmark import (
     comma_list,
     environment,
     flex_forms,
-    graph_ms,
-    timeit,
+    fwd_fb_ms,
     torch_dtype,
+    write_results,
 )
 
 
@@ -43,30 +42,6 @@ def parse_args(argv=None):
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     p.add_argument("--out", default=None, help="directory for gqa.json and gqa.md")
     return p.parse_args(argv)
-
-
-def timings(call, inputs, do, device) -> dict:
-    """GPU time (graph replays) and events, forward and forward+backward, in ms."""
-    leaves = [x.detach().requires_grad_() for x in inputs]
-
-    def fwd():
-        with torch.no_grad():
-            call(*inputs)
-
-    def fb():
-        for x in leaves:
-            x.grad = None
-        call(*leaves).backward(do)
-
-    r = {}
-    for name, fn in (("fwd", fwd), ("fb", fb)):
-        r[f"{name}_ms"] = timeit(fn, budget_s=0.5, device=device)
-        if torch.device(device).type == "cuda":
-            try:
-                r[f"{name}_gpu_ms"] = graph_ms(fn)
-            except Exception as e:  # e.g. a path that cannot be captured
-                r[f"{name}_gpu_error"] = f"{type(e).__name__}: {str(e)[:120]}"
-    return r
 
 
 def run(args) -> list[dict]:
@@ -91,9 +66,9 @@ def run(args) -> list[dict]:
                 return sa.blocksparse_attention_impl(a, b, c, H, **kw)
 
             res = {
-                "grouped": timings(call, (q, k, v), do, dev),
-                "expanded": timings(lambda a, b, c: call(a, expand(b), expand(c)), (q, k, v), do, dev),
-                "pre-expanded": timings(call, (q, expand(k), expand(v)), do, dev),
+                "grouped": fwd_fb_ms(call, q, k, v, do, dev),
+                "expanded": fwd_fb_ms(lambda a, b, c: call(a, expand(b), expand(c)), q, k, v, do, dev),
+                "pre-expanded": fwd_fb_ms(call, q, expand(k), expand(v), do, dev),
             }
             if not args.no_flex:
                 res.update(flex_timings(pr, q, k, v, do, H))
@@ -130,7 +105,7 @@ def flex_timings(pr, q, k, v, do, H) -> dict:
             def f(a, b, c, bm=bm):
                 return flex(a, b, c, block_mask=bm, enable_gqa=True)
 
-            out[name] = timings(f, xs[:3], xs[3], q.device)
+            out[name] = fwd_fb_ms(f, *xs, q.device)
         except Exception as e:
             out[name] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
     return out
@@ -183,13 +158,7 @@ def main(argv=None):
     rec = dict(environment(args.device, argv, script="scripts/bench_gqa.py"), rows=rows)
     md = table(rows)
     print(md)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "gqa.json"), "w") as fh:
-            json.dump(rec, fh, indent=1)
-        with open(os.path.join(args.out, "gqa.md"), "w") as fh:
-            fh.write(f"{rec['device']}, torch {rec['torch']}, triton {rec['triton']}, {rec['date']}\n\n")
-            fh.write(f"`{rec['command']}`\n\n{md}\n")
+    write_results(args.out, "gqa", rec, md)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import platform
@@ -416,6 +417,36 @@ def fwd_and_fb(f, q, k, v, do):
         f(qs, ks, vs).backward(do)
 
     return fwd, fb
+
+
+def fwd_fb_ms(f, q, k, v, do, device, budget_s: float = 0.5) -> dict:
+    """Milliseconds of :func:`fwd_and_fb`'s two calls of ``f``: events (``fwd_ms``, ``fb_ms``) and,
+    on CUDA, GPU time of CUDA-graph replays (``fwd_gpu_ms``, ``fb_gpu_ms``); a call that fails
+    (or cannot be captured) leaves ``<name>_error`` instead."""
+    import torch
+
+    out = {}
+    for name, fn in zip(("fwd", "fb"), fwd_and_fb(f, q, k, v, do)):
+        try:
+            out[f"{name}_ms"] = timeit(fn, budget_s=budget_s, device=device)
+            if torch.device(device).type == "cuda":
+                out[f"{name}_gpu_ms"] = graph_ms(fn)
+        except Exception as e:
+            out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+    return out
+
+
+def write_results(out: str | None, stem: str, rec: dict, table: str) -> None:
+    """``<out>/<stem>.json`` (the record) and ``<out>/<stem>.md`` (device, versions, date, the
+    command, the table); nothing without ``out``."""
+    if not out:
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.json"), "w") as fh:
+        json.dump(rec, fh, indent=1)
+    with open(os.path.join(out, f"{stem}.md"), "w") as fh:
+        fh.write(f"{rec['device']}, torch {rec['torch']}, triton {rec['triton']}, {rec['date']}\n\n")
+        fh.write(f"`{rec['command']}`\n\n{table}\n")
 
 
 # -- what a pattern costs, and FlexAttention's forms of it ---------------------------------------
