@@ -61,14 +61,8 @@ def plot_features(plt, T: int, path: str) -> None:
         )
     for mode in ("local", "fixed"):
         panels[f"{mode}, 4 documents\n(cu_seqlens {cut})"] = packed_layout(cut, 2, **presets[mode].kwargs())
-    fig, axes = plt.subplots(1, len(panels), figsize=(19, 3.8))
-    for ax, (title, lay) in zip(axes, panels.items()):
-        lay.plot(heads=[0], ax=ax, tokens=True)
-        ax.set_title(title, fontsize=8)
-    fig.suptitle(f"Bidirectional modes and packed documents, time={T} (not a multiple of the blocks)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    title = f"Bidirectional modes and packed documents, time={T} (not a multiple of the blocks)"
+    draw_panels(plt, panels, title, path, height=3.8, fontsize=8)
 
 
 def plot_migrated(plt, T: int, path: str) -> None:
@@ -82,11 +76,16 @@ def plot_migrated(plt, T: int, path: str) -> None:
         "longformer_layout\nwindow 48, global 0, 100": longformer_layout(T, 1, 48, [0, 100], blocksize=16),
         "bigbird_layout causal\nwindow 32, global 0 (seed 0)": bigbird_layout(T, 1, 32, [0], blocksize=16, seed=0),
     }
-    fig, axes = plt.subplots(1, len(panels), figsize=(19, 3.6))
-    for ax, (title, lay) in zip(axes, panels.items()):
+    draw_panels(plt, panels, f"Layouts users migrate from, time={T}, blocksize 16", path)
+
+
+def draw_panels(plt, panels: dict, title: str, path: str, height: float = 3.6, fontsize: int = 9) -> None:
+    """One row of token-level pictures (head 0 of each layout in ``panels``: title -> Layout)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(19, height))
+    for ax, (name, lay) in zip(axes, panels.items()):
         lay.plot(heads=[0], ax=ax, tokens=True)
-        ax.set_title(title, fontsize=9)
-    fig.suptitle(f"Layouts users migrate from, time={T}, blocksize 16", fontsize=10)
+        ax.set_title(name, fontsize=fontsize)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
