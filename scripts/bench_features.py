@@ -15,7 +15,9 @@ GPU time (CUDA-graph replays) and events, forward and forward+backward, in ms.
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 import time as _time
 
 import numpy as np
@@ -54,30 +56,48 @@ def long_tailed(total: int, seed: int = 0) -> list[int]:
     return [n for n in lens if n > 0]
 
 
-def flex_call(kw, heads, T, device, cu=None, causal=True):
-    """Compiled FlexAttention under the mode's closed form (with documents: on document positions,
-    pairs inside one document only)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+class FlexPeer:
+    """Compiled FlexAttention under the mode's closed form, one compiled function per (mode,
+    causal, documents): with documents the mask reads the document index and first position of
+    each token from two buffers that :meth:`set_documents` overwrites in place, so every mix of
+    documents reuses one compilation (a new ``mask_mod`` per mix would recompile Flex)."""
 
-    mode = kw["attn_mode"]
-    args = (kw.get("local_attn_ctx"), kw["blocksize"], kw.get("num_verts"), kw.get("vertsize"), causal)
-    if cu is None:
+    def __init__(self, kw, heads, T, device, causal=True, documents=False):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        def mask_mod(b, h, i, j):
-            return allowed(i, j, h, mode, *args)
+        mode = kw["attn_mode"]
+        args = (kw.get("local_attn_ctx"), kw["blocksize"], kw.get("num_verts"), kw.get("vertsize"), causal)
+        self.doc = torch.zeros(T, dtype=torch.int64, device=device)
+        self.start = torch.zeros(T, dtype=torch.int64, device=device)
+        doc, start = self.doc, self.start
+        if documents:
 
-    else:
-        cut = torch.tensor(cu, device=device)
-        pos = torch.arange(T, device=device)
-        doc = torch.searchsorted(cut, pos, right=True) - 1
-        start = cut[doc]
+            def mask_mod(b, h, i, j):
+                return (doc[i] == doc[j]) & allowed(i - start[i], j - start[j], h, mode, *args)
 
-        def mask_mod(b, h, i, j):
-            return (doc[i] == doc[j]) & allowed(i - start[i], j - start[j], h, mode, *args)
+        else:
 
-    bm = create_block_mask(mask_mod, None, heads, T, T, device=device, _compile=T > 8192)
-    flex = torch.compile(flex_attention, dynamic=False)
-    return lambda q, k, v: flex(q, k, v, block_mask=bm)
+            def mask_mod(b, h, i, j):
+                return allowed(i, j, h, mode, *args)
+
+        self.block_mask = lambda: create_block_mask(mask_mod, None, heads, T, T, device=device, _compile=T > 8192)
+        self.flex = torch.compile(flex_attention, dynamic=False)
+        self.T = T
+
+    def set_documents(self, cu) -> None:
+        cut = torch.tensor(cu, device=self.doc.device)
+        pos = torch.arange(self.T, device=self.doc.device)
+        self.doc.copy_(torch.searchsorted(cut, pos, right=True) - 1)
+        self.start.copy_(cut[self.doc])
+
+    def __call__(self):
+        """The call ``f(q, k, v)`` under the current documents."""
+        bm = self.block_mask()
+        return lambda q, k, v: self.flex(q, k, v, block_mask=bm)
+
+
+def _log(t0, *what):
+    print(f"[{_time.perf_counter() - t0:7.1f} s]", *what, file=sys.stderr, flush=True)
 
 
 def run(args) -> list[dict]:
@@ -85,9 +105,16 @@ def run(args) -> list[dict]:
     H, T, D = args.n_head, args.n_ctx, args.head_dim
     g = torch.Generator().manual_seed(0)
     rows = []
+    t0 = _time.perf_counter()
 
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(dev, dtype)
+
+    def flex_ms(peer, xs):
+        try:
+            return fwd_fb_ms(peer(), *[x.view(1, T, H, D).transpose(1, 2).contiguous() for x in xs], dev)
+        except Exception as e:  # a peer that fails is reported, not fatal
+            return {"error": f"{type(e).__name__}: {str(e)[:160]}"}
 
     for mode in args.modes:
         kw = preset(mode).kwargs()
@@ -97,58 +124,46 @@ def run(args) -> list[dict]:
                 f"{T // args.doc_len} x {args.doc_len}": [args.doc_len] * (T // args.doc_len),
                 "long-tailed": long_tailed(T),
             }
-            q, k, v, do = (rand(1, T, H * D) for _ in range(4))
+            xs = q, k, v, do = tuple(rand(1, T, H * D) for _ in range(4))
             base = fwd_fb_ms(lambda a, b, c, kw=kw: sa.blocksparse_attention_impl(a, b, c, H, **kw), q, k, v, do, dev)
+            _log(t0, mode, "unpacked", base)
+            peer = None if args.no_flex else FlexPeer(kw, H, T, dev, documents=True)
             for name, lens in mixes.items():
                 cu = np.concatenate([[0], np.cumsum(lens)]).tolist()
-                t0 = _time.perf_counter()
+                t1 = _time.perf_counter()
                 packed_layout(cu, H, **kw)
-                layout_ms = (_time.perf_counter() - t0) * 1e3
+                layout_ms = (_time.perf_counter() - t1) * 1e3
                 res = {"unpacked [1, T]": base, "layout_ms": layout_ms}
                 res["packed"] = fwd_fb_ms(
                     lambda a, b, c, cu=cu, kw=kw: sa.blocksparse_attention_impl(a, b, c, H, cu_seqlens=cu, **kw),
-                    q,
-                    k,
-                    v,
-                    do,
+                    *xs,
                     dev,
                 )
+                _log(t0, mode, name, "packed", res["packed"])
                 if len(set(lens)) == 1 and len(lens) > 1:
                     n = lens[0]
-                    xs = [x.view(len(lens), n, -1) for x in (q, k, v, do)]
                     res["batch of documents"] = fwd_fb_ms(
-                        lambda a, b, c, kw=kw: sa.blocksparse_attention_impl(a, b, c, H, **kw), *xs, dev
+                        lambda a, b, c, kw=kw: sa.blocksparse_attention_impl(a, b, c, H, **kw),
+                        *[x.view(len(lens), n, -1) for x in xs],
+                        dev,
                     )
-                if not args.no_flex:
-                    try:
-                        f = flex_call(kw, H, T, dev, cu)
-                        xs = [x.view(1, T, H, D).transpose(1, 2).contiguous() for x in (q, k, v, do)]
-                        res["flex"] = fwd_fb_ms(f, *xs, dev)
-                    except Exception as e:
-                        res["flex"] = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+                if peer is not None:
+                    peer.set_documents(cu)
+                    res["flex"] = flex_ms(peer, xs)
+                    _log(t0, mode, name, "flex", res["flex"])
                 rows.append(dict(section="packed", mode=mode, docs=name, n_docs=len(lens), T=T, H=H, D=D, results=res))
                 print(json.dumps(rows[-1]), flush=True)
         if "bidirectional" in args.sections:
-            q, k, v, do = (rand(1, T, H * D) for _ in range(4))
+            xs = q, k, v, do = tuple(rand(1, T, H * D) for _ in range(4))
             res = {}
             for causal in (True, False):
-                res["causal" if causal else "bidirectional"] = fwd_fb_ms(
-                    lambda a, b, c, causal=causal, kw=kw: sa.blocksparse_attention_impl(
-                        a, b, c, H, causal=causal, **kw
-                    ),
-                    q,
-                    k,
-                    v,
-                    do,
-                    dev,
-                )
+                tag = "causal" if causal else "bidirectional"
+                call = functools.partial(sa.blocksparse_attention_impl, heads=H, causal=causal, **kw)
+                res[tag] = fwd_fb_ms(call, *xs, dev)
+                _log(t0, mode, tag, res[tag])
                 if not args.no_flex:
-                    try:
-                        f = flex_call(kw, H, T, dev, causal=causal)
-                        xs = [x.view(1, T, H, D).transpose(1, 2).contiguous() for x in (q, k, v, do)]
-                        res["flex " + ("causal" if causal else "bidirectional")] = fwd_fb_ms(f, *xs, dev)
-                    except Exception as e:
-                        res["flex " + ("causal" if causal else "bidirectional")] = {"error": str(e)[:160]}
+                    res["flex " + tag] = flex_ms(FlexPeer(kw, H, T, dev, causal=causal), xs)
+                    _log(t0, mode, "flex", tag, res["flex " + tag])
             rows.append(dict(section="bidirectional", mode=mode, T=T, H=H, D=D, results=res))
             print(json.dumps(rows[-1]), flush=True)
     return rows
