@@ -11,7 +11,7 @@ picked from their type, and neither is imported before a tensor of it arrives.
 
 from __future__ import annotations
 
-from .frontend import backend_for, check_shapes, resolve_spec
+from .frontend import resolve_call
 from .layouts import MODES, Layout, allowed, csr_layout, custom_layout, dense_mask, from_dense, make_layout
 from .recompute import recomputable
 
@@ -52,10 +52,8 @@ def attention_impl(
     included); every mode, ``fixed`` and custom layouts too. Memory grows as ``time**2``: use it
     to check the block-sparse path, not for long sequences.
     """
-    backend = backend_for(q, k, v)
-    batch, time, _ = check_shapes(q, k, v, heads)
-    args = (time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize)
-    spec = resolve_spec(*args, sparse=False, causal=causal, cu_seqlens=cu_seqlens, batch=batch)
+    args = (heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize)
+    backend, spec = resolve_call(q, k, v, *args, sparse=False, causal=causal, cu_seqlens=cu_seqlens)
     return backend.dense_attention(q, k, v, heads, spec)
 
 
@@ -110,8 +108,6 @@ def blocksparse_attention_impl(
         . . . . x x x x x . . . . . . .      (row 8)
         . . . . x x x x x x x x x x x x      (row 15)
     """
-    backend = backend_for(q, k, v)
-    batch, time, _ = check_shapes(q, k, v, heads)
-    args = (time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize)
-    layout = resolve_spec(*args, sparse=True, causal=causal, cu_seqlens=cu_seqlens, batch=batch)
+    args = (heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize)
+    backend, layout = resolve_call(q, k, v, *args, sparse=True, causal=causal, cu_seqlens=cu_seqlens)
     return backend.blocksparse_attention(q, k, v, heads, layout)

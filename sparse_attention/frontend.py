@@ -108,6 +108,48 @@ def kv_heads_of(dim, kv_dim, heads: int) -> int:
     return kv_dim // d
 
 
+# Resolved calls of torch tensors: the checks' and the layout resolution's result per key of
+# everything they read (the tensors' types and shapes, the arguments and their types), so that a
+# training loop's repeated call skips them. Dtypes and devices are checked by the backend on
+# every call. Bounded: the oldest entry goes first. Not under torch.compile, which traces the
+# checks once per graph anyway.
+_RESOLVED: dict = {}
+RESOLVED_MAX = 64
+
+
+def resolve_call(
+    q, k, v, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, *, sparse, causal, cu_seqlens
+):
+    """``(backend, spec)`` of a public call: :func:`backend_for`, :func:`check_shapes` and
+    :func:`resolve_spec`, remembered for torch tensors and the built-in modes (not for packed
+    documents, whose ``cu_seqlens`` changes with every batch)."""
+    args = (heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, causal)
+    key = None
+    if (
+        cu_seqlens is None
+        and not isinstance(attn_mode, Layout)  # not kept alive here: a custom layout may be large
+        and framework_of(q) == "torch"
+        and not sys.modules["torch"].compiler.is_compiling()
+    ):
+        # the types too: heads=True equals heads=1 as a key, but is refused
+        key = (type(q), type(k), type(v), q.shape, k.shape, v.shape, sparse, args, tuple(map(type, args)))
+        try:
+            hit = _RESOLVED.get(key)
+        except TypeError:  # an unhashable argument: the checks below say what is wrong
+            hit = key = None
+        if hit is not None:
+            return hit
+    backend = backend_for(q, k, v)
+    batch, time, _ = check_shapes(q, k, v, heads)
+    shape_args = (time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize)
+    spec = resolve_spec(*shape_args, sparse=sparse, causal=causal, cu_seqlens=cu_seqlens, batch=batch)
+    if key is not None:
+        if len(_RESOLVED) >= RESOLVED_MAX:
+            del _RESOLVED[next(iter(_RESOLVED))]
+        _RESOLVED[key] = (backend, spec)
+    return backend, spec
+
+
 def resolve_spec(
     time,
     heads,

@@ -247,6 +247,32 @@ def test_bad_input_errors(fn, make, kw, exc, match):
         fn(*make(), **args)
 
 
+@pytest.mark.parametrize("fn", [attention_impl, blocksparse_attention_impl])
+def test_remembered_calls_are_still_checked(fn):
+    """A repeated call's checks and layout are remembered (one entry per call signature), and
+    what the entry does not cover is still checked: argument types that compare equal (``heads=
+    True`` against ``1``), dtypes and devices."""
+    from sparse_attention import frontend
+
+    q, k, v = _qkv((1, 64, 16))
+    kw = dict(attn_mode="local", local_attn_ctx=32, blocksize=16)
+    frontend._RESOLVED.clear()
+    want = fn(q, k, v, 1, **kw)
+    torch.testing.assert_close(fn(q, k, v, 1, **kw), want)
+    assert len(frontend._RESOLVED) == 1
+    with pytest.raises(TypeError, match="heads must be an int"):
+        fn(q, k, v, True, **kw)
+    with pytest.raises(TypeError, match="one dtype"):
+        fn(q, k, v.double(), 1, **kw)
+    with pytest.raises(ValueError, match="one device"):
+        fn(q, k, v.to("meta"), 1, **kw)
+    with pytest.raises(ValueError, match="local_attn_ctx is required"):
+        fn(q, k, v, 1, **{**kw, "local_attn_ctx": None})
+    for t in range(1, 100):  # bounded
+        fn(*_qkv((1, t, 16)), 1, "all")
+    assert len(frontend._RESOLVED) <= frontend.RESOLVED_MAX
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [

@@ -28,6 +28,7 @@ import torch
 
 from ..layouts import Layout, make_layout
 from . import gather
+from .cache import derived
 from .reference import compute_dtype, merge_heads, split_heads, split_qkv
 
 __all__ = [
@@ -140,8 +141,13 @@ ENGINES = ("fused", "gather")
 
 def choose_engine(q: torch.Tensor, layout: Layout) -> int:
     """Index in :data:`ENGINES` of the engine for ``q`` and ``layout``: the fused kernels where
-    they run, else the block gather. Works on fake tensors too (``torch.compile`` traces it)."""
-    return 0 if use_fused(q, layout) else 1
+    they run, else the block gather. Works on fake tensors too (``torch.compile`` traces it).
+    Eagerly, the choice is kept per layout, dtype, device and head_dim (and the environment
+    switch), since it depends on nothing else."""
+    if torch.compiler.is_compiling():
+        return 0 if use_fused(q, layout) else 1
+    key = ("engine", q.dtype, q.device, q.shape[-1], os.environ.get("SPARSE_ATTENTION_DISABLE_FUSED"))
+    return derived(layout, key, lambda: 0 if use_fused(q, layout) else 1)
 
 
 def engine_pair(index: int):

@@ -206,27 +206,97 @@ class _Kernel:
     """A kernel with its compile-time arguments (constants, tiles, warps, stages) resolved once.
     ``run(grid_of, *args)`` launches ``kernel[grid_of(BM, BN)](*args, **kw)``; where Triton finds
     the tiles too big for the device (its allocation differs from the estimate), it shrinks them
-    (:func:`shrink`) and keeps the config that ran for later calls."""
+    (:func:`shrink`) and keeps the config that ran for later calls.
 
-    __slots__ = ("kernel", "kw", "fixed_tiles")
+    Launches are pre-bound: the first launch of a call signature goes through Triton's JIT (which
+    specializes the binary on the arguments: integer values equal to 1 or divisible by 16,
+    pointers aligned to 16 bytes, dtypes) and keeps the compiled kernel under a key that is at
+    least as fine (every integer's value, each tensor's dtype and address modulo 16, the
+    device); a later launch with that key calls the compiled kernel directly, skipping the JIT's
+    binding, specialization and cache-key work on the host (:func:`bound_key`)."""
+
+    __slots__ = ("kernel", "kw", "fixed_tiles", "bound")
 
     def __init__(self, kernel, kw: dict, fixed_tiles: bool):
         self.kernel, self.kw, self.fixed_tiles = kernel, kw, fixed_tiles
+        self.bound: dict = {}
 
     def run(self, grid_of, *args, time: int, **extra) -> None:
         """``time``: the sequence length; a tile that runs past it is masked (``TAIL``, a
         compile-time flag: lengths that the tiles divide compile without the masks)."""
+        kw = self.kw
+        tail = bool(time % kw["BM"] or time % kw["BN"])
+        key = None if interpreting() else bound_key(args, extra, tail)
+        hit = self.bound.get(key) if key is not None else None
+        if hit is not None:
+            compiled, consts = hit
+            _launch_bound(compiled, grid_of(kw["BM"], kw["BN"]), (*args, *consts))
+            return
         while True:
             kw = self.kw
             try:
                 tail = bool(time % kw["BM"] or time % kw["BN"])
-                self.kernel[grid_of(kw["BM"], kw["BN"])](*args, **kw, **extra, TAIL=tail)
-                return
+                compiled = self.kernel[grid_of(kw["BM"], kw["BN"])](*args, **kw, **extra, TAIL=tail)
+                break
             except triton.runtime.errors.OutOfResources:
                 smaller = shrink(kw, self.fixed_tiles)
                 if smaller is None:
                     raise
                 self.kw = smaller
+                self.bound.clear()
+        if key is not None and len(self.bound) < MAX_BOUND and hasattr(compiled, "run"):
+            merged = {**kw, **extra, "TAIL": tail}
+            names = self.kernel.arg_names[len(args) :]
+            if all(name in merged for name in names):  # else a default we do not know: keep the JIT
+                self.bound[key] = (compiled, tuple(merged[name] for name in names))
+
+
+# Pre-bound launch signatures kept per kernel (a training loop has a few; beyond this, the JIT).
+MAX_BOUND = 64
+# Tests switch the pre-bound launches off to compare both paths.
+PREBOUND = True
+
+
+def bound_key(args: tuple, extra: dict, tail: bool):
+    """A launch's signature for the pre-bound path: finer than Triton's specialization (integer
+    values themselves; each tensor's dtype and address modulo 16; the device), or None where an
+    argument is of a type this does not cover (then the JIT launches)."""
+    if not PREBOUND:
+        return None
+    key = [tail, *extra.values(), args[0].device]
+    for a in args:
+        t = type(a)
+        if t is torch.Tensor:
+            key.append(a.dtype)
+            key.append(a.data_ptr() & 15)
+        elif t is int or t is float:
+            key.append(a)
+        else:
+            return None
+    return tuple(key)
+
+
+def current_stream() -> int:
+    """The current CUDA stream of the current device, as Triton's JIT takes it (a CUDA graph's
+    capture stream during capture)."""
+    from triton.runtime.driver import driver
+
+    return driver.active.get_current_stream(driver.active.get_current_device())
+
+
+def _launch_bound(compiled, grid: tuple, params: tuple) -> None:
+    """What Triton's JIT does after its cache lookup: launch ``compiled`` on the current stream
+    with every parameter (compile-time ones included, as the launcher expects)."""
+    from triton import knobs
+
+    stream = current_stream()
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    compiled.run(
+        grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata,
+        compiled.launch_metadata(grid, stream, *params),
+        knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *params,
+    )  # fmt: skip
 
 
 POINTER_TABLES = ("HEAD_PAT", "PERM", "ROW_PTR", "COLS", "MASK_IDX", "MASKS", "COL_PTR", "ROWS", "ENTRY_MASK")

@@ -1,0 +1,141 @@
+"""The pre-bound launches of the fused kernels (``launch._Kernel``), on the CPU: Triton's JIT is
+replaced by a stand-in that binds the arguments as the JIT does (the kernel's signature), so the
+parameters a pre-bound launch passes can be compared with those the JIT would bind. The GPU
+suite (``tests/test_kernels_gpu.py``) runs the real launches."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from sparse_attention.layouts import make_layout
+from sparse_attention.torch.kernels import launch
+
+
+class _Compiled:
+    """What ``kernel[grid](...)`` returns: ``run`` records each launch's parameters."""
+
+    def __init__(self, log):
+        self.log, self.function, self.packed_metadata = log, object(), object()
+
+    def launch_metadata(self, grid, stream, *params):
+        return None
+
+    def run(self, g0, g1, g2, stream, function, packed_metadata, metadata, enter, exit, *params):
+        self.log.append(("bound", (g0, g1, g2), params))
+
+
+class _FakeJIT:
+    """A JIT kernel with the signature of ``real``: a launch binds its arguments as Triton's JIT
+    does (``inspect.signature(...).bind``) and records them."""
+
+    def __init__(self, real, log):
+        self.real, self.fn, self.arg_names, self.log = real, real.fn, real.arg_names, log
+        self.sig = inspect.signature(real.fn)
+
+    def __getitem__(self, grid):
+        def launch_(*args, num_warps, num_stages, **kw):
+            bound = self.sig.bind(*args, **kw)
+            bound.apply_defaults()
+            g = tuple(grid) + (1,) * (3 - len(grid))
+            self.log.append(("jit", g, tuple(bound.arguments.values())))
+            return _Compiled(self.log)
+
+        return launch_
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype)
+    return type(a) is type(b) and a == b
+
+
+@pytest.fixture
+def fake_jit(monkeypatch):
+    """Launches through :class:`_FakeJIT` (not interpreted), with the pre-bound path on; the
+    plans' kernels are restored afterwards (plans are cached per layout and shared)."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "current_stream", lambda: 0)
+    monkeypatch.setattr(launch, "PREBOUND", True)
+    log, swapped = [], []
+
+    def use(p):
+        for name in ("fwd", "dq", "dkdv", "dkdv_summary"):
+            k = getattr(p, name)
+            if not isinstance(k.kernel, _FakeJIT) or k.kernel.log is not log:
+                real = k.kernel.real if isinstance(k.kernel, _FakeJIT) else k.kernel
+                swapped.append((k, real, k.bound))
+                k.kernel, k.bound = _FakeJIT(real, log), {}
+        return p
+
+    real_plan = launch.plan
+    monkeypatch.setattr(launch, "plan", lambda layout, q: use(real_plan(layout, q)))
+    yield log
+    for k, real, _ in reversed(swapped):
+        k.kernel, k.bound = real, {}
+
+
+def _inputs(B=1, H=2, T=64, D=16, dtype=torch.float16):
+    return [torch.randn(B, H, T, D, dtype=dtype) for _ in range(4)]
+
+
+@pytest.mark.parametrize("mode", ["local", "strided", "fixed"])
+def test_prebound_launch_passes_what_the_jit_binds(fake_jit, mode):
+    """The second call of a signature is pre-bound and passes, parameter by parameter, what the
+    JIT bound for the first (compile-time ones included), with the same grid."""
+    kw = dict(local=dict(local_attn_ctx=32), strided=dict(local_attn_ctx=16), fixed=dict(local_attn_ctx=32))[mode]
+    if mode == "fixed":
+        kw.update(num_verts=2, vertsize=1)
+    lay = make_layout(64, 2, mode, blocksize=16, **kw)
+    q, k, v, do = _inputs()
+    for _ in range(2):
+        o, lse = launch.forward(q, k, v, lay)
+        launch.backward(do, q, k, v, o, lse, lay)
+    kinds = [e[0] for e in fake_jit]
+    n = len(kinds) // 2
+    assert kinds == ["jit"] * n + ["bound"] * n, kinds  # every launch of the second call pre-bound
+    for (_, g1, p1), (_, g2, p2) in zip(fake_jit[:n], fake_jit[n:]):
+        assert g1 == g2
+        assert len(p1) == len(p2)
+        bad = [i for i, (a, b) in enumerate(zip(p1, p2)) if not _same(a, b)]
+        assert not bad, bad
+
+
+def test_new_signature_goes_through_the_jit(fake_jit):
+    """Another length, another dtype or a pointer off 16-byte alignment (a column slice) is a
+    new signature: the JIT launches it (it may specialize differently), then it is pre-bound."""
+    lay = make_layout(64, 2, "local", 32, blocksize=16)
+    q, k, v, _ = _inputs()
+    launch.forward(q, k, v, lay)
+    launch.forward(q, k, v, lay)
+    wide = torch.randn(1, 2, 64, 20, dtype=torch.float16)
+    q2 = wide[..., 4:]  # 8 bytes past an aligned address
+    assert q2.data_ptr() % 16 == 8
+    launch.forward(q2, k, v, lay)
+    launch.forward(q2, k, v, lay)
+    launch.forward(*(x.float() for x in (q, k, v)), lay)
+    assert [e[0] for e in fake_jit] == ["jit", "bound", "jit", "bound", "jit"]
+
+
+def test_prebound_off(fake_jit, monkeypatch):
+    monkeypatch.setattr(launch, "PREBOUND", False)
+    lay = make_layout(64, 2, "local", 32, blocksize=16)
+    q, k, v, _ = _inputs()
+    for _ in range(3):
+        launch.forward(q, k, v, lay)
+    assert [e[0] for e in fake_jit] == ["jit"] * 3
+
+
+def test_key_covers_specialization():
+    """Integers by value, tensors by dtype and address modulo 16; other types are not keyed."""
+    x = torch.zeros(8, dtype=torch.float16)
+    a = launch.bound_key((x, 16, 1.5), {"G": 1}, False)
+    assert a == launch.bound_key((x.clone(), 16, 1.5), {"G": 1}, False)
+    assert a != launch.bound_key((x, 17, 1.5), {"G": 1}, False)
+    assert a != launch.bound_key((x, 16, 1.5), {"G": 2}, False)
+    assert a != launch.bound_key((x, 16, 1.5), {"G": 1}, True)
+    assert a != launch.bound_key((x[1:], 16, 1.5), {"G": 1}, False)
+    assert a != launch.bound_key((x.float(), 16, 1.5), {"G": 1}, False)
+    assert launch.bound_key((x, None), {}, False) is None
