@@ -149,6 +149,48 @@ def test_rerun_bitwise_equal(launch, mode):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("mode", ["local", "strided", "fixed", "custom"])
+def test_prebound_launches(launch, mode, monkeypatch):
+    """Repeated calls launch the compiled kernels directly (pre-bound): bitwise the JIT's result,
+    also inside a CUDA graph (the capture stream), and a misaligned column slice of q (a new
+    specialization) still goes through the JIT and is right."""
+    from sparse_attention.frontend import broadcast_heads
+
+    T, H, D = 512, 4, 64
+    if mode == "custom":
+        i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+        lay = broadcast_heads(from_dense((j <= i) & (i - j < 100), 32), H)
+    else:
+        lay = _layout(mode, T, H, 32)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v, do = (torch.randn(2, H, T, D, device="cuda", dtype=torch.float16, generator=g) for _ in range(4))
+
+    def run():
+        o, lse = launch.forward(q, k, v, lay)
+        return (o, *launch.backward(do, q, k, v, o, lse, lay))
+
+    monkeypatch.setattr(launch, "PREBOUND", False)
+    jit = run()
+    monkeypatch.setattr(launch, "PREBOUND", True)
+    run()
+    p = launch.plan(lay, q)
+    assert p.fwd.bound and p.dq.bound and p.dkdv.bound
+    for a, b in zip(jit, run()):
+        assert torch.equal(a, b)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(jit, out):
+        assert torch.equal(a, b)
+    wide = torch.randn(2, H, T, D + 4, device="cuda", dtype=torch.float16, generator=g)
+    wide[..., 4:] = q
+    q2 = wide[..., 4:]
+    assert q2.data_ptr() % 16 == 8
+    torch.testing.assert_close(launch.forward(q2, k, v, lay)[0], jit[0], atol=1e-3, rtol=0)
+
+
 def test_million_tokens_64bit_offsets(launch):
     """B*H*T*D = 2**31 elements: every offset past 2**31 must be 64-bit."""
     T, H, D, L = 1 << 20, 32, 64, 128
