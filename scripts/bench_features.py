@@ -5,7 +5,8 @@ run (grouped-query heads: ``scripts/bench_gqa.py``).
   documents of ``--doc-len`` tokens, and a long-tailed mix; against the same tokens without
   boundaries (``[1, time]``), the equal documents as a batch (``[time / doc_len, doc_len]``), and
   Flex under the pattern composed with the document mask. ``layout_ms``: building the packed
-  layout (a new one per batch of documents).
+  layout (a new one per batch of documents). ``packed, own blocks``: the fused kernels at the
+  layout's own blocks instead of their tile (``launch.RETILE`` off; GPU only).
 * ``bidirectional``: ``causal=False`` against the causal call and Flex's bidirectional mask.
 
 GPU time (CUDA-graph replays) and events, forward and forward+backward, in ms.
@@ -42,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--sections", type=comma_list(str, ("packed", "bidirectional")), default=["packed", "bidirectional"])
     p.add_argument("--doc-len", type=int, default=4096, help="length of the equal documents (default: %(default)s)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    p.add_argument(
+        "--no-own-blocks", action="store_true", help="skip the packed call at the layout's own blocks (not retiled)"
+    )
     p.add_argument("--out", default=None, help="directory for features.json and features.md")
     return p.parse_args(argv)
 
@@ -140,6 +144,20 @@ def run(args) -> list[dict]:
                     dev,
                 )
                 _log(t0, mode, name, "packed", res["packed"])
+                if dev != "cpu" and not args.no_own_blocks:  # the layout's own blocks as the kernels' tiles
+                    from sparse_attention.torch.kernels import launch
+
+                    launch.RETILE = False
+                    try:
+                        res["packed, own blocks"] = fwd_fb_ms(
+                            lambda a, b, c, cu=cu, kw=kw: sa.blocksparse_attention_impl(
+                                a, b, c, H, cu_seqlens=cu, **kw
+                            ),
+                            *xs,
+                            dev,
+                        )
+                    finally:
+                        launch.RETILE = True
                 if len(set(lens)) == 1 and len(lens) > 1:
                     n = lens[0]
                     res["batch of documents"] = fwd_fb_ms(
@@ -191,14 +209,15 @@ def table(rows: list[dict]) -> str:
     packed = [r for r in rows if r["section"] == "packed"]
     if packed:
         lines += [
-            "| mode | documents | packed | unpacked [1, T] | batch of documents | Flex + document mask | "
-            "packed / unpacked | Flex / packed | layout build ms |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| mode | documents | packed | packed, own blocks | unpacked [1, T] | batch of documents | "
+            "Flex + document mask | packed / unpacked | Flex / packed | layout build ms |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in packed:
             r = row["results"]
             lines.append(
-                f"| {row['mode']} | {row['docs']} | {_pair(r, 'packed')} | {_pair(r, 'unpacked [1, T]')} | "
+                f"| {row['mode']} | {row['docs']} | {_pair(r, 'packed')} | {_pair(r, 'packed, own blocks')} | "
+                f"{_pair(r, 'unpacked [1, T]')} | "
                 f"{_pair(r, 'batch of documents')} | {_pair(r, 'flex')} | {_ratio(r, 'packed', 'unpacked [1, T]')} | "
                 f"{_ratio(r, 'flex', 'packed')} | {r['layout_ms']:.0f} |"
             )

@@ -59,6 +59,7 @@ __all__ = [
     "deepspeed_layout",
     "longformer_layout",
     "packed_layout",
+    "retile",
     "dense_mask",
     "fixed_vert_range",
     "from_dense",
@@ -469,6 +470,70 @@ def _rule_csr(time, b, head_pattern, ent_row, cols, ent_head, rule, cand, key=No
     row_ptr += np.concatenate([[0], np.cumsum(counts.sum(axis=1))[:-1]])[:, None]
     lay = csr_layout(row_ptr, cols[keep], b, head_pattern, mask_idx[keep], block_masks)
     return dataclasses.replace(lay, time=time)
+
+
+def retile(layout: Layout, blocksize: int) -> Layout:
+    """The same custom layout (every allowed pair, token order, heads) cut into blocks of
+    ``blocksize``, a power-of-two multiple or divisor of ``layout.blocksize``: coarser blocks are
+    the unions of the blocks they cover (their in-block masks put together), finer ones the parts
+    of the blocks they cut (parts with no allowed pair dropped, those of full blocks full). The
+    fused kernels run custom layouts at their tuned tile this way, whatever the layout's own
+    block size."""
+    if layout.mode != "custom":
+        raise ValueError(
+            f"retile takes a custom layout; {layout.mode!r} is a built-in mode (make_layout takes blocksize)"
+        )
+    b0, b = layout.blocksize, check_positive_int("blocksize", blocksize)
+    if b == b0:
+        return layout
+    big, small = max(b, b0), min(b, b0)
+    if big % small or (big // small) & (big // small - 1):
+        raise ValueError(f"blocksize ({b}) must be a power-of-two multiple or divisor of the layout's ({b0})")
+    T, nb0, nb = layout.time, layout.nb, -(-layout.time // b)
+    P = layout.n_patterns
+    row_ptr = layout.row_ptr
+    pat0 = np.repeat(np.arange(P), row_ptr[:, -1] - row_ptr[:, 0])
+    row0, col0 = layout.entry_rows().astype(np.int64), layout.cols.astype(np.int64)
+    mid0 = layout.mask_idx.astype(np.int64)
+    keys0 = (pat0 * nb0 + row0) * nb0 + col0  # ascending: CSR order
+    masks0 = layout.block_masks
+    first_head = np.array([int(np.nonzero(layout.head_pattern == i)[0][0]) for i in range(P)])
+
+    def rule(i, j, h):  # the old layout's pairs, looked up by block
+        r, c = i // b0, j // b0
+        k = (layout.head_pattern[h] * nb0 + r) * nb0 + c
+        e = np.minimum(np.searchsorted(keys0, k), keys0.size - 1)
+        found = (keys0[e] == k) & (r < nb0) & (c < nb0)
+        m = mid0[e]
+        inside = masks0[np.maximum(m, 0), i % b0, j % b0] if masks0.size else True
+        return found & ((m < 0) | inside)
+
+    if b > b0:  # coarser: the blocks covering the old ones
+        f = b // b0
+        new = (pat0 * nb + row0 // f) * nb + col0 // f
+        uniq, inv = np.unique(new, return_inverse=True)
+        # each new block's old blocks by position (-2: none there, -1: full, else the mask)
+        sub = np.full((uniq.size, f * f), -2, np.int64)
+        sub[inv, (row0 % f) * f + col0 % f] = mid0
+        partial = (sub != -1).any(axis=1)
+        _, key = np.unique(sub, axis=0, return_inverse=True)
+    else:  # finer: the parts of the old blocks (none past the last new block)
+        f = b0 // b
+        a = np.arange(f * f)
+        row = (row0[:, None] * f + a // f).reshape(-1)
+        col = (col0[:, None] * f + a % f).reshape(-1)
+        parent = np.repeat(mid0, f * f)
+        key = np.where(parent >= 0, parent * f * f + np.tile(a, mid0.size), -1)
+        ok = (row < nb) & (col < nb)
+        uniq = (np.repeat(pat0, f * f)[ok] * nb + row[ok]) * nb + col[ok]
+        order = np.argsort(uniq, kind="stable")
+        uniq, key = uniq[order], key[ok][order]
+        partial = key >= 0
+    pat, row, col = uniq // (nb * nb), uniq // nb % nb, uniq % nb
+    key = np.where((row == nb - 1) | (col == nb - 1), -1, np.asarray(key).reshape(-1))  # tail blocks: their own
+    cand = np.nonzero(partial)[0]
+    lay = _rule_csr(T, b, layout.head_pattern, row, col, first_head[pat], rule, cand, key)
+    return dataclasses.replace(lay, perm=layout.perm, params=layout.params)
 
 
 # -- custom layouts ----------------------------------------------------------------------------

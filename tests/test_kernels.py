@@ -16,7 +16,7 @@ from _attn_ref import check_against_reference
 from _kernel_env import INTERPRET, launch_fixture  # noqa: F401  (sets TRITON_INTERPRET; the `launch` fixture)
 from _kernel_env import device as _device
 
-from sparse_attention.layouts import custom_layout, from_dense, make_layout
+from sparse_attention.layouts import custom_layout, from_dense, make_layout, packed_layout
 
 
 def _custom_empty_row():
@@ -104,6 +104,30 @@ def test_forward_backward(launch, make, D, dtype):
     empty = ~mask.any(-1)  # [H, T]
     if empty.any():
         assert (o[:, torch.from_numpy(empty)] == 0).all(), "rows with no allowed key must output 0"
+
+
+RETILE_LAYOUTS = {
+    # blocks smaller than the kernels' tile: coarsened (in-block masks put together)
+    "b16-perhead-emptyrow": _custom_empty_row,
+    # blocks larger than the tile: cut (parts without a pair dropped), a time past whole blocks
+    "b64-packed-tail": lambda: packed_layout([0, 37, 100, 150], 2, "local", local_attn_ctx=64, blocksize=64),
+    # the residue-major permuted order
+    "b16-bidirectional-strided": lambda: make_layout(128, 2, "strided", local_attn_ctx=16, blocksize=16, causal=False),
+}
+
+
+@pytest.mark.parametrize("retile", [True, False], ids=["retiled", "own-blocks"])
+@pytest.mark.parametrize("name", list(RETILE_LAYOUTS))
+def test_custom_layouts_retiled(launch, monkeypatch, name, retile):
+    """Custom layouts run at the kernels' tile (coarser or finer than their blocks), or at their
+    own blocks with ``RETILE`` off; both equal the reference."""
+    monkeypatch.setattr(launch, "RETILE", retile)
+    lay = RETILE_LAYOUTS[name]()
+    kl = launch.kernel_layout(lay, 32)
+    assert (kl.blocksize == launch.custom_tile(32)) == retile and (kl is lay) == (not retile)
+    g = torch.Generator().manual_seed(5)
+    q, k, v, do = (torch.randn(1, lay.heads, lay.time, 32, generator=g).to(_device()) for _ in range(4))
+    check_against_reference(kernels(launch, lay), q, k, v, do, mask=lay.to_dense())
 
 
 def test_rerun_is_bitwise_equal(launch):
@@ -239,7 +263,7 @@ def test_large_batch_times_heads_runs_in_slices(launch, monkeypatch):
 @pytest.mark.parametrize("D", [16, 64, 128, 160, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv"])
-def test_tile_configs_fit_shared_memory(launch, kind, dtype, D):
+def test_tile_configs_fit_shared_memory(launch, kind, dtype, D, monkeypatch):
     """The tile config of every kernel fits the shared memory by the estimate (the launcher shrinks
     the tuned one: stages first, then tiles), with tiles of at least 16; a custom layout whose
     blocks cannot fit is refused with a clear error, and the dispatch then takes the gather path."""
@@ -254,7 +278,12 @@ def test_tile_configs_fit_shared_memory(launch, kind, dtype, D):
         qb = torch.empty(1, 1, 256, 256, dtype=torch.float16)  # device-independent: the estimate only
         with pytest.raises(ValueError, match="cannot fit head_dim 256"):
             launch._tiles("dkdv", qb, big)
-        assert any("cannot fit" in r for r in launch.unsupported_reasons(qb, big))
+        # at its own blocks it is refused; retiled to the kernels' smaller tile it runs
+        assert launch.kernel_layout(big, 256).blocksize == launch.custom_tile(256) < 128
+        assert launch.unsupported_reasons(qb, big) == []
+        with monkeypatch.context() as m:
+            m.setattr(launch, "RETILE", False)
+            assert any("cannot fit" in r for r in launch.unsupported_reasons(qb, big))
         assert any("float32 with head_dim 256" in r for r in launch.unsupported_reasons(qb.float(), big))
 
 

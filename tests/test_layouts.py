@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sparse_attention import custom_layout, dense_mask, from_dense, make_layout
-from sparse_attention.layouts import validate_pattern
+from sparse_attention.layouts import packed_layout, validate_pattern
 
 
 def brute_force(T, H, mode, L=None, b=None, nv=None, vs=None):
@@ -267,3 +267,51 @@ def test_stack_heads_puts_patterns_side_by_side():
         stack_heads(parts[:1] + parts[2:])
     with pytest.raises(ValueError, match="natural token order"):
         stack_heads([(0, 1, make_layout(128, 1, "strided", local_attn_ctx=8, blocksize=16))])
+
+
+def _random_custom(T, heads, b, seed):
+    rng = np.random.default_rng(seed)
+    m = (rng.random((heads, T, T)) < 0.4) & np.tril(np.ones((T, T), bool))
+    m[:, rng.integers(T)] = False  # a row with no key
+    return from_dense(m, b)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: _random_custom(192, 2, 16, 0), id="random-perhead-b16"),
+        pytest.param(lambda: _random_custom(256, 3, 64, 1), id="random-perhead-b64"),
+        pytest.param(
+            lambda: packed_layout([0, 37, 100, 250, 333], 2, "fixed", 64, 32, num_verts=2, vertsize=1),
+            id="packed-fixed-tail",
+        ),
+        pytest.param(lambda: packed_layout([0, 130], 1, "local", 128, blocksize=128), id="packed-b128-tail"),
+        pytest.param(lambda: make_layout(256, 2, "strided", 32, blocksize=16, causal=False), id="bidirectional-perm"),
+    ],
+)
+@pytest.mark.parametrize("b", [16, 32, 64, 128])
+def test_retile_keeps_every_pair(make, b):
+    """``retile`` to a coarser or finer block: the same pairs, token order and heads; no block
+    without a pair; full blocks carry no mask."""
+    from sparse_attention.layouts import retile
+
+    lay = make()
+    r = retile(lay, b)
+    assert (r.blocksize, r.time, r.heads) == (b, lay.time, lay.heads)
+    assert r.perm is lay.perm
+    np.testing.assert_array_equal(r.to_dense(), lay.to_dense())
+    for p in range(r.n_patterns):  # every entry holds a pair; a mask only where not full
+        e = np.arange(r.row_ptr[p, 0], r.row_ptr[p, -1])
+        m = r.entry_masks(p, None, None, e)
+        assert m.reshape(len(e), -1).any(axis=1).all()
+        has = r.mask_idx[e] >= 0
+        assert not m[has].reshape(int(has.sum()), -1).all(axis=1).any()
+
+
+def test_retile_errors():
+    from sparse_attention.layouts import retile
+
+    with pytest.raises(ValueError, match="built-in mode"):
+        retile(make_layout(64, 1, "local", 16, blocksize=16), 32)
+    with pytest.raises(ValueError, match="power-of-two multiple or divisor"):
+        retile(_random_custom(96, 1, 32, 0), 48)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import triton
 
-from ...layouts import Layout
+from ...layouts import Layout, retile
 from ...modes import fixed_vert_range
 from ..cache import derived
 
@@ -110,21 +110,62 @@ def unsupported_reasons(q: torch.Tensor, layout: Layout) -> list[str]:
         why.append(f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}")
     elif q.dtype == torch.float32 and q.shape[-1] > MAX_HEAD_DIM_FP32:
         why.append(f"float32 with head_dim {q.shape[-1]} > {MAX_HEAD_DIM_FP32} (fp16/bf16 run up to {MAX_HEAD_DIM})")
-    if layout.mode == "custom" and layout.blocksize > MAX_BLOCKSIZE_CUSTOM:
-        why.append(f"custom layout blocksize {layout.blocksize} > {MAX_BLOCKSIZE_CUSTOM}")
-    if layout.mode == "custom" and layout.blocksize < 16:
-        why.append(f"custom layout blocksize {layout.blocksize} < 16")
-    if layout.mode == "custom" and q.dtype in SUPPORTED_DTYPES and q.shape[-1] <= MAX_HEAD_DIM:
+    if layout.mode != "custom":
+        return why
+    compiling = torch.compiler.is_compiling()
+    # the blocks the kernels would run (traced by torch.compile: the layout's own, no numpy)
+    kl = layout if compiling else kernel_layout(layout, q.shape[-1])
+    if kl.blocksize > MAX_BLOCKSIZE_CUSTOM:
+        why.append(f"custom layout blocksize {kl.blocksize} > {MAX_BLOCKSIZE_CUSTOM}")
+    if kl.blocksize < 16:
+        why.append(f"custom layout blocksize {kl.blocksize} < 16")
+    if not why:
         try:
             # eagerly the plan, made once; torch.compile traces the plain fitting instead
-            if torch.compiler.is_compiling():
+            if compiling:
                 for kind in ("fwd", "dq", "dkdv"):
-                    _tiles(kind, q, layout)
+                    _tiles(kind, q, kl)
             else:
                 plan(layout, q)
         except ValueError as e:  # the layout's blocks cannot fit the device
             why.append(str(e))
     return why
+
+
+# Custom layouts run at the kernels' tile (:func:`kernel_layout`); tests and benchmarks switch
+# it off to run them at their own block size.
+RETILE = True
+# A coarser tile is taken while it computes at most this many times the layout's own area.
+RETILE_MAX_AREA = 2.0
+
+
+def custom_tile(head_dim: int) -> int:
+    """The tile custom layouts run at: 64 (the tuned tiles of the built-in modes), 32 above
+    head_dim 128 (shared memory) and in the interpreter (its cost grows with the tile)."""
+    return 32 if head_dim > 128 or interpreting() else 64
+
+
+def kernel_layout(layout: Layout, head_dim: int) -> Layout:
+    """The layout the kernels run for a custom ``layout``: the same pattern cut into
+    :func:`custom_tile` blocks (:func:`~sparse_attention.layouts.retile`: a layout of small
+    blocks, 16 or 32, fills the tensor cores' tiles; one of 128 gets finer tiles, without the
+    parts that hold no pair), unless the coarser tiles would compute more than
+    :data:`RETILE_MAX_AREA` times the pairs of its own blocks (scattered small blocks). Made once
+    per layout and tile; built-in modes run as they are."""
+    if layout.mode != "custom" or not RETILE:
+        return layout
+    tile = custom_tile(head_dim)
+    return derived(layout, ("kernel layout", tile), lambda: _retiled(layout, tile))
+
+
+def _retiled(layout: Layout, tile: int) -> Layout:
+    b = layout.blocksize
+    if b == tile or max(b, tile) % min(b, tile) or (max(b, tile) // min(b, tile)) & (max(b, tile) // min(b, tile) - 1):
+        return layout
+    out = retile(layout, tile)
+    if tile > b and out.nnz * tile * tile > RETILE_MAX_AREA * layout.nnz * b * b:
+        return layout
+    return out
 
 
 def head_dim_bucket(D: int) -> int:
@@ -395,6 +436,7 @@ class _Plan:
         from . import attention as K
 
         D = q.shape[-1]
+        layout = kernel_layout(layout, D)
         tab = device_tables(layout, q)
         mode = K.MODE_IDS[layout.mode]
         consts = dict(
@@ -450,7 +492,7 @@ def configs_changed() -> None:
 def plan(layout: Layout, q: torch.Tensor) -> _Plan:
     """The launch plan of ``layout`` for inputs like ``q`` (its head_dim, dtype and device),
     made once. Raises ValueError where a custom layout's blocks cannot fit the device."""
-    key = ("launch plan", _GENERATION, SPLIT_OVERRIDE, q.shape[-1], q.dtype, q.device)
+    key = ("launch plan", _GENERATION, SPLIT_OVERRIDE, RETILE, q.shape[-1], q.dtype, q.device)
     return derived(layout, key, lambda: _Plan(layout, q))
 
 
