@@ -99,18 +99,24 @@ def _reference(q, K, V, spec, heads, i, end):
     ]
 
 
-def _run_cache(name, kernel, bounded, dtype, D=32, steps=(1, 3), prompts=(5, 40, 64), heads=4, n_ctx=192):
+def _run_cache(
+    name, kernel, bounded, dtype, D=32, steps=(1, 3), prompts=(5, 40, 64), heads=4, n_ctx=192, kv_heads=None
+):
     from sparse_attention.torch import decode as dec
 
     spec = SPECS[name]
     dev = device() if kernel else "cpu"
     g = torch.Generator().manual_seed(0)
     Bn = len(prompts)
-    Q, K, V = (torch.randn(Bn, heads, n_ctx, D, generator=g).to(dev, dtype) for _ in range(3))
+    HK = heads if kv_heads is None else kv_heads
+    Q = torch.randn(Bn, heads, n_ctx, D, generator=g).to(dev, dtype)
+    K, V = (torch.randn(Bn, HK, n_ctx, D, generator=g).to(dev, dtype) for _ in range(2))
+    # the reference reads the key/value head of each query head (grouped-query attention)
+    Kq, Vq = (x.repeat_interleave(heads // HK, dim=1) for x in (K, V))
     old = dec.KERNEL_ON_CPU
     dec.KERNEL_ON_CPU = kernel
     try:
-        layer = dec.CacheLayer(spec, heads, D, B16, Bn, n_ctx, dtype, dev, bounded, max(steps))
+        layer = dec.CacheLayer(spec, heads, D, B16, Bn, n_ctx, dtype, dev, bounded, max(steps), kv_heads)
         assert layer.kernel == kernel
         if kernel:
             # slots nobody wrote are NaN: a key read outside the pattern shows up
@@ -124,14 +130,17 @@ def _run_cache(name, kernel, bounded, dtype, D=32, steps=(1, 3), prompts=(5, 40,
         for step in steps * 4:
             if int(lengths.max()) + step > n_ctx:
                 break
-            idx = (lengths[:, None] + torch.arange(step, device=dev))[:, None, :, None].expand(Bn, heads, step, D)
-            layer.write(torch.gather(K, 2, idx), torch.gather(V, 2, idx), lengths)
-            out = layer.attend(torch.gather(Q, 2, idx), lengths)
+            idx = (lengths[:, None] + torch.arange(step, device=dev))[:, None, :, None]
+            kidx = idx.expand(Bn, HK, step, D)
+            layer.write(torch.gather(K, 2, kidx), torch.gather(V, 2, kidx), lengths)
+            out = layer.attend(torch.gather(Q, 2, idx.expand(Bn, heads, step, D)), lengths)
             assert out.dtype == dtype
             for b in range(Bn):
                 for t in range(step):
                     i = int(lengths[b]) + t
-                    want = _reference(Q[b, :, i].cpu(), K[b].cpu(), V[b].cpu(), spec, heads, i, int(lengths[b]) + step)
+                    want = _reference(
+                        Q[b, :, i].cpu(), Kq[b].cpu(), Vq[b].cpu(), spec, heads, i, int(lengths[b]) + step
+                    )
                     tol = 1e-5 if dtype == torch.float32 else 2e-2
                     torch.testing.assert_close(out[b, :, t].cpu().double(), want, rtol=tol, atol=tol)
             lengths += step
@@ -157,6 +166,26 @@ def kernels():
 @pytest.mark.parametrize("name", list(SPECS))
 def test_decode_kernel_equals_reference(kernels, name, bounded):
     _run_cache(name, kernel=True, bounded=bounded, dtype=torch.float32)
+
+
+GQA_SPECS = ["all", "local", "strided", "fixed", "fixed-nv2", "per-head", "group|fixed", "custom"]
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize("bounded", [False, True])
+@pytest.mark.parametrize("name", GQA_SPECS)
+@pytest.mark.parametrize("kernel", [False, True], ids=["masked", "kernel"])
+def test_grouped_query_cache(request, kernel, name, bounded, kv_heads):
+    """A cache of ``kv_heads`` key/value heads for 4 query heads (grouped-query attention): the
+    decode kernel and the masked path read head ``h // (4 // kv_heads)``, and equal the float64
+    reference at every step; a bounded cache stays bounded where the group shares its summary
+    keys (one summary class), and keeps every position where it does not (fixed-nv2)."""
+    if kernel:
+        request.getfixturevalue("kernels")
+    layer = _run_cache(name, kernel=kernel, bounded=bounded, dtype=torch.float32, kv_heads=kv_heads)
+    assert layer.k.shape[1] == kv_heads
+    if bounded and name == "fixed-nv2":
+        assert layer.slots == 192
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])

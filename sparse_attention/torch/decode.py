@@ -27,15 +27,25 @@ KERNEL_ON_CPU = False
 
 
 class CacheLayer:
-    """One layer's slots: ``k``, ``v`` ``[batch, heads, slots + 1, head_dim]`` and the position
-    each slot holds, ``pos [batch, heads, slots + 1]`` (-1: empty); the last slot is a spare that
-    takes writes nobody reads."""
+    """One layer's slots: ``k``, ``v`` ``[batch, kv_heads, slots + 1, head_dim]`` and the position
+    each slot holds, ``pos [batch, kv_heads, slots + 1]`` (-1: empty); the last slot is a spare
+    that takes writes nobody reads. ``kv_heads`` (default ``heads``): grouped-query attention,
+    query head ``h`` reads cache head ``h // (heads // kv_heads)``."""
 
-    def __init__(self, spec, heads, head_dim, blocksize, batch, n_ctx, dtype, device, bounded, max_query):
+    def __init__(
+        self, spec, heads, head_dim, blocksize, batch, n_ctx, dtype, device, bounded, max_query, kv_heads=None
+    ):
         self.spec, self.heads, self.blocksize, self.n_ctx = spec, heads, blocksize, n_ctx
+        kv_heads = heads if kv_heads is None else kv_heads
+        if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+            raise ValueError(f"kv_heads must be a positive divisor of heads ({heads}), got {kv_heads!r}")
+        self.kv_heads, self.group = kv_heads, heads // kv_heads
         groups = spec_plans(spec, heads, blocksize, n_ctx)
-        # one slot layout per layer: bounded only for a single head group with a plan that bounds
+        # one slot layout per layer: bounded only for a single head group with a plan that bounds;
+        # a bounded cache keeps each head's own summary keys, so grouped heads need one summary class
         single = len(groups) == 1 and groups[0][2] is not None
+        if single and self.group > 1 and groups[0][2].bounded(n_ctx, max_query).sum_base >= 0:
+            single = groups[0][2].nv == 1
         if bounded and single:
             cache_plan = groups[0][2].bounded(n_ctx, max_query)
         else:
@@ -44,20 +54,20 @@ class CacheLayer:
         self.groups = [(h0, hn, None if p is None else _with_slots(p, cache_plan)) for h0, hn, p in groups]
         self.slots = cache_plan.slots
         S = self.slots + 1
-        self.k = torch.zeros(batch, heads, S, head_dim, dtype=dtype, device=device)
+        self.k = torch.zeros(batch, kv_heads, S, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         # the decode kernel finds its keys' slots in closed form; the masked path reads positions
         dev = torch.device(device)
         self.kernel = all(p is not None for _, _, p in self.groups) and (dev.type == "cuda" or KERNEL_ON_CPU)
-        self.pos = None if self.kernel else torch.full((batch, heads, S), -1, dtype=torch.int64, device=device)
-        self._heads = torch.arange(heads, device=device)
+        self.pos = None if self.kernel else torch.full((batch, kv_heads, S), -1, dtype=torch.int64, device=device)
+        self._heads = torch.arange(kv_heads, device=device)
         self.splits: dict = {}
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
     def write(self, kh, vh, lengths, ends=None):
-        """Store ``kh, vh [batch, heads, t, d]`` at positions ``lengths[b] + 0 .. t - 1``; those at
+        """Store ``kh, vh [batch, kv_heads, t, d]`` at positions ``lengths[b] + 0 .. t - 1``; those at
         or past ``ends[b]`` (default: all kept) go to the spare slot."""
         B, H, t, D = kh.shape
         pos = lengths[:, None] + torch.arange(t, device=kh.device)  # [B, t]
@@ -98,7 +108,7 @@ class CacheLayer:
             out = torch.empty(qh.shape, dtype=qh.dtype, device=qh.device)
             return _kernel_step(qh, self.k, self.v, lengths, self.groups, self.n_ctx, out, self.splits)
         i = lengths[:, None] + torch.arange(qh.shape[2], device=qh.device)  # [B, t]
-        j = self.pos[:, :, : self.slots]
+        j = _per_query_head(self.pos[:, :, : self.slots], self.group)
         extra = None
         p = self.plan
         if p.sum_base >= 0:
@@ -106,17 +116,23 @@ class CacheLayer:
             # earlier groups count from the summary slots, the query's own group from the ring
             summary = torch.arange(self.slots, device=qh.device) >= p.sum_base
             extra = summary == ((j // p.P)[:, :, None, :] < (i // p.P)[:, None, :, None])
-        k, v = self.k[:, :, : self.slots], self.v[:, :, : self.slots]
+        k, v = (_per_query_head(x[:, :, : self.slots], self.group) for x in (self.k, self.v))
         return _masked_step(self.spec, self.heads, self.blocksize, qh, k, v, i, j, j >= 0, extra)
 
 
+def _per_query_head(x, group: int):
+    """Cache heads ``[B, kv_heads, ...]`` repeated for their ``group`` query heads each."""
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
 def _kernel_step(qh, kh, vh, lengths, groups, n_ctx, out, splits=None):
-    """The decode kernel on ``qh [B, H, t, d]`` over a cache ``kh, vh [B, H, slots, d]``, one launch
-    per head group ``(h0, hn, plan)``, into ``out`` (any strides); ``splits`` caches the slice
-    counts per group and row count."""
+    """The decode kernel on ``qh [B, H, t, d]`` over a cache ``kh, vh [B, kv_heads, slots, d]``
+    (``H % kv_heads == 0``), one launch per head group ``(h0, hn, plan)``, into ``out`` (any
+    strides); ``splits`` caches the slice counts per group and row count."""
     from .kernels.decode import decode, num_splits
 
-    B, _, t, _ = qh.shape
+    B, H, t, _ = qh.shape
+    group = H // kh.shape[1]
     for h0, hn, plan in groups:
         key = (h0, B * hn * t)
         n = None if splits is None else splits.get(key)
@@ -125,7 +141,7 @@ def _kernel_step(qh, kh, vh, lengths, groups, n_ctx, out, splits=None):
             if splits is not None:
                 splits[key] = n
         sl = slice(h0, h0 + hn)
-        decode(qh[:, sl], kh[:, sl], vh[:, sl], lengths, plan, n, out=out[:, sl])
+        decode(qh[:, sl], kh, vh, lengths, plan, n, out=out[:, sl], head_offset=h0, group=group)
     return out
 
 
@@ -149,13 +165,13 @@ def _with_slots(plan: DecodePlan, cache_plan: DecodePlan) -> DecodePlan:
 class StaticKVCache:
     """Keys and values of ``batch`` sequences for up to ``n_ctx`` positions, preallocated per
     layer (:class:`CacheLayer`), and ``lengths`` (int64 ``[batch]``): the tokens each sequence
-    holds. ``layers``: ``(spec, heads, head_dim, blocksize)`` per layer."""
+    holds. ``layers``: ``(spec, heads, head_dim, blocksize)`` per layer, or ``(spec, heads,
+    head_dim, blocksize, kv_heads)`` (grouped-query attention: the cache holds ``kv_heads``)."""
 
     def __init__(self, layers, batch, n_ctx, dtype, device, bounded=False, max_query=1):
         self.n_ctx, self.bounded, self.max_query = n_ctx, bounded, max_query
         self.layers = [
-            CacheLayer(spec, heads, head_dim, blocksize, batch, n_ctx, dtype, device, bounded, max_query)
-            for spec, heads, head_dim, blocksize in layers
+            CacheLayer(*layer[:4], batch, n_ctx, dtype, device, bounded, max_query, *layer[4:]) for layer in layers
         ]
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)
         self.ends = None  # during a prefill: each prompt's length (positions past it are padding)
@@ -191,12 +207,15 @@ def blocksparse_decode(
         q: ``[batch, t, heads * head_dim]``, the tokens at positions ``lengths[b] + 0 .. t - 1``.
         k_cache, v_cache: ``[batch, n_ctx, heads * head_dim]`` (any row stride), position ``j`` at
             row ``j``; rows ``< lengths[b] + t`` written, the new tokens' included; later rows are
-            never read (they may hold anything).
+            never read (they may hold anything). Or ``kv_heads * head_dim`` columns with ``heads %
+            kv_heads == 0`` (grouped-query attention: query head ``h`` reads cache head ``h //
+            (heads // kv_heads)``).
         lengths: int tensor ``[batch]`` (or an int): the tokens each sequence held before these.
 
     Returns ``[batch, t, heads * head_dim]`` in ``q``'s dtype. Each query ``i`` sees the keys
     ``j < lengths[b] + t`` its pattern allows, as row ``i`` of the full attention would.
     """
+    from ..frontend import kv_heads_of
     from ..patterns import Mode, as_spec
     from .reference import check_dtypes
 
@@ -205,13 +224,14 @@ def blocksparse_decode(
         if x.dim() != 3:
             raise ValueError(f"{name} must have shape [batch, time, heads * head_dim], got {tuple(x.shape)}")
     B, t, dim = q.shape
-    if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[2] != dim:
+    if k_cache.shape != v_cache.shape or k_cache.shape[0] != B:
         raise ValueError(
-            f"k_cache and v_cache must both be [batch={B}, n_ctx, {dim}], got {tuple(k_cache.shape)}, "
+            f"k_cache and v_cache must both be [batch={B}, n_ctx, kv_heads * head_dim], got {tuple(k_cache.shape)}, "
             f"{tuple(v_cache.shape)}"
         )
     if not isinstance(heads, int) or heads < 1 or dim % heads:
         raise ValueError(f"heads must be a positive int dividing dim ({dim}), got {heads!r}")
+    kv_heads = kv_heads_of(dim, k_cache.shape[2], heads)
     n_ctx = k_cache.shape[1]
     if isinstance(lengths, int):
         lengths = torch.full((B,), lengths, dtype=torch.int64, device=q.device)
@@ -227,7 +247,7 @@ def blocksparse_decode(
         spec = as_spec(attn_mode)
     d = dim // heads
     qh = q.view(B, t, heads, d).transpose(1, 2)
-    kh, vh = (x.view(B, n_ctx, heads, d).transpose(1, 2) for x in (k_cache, v_cache))
+    kh, vh = (x.view(B, n_ctx, kv_heads, d).transpose(1, 2) for x in (k_cache, v_cache))
     groups = spec_plans(spec, heads, blocksize, n_ctx)
     out = torch.empty(B, t, heads, d, dtype=q.dtype, device=q.device)  # written through a transposed view
     if all(p is not None for _, _, p in groups) and (q.is_cuda or KERNEL_ON_CPU):
@@ -238,6 +258,7 @@ def blocksparse_decode(
     i = lengths[:, None] + torch.arange(t, device=q.device)  # [B, t]
     j = torch.arange(end, device=q.device).expand(B, 1, end)
     keep = j < (lengths + t)[:, None, None]  # rows past each sequence are not read
-    o = _masked_step(spec, heads, blocksize, qh, kh[:, :, :end], vh[:, :, :end], i, j, keep)
+    kh, vh = (_per_query_head(x[:, :, :end], heads // kv_heads) for x in (kh, vh))
+    o = _masked_step(spec, heads, blocksize, qh, kh, vh, i, j, keep)
     out.transpose(1, 2).copy_(o)
     return out.view(B, t, dim)

@@ -51,7 +51,7 @@ def _decode_kernel(
     Q, K, V, O, OP, LP, LEN, HEAD_PAT, ROW_PTR, COLS, MASK_IDX, MASKS,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot,
     H, T, qk_scale, NBLK,
-    W, P, EXCL, C, VLO_A, VLO_C, VLO_NV, RING, SUM_BASE,
+    W, P, EXCL, C, VLO_A, VLO_C, VLO_NV, RING, SUM_BASE, HOFF, KV_GROUP,
     RUN: tl.constexpr, SECOND: tl.constexpr, SPLITS: tl.constexpr,
     BN: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
@@ -93,8 +93,11 @@ def _decode_kernel(
     # the query repeated over 16 rows: both products run on the tensor cores, and Triton pipelines
     # the gathered key/value loads that feed them (the rows stay equal; row 0 is stored)
     qm = tl.broadcast_to(q[None, :], [16, BLOCK_D])
-    kbase = K + b64 * skb + h64 * skh
-    vbase = V + b64 * svb + h64 * svh
+    # the key/value head: query head HOFF + h of the cache's heads, KV_GROUP query heads per
+    # key/value head (grouped-query attention; 1: one each)
+    hk64 = ((h + HOFF) // KV_GROUP).to(tl.int64)
+    kbase = K + b64 * skb + hk64 * skh
+    vbase = V + b64 * svb + hk64 * svh
     m_i = tl.full([16], -float("inf"), tl.float32)
     l_i = tl.zeros([16], dtype=tl.float32)
     acc = tl.zeros([16, BLOCK_D], dtype=tl.float32)
@@ -175,11 +178,15 @@ def num_splits(plan: DecodePlan, rows: int, n_ctx: int, device: torch.device) ->
     return int(max(1, min(want, triton.cdiv(plan.max_keys(n_ctx), TUNE["min_keys"]), TUNE["max_splits"])))
 
 
-def decode(q, k_cache, v_cache, lengths, plan: DecodePlan, splits: int = 1, out=None):
+def decode(
+    q, k_cache, v_cache, lengths, plan: DecodePlan, splits: int = 1, out=None, head_offset: int = 0, group: int = 1
+):
     """Attention of ``q [batch, heads, t, d]`` (positions ``lengths[b] + 0 .. t - 1``, ``lengths``
-    int32/int64 ``[batch]`` on the device) over the cache ``[batch, heads, slots, d]`` laid out as
-    ``plan`` says; keys of the new tokens must already be in the cache. Returns ``[batch, heads,
-    t, d]`` in ``q``'s dtype (into ``out`` if given)."""
+    int32/int64 ``[batch]`` on the device) over the cache ``[batch, kv_heads, slots, d]`` laid out
+    as ``plan`` says; keys of the new tokens must already be in the cache. Query head ``h`` is head
+    ``head_offset + h`` of the layer and reads cache head ``(head_offset + h) // group``
+    (grouped-query attention: ``group`` query heads per key/value head). Returns ``[batch,
+    heads, t, d]`` in ``q``'s dtype (into ``out`` if given)."""
     B, H, T, D = q.shape
     if any(x.stride(-1) != 1 for x in (q, k_cache, v_cache)):
         raise ValueError("decode: q and the caches need a contiguous last dimension")
@@ -206,7 +213,7 @@ def decode(q, k_cache, v_cache, lengths, plan: DecodePlan, splits: int = 1, out=
             *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *o.stride()[:3],
             H, T, math.log2(math.e) / math.sqrt(D), 0 if plan.layout is None else plan.layout.nb,
             plan.W, plan.P, plan.excl, plan.c, plan.vlo_a, plan.vlo_c, plan.nv, plan.ring, plan.sum_base,
-            RUN=plan.run, SECOND=plan.second, SPLITS=splits, BN=bn, HEAD_D=D, BLOCK_D=block_d,
+            head_offset, group, RUN=plan.run, SECOND=plan.second, SPLITS=splits, BN=bn, HEAD_D=D, BLOCK_D=block_d,
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=TUNE["num_warps"],
             num_stages=TUNE["num_stages"],
         )  # fmt: skip
