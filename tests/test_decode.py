@@ -231,9 +231,10 @@ FUNCTIONAL = {
 
 @pytest.mark.parametrize("kernel", [False, True])
 @pytest.mark.parametrize("name", list(FUNCTIONAL) + ["layout"])
-def test_blocksparse_decode_equals_the_full_attention(name, kernel, monkeypatch):
-    """``blocksparse_decode`` on a [batch, n_ctx, dim] cache gives the rows of the dense
-    reference at each sequence's new positions; rows past them are NaN and never read."""
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_blocksparse_decode_equals_the_full_attention(name, kernel, kv_heads, monkeypatch):
+    """``blocksparse_decode`` on a [batch, n_ctx, kv_heads * head_dim] cache gives the rows of
+    the dense reference at each sequence's new positions; rows past them are NaN and never read."""
     from sparse_attention import attention_impl
     from sparse_attention.torch import blocksparse_decode
     from sparse_attention.torch import decode as dec
@@ -247,7 +248,8 @@ def test_blocksparse_decode_equals_the_full_attention(name, kernel, monkeypatch)
     kw = FUNCTIONAL.get(name) or dict(attn_mode=_custom(causal=True, diagonal=True).layout)
     B, N, heads, d, t = 3, (192 if name in FUNCTIONAL else 256), 4, 16, 2
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, N, heads * d, generator=g) for _ in range(3))
+    q = torch.randn(B, N, heads * d, generator=g)
+    k, v = (torch.randn(B, N, kv_heads * d, generator=g) for _ in range(2))
     full = attention_impl(q, k, v, heads, blocksize=16, **kw)
     lengths = torch.tensor([0, 37, 150])
     rows = (lengths[:, None] + torch.arange(t))[:, :, None].expand(B, t, heads * d)
@@ -267,6 +269,8 @@ def test_blocksparse_decode_errors_name_the_argument():
         blocksparse_decode(q, c[:1], c, 0, 4, "all")
     with pytest.raises(ValueError, match="heads"):
         blocksparse_decode(q, c, c, 0, 3, "all")
+    with pytest.raises(ValueError, match="kv_heads"):
+        blocksparse_decode(q, c[..., :24], c[..., :24], 0, 4, "all")  # 3 kv heads for 4
     with pytest.raises(ValueError, match="lengths"):
         blocksparse_decode(q, c, c, torch.zeros(3, dtype=torch.int64), 4, "all")
     with pytest.raises(TypeError, match="lengths"):

@@ -331,3 +331,51 @@ def test_forward_pads_to_a_multiple_of_128_for_the_fused_kernels():
     dense.load_state_dict(model.state_dict())
     torch.testing.assert_close(logits, dense(x)[0], rtol=1e-9, atol=1e-9)
     assert _model(FACTORISATIONS["custom-layout"]).cfg.pad_multiple == 96
+
+
+def _gqa_model(patterns, kv_heads, n_ctx=96):
+    torch.manual_seed(0)
+    cfg = SparseTransformerConfig(
+        n_ctx=n_ctx, d_model=32, n_head=4, n_kv_head=kv_heads, n_layer=2, patterns=patterns, blocksize=16
+    )
+    return SparseTransformer(cfg)
+
+
+GQA_FACTORISATIONS = ["fixed-merged", "strided-heads", "per-block-ratio", "custom-layout"]
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize("name", GQA_FACTORISATIONS)
+def test_grouped_query_model_caches(name, kv_heads, monkeypatch):
+    """A model with ``n_kv_head`` key/value heads for 4 query heads: its projection makes fewer
+    k/v columns, its caches hold ``kv_heads`` heads, and every cache (growing, bounded, static,
+    static through the decode kernel in the interpreter) gives the logits of one full pass."""
+    patterns = FACTORISATIONS[name]
+    if name == "custom-layout":
+        patterns = [Custom(from_dense(_random_causal_mask(96, 4), 16))]
+    model = _gqa_model(patterns, kv_heads).double().eval()
+    assert model.blocks[0].attn.qkv.out_features == 32 + 2 * 8 * kv_heads
+    x = torch.randint(0, 256, (2, 75), generator=torch.Generator().manual_seed(1))
+    cache = model.new_cache()
+    _check_stepwise(model, x, 20, 1, cache)
+    assert cache.k[0].shape[1] == kv_heads
+    _check_stepwise(model, x, 20, 3, model.new_cache(bounded=True))
+    x = torch.randint(0, 256, (3, 96), generator=torch.Generator().manual_seed(2))
+    for bounded in (False, True):
+        _check_static(model, x, [17, 40, 3], step=1, bounded=bounded)
+    static = model.new_static_cache(3)
+    assert static.layers[0].k.shape[1] == kv_heads
+    full_heads = _gqa_model(patterns, 4).double().new_static_cache(3)
+    assert static.nbytes()[0] * (4 // kv_heads) == full_heads.nbytes()[0]
+    pytest.importorskip("triton")
+    from tests._kernel_env import INTERPRET
+
+    if INTERPRET:
+        _check_static(model.float(), x, [33, 50, 7], step=1, bounded=True, kernel=True, monkeypatch=monkeypatch)
+
+
+def test_n_kv_head_errors():
+    with pytest.raises(ValueError, match="n_kv_head must be a positive divisor of n_head"):
+        SparseTransformerConfig(n_head=4, n_kv_head=3)
+    with pytest.raises(ValueError, match="n_kv_head"):
+        SparseTransformerConfig(n_head=4, n_kv_head=0)

@@ -43,6 +43,7 @@ class SparseTransformerConfig:
     d_model: int = 256
     n_head: int = 4
     n_layer: int = 4
+    n_kv_head: int | None = None
     d_ff: int | None = None
     dropout: float = 0.0
     pos_shape: tuple | None = None
@@ -60,6 +61,9 @@ class SparseTransformerConfig:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        kv = self.n_kv_head
+        if kv is not None and (not isinstance(kv, int) or isinstance(kv, bool) or kv < 1 or self.n_head % kv):
+            raise ValueError(f"n_kv_head must be a positive divisor of n_head ({self.n_head}), got {kv!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -143,7 +147,15 @@ class ResBlock(nn.Module):
         d, scale = cfg.d_model, 1.0 / math.sqrt(2 * cfg.n_layer)
         self.norm1 = nn.LayerNorm(d)
         self.attn = SparseSelfAttention(
-            d, cfg.n_head, spec, cfg.blocksize, cfg.dropout, cfg.attn_recompute, cfg.impl, layer_idx
+            d,
+            cfg.n_head,
+            spec,
+            cfg.blocksize,
+            cfg.dropout,
+            cfg.attn_recompute,
+            cfg.impl,
+            layer_idx,
+            kv_heads=cfg.n_kv_head,
         )
         self.norm2 = nn.LayerNorm(d)
         d_ff = cfg.d_ff or 4 * d
@@ -298,7 +310,9 @@ class SparseTransformer(nn.Module):
         n_ctx`` (:meth:`generate` checks it up front)."""
         p = next(self.parameters())
         d = self.cfg.d_model // self.cfg.n_head
-        layers = [(blk.attn.attn.spec, self.cfg.n_head, d, self.cfg.blocksize) for blk in self.blocks]
+        layers = [
+            (blk.attn.attn.spec, self.cfg.n_head, d, self.cfg.blocksize, blk.attn.kv_dim // d) for blk in self.blocks
+        ]
         return StaticKVCache(
             layers, batch, self.cfg.n_ctx, dtype or p.dtype, device or p.device, bounded=bounded, max_query=max_query
         )

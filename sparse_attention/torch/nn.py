@@ -250,16 +250,17 @@ def _sparse_groups(q, k, v, layouts):
     G = heads // (k.shape[-1] // d)  # query heads per key/value head (grouped-query attention)
     outs = []
     for h0, hn, lay in layouts:
-        if h0 % G or hn % G:
-            raise ValueError(
-                f"heads {h0}..{h0 + hn - 1} have one pattern but do not hold whole groups of {G} query heads "
-                "per key/value head; give each group of query heads one pattern"
-            )
         # [B, T, hn * d] column slice -> [B, hn, T, d] view: eagerly the engines read it through
         # its strides; compiled, the custom ops' fakes promise contiguous results, and one copy
         # per tensor keeps the compiled graph's strides in agreement with them.
         qh = q[..., h0 * d : (h0 + hn) * d].reshape(B, T, hn, d).transpose(1, 2)
-        kh, vh = (x[..., h0 // G * d : (h0 + hn) // G * d].reshape(B, T, hn // G, d).transpose(1, 2) for x in (k, v))
+        if h0 % G or hn % G:  # a pattern's heads split a group: its key/value head for each of them
+            kv = torch.arange(h0, h0 + hn, device=q.device) // G
+            kh, vh = (x.reshape(B, T, -1, d).index_select(2, kv).transpose(1, 2) for x in (k, v))
+        else:
+            kh, vh = (
+                x[..., h0 // G * d : (h0 + hn) // G * d].reshape(B, T, hn // G, d).transpose(1, 2) for x in (k, v)
+            )
         if torch.compiler.is_compiling():
             qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()
         if isinstance(lay, tuple):
@@ -321,8 +322,9 @@ class SparseSelfAttention(nn.Module):
         out_scale: the output projection's initial weights are scaled by it (the paper uses
             ``1 / sqrt(2 * n_layers)``).
         kv_heads: key/value heads (grouped-query attention, ``heads % kv_heads == 0``; default
-            ``heads``): the projection makes ``kv_heads * head_dim`` key and value columns. Not yet
-            with a cache (generation) or context parallelism: those raise ``ValueError``.
+            ``heads``): the projection makes ``kv_heads * head_dim`` key and value columns, and a
+            cache holds ``kv_heads`` heads (``heads / kv_heads`` times less memory). Not yet with
+            context parallelism (``ValueError``).
     """
 
     def __init__(
@@ -358,8 +360,6 @@ class SparseSelfAttention(nn.Module):
         ``cache.length ...``, which attend to the cached keys/values plus their own (the caller
         advances ``cache.length`` once every layer has run)."""
         q, k, v = self.qkv(x).split([x.shape[-1], self.kv_dim, self.kv_dim], dim=-1)
-        if cache is not None and self.kv_dim != x.shape[-1]:
-            raise ValueError("a cache (generation) with grouped-query heads (kv_heads < heads) is not supported yet")
         if cache is None:
             y = self.attn(q, k, v)
         elif isinstance(cache, StaticKVCache):
@@ -373,8 +373,7 @@ class SparseSelfAttention(nn.Module):
         prefill runs the block-sparse forward where it can (and fills the cache), a decode step
         writes its keys and runs the decode kernel over the allowed ones."""
         B, t, dim = q.shape
-        H = self.heads
-        qh, kh, vh = (x.reshape(B, t, H, dim // H).transpose(1, 2) for x in (q, k, v))
+        qh, kh, vh = self._heads_of(q, k, v)
         layer = cache.layers[self.layer_idx]
         layer.write(kh, vh, cache.lengths, cache.ends)
         if cache.prefilling:
@@ -383,17 +382,24 @@ class SparseSelfAttention(nn.Module):
                 return y
         return layer.attend(qh, cache.lengths).transpose(1, 2).reshape(B, t, dim)
 
+    def _heads_of(self, q, k, v):
+        """``[batch, heads, t, head_dim]`` views of q and ``[batch, kv_heads, t, head_dim]`` of k, v."""
+        B, t, dim = q.shape
+        d = dim // self.heads
+        return tuple(x.reshape(B, t, x.shape[-1] // d, d).transpose(1, 2) for x in (q, k, v))
+
     def _cached(self, q, k, v, cache):
         B, t, dim = q.shape
         H, d = self.heads, dim // self.heads
-        qh, kh, vh = (x.reshape(B, t, H, d).transpose(1, 2) for x in (q, k, v))
+        qh, kh, vh = self._heads_of(q, k, v)
+        HK = kh.shape[1]
         n0, n1, i = cache.length, cache.length + t, self.layer_idx
         if cache.bounded and self.prune_probes(n1) is not None:
             return self._pruned(qh, kh, vh, q, k, v, cache)
         if cache.k[i] is None or cache.k[i].shape[2] < n1:
             size = max(n1, 2 * (0 if cache.k[i] is None else cache.k[i].shape[2]), 256)
-            kc = kh.new_zeros(B, H, size, d)
-            vc = vh.new_zeros(B, H, size, d)
+            kc = kh.new_zeros(B, HK, size, d)
+            vc = vh.new_zeros(B, HK, size, d)
             if cache.k[i] is not None:
                 kc[:, :, :n0] = cache.k[i][:, :, :n0]
                 vc[:, :, :n0] = cache.v[i][:, :, :n0]
@@ -408,7 +414,7 @@ class SparseSelfAttention(nn.Module):
         pos_q = torch.arange(n0, n1, device=q.device)
         pos_k = torch.arange(n1, device=q.device)
         # Only the allowed cached positions of each new token (closed form of the pattern).
-        o = masked_attention(qh, keys, vals, self.attn.mask(pos_q, pos_k))
+        o = masked_attention(qh, expand_kv(keys, H), expand_kv(vals, H), self.attn.mask(pos_q, pos_k))
         return o.transpose(1, 2).reshape(B, t, dim)
 
     def prune_probes(self, n1: int):
@@ -439,7 +445,7 @@ class SparseSelfAttention(nn.Module):
         pos_k = torch.cat([cache.pos[i], pos_q])
         y = self._sparse_prefill(q, k, v) if n0 == 0 else None
         if y is None:
-            o = masked_attention(qh, keys, vals, self.attn.mask(pos_q, pos_k))
+            o = masked_attention(qh, expand_kv(keys, H), expand_kv(vals, H), self.attn.mask(pos_q, pos_k))
             y = o.transpose(1, 2).reshape(B, t, H * d)
         probes = torch.tensor(self.prune_probes(n1), device=q.device)
         keep = self.attn.mask(probes, pos_k).any(dim=1).any(dim=0)
