@@ -383,8 +383,7 @@ def _packed_layout(cu, heads, attn_mode, local_attn_ctx, blocksize, num_verts, v
                     tok_lo = c0 + g * L + lo * b
                     tok_hi = np.minimum(c0 + g * L + (hi + 1) * b - 1, key_end)
                     ok = tok_lo <= tok_hi
-                    for a, z in zip(tok_lo[ok] // b, tok_hi[ok] // b):
-                        cols.append(np.arange(a, z + 1))
+                    cols.append(_ranges(tok_lo[ok] // b, tok_hi[ok] // b))
             pat_rows.append(np.unique(np.concatenate(cols)) if cols else np.zeros(0, np.int64))
         rows.append(pat_rows)
     ent_row, ent_col, ent_head = _entries(rows, nb, head_pattern)
@@ -393,16 +392,34 @@ def _packed_layout(cu, heads, attn_mode, local_attn_ctx, blocksize, num_verts, v
         same = (doc[i] == doc[j]) & (doc[i] >= 0)
         return same & pattern_allowed(p, i - start[i], j - start[j], h)
 
-    key = None
-    if mode != "fixed":  # i - j patterns: blocks inside one document share the mask of their offset
-        first_r, last_r = doc[ent_row * b], doc[np.minimum(ent_row * b + b - 1, time - 1)]
-        first_c, last_c = doc[ent_col * b], doc[np.minimum(ent_col * b + b - 1, time - 1)]
-        inside = (first_r == last_r) & (first_c == last_c) & (first_r == first_c) & (ent_row * b + b <= time)
-        inside &= ent_col * b + b <= time
+    # blocks inside one document share their mask with every block of the same key
+    first_r, last_r = doc[ent_row * b], doc[np.minimum(ent_row * b + b - 1, time - 1)]
+    first_c, last_c = doc[ent_col * b], doc[np.minimum(ent_col * b + b - 1, time - 1)]
+    inside = (first_r == last_r) & (first_c == last_c) & (first_r == first_c) & (ent_row * b + b <= time)
+    inside &= ent_col * b + b <= time
+    if mode != "fixed":  # i - j patterns: the block offset
         key = np.where(inside, ent_row - ent_col + nb, -1)
+    else:
+        # fixed: the rows' and columns' first positions in their groups (a, e) and the groups'
+        # difference dg (a pair's groups differ by dg - 1 .. dg + 1, as b <= l; beyond +-2 only its
+        # sign matters), per pattern (its summary blocks)
+        c0 = start[ent_row * b]
+        ri, cj = ent_row * b - c0, ent_col * b - c0
+        a, e = ri % L, cj % L
+        dg = np.clip(ri // L - cj // L, -2, 2) + 2
+        key = np.where(inside, ((head_pattern[ent_head] * L + a) * L + e) * 5 + dg, -1)
     lay = _rule_csr(time, b, head_pattern, ent_row, ent_col, ent_head, rule, np.arange(ent_col.size), key)
     params = {k: v for k, v in p.items() if k in ("attn_mode", "local_attn_ctx", "num_verts", "vertsize", "causal")}
     return dataclasses.replace(lay, params={**params, "cu_seqlens": tuple(int(x) for x in cu)})
+
+
+def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(a, z + 1) for a, z in zip(lo, hi)])`` (``lo <= hi``), vectorised."""
+    n = hi - lo + 1
+    if n.size == 0:
+        return np.zeros(0, np.int64)
+    first = np.cumsum(n) - n  # where each range starts in the output
+    return np.repeat(lo - first, n) + np.arange(int(n.sum()))
 
 
 def _entries(rows, nb: int, head_pattern):
