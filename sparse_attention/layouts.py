@@ -533,7 +533,11 @@ def retile(layout: Layout, blocksize: int) -> Layout:
         sub = np.full((uniq.size, f * f), -2, np.int64)
         sub[inv, (row0 % f) * f + col0 % f] = mid0
         partial = (sub != -1).any(axis=1)
-        _, key = np.unique(sub, axis=0, return_inverse=True)
+        base = len(masks0) + 2  # the sub-block ids as the digits of one number (a few fit an int64)
+        if base ** (f * f) < 2**62:
+            key = ((sub + 2) * base ** np.arange(f * f)).sum(axis=1)
+        else:
+            _, key = np.unique(sub, axis=0, return_inverse=True)
     else:  # finer: the parts of the old blocks (none past the last new block)
         f = b0 // b
         a = np.arange(f * f)
