@@ -11,7 +11,7 @@ picked from their type, and neither is imported before a tensor of it arrives.
 
 from __future__ import annotations
 
-from .frontend import resolve_call
+from .frontend import call, resolve_call
 from .layouts import MODES, Layout, allowed, csr_layout, custom_layout, dense_mask, from_dense, make_layout
 from .recompute import recomputable
 
@@ -54,7 +54,7 @@ def attention_impl(
     """
     args = (heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize)
     backend, spec = resolve_call(q, k, v, *args, sparse=False, causal=causal, cu_seqlens=cu_seqlens)
-    return backend.dense_attention(q, k, v, heads, spec)
+    return call(backend.dense_attention, backend.reshape_rows, q, k, v, heads, spec)
 
 
 @recomputable("blocksparse_attention_impl")
@@ -110,4 +110,4 @@ def blocksparse_attention_impl(
     """
     args = (heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize)
     backend, layout = resolve_call(q, k, v, *args, sparse=True, causal=causal, cu_seqlens=cu_seqlens)
-    return backend.blocksparse_attention(q, k, v, heads, layout)
+    return call(backend.blocksparse_attention, backend.reshape_rows, q, k, v, heads, layout)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import sys
 import weakref
+from typing import NamedTuple
+
+import numpy as np
 
 from .layouts import Layout, broadcast_layout, check_cu_seqlens, make_layout, packed_layout, validate_pattern
 
@@ -193,8 +196,27 @@ def resolve_spec(
     )
 
 
+class AsBatch(NamedTuple):
+    """Packed documents of one length: the sequence is a batch of ``docs`` rows (a view), each
+    under ``spec`` at the documents' length (a document's pattern restarts at its first token,
+    as a batch row's does)."""
+
+    docs: int
+    spec: object
+
+
+def call(fn, reshape, q, k, v, heads, spec):
+    """``fn(q, k, v, heads, spec)`` (a backend's attention), through the batch view of
+    :class:`AsBatch` (``reshape(x, n)``: ``[batch, time, dim]`` as ``n`` rows)."""
+    if isinstance(spec, AsBatch):
+        y = fn(*(reshape(x, spec.docs) for x in (q, k, v)), heads, spec.spec)
+        return reshape(y, 1)
+    return fn(q, k, v, heads, spec)
+
+
 def _documents(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, *, sparse, causal, cu, batch):
-    """:func:`resolve_spec` for packed documents."""
+    """:func:`resolve_spec` for packed documents: documents of one length are a batch of them
+    (:class:`AsBatch`, where the pattern runs at their length), others a packed layout."""
     if isinstance(attn_mode, Layout):
         raise ValueError(
             "cu_seqlens applies to the built-in modes only; build a Layout of packed documents with "
@@ -207,6 +229,13 @@ def _documents(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, ver
         raise ValueError(
             f"cu_seqlens must end at time ({time}), the packed sequence's length; it ends at {int(cu[-1])}"
         )
+    lens = np.diff(cu)
+    if (lens == lens[0]).all():
+        try:  # not for a length the pattern refuses (strided's stride must divide it): packed then
+            args = (int(lens[0]), heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize)
+            return AsBatch(len(lens), resolve_spec(*args, sparse=sparse, causal=causal))
+        except ValueError:
+            pass
     if sparse:
         return packed_layout(cu, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, causal)
     b = blocksize if attn_mode == "fixed" else None

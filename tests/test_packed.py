@@ -31,6 +31,9 @@ DOCS = {
     "two-unaligned": [0, 37, 100],
     "tiny-and-long": [0, 5, 6, 50, 130, 131],
     "aligned": [0, 16, 48, 96],
+    # documents of one length: a batch of them (a view); 20 tokens: strided's 8 does not divide it
+    "equal": [0, 48, 96, 144],
+    "equal-unaligned": [0, 20, 40, 60],
 }
 
 
@@ -139,9 +142,10 @@ def test_fused_kernels_on_documents(launch, mode, causal, dtype):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_tensorflow_documents(mode):
+@pytest.mark.parametrize("docs", ["two-unaligned", "equal"])
+def test_tensorflow_documents(mode, docs):
     tf = pytest.importorskip("tensorflow")
-    H, D, cu = 4, 16, DOCS["two-unaligned"]
+    H, D, cu = 4, 16, DOCS[docs]
     T = cu[-1]
     x = [np.random.RandomState(i).randn(1, T, H * D) for i in range(3)]
     want = sa.attention_impl(*(torch.from_numpy(a) for a in x), H, mode, blocksize=16, cu_seqlens=cu, **MODES[mode])
@@ -205,3 +209,26 @@ def test_packed_layout_under_torch_compile():
         f(q, k, v)
     register_layout(lay)
     check_against_reference(f, q, k, v, do, mask=torch.from_numpy(lay.to_dense()))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_documents_of_one_length_run_as_a_batch(mode, monkeypatch):
+    """Documents of one length are a batch of them: no packed layout is built, the pattern runs at
+    their length on a view, and the result is the batch call's; a length the pattern refuses
+    (strided's stride must divide it) takes the packed layout."""
+    import sparse_attention.frontend as fe
+
+    built = []
+    monkeypatch.setattr(fe, "packed_layout", lambda *a, **k: built.append(a) or packed_layout(*a, **k))
+    H, D = 4, 16
+    for cu, n in (([0, 48, 96, 144], 48), ([0, 20, 40, 60], 20)):
+        T = cu[-1]
+        q, k, v = (torch.randn(1, T, H * D, dtype=torch.float64) for _ in range(3))
+        got = sa.blocksparse_attention_impl(q, k, v, H, mode, blocksize=16, cu_seqlens=cu, **MODES[mode])
+        refuses = mode == "strided" and n % MODES[mode]["local_attn_ctx"]
+        assert bool(built) == bool(refuses)
+        if not refuses:
+            batch = [x.view(len(cu) - 1, n, -1) for x in (q, k, v)]
+            want = sa.blocksparse_attention_impl(*batch, H, mode, blocksize=16, **MODES[mode])
+            assert torch.equal(got, want.view(1, T, -1))
+        built.clear()

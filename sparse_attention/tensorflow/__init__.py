@@ -3,6 +3,6 @@
 Imported by ``sparse_attention`` only when a tf tensor arrives; it needs TensorFlow, not torch.
 """
 
-from .attention import blocksparse_attention, dense_attention
+from .attention import blocksparse_attention, dense_attention, reshape_rows
 
-__all__ = ["blocksparse_attention", "dense_attention"]
+__all__ = ["blocksparse_attention", "dense_attention", "reshape_rows"]

@@ -58,6 +58,13 @@ def check_inputs(q, k, v, heads):
     return int(time), int(dim), int(dim) // heads
 
 
+def reshape_rows(x, rows: int):
+    """``[batch, time, dim]`` as ``rows`` rows of ``batch * time / rows``: packed documents of one
+    length as a batch, and back."""
+    dim = x.shape[-1]
+    return tf.reshape(x, [rows, -1, tf.shape(x)[-1] if dim is None else dim])
+
+
 def expand_kv(x, time: int, heads: int, hd: int):
     """Grouped-query key/value columns ``[B, T, kv_heads * hd]`` repeated for ``heads`` query
     heads (query head ``h`` reads key/value head ``h // (heads // kv_heads)``); ``x`` itself

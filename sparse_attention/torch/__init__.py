@@ -11,7 +11,7 @@ autograd, custom ops for ``torch.compile``), :mod:`.merged` (``local | strided``
 from .decode import blocksparse_decode
 from .dispatch import fused_unsupported_reasons, register_layout
 from .interface import blocksparse_attention, blocksparse_attention_bhtd, merged_local_strided_bhtd
-from .reference import dense_attention
+from .reference import dense_attention, reshape_rows
 
 __all__ = [
     "blocksparse_attention",
@@ -21,4 +21,5 @@ __all__ = [
     "fused_unsupported_reasons",
     "merged_local_strided_bhtd",
     "register_layout",
+    "reshape_rows",
 ]

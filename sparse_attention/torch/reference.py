@@ -61,6 +61,12 @@ def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x[:, :, None].expand(b, hk, heads // hk, t, d).reshape(b, heads, t, d)
 
 
+def reshape_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``[batch, time, dim]`` as ``rows`` rows of ``batch * time / rows`` (a view where the
+    strides allow): packed documents of one length as a batch, and back."""
+    return x.reshape(rows, -1, x.shape[-1])
+
+
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """``[batch, heads, time, d]`` -> ``[batch, time, heads * d]``."""
     b, h, t, d = x.shape
