@@ -284,11 +284,12 @@ def test_grouped_query_layer_equals_the_layer_with_repeated_heads(spec, impl):
     torch.testing.assert_close(gx, gx2, rtol=1e-10, atol=1e-10)
 
 
-def test_grouped_query_layer_errors():
+def test_grouped_query_layer_errors_and_cache():
     from sparse_attention.torch.nn import KVCache, SparseSelfAttention
 
     with pytest.raises(ValueError, match="kv_heads must be a positive divisor"):
         SparseSelfAttention(64, 4, "all", kv_heads=3)
     layer = SparseSelfAttention(64, 4, "all", blocksize=16, kv_heads=2)
-    with pytest.raises(ValueError, match="not supported yet"):
-        layer(torch.randn(1, 16, 64), cache=KVCache(1))
+    cache = KVCache(1)  # generation with grouped heads: the cache holds the 2 key/value heads
+    layer(torch.randn(1, 16, 64), cache=cache)
+    assert cache.k[0].shape[1] == 2
