@@ -320,7 +320,8 @@ def packed_layout(
     per row from the pattern's block-level form inside each document, the in-block masks from
     :func:`allowed` on document positions (one mask per block offset inside a document for the
     modes that depend on ``i - j`` only), blocks that hold no allowed pair dropped.
-    ``strided`` runs in natural order here (its residue-major order is per document). Its
+    ``strided`` is laid out in a per-document residue-major order (``perm``: each document's
+    residue classes one after the other, each a dense segment), where it is block sparse. Its
     ``params`` name the mode, with ``cu_seqlens`` as a tuple.
     """
     cu = check_cu_seqlens(cu_seqlens)
@@ -335,6 +336,10 @@ def _packed_layout(cu, heads, attn_mode, local_attn_ctx, blocksize, num_verts, v
     time = int(cu[-1])
     p = validate_pattern(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, causal, documents=True)
     b, mode = p["blocksize"], attn_mode
+    if mode == "strided":
+        lay = _packed_strided(cu, heads, p)
+        params = {k: v for k, v in p.items() if k in ("attn_mode", "local_attn_ctx", "causal")}
+        return dataclasses.replace(lay, params={**params, "cu_seqlens": tuple(int(x) for x in cu)})
     nb = -(-time // b)
     pos = np.arange(nb * b, dtype=np.int64)
     doc = np.searchsorted(cu, pos, side="right") - 1
@@ -411,6 +416,44 @@ def _packed_layout(cu, heads, attn_mode, local_attn_ctx, blocksize, num_verts, v
     lay = _rule_csr(time, b, head_pattern, ent_row, ent_col, ent_head, rule, np.arange(ent_col.size), key)
     params = {k: v for k, v in p.items() if k in ("attn_mode", "local_attn_ctx", "num_verts", "vertsize", "causal")}
     return dataclasses.replace(lay, params={**params, "cu_seqlens": tuple(int(x) for x in cu)})
+
+
+def _packed_strided(cu: np.ndarray, heads: int, p: dict) -> Layout:
+    """Packed ``strided`` in each document's residue-major order: block-order position ``q``
+    holds token ``perm[q]``, the documents one after the other, each document's tokens of local
+    residue ``r`` (mod ``l``) together in one segment, ascending. The allowed pairs are those of
+    one segment (causal: the earlier positions of it), so each row's keys are one contiguous run
+    of positions."""
+    time, b, l, causal = int(cu[-1]), p["blocksize"], p["local_attn_ctx"], p.get("causal", True)
+    nb = -(-time // b)
+    tok = np.arange(time, dtype=np.int64)
+    doc = np.searchsorted(cu, tok, side="right") - 1
+    res = (tok - cu[doc]) % l
+    perm = np.lexsort((tok, res, doc))  # by document, then residue, then position
+    seg = np.full(nb * b, -1, np.int64)  # each position's segment (padding past time: none)
+    seg[:time] = (doc * l + res)[perm]
+    first = np.searchsorted(seg[:time], seg[:time], side="left")  # the segment's first position
+    last = np.searchsorted(seg[:time], seg[:time], side="right") - 1  # and its last
+    r = np.arange(nb, dtype=np.int64)
+    q0, q1 = r * b, np.minimum(r * b + b, time) - 1  # each row's first and last position
+    lo = first[q0] // b
+    hi = r if causal else last[q1] // b
+    ent_row = np.repeat(r, hi - lo + 1)
+    cols = _ranges(lo, hi)
+    # partial: blocks not inside one segment (rows and columns), and causal diagonals
+    whole = lambda x: (seg[x * b] == seg[np.minimum(x * b + b, time) - 1]) & (x * b + b <= time)  # noqa: E731
+    full = whole(ent_row) & whole(cols) & (seg[ent_row * b] == seg[cols * b])
+    if causal:
+        full &= cols < ent_row
+    pos = np.arange(nb * b, dtype=np.int64)
+
+    def rule(i, j, h):
+        same = (seg[i] == seg[j]) & (seg[i] >= 0)
+        return same & (pos[i] >= pos[j]) if causal else same
+
+    head_pattern = np.zeros(heads, np.int64)
+    lay = _rule_csr(time, b, head_pattern, ent_row, cols, np.zeros_like(cols), rule, np.nonzero(~full)[0])
+    return dataclasses.replace(lay, perm=perm)
 
 
 def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

@@ -50,9 +50,12 @@ def test_layout_is_the_closed_form_per_document(mode, docs, causal):
     p = validate_pattern(cu[-1], 4, mode, blocksize=16, causal=causal, documents=True, **kw)
     want = document_mask({**p, "cu_seqlens": cu}, 4)
     assert (np.broadcast_to(lay.to_dense(), want.shape) == want).all()
-    # no enabled block without an allowed pair (work is skipped for such blocks)
+    # no enabled block without an allowed pair (work is skipped for such blocks), in the
+    # layout's block order (strided: each document's residue classes, one segment each)
     blocks = lay.block_layout()
     nb = lay.nb
+    if lay.perm is not None:
+        want = np.broadcast_to(want, (4, *want.shape[-2:]))[:, lay.perm][:, :, lay.perm]
     padded = np.zeros((4, nb * 16, nb * 16), bool)
     padded[:, : cu[-1], : cu[-1]] = want
     pairs = padded.reshape(4, nb, 16, nb, 16).any(axis=(2, 4))
@@ -232,3 +235,14 @@ def test_documents_of_one_length_run_as_a_batch(mode, monkeypatch):
             want = sa.blocksparse_attention_impl(*batch, H, mode, blocksize=16, **MODES[mode])
             assert torch.equal(got, want.view(1, T, -1))
         built.clear()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_strided_is_block_sparse(causal):
+    """Packed ``strided`` runs in each document's residue-major order, where each residue class
+    is one dense segment: a few blocks per row (natural order would enable nearly every block
+    below the diagonal)."""
+    cu = [0, 5000, 5001, 9000, 16384]
+    lay = packed_layout(cu, 1, "strided", 128, blocksize=128, causal=causal)
+    assert lay.perm is not None and sorted(lay.perm.tolist()) == list(range(16384))
+    assert lay.nnz <= 3 * lay.nb
