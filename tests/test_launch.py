@@ -115,7 +115,7 @@ def test_new_signature_goes_through_the_jit(fake_jit):
     assert q2.data_ptr() % 16 == 8
     launch.forward(q2, k, v, lay)
     launch.forward(q2, k, v, lay)
-    launch.forward(*(x.float() for x in (q, k, v)), lay)
+    launch.forward(*(x.float() for x in (q, k, v)), lay)  # another plan, its own kernels
     assert [e[0] for e in fake_jit] == ["jit", "bound", "jit", "bound", "jit"]
 
 
@@ -129,7 +129,8 @@ def test_prebound_off(fake_jit, monkeypatch):
 
 
 def test_key_covers_specialization():
-    """Integers by value, tensors by dtype and address modulo 16; other types are not keyed."""
+    """Integers by value, tensors by address modulo 16; an unhashable argument makes no key.
+    Dtypes and devices are fixed per plan (one plan per dtype and device)."""
     x = torch.zeros(8, dtype=torch.float16)
     a = launch.bound_key((x, 16, 1.5), {"G": 1}, False)
     assert a == launch.bound_key((x.clone(), 16, 1.5), {"G": 1}, False)
@@ -137,5 +138,8 @@ def test_key_covers_specialization():
     assert a != launch.bound_key((x, 16, 1.5), {"G": 2}, False)
     assert a != launch.bound_key((x, 16, 1.5), {"G": 1}, True)
     assert a != launch.bound_key((x[1:], 16, 1.5), {"G": 1}, False)
-    assert a != launch.bound_key((x.float(), 16, 1.5), {"G": 1}, False)
-    assert launch.bound_key((x, None), {}, False) is None
+    with pytest.raises(TypeError):
+        hash(launch.bound_key((x, [1]), {}, False))
+    lay = make_layout(64, 2, "local", 32, blocksize=16)
+    q = torch.zeros(1, 2, 64, 16, dtype=torch.float16)
+    assert launch.plan(lay, q) is not launch.plan(lay, q.float())

@@ -252,8 +252,8 @@ class _Kernel:
     Launches are pre-bound: the first launch of a call signature goes through Triton's JIT (which
     specializes the binary on the arguments: integer values equal to 1 or divisible by 16,
     pointers aligned to 16 bytes, dtypes) and keeps the compiled kernel under a key that is at
-    least as fine (every integer's value, each tensor's dtype and address modulo 16, the
-    device); a later launch with that key calls the compiled kernel directly, skipping the JIT's
+    least as fine (every integer's value, each tensor's address modulo 16; the plan fixes dtypes
+    and device); a later launch with that key calls the compiled kernel directly, skipping the JIT's
     binding, specialization and cache-key work on the host (:func:`bound_key`)."""
 
     __slots__ = ("kernel", "kw", "fixed_tiles", "bound")
@@ -268,7 +268,10 @@ class _Kernel:
         kw = self.kw
         tail = bool(time % kw["BM"] or time % kw["BN"])
         key = None if interpreting() else bound_key(args, extra, tail)
-        hit = self.bound.get(key) if key is not None else None
+        try:
+            hit = self.bound.get(key) if key is not None else None
+        except TypeError:  # an unhashable argument: the JIT launches
+            hit = key = None
         if hit is not None:
             compiled, consts = hit
             _launch_bound(compiled, grid_of(kw["BM"], kw["BN"]), (*args, *consts))
@@ -299,22 +302,15 @@ PREBOUND = True
 
 
 def bound_key(args: tuple, extra: dict, tail: bool):
-    """A launch's signature for the pre-bound path: finer than Triton's specialization (integer
-    values themselves; each tensor's dtype and address modulo 16; the device), or None where an
-    argument is of a type this does not cover (then the JIT launches)."""
+    """A launch's signature for the pre-bound path, finer than Triton's specialization: integer
+    (and float) arguments by value, tensors by their address modulo 16, the compile-time extras.
+    Tensors' dtypes and device are not in it: a kernel belongs to one plan, made per dtype and
+    device, whose tensors (inputs, outputs in the inputs' dtype, float32 statistics, the
+    layout's tables) keep theirs. An unhashable argument makes an unhashable key (then the JIT
+    launches)."""
     if not PREBOUND:
         return None
-    key = [tail, *extra.values(), args[0].device]
-    for a in args:
-        t = type(a)
-        if t is torch.Tensor:
-            key.append(a.dtype)
-            key.append(a.data_ptr() & 15)
-        elif t is int or t is float:
-            key.append(a)
-        else:
-            return None
-    return tuple(key)
+    return (tail, *extra.values(), *[a.data_ptr() & 15 if type(a) is torch.Tensor else a for a in args])
 
 
 def current_stream() -> int:
