@@ -341,7 +341,7 @@ def _gqa_model(patterns, kv_heads, n_ctx=96):
     return SparseTransformer(cfg)
 
 
-GQA_FACTORISATIONS = ["fixed-merged", "strided-heads", "per-block-ratio", "custom-layout"]
+GQA_FACTORISATIONS = ["fixed-merged", "strided-heads", "custom-layout"]
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2])
@@ -370,7 +370,7 @@ def test_grouped_query_model_caches(name, kv_heads, monkeypatch):
     pytest.importorskip("triton")
     from tests._kernel_env import INTERPRET
 
-    if INTERPRET:
+    if INTERPRET and kv_heads == 2 and name == "fixed-merged":  # the rest: tests/test_decode.py
         _check_static(model.float(), x, [33, 50, 7], step=1, bounded=True, kernel=True, monkeypatch=monkeypatch)
 
 
