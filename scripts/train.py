@@ -45,6 +45,7 @@ MODEL_KEYS = (
     "n_ctx",
     "d_model",
     "n_head",
+    "n_kv_head",
     "n_layer",
     "d_ff",
     "dropout",
@@ -75,6 +76,12 @@ def parse_args(argv=None):
         blocksize=32,
         batch=8,
         help={"batch": "global batch (split over processes)"},
+    )
+    p.add_argument(
+        "--n-kv-head",
+        type=int,
+        default=None,
+        help="key/value heads (grouped-query attention; a divisor of --n-head; default: --n-head)",
     )
     p.add_argument("--d-ff", type=int, default=None)
     p.add_argument("--dropout", type=float, default=0.0)
@@ -196,6 +203,7 @@ def build_model(args) -> SparseTransformer:
         n_ctx=args.n_ctx,
         d_model=args.d_model,
         n_head=args.n_head,
+        n_kv_head=args.n_kv_head,
         n_layer=args.n_layer,
         d_ff=args.d_ff,
         dropout=args.dropout,
@@ -297,7 +305,7 @@ def _train(args, rank, world, device) -> list[dict]:
     ckpt_path = out / "ckpt.pt"
     if args.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt["model_args"] != model_args(args):
+        if {"n_kv_head": None, **ckpt["model_args"]} != model_args(args):  # (older checkpoints lack it)
             raise ValueError(
                 f"{ckpt_path} holds a model with {ckpt['model_args']}, the arguments give "
                 f"{model_args(args)}; pass the same model arguments or another --out"

@@ -46,6 +46,12 @@ CASES = {
     "all-contiguous": ("all", dict(balance="contiguous")),
     "custom": ("custom", {}),
     "custom-zigzag": ("custom", dict(balance="zigzag")),
+    # grouped-query attention: k, v of fewer heads; the exchange moves the key/value heads whose
+    # group reads a block
+    "local-gqa": ("local", dict(local_attn_ctx=96, kv_heads=2)),
+    "fixed-mqa": ("fixed", dict(local_attn_ctx=128, num_verts=2, vertsize=1, kv_heads=1)),
+    "all-gqa": ("all", dict(kv_heads=2)),
+    "custom-gqa": ("custom", dict(balance="zigzag", kv_heads=2)),
 }
 
 
@@ -53,13 +59,15 @@ def _mode(name):
     mode, kw = CASES[name]
     kw = dict(kw)
     balance = kw.pop("balance", None)
+    kv_heads = kw.pop("kv_heads", H)
     extra = {k: kw.pop(k) for k in ("natural_order",) if k in kw}
-    return (custom() if mode == "custom" else mode), kw, balance, extra
+    return (custom() if mode == "custom" else mode), kw, balance, extra, kv_heads
 
 
-def needed_block_heads(layout, world, balance, natural=False):
+def needed_block_heads(layout, world, balance, natural=False, kv_heads=None):
     """(key block, head) pairs each rank reads from other ranks, from the dense block layout
-    (independent of the plan): what the exchange may move, only the heads that read a block.
+    (independent of the plan): what the exchange may move, only the heads that read a block
+    (``kv_heads``: the key/value heads, one read where any query head of its group reads).
     ``natural``: shards cut in natural token order, mapped to the layout's blocks by its ``perm``."""
     nb = layout.nb
     chunks = world * (2 if balance == "zigzag" else 1)
@@ -68,15 +76,16 @@ def needed_block_heads(layout, world, balance, natural=False):
     if natural and layout.perm is not None:
         owner = np.repeat(owner, layout.blocksize)[layout.perm[:: layout.blocksize]]
     blocks = layout.block_layout()  # [heads, nb, nb]
-    return sum(
-        int((blocks[h][owner == r].any(axis=0) & (owner != r)).sum()) for r in range(world) for h in range(layout.heads)
-    )
+    kv = layout.heads if kv_heads is None else kv_heads
+    blocks = blocks.reshape(kv, layout.heads // kv, nb, nb).any(axis=1)
+    return sum(int((blocks[h][owner == r].any(axis=0) & (owner != r)).sum()) for r in range(world) for h in range(kv))
 
 
 def run_case(name, dtype, rank, world):
-    mode, kw, balance, extra = _mode(name)
+    mode, kw, balance, extra, kv_heads = _mode(name)
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))  # the same on every rank
-    q, k, v, do = (torch.randn(B, T, H * D, generator=gen, dtype=torch.float64) for _ in range(4))
+    q, do = (torch.randn(B, T, H * D, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(B, T, kv_heads * D, generator=gen, dtype=torch.float64) for _ in range(2))
 
     def ref(a, b, c):
         return attention_impl(a, b, c, H, mode, blocksize=BS, **kw)
@@ -102,13 +111,13 @@ def run_case(name, dtype, rank, world):
     sent = torch.tensor([cp.sent_bytes], dtype=torch.int64)
     dist.all_reduce(sent)
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    need = 2 * needed_block_heads(cp.layout, world, cp.plan.balance, bool(extra)) * BS * B * D * itemsize
+    need = 2 * needed_block_heads(cp.layout, world, cp.plan.balance, bool(extra), kv_heads) * BS * B * D * itemsize
     return {
         "errs": errs,
         "budgets": budgets,
         "sent": int(sent.item()),
         "need": 2 * need,  # forward keys/values, backward their gradients
-        "planned": 2 * cp.exchanged_bytes(B, H * D, itemsize),
+        "planned": 2 * cp.exchanged_bytes(B, H * D, itemsize, kv_heads),
         "ring": cp.plan.ring_bytes(B, H * D, itemsize),
         "work": cp.plan.work().tolist(),
     }

@@ -176,17 +176,27 @@ def test_older_flag_spellings_are_aliases():
 
 @pytest.mark.parametrize(
     "procs,cp,attn",
-    [(2, 2, "fixed"), (2, 2, "fixed/heads"), (4, 2, "local"), (2, 2, "strided"), (2, 2, "local+compile")],
+    [
+        (2, 2, "fixed"),
+        (2, 2, "fixed/heads"),
+        (4, 2, "local"),
+        (2, 2, "strided"),
+        (2, 2, "local+compile"),
+        (2, 2, "fixed@mqa"),
+    ],
 )
 def test_context_parallel_follows_one_process(corpus, tmp_path, procs, cp, attn):
     """--context-parallel C: each sequence sharded over C gloo processes (and the batch over the
     procs / C groups) gives the one-process losses and bits per byte, also with ``--compile``
-    (the sharded attention runs eagerly inside the compiled model). ``strided`` (interleaved
+    (the sharded attention runs eagerly inside the compiled model) and with one key/value head
+    (``--n-kv-head 1``, multi-query attention). ``strided`` (interleaved
     local and strided layers) at 1,024 tokens with stride 16, where its natural-order shards are
     whole blocks of its residue order."""
+    attn, _, mqa = attn.partition("@")  # mqa: one key/value head for the query heads
     attn, _, compiled = attn.partition("+")
     attn, _, factorization = attn.partition("/")  # heads: per-head groups, stacked into one layout
     args = TINY + ["--data", str(corpus), "--steps", "3", "--eval-interval", "3", "--sample-len", "8"]
+    args += ["--n-kv-head", "1"] if mqa else []
     args += ["--factorization", factorization] if factorization else []
     args += ["--attn", attn] + (
         ["--n-ctx", "1024", "--stride", "16", "--factorization", "interleaved", "--val-fraction", "0.1"]

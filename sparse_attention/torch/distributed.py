@@ -31,11 +31,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..frontend import resolve_spec
+from ..frontend import kv_heads_of, resolve_spec
 from ..layouts import Layout
 from ..sharding import ShardPlan, shard_plan
 from .dispatch import choose_engine, engine_pair
-from .reference import check_dtypes, merge_heads, split_heads
+from .reference import check_dtypes, compute_dtype, expand_kv, merge_heads, split_heads, split_qkv
 
 __all__ = ["ContextParallel", "dense_backend", "gather_sequence", "shard_sequence", "sharded_attention"]
 
@@ -123,9 +123,10 @@ class ContextParallel:
                 raise ValueError(
                     f"{name} must have shape [batch, time / world, heads * head_dim], got {tuple(x.shape)}"
                 )
-        if not (q.shape == k.shape == v.shape):
+        if k.shape != v.shape or q.shape[:2] != k.shape[:2]:
             raise ValueError(
-                f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+                f"q, k, v must have the same batch and time and k, v one shape, got {tuple(q.shape)}, "
+                f"{tuple(k.shape)}, {tuple(v.shape)}"
             )
         if q.shape[1] != self.plan.shard_time:
             raise ValueError(
@@ -134,6 +135,7 @@ class ContextParallel:
             )
         if q.shape[2] % self.heads:
             raise ValueError(f"dim ({q.shape[2]}) must be divisible by heads ({self.heads})")
+        kv_heads_of(q.shape[2], k.shape[2], self.heads)  # grouped-query attention: k, v of fewer heads
         qh = split_heads(q, self.heads)
         lays = [self.part.own] + ([self.part.remote] if self.part.remote is not None else [])
         index = max(choose_engine(qh, lay) for lay in lays)  # fused only if both rounds run fused
@@ -146,9 +148,16 @@ class ContextParallel:
         q, k, v = (x.index_select(1, to_layout) for x in (q, k, v))
         return _Sharded.apply(q, k, v, self, index).index_select(1, back)
 
-    def exchanged_bytes(self, batch: int, dim: int, itemsize: int) -> int:
-        """Key/value bytes all ranks send in one forward pass (the backward sends as many back)."""
-        return self.plan.exchanged_bytes(batch, dim, itemsize)
+    def exchanged_bytes(self, batch: int, dim: int, itemsize: int, kv_heads: int | None = None) -> int:
+        """Key/value bytes all ranks send in one forward pass (the backward sends as many back);
+        ``kv_heads``: grouped-query attention, each block sent with the key/value heads whose
+        group reads it."""
+        if kv_heads is None or kv_heads == self.heads:
+            return self.plan.exchanged_bytes(batch, dim, itemsize)
+        pairs = sum(
+            int(_kv_mask(m, kv_heads).sum()) for r in range(self.world) for m in self.plan.rank(r).recv_heads.values()
+        )
+        return 2 * pairs * self.layout.blocksize * batch * (dim // self.heads) * itemsize
 
 
 @functools.cache
@@ -334,8 +343,9 @@ class _Round:
         self.engine = engine_pair(index)
 
     def fwd(self, q, k, v):
-        if self.dense is not None:
-            o, lse, self.aux = _flash_fwd(q, k, v, self.dense == "causal")
+        if self.dense is not None:  # PyTorch's dense kernels take one key/value head per query head
+            H = q.shape[1]
+            o, lse, self.aux = _flash_fwd(q, expand_kv(k, H), expand_kv(v, H), self.dense == "causal")
             return o, lse
         fwd, _, base2 = self.engine
         q, k, v = (_pad_rows(x, self.pad) for x in (q, k, v))
@@ -344,7 +354,11 @@ class _Round:
 
     def bwd(self, do, q, k, v, o, lse):
         if self.dense is not None:
-            return _flash_bwd(do, q, k, v, o, lse, self.dense == "causal", self.aux)
+            H, HK = q.shape[1], k.shape[1]
+            dq, dk, dv = _flash_bwd(do, q, expand_kv(k, H), expand_kv(v, H), o, lse, self.dense == "causal", self.aux)
+            if HK != H:  # each key/value head's gradient: the sum over its group, in the compute dtype
+                dk, dv = (x.unflatten(1, (HK, H // HK)).to(compute_dtype(x.dtype)).sum(2).to(x.dtype) for x in (dk, dv))
+            return dq, dk, dv
         _, bwd, base2 = self.engine
         do, q, k, v, o, lse = (_pad_rows(x, self.pad) for x in (do, q, k, v, o, lse))
         return bwd(do, q, k, v, o, lse / LN2 if base2 else lse, self.layout)
@@ -493,9 +507,16 @@ class _Groups:
             yield tok, hs, kp, vp
 
 
-def _groups(cp: ContextParallel, direction: str, peer: int, device) -> _Groups:
+def _kv_mask(mask: np.ndarray, kv_heads: int) -> np.ndarray:
+    """A ``[blocks, heads]`` mask of the query heads that read each block as one of the key/value
+    heads (grouped-query attention: a kv head travels if any query head of its group reads it)."""
+    n, heads = mask.shape
+    return mask if kv_heads == heads else mask.reshape(n, kv_heads, heads // kv_heads).any(axis=2)
+
+
+def _groups(cp: ContextParallel, direction: str, peer: int, device, kv_heads: int) -> _Groups:
     cache = cp.__dict__.setdefault("_groups", {})
-    key = (direction, peer, str(device))
+    key = (direction, peer, str(device), kv_heads)
     if key not in cache:
         part = cp.part
         if direction == "send":
@@ -503,7 +524,7 @@ def _groups(cp: ContextParallel, direction: str, peer: int, device) -> _Groups:
         else:  # slots of the received blocks in the concatenated receive buffer (sources in order)
             offset = sum(len(part.recv[s]) for s in sorted(part.recv) if s < peer)
             slots, mask = offset + np.arange(len(part.recv[peer])), part.recv_heads[peer]
-        cache[key] = _Groups(slots, mask, cp.layout.blocksize, device)
+        cache[key] = _Groups(slots, _kv_mask(mask, kv_heads), cp.layout.blocksize, device)
     return cache[key]
 
 
@@ -525,11 +546,12 @@ class _Sharded(torch.autograd.Function):
     def forward(ctx, q, k, v, cp: ContextParallel, index: int):
         part, b, H = cp.part, cp.layout.blocksize, cp.heads
         dev, B, D = q.device, q.shape[0], q.shape[2] // H
-        # the blocks other ranks read, with the heads that read them, one flat buffer per peer
-        out = {dst: _groups(cp, "send", dst, dev).pack(k, v, H) for dst in part.send}
-        inc = {src: k.new_empty(_groups(cp, "recv", src, dev).numel(B, D)) for src in part.recv}
+        HK = k.shape[2] // D  # key/value heads (grouped-query attention: fewer than H)
+        # the blocks other ranks read, with the (key/value) heads that read them, one flat buffer per peer
+        out = {dst: _groups(cp, "send", dst, dev, HK).pack(k, v, HK) for dst in part.send}
+        inc = {src: k.new_empty(_groups(cp, "recv", src, dev, HK).numel(B, D)) for src in part.recv}
         reqs = _exchange(cp, out, inc)
-        qh, kh, vh = (split_heads(x, H) for x in (q, k, v))
+        qh, kh, vh = split_qkv(q, k, v, H)
         own = _Round(part.own, index, qh, "causal" if part.own_causal else None)
         t = qh.shape[2]
         o, lse = own.fwd(qh, kh, vh)
@@ -539,13 +561,13 @@ class _Sharded(torch.autograd.Function):
         if part.remote is not None:
             # received blocks in source order; heads a block was not sent for stay 0 (never read)
             n = part.recv_blocks * b
-            only = _groups(cp, "recv", min(inc), dev)
+            only = _groups(cp, "recv", min(inc), dev, HK)
             if len(inc) == 1 and only.whole:  # one source, every head: views of its buffer
-                _, _, kr, vr = next(only.unpack(inc[min(inc)], B, H, D))
+                _, _, kr, vr = next(only.unpack(inc[min(inc)], B, HK, D))
             else:
-                kr, vr = (k.new_zeros(B, n, H, D) for _ in range(2))
+                kr, vr = (k.new_zeros(B, n, HK, D) for _ in range(2))
                 for src in sorted(inc):
-                    for tok, hs, kp, vp in _groups(cp, "recv", src, dev).unpack(inc[src], B, H, D):
+                    for tok, hs, kp, vp in _groups(cp, "recv", src, dev, HK).unpack(inc[src], B, HK, D):
                         _put(kr, tok, hs, kp, add=False)
                         _put(vr, tok, hs, vp, add=False)
             kx, vx = (x.transpose(1, 2) for x in (kr, vr))
@@ -565,7 +587,8 @@ class _Sharded(torch.autograd.Function):
         q, k, v, o, lse, kx, vx = ctx.saved_tensors
         cp, part, H = ctx.cp, ctx.cp.part, ctx.cp.heads
         dev, B, D = q.device, q.shape[0], q.shape[2] // H
-        qh, kh, vh, doh = (split_heads(x, H) for x in (q, k, v, do))
+        HK = k.shape[2] // D
+        (qh, kh, vh), doh = split_qkv(q, k, v, H), split_heads(do, H)
         t = qh.shape[2]
         back, dqx = {}, None
         if part.remote is not None:
@@ -577,8 +600,8 @@ class _Sharded(torch.autograd.Function):
             dox, qx, ox, lx = (_rows(x, rows, every) for x in (doh, qh, o, lse))
             dqx, dkx, dvx = rem.bwd(dox, qx, kx, vx, ox, lx)
             dkr, dvr = (merge_heads(x[:, :, :n]) for x in (dkx, dvx))
-            back = {src: _groups(cp, "recv", src, dev).pack(dkr, dvr, H) for src in part.recv}
-        inc = {dst: k.new_empty(_groups(cp, "send", dst, dev).numel(B, D)) for dst in part.send}
+            back = {src: _groups(cp, "recv", src, dev, HK).pack(dkr, dvr, HK) for src in part.recv}
+        inc = {dst: k.new_empty(_groups(cp, "send", dst, dev, HK).numel(B, D)) for dst in part.send}
         reqs = _exchange(cp, back, inc)
         own = ctx.rounds[0]
         dq, dk, dv = (merge_heads(x[:, :, :t]) for x in own.bwd(doh, qh, kh, vh, o, lse))
@@ -587,10 +610,10 @@ class _Sharded(torch.autograd.Function):
             dq = dq + dqx if every else dq.index_add(1, rows, dqx)
         _wait(reqs)
         if inc:
-            dk, dv = dk.contiguous().view(B, t, H, D), dv.contiguous().view(B, t, H, D)
+            dk, dv = dk.contiguous().view(B, t, HK, D), dv.contiguous().view(B, t, HK, D)
             for dst in sorted(inc):
-                for tok, hs, kp, vp in _groups(cp, "send", dst, dev).unpack(inc[dst], B, H, D):
+                for tok, hs, kp, vp in _groups(cp, "send", dst, dev, HK).unpack(inc[dst], B, HK, D):
                     _put(dk, tok, hs, kp, add=True)
                     _put(dv, tok, hs, vp, add=True)
-            dk, dv = dk.view(B, t, H * D), dv.view(B, t, H * D)
+            dk, dv = dk.view(B, t, HK * D), dv.view(B, t, HK * D)
         return dq, dk, dv, None, None

@@ -94,8 +94,6 @@ class SparseAttention(nn.Module):
 
     def forward(self, q, k, v):
         if self.context is not None:
-            if k.shape != q.shape:
-                raise ValueError("context parallelism with grouped-query heads (fewer k/v heads) is not supported yet")
             return self._sharded(q, k, v)
         return self.forward_unsharded(q, k, v)
 
@@ -323,8 +321,8 @@ class SparseSelfAttention(nn.Module):
             ``1 / sqrt(2 * n_layers)``).
         kv_heads: key/value heads (grouped-query attention, ``heads % kv_heads == 0``; default
             ``heads``): the projection makes ``kv_heads * head_dim`` key and value columns, and a
-            cache holds ``kv_heads`` heads (``heads / kv_heads`` times less memory). Not yet with
-            context parallelism (``ValueError``).
+            cache holds ``kv_heads`` heads (``heads / kv_heads`` times less memory); under context
+            parallelism the ranks exchange key/value heads.
     """
 
     def __init__(
