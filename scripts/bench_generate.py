@@ -160,7 +160,13 @@ def _once_or_median(fn, n, device) -> float:
 def _model_row(a, device, dtype, pattern, specs, n, B):
     torch.manual_seed(0)
     cfg = SparseTransformerConfig(
-        n_ctx=n, d_model=a.d_model, n_head=8, n_layer=a.n_layer, patterns=specs, blocksize=a.blocksize
+        n_ctx=n,
+        d_model=a.d_model,
+        n_head=8,
+        n_kv_head=a.n_kv_head,
+        n_layer=a.n_layer,
+        patterns=specs,
+        blocksize=a.blocksize,
     )
     model = SparseTransformer(cfg).to(device=device, dtype=dtype).eval()
     t0 = n - a.tokens
@@ -273,6 +279,9 @@ def main(argv=None):
     p.add_argument("--model-million", type=int, default=0, help="1: model rows at 1,048,576 tokens (batch 1)")
     p.add_argument("--patterns", type=comma_list(str), default=["dense", "local", "fixed", "strided-interleaved"])
     add_model_args(p, n_layer=4, d_model=512, stride=128, c=32, blocksize=32)
+    p.add_argument(
+        "--n-kv-head", type=int, default=None, help="model rows: key/value heads of the 8 (grouped-query attention)"
+    )
     p.add_argument("--tokens", type=int, default=32, help="decode steps timed per row")
     p.add_argument("--no-flex", dest="flex", action="store_false")
     p.add_argument("--skip", type=comma_list(str), default=[], help="attention and/or model")
