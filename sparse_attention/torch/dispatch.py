@@ -139,15 +139,17 @@ def use_fused(q: torch.Tensor, layout: Layout) -> bool:
 ENGINES = ("fused", "gather")
 
 
-def choose_engine(q: torch.Tensor, layout: Layout) -> int:
-    """Index in :data:`ENGINES` of the engine for ``q`` and ``layout``: the fused kernels where
+def choose_engine(q: torch.Tensor, layout: Layout, heads: int | None = None) -> int:
+    """Index in :data:`ENGINES` of the engine for ``q`` (``[batch, heads, time, head_dim]``, or
+    ``[batch, time, heads * head_dim]`` with ``heads``) and ``layout``: the fused kernels where
     they run, else the block gather. Works on fake tensors too (``torch.compile`` traces it).
     Eagerly, the choice is kept per layout, dtype, device and head_dim (and the environment
     switch), since it depends on nothing else."""
     if torch.compiler.is_compiling():
-        return 0 if use_fused(q, layout) else 1
-    key = ("engine", q.dtype, q.device, q.shape[-1], os.environ.get("SPARSE_ATTENTION_DISABLE_FUSED"))
-    return derived(layout, key, lambda: 0 if use_fused(q, layout) else 1)
+        return 0 if use_fused(q if heads is None else split_heads(q, heads), layout) else 1
+    D = q.shape[-1] if heads is None else q.shape[-1] // heads
+    key = ("engine", q.dtype, q.device, D, os.environ.get("SPARSE_ATTENTION_DISABLE_FUSED"))
+    return derived(layout, key, lambda: 0 if use_fused(q if heads is None else split_heads(q, heads), layout) else 1)
 
 
 def engine_pair(index: int):
@@ -250,7 +252,7 @@ class AttentionOp:
         if heads is not None and torch.compiler.is_compiling():
             # the compiler makes views free: the ops see [b, h, t, d]
             return merge_heads(self(*split_qkv(q, k, v, heads), *layouts))
-        index = choose_engine(q if heads is None else split_heads(q, heads), layouts[0])
+        index = choose_engine(q, layouts[0], heads)
         if torch.compiler.is_compiling():
             return self.fwd_op(q, k, v, *(layout_spec(lay) for lay in layouts), index)[0]
         pair = self.pairs(index)
