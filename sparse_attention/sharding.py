@@ -106,10 +106,12 @@ class ShardPlan:
         ``heads`` (the backward sends back as many gradient blocks)."""
         return sum(self.rank(r).recv_block_heads for r in range(self.world)) / self.layout.heads
 
-    def exchanged_bytes(self, batch: int, dim: int, itemsize: int) -> int:
+    def exchanged_bytes(self, batch: int, dim: int, itemsize: int, kv_heads: int | None = None) -> int:
         """Bytes of keys and values sent over all ranks in one forward pass (``dim = heads * head_dim``):
-        each block with the heads that read it."""
-        pairs = sum(self.rank(r).recv_block_heads for r in range(self.world))
+        each block with the heads that read it (``kv_heads``: grouped-query attention, with the
+        key/value heads whose group reads it, :func:`kv_head_mask`)."""
+        kv = self.layout.heads if kv_heads is None else kv_heads
+        pairs = sum(int(kv_head_mask(m, kv).sum()) for r in range(self.world) for m in self.rank(r).recv_heads.values())
         return 2 * pairs * self.layout.blocksize * batch * (dim // self.layout.heads) * itemsize
 
     def ring_bytes(self, batch: int, dim: int, itemsize: int) -> int:
@@ -119,6 +121,14 @@ class ShardPlan:
     def work(self) -> np.ndarray:
         """Enabled blocks (over heads) of each rank's queries: the compute balance."""
         return np.array([self.rank(r).work for r in range(self.world)])
+
+
+def kv_head_mask(mask: np.ndarray, kv_heads: int) -> np.ndarray:
+    """A ``[blocks, heads]`` mask of the query heads that read each block, as one over
+    ``kv_heads`` key/value heads (grouped-query attention: a key/value head travels where any
+    query head of its group reads the block)."""
+    n, heads = mask.shape
+    return mask if kv_heads == heads else mask.reshape(n, kv_heads, heads // kv_heads).any(axis=2)
 
 
 @functools.lru_cache(maxsize=32)

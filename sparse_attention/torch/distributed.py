@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from ..frontend import kv_heads_of, resolve_spec
 from ..layouts import Layout
-from ..sharding import ShardPlan, shard_plan
+from ..sharding import ShardPlan, kv_head_mask, shard_plan
 from .dispatch import choose_engine, engine_pair
 from .reference import check_dtypes, compute_dtype, expand_kv, merge_heads, split_heads, split_qkv
 
@@ -150,14 +150,8 @@ class ContextParallel:
 
     def exchanged_bytes(self, batch: int, dim: int, itemsize: int, kv_heads: int | None = None) -> int:
         """Key/value bytes all ranks send in one forward pass (the backward sends as many back);
-        ``kv_heads``: grouped-query attention, each block sent with the key/value heads whose
-        group reads it."""
-        if kv_heads is None or kv_heads == self.heads:
-            return self.plan.exchanged_bytes(batch, dim, itemsize)
-        pairs = sum(
-            int(_kv_mask(m, kv_heads).sum()) for r in range(self.world) for m in self.plan.rank(r).recv_heads.values()
-        )
-        return 2 * pairs * self.layout.blocksize * batch * (dim // self.heads) * itemsize
+        ``kv_heads``: grouped-query attention (:meth:`ShardPlan.exchanged_bytes`)."""
+        return self.plan.exchanged_bytes(batch, dim, itemsize, kv_heads)
 
 
 @functools.cache
@@ -507,13 +501,6 @@ class _Groups:
             yield tok, hs, kp, vp
 
 
-def _kv_mask(mask: np.ndarray, kv_heads: int) -> np.ndarray:
-    """A ``[blocks, heads]`` mask of the query heads that read each block as one of the key/value
-    heads (grouped-query attention: a kv head travels if any query head of its group reads it)."""
-    n, heads = mask.shape
-    return mask if kv_heads == heads else mask.reshape(n, kv_heads, heads // kv_heads).any(axis=2)
-
-
 def _groups(cp: ContextParallel, direction: str, peer: int, device, kv_heads: int) -> _Groups:
     cache = cp.__dict__.setdefault("_groups", {})
     key = (direction, peer, str(device), kv_heads)
@@ -524,7 +511,7 @@ def _groups(cp: ContextParallel, direction: str, peer: int, device, kv_heads: in
         else:  # slots of the received blocks in the concatenated receive buffer (sources in order)
             offset = sum(len(part.recv[s]) for s in sorted(part.recv) if s < peer)
             slots, mask = offset + np.arange(len(part.recv[peer])), part.recv_heads[peer]
-        cache[key] = _Groups(slots, _kv_mask(mask, kv_heads), cp.layout.blocksize, device)
+        cache[key] = _Groups(slots, kv_head_mask(mask, kv_heads), cp.layout.blocksize, device)
     return cache[key]
 
 

@@ -160,9 +160,10 @@ def kernel_layout(layout: Layout, head_dim: int) -> Layout:
 
 def _retiled(layout: Layout, tile: int) -> Layout:
     b = layout.blocksize
-    if b == tile or max(b, tile) % min(b, tile) or (max(b, tile) // min(b, tile)) & (max(b, tile) // min(b, tile) - 1):
+    try:
+        out = retile(layout, tile)
+    except ValueError:  # not a power-of-two multiple or divisor of the tile: its own blocks
         return layout
-    out = retile(layout, tile)
     if tile > b and out.nnz * tile * tile > RETILE_MAX_AREA * layout.nnz * b * b:
         return layout
     return out
