@@ -205,6 +205,25 @@ class AsBatch(NamedTuple):
     spec: object
 
 
+class Documents(NamedTuple):
+    """Packed documents of mixed lengths under a built-in causal mode with a closed form per
+    document (``all``, ``local``, ``fixed``): engines with document-aware kernels run ``pattern``
+    (the mode's layout at the packed length) on each document's own positions, from ``cu``
+    (int64, ``[n_docs + 1]``); others run :meth:`layout`, the packed layout, made on first use."""
+
+    cu: np.ndarray
+    pattern: Layout
+    args: tuple  # packed_layout's arguments after cu_seqlens
+
+    def layout(self) -> Layout:
+        return packed_layout(self.cu, *self.args)
+
+
+# Modes whose pattern document-aware kernels run per document (causal): the others (strided, whose
+# period depends on each document's length; the bidirectional modes) run packed layouts.
+DOCUMENT_MODES = ("all", "local", "fixed")
+
+
 def call(fn, reshape, q, k, v, heads, spec):
     """``fn(q, k, v, heads, spec)`` (a backend's attention), through the batch view of
     :class:`AsBatch` (``reshape(x, n)``: ``[batch, time, dim]`` as ``n`` rows)."""
@@ -237,7 +256,11 @@ def _documents(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, ver
         except ValueError:
             pass
     if sparse:
-        return packed_layout(cu, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, causal)
+        args = (heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, causal)
+        if causal is True and attn_mode in DOCUMENT_MODES:
+            pattern = make_layout(time, *args[:-1])
+            return Documents(cu, pattern, args)
+        return packed_layout(cu, *args)
     b = blocksize if attn_mode == "fixed" else None
     p = validate_pattern(time, heads, attn_mode, local_attn_ctx, b, num_verts, vertsize, causal, documents=True)
     return {**p, "cu_seqlens": tuple(int(x) for x in cu)}

@@ -18,6 +18,7 @@ from _kernel_env import launch_fixture  # noqa: F401  (sets TRITON_INTERPRET; th
 import sparse_attention as sa
 from sparse_attention.layouts import packed_layout
 from sparse_attention.modes import document_mask, validate_pattern
+from sparse_attention.torch.dispatch import EagerAttention
 from sparse_attention.torch.reference import masked_attention, merge_heads, split_heads
 
 MODES = {
@@ -127,8 +128,6 @@ def test_bidirectional_documents(mode, docs):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_fused_kernels_on_documents(launch, mode, causal, dtype):
     """The kernels' custom path on a packed layout (NaN-poisoned outputs), grouped heads."""
-    from sparse_attention.torch.dispatch import EagerAttention
-
     cu = DOCS["tiny-and-long"]
     lay = packed_layout(cu, 4, mode, blocksize=16, causal=causal, **MODES[mode])
     g = torch.Generator().manual_seed(4)
@@ -142,6 +141,82 @@ def test_fused_kernels_on_documents(launch, mode, causal, dtype):
 
     fn = lambda a, b, c: EagerAttention.apply(a, b, c, launch.forward, launch.backward, lay)  # noqa: E731
     check_against_reference(fn, q, k, v, do, ref=ref, floor=1e-4)
+
+
+DOCUMENT_MODES = {
+    "all": {},
+    "local": dict(local_attn_ctx=32),
+    "fixed": dict(local_attn_ctx=32, num_verts=2, vertsize=1),
+    "fixed-vs2": dict(local_attn_ctx=64, num_verts=2, vertsize=2),
+}
+
+
+@pytest.mark.parametrize(
+    "dtype,D", [(torch.float32, 32), (torch.float16, 24)], ids=["fp32-D32", "fp16-D24"]
+)  # fmt: skip
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("docs", ["tiny-and-long", "two-unaligned", "one", "aligned"])
+@pytest.mark.parametrize("mode", list(DOCUMENT_MODES))
+def test_kernels_run_the_pattern_per_document(launch, mode, docs, kv_heads, dtype, D):
+    """The built-in kernels on packed documents (``launch.Documents``): each document a sequence
+    of its own length, positions relative to its first token, against float64 attention under
+    the packed layout's mask (outputs NaN-poisoned: a program that skips its tile fails);
+    grouped heads with fixed's summary classes (2 patterns, groups of 2 and 4 heads)."""
+    kw = DOCUMENT_MODES[mode]
+    mode = mode.split("-")[0]
+    cu, H = DOCS[docs], 4
+    T, G = cu[-1], H // kv_heads
+    pattern = sa.make_layout(T, H, mode, blocksize=16, **kw)
+    mask = torch.from_numpy(packed_layout(cu, H, mode, blocksize=16, **kw).to_dense()).to(_device())
+    table = launch.documents(np.asarray(cu, np.int64), H, _device())
+    assert (table.count, table.longest) == (len(cu) - 1, int(np.diff(cu).max()))
+    g = torch.Generator().manual_seed(len(cu) + kv_heads)
+    q, do = (torch.randn(1, H, T, D, generator=g).to(_device(), dtype) for _ in range(2))
+    k, v = (torch.randn(1, kv_heads, T, D, generator=g).to(_device(), dtype) for _ in range(2))
+
+    def ref(a, b, c):
+        return masked_attention(a, b.repeat_interleave(G, 1), c.repeat_interleave(G, 1), mask, dtype=a.dtype)
+
+    def fn(a, b, c):
+        return EagerAttention.apply(a, b, c, launch.forward, launch.backward, pattern, table)
+
+    check_against_reference(fn, q, k, v, do, ref=ref, floor=1e-4)
+
+
+@pytest.mark.parametrize("mode", list(DOCUMENT_MODES))
+def test_public_call_runs_documents_on_the_kernels(launch, mode, monkeypatch):
+    """Mixed lengths through the public call take the document-aware kernels (no packed layout
+    is built) and equal each document alone, forward and gradients, with q, k, v as column views
+    of one packed projection; here the fused engine is chosen by hand (CPU tensors run the
+    interpreter), on the GPU it is the default."""
+    import sparse_attention.frontend as fe
+    from sparse_attention.torch import dispatch
+
+    kw = DOCUMENT_MODES[mode]
+    mode = mode.split("-")[0]
+    monkeypatch.setattr(dispatch, "choose_engine", lambda *a, **k: 0)
+    monkeypatch.setattr(fe, "packed_layout", lambda *a, **k: pytest.fail("a packed layout was built"))
+    H, D, cu = 4, 16, DOCS["tiny-and-long"]
+    T = cu[-1]
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(1, T, 3 * H * D, generator=g).to(_device())
+    do = torch.randn(1, T, H * D, generator=g).to(_device())
+    q, k, v = (qkv[..., i * H * D : (i + 1) * H * D] for i in range(3))
+    ref = _per_document(sa.attention_impl, H, mode, kw, cu, True)
+
+    def packed(a, b, c):
+        return sa.blocksparse_attention_impl(a, b, c, H, mode, blocksize=16, cu_seqlens=cu, **kw)
+
+    got = check_against_reference(packed, q, k, v, do, ref=ref, floor=1e-4)
+    assert got[0].stride() == (T * H * D, H * D, 1)
+
+
+def test_documents_beyond_one_grid_take_the_packed_layout(launch):
+    """More ``documents x heads`` programs than one launch's second grid axis holds: no kernel
+    table (the public call then runs the packed layout)."""
+    cu = np.arange(0, 16 * 70000 + 1, 16 * 70000 // 4)
+    assert launch.documents(cu, 16384, _device()) is None
+    assert launch.documents(cu, 4, _device()) is not None
 
 
 @pytest.mark.parametrize("mode", list(MODES))

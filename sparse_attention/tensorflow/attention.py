@@ -20,6 +20,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
+from ..frontend import Documents
 from ..layouts import Layout
 from ..modes import document_mask, pattern_allowed
 from ..tables import row_chunks, token_index_padded
@@ -223,7 +224,10 @@ def _attend_chunk(q, k, v, chunk: _Chunk, masks):
 
 
 def blocksparse_attention(q, k, v, heads, layout: Layout):
-    """Attention over the enabled blocks of ``layout`` only (see the module docstring)."""
+    """Attention over the enabled blocks of ``layout`` only (see the module docstring); packed
+    documents (:class:`~sparse_attention.frontend.Documents`) run their packed layout."""
+    if isinstance(layout, Documents):
+        layout = layout.layout()
     time, dim, hd = check_inputs(q, k, v, heads)
     k, v = expand_kv(k, time, heads, hd), expand_kv(v, time, heads, hd)
     out_dtype = q.dtype

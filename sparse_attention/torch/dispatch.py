@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from ..frontend import Documents
 from ..layouts import Layout, make_layout
 from . import gather
 from .cache import derived
@@ -38,6 +39,7 @@ __all__ = [
     "attention",
     "attention_bhtd",
     "choose_engine",
+    "document_attention",
     "engine",
     "engine_pair",
     "fused_unsupported_reasons",
@@ -292,6 +294,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, lay
         return merge_heads(attention_bhtd(*split_qkv(q, k, v, heads), layout))
     _register_eagerly(layout)
     return attention_op(q, k, v, layout, heads=heads)
+
+
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, docs: Documents) -> torch.Tensor:
+    """Packed documents of mixed lengths (:class:`~sparse_attention.frontend.Documents`) on
+    validated ``[1, time, heads * head_dim]`` tensors: the fused kernels run the built-in pattern
+    on each document's own positions (no packed layout is built, no table uploaded: a new batch
+    of documents costs one copy of ``cu_seqlens`` to the device). Elsewhere (the CPU, ``torch.compile``,
+    more documents than one launch's grid holds) the packed layout runs on any engine."""
+    pattern = docs.pattern
+    if not torch.compiler.is_compiling() and choose_engine(q, pattern, heads) == 0:
+        from .kernels import launch
+
+        table = launch.documents(docs.cu, heads, q.device)
+        if table is not None:
+            fwd, bwd = packed_pair(launch.forward, launch.backward, heads)
+            return EagerAttention.apply(q, k, v, fwd, bwd, pattern, table)
+    return attention(q, k, v, heads, docs.layout())
 
 
 def _dense_all(layout: Layout) -> bool:

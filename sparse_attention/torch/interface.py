@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import torch
 
+from ..frontend import Documents
 from ..layouts import Layout
-from .dispatch import attention, attention_bhtd
+from .dispatch import attention, attention_bhtd, document_attention
 from .merged import check_merged_pair, merged_attention
 from .reference import check_dtypes
 
 __all__ = ["blocksparse_attention", "blocksparse_attention_bhtd", "merged_local_strided_bhtd"]
 
 
-def blocksparse_attention(q, k, v, heads: int, layout: Layout) -> torch.Tensor:
-    """``blocksparse_attention_impl`` for torch tensors ``[batch, time, dim]`` (shapes validated)."""
+def blocksparse_attention(q, k, v, heads: int, layout: Layout | Documents) -> torch.Tensor:
+    """``blocksparse_attention_impl`` for torch tensors ``[batch, time, dim]`` (shapes validated);
+    ``layout`` may be packed documents (:class:`~sparse_attention.frontend.Documents`)."""
     check_dtypes(q, k, v)
+    if isinstance(layout, Documents):
+        return document_attention(q, k, v, heads, layout)
     return attention(q, k, v, heads, layout)
 
 

@@ -108,6 +108,24 @@ def _summary_start(h, VLO_A, VLO_C, VLO_NV):
 
 
 @triton.jit
+def _sequence(r, T, CU, DOCS: tl.constexpr):
+    """``(b, t0, n)`` of sequence ``r`` (the grid's second axis over heads): batch row ``r``
+    (``b = r``, first token 0, length ``T``), or with packed documents (``DOCS``) document ``r``
+    of the one sequence (batch 0, its first token ``cu[r]``, its length ``cu[r + 1] - cu[r]``).
+    Positions are relative to ``t0``: the pattern restarts at every document's first token."""
+    if DOCS:
+        start = tl.load(CU + r)
+        n = tl.load(CU + r + 1) - start
+        b = (r * 0).to(tl.int64)
+        t0 = start.to(tl.int64)
+    else:
+        b = r.to(tl.int64)
+        t0 = (r * 0).to(tl.int64)
+        n = T
+    return b, t0, n
+
+
+@triton.jit
 def _allowed(qp, kp, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1, P1M, P1S, P1C: tl.constexpr, VSB: tl.constexpr):
     """The in-block rule on positions ``qp [M, 1]`` / ``kp [1, N]`` (or transposed)."""
     if SUMMARY:
@@ -326,6 +344,7 @@ def fwd_kernel(
     VLO_NV,
     HEAD_PAT,
     PERM,
+    CU,
     ROW_PTR,
     COLS,
     MASK_IDX,
@@ -362,22 +381,28 @@ def fwd_kernel(
     G: tl.constexpr,
     TAIL: tl.constexpr,
     HAS_PERM: tl.constexpr,
+    DOCS: tl.constexpr,
 ):
     m_blk, bh = _tile_and_head(True, MODE)
-    b = (bh // H).to(tl.int64)
     h = bh % H
+    # T: the batch rows' length (the statistics' row stride); TN: this sequence's (a document's)
+    b, t0, TN = _sequence(bh // H, T, CU, DOCS)
+    m0 = m_blk * BM
+    if DOCS:
+        if m0 >= TN:  # the grid covers the longest document
+            return
     hk = (h // G).to(tl.int64)  # the key/value head of query head h (grouped-query attention)
-    q_base = Q + b * sqb + h.to(tl.int64) * sqh
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
+    q_base = Q + b * sqb + h.to(tl.int64) * sqh + t0 * sqt
+    k_base = K + b * skb + hk * skh + t0 * skt
+    v_base = V + b * svb + hk * svh + t0 * svt
+    stats = (b * H + h) * T + t0
     PAD_D: tl.constexpr = BLOCK_D != HEAD_D
     offs_d = tl.arange(0, BLOCK_D)
-    m0 = m_blk * BM
     qpos = m0 + tl.arange(0, BM)
     qtok = _tok(qpos, MODE, False, P1, P1M, P1S, P1C, P2, VSB, 0)
     if MODE == 4:
-        qtok = _custom_tok(qpos, PERM, T, HAS_PERM)
-    qvalid = qpos < T  # TAIL: the query tile past time (a position >= T has no token)
+        qtok = _custom_tok(qpos, PERM, TN, HAS_PERM)
+    qvalid = qpos < TN  # TAIL: the query tile past time (a position >= TN has no token)
     q = _load_rows(q_base, qtok, sqt, offs_d, qvalid, TAIL, PAD_D, HEAD_D)  # [BM, BLOCK_D]
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -391,10 +416,10 @@ def fwd_kernel(
             c = tl.load(COLS + e)
             mi = tl.load(MASK_IDX + e)
             kp = c * BN + tl.arange(0, BN)
-            ktok = _custom_tok(kp, PERM, T, HAS_PERM)
+            ktok = _custom_tok(kp, PERM, TN, HAS_PERM)
             # the layout's masks keep keys past time out of every row
-            k = _load_rows(k_base, ktok, skt, offs_d, kp < T, TAIL, PAD_D, HEAD_D)
-            v = _load_rows(v_base, ktok, svt, offs_d, kp < T, TAIL, PAD_D, HEAD_D)
+            k = _load_rows(k_base, ktok, skt, offs_d, kp < TN, TAIL, PAD_D, HEAD_D)
+            v = _load_rows(v_base, ktok, svt, offs_d, kp < TN, TAIL, PAD_D, HEAD_D)
             if mi >= 0:
                 mp = MASKS + mi.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
                 ok = tl.load(mp) != 0
@@ -413,7 +438,7 @@ def fwd_kernel(
         for stage in tl.static_range(5):
             if stage == 2:
                 # after fixed's summary stages, next to its loops (hoisted, fixed compiles differently)
-                lo, flo, fhi, hi = _row_bounds(m0, T, BM, BN, MODE, P1)
+                lo, flo, fhi, hi = _row_bounds(m0, TN, BM, BN, MODE, P1)
             if (MODE == 3 or stage >= 2) and (SPLIT or stage <= 2):
                 if stage == 0:
                     start, end = 0, sf
@@ -437,7 +462,7 @@ def fwd_kernel(
                     svt,
                     start,
                     end,
-                    T,
+                    TN,
                     vlo,
                     qk_scale,
                     offs_d,
@@ -460,12 +485,12 @@ def fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-    o_ptrs = O + b * sob + h.to(tl.int64) * soh + qtok[:, None] * sot + offs_d[None, :]
+    o_ptrs = O + b * sob + h.to(tl.int64) * soh + (t0 + qtok)[:, None] * sot + offs_d[None, :]
     _store_rows(o_ptrs, out.to(O.dtype.element_ty), qvalid, TAIL, PAD_D, HEAD_D, offs_d)
     if TAIL:
-        tl.store(LSE + bh.to(tl.int64) * T + qtok, lse, mask=qvalid)
+        tl.store(LSE + stats + qtok, lse, mask=qvalid)
     else:
-        tl.store(LSE + bh.to(tl.int64) * T + qtok, lse)
+        tl.store(LSE + stats + qtok, lse)
 
 
 @triton.jit
@@ -572,6 +597,7 @@ def dkdv_kernel(
     VLO_NV,
     HEAD_PAT,
     PERM,
+    CU,
     COL_PTR,
     ROWS,
     ENTRY_MASK,
@@ -617,6 +643,7 @@ def dkdv_kernel(
     G: tl.constexpr,
     TAIL: tl.constexpr,
     HAS_PERM: tl.constexpr,
+    DOCS: tl.constexpr,
 ):
     # One program per key tile and key/value head (grouped-query attention: its G query heads
     # are walked in turn, so k and v are read once per group). fixed's summary pass runs one
@@ -628,24 +655,38 @@ def dkdv_kernel(
         NCLS = tl.minimum(VLO_NV, G)
     else:
         NCLS = 1
-    b = (prog // (HK * NCLS)).to(tl.int64)
+    seq = prog // (HK * NCLS)
+    b, t0, TN = _sequence(seq, T, CU, DOCS)
+    n0 = n_blk * BN
+    voff = (t0 * 0).to(tl.int32)  # fixed, packed documents: the document's first virtual summary key
+    if DOCS:
+        # the grid covers the longest document; fixed: document d's groups' virtual summary keys
+        # start at (cu[d] // l + d) * VSB (each document's ceil(n / l) groups fit before the next)
+        if SUMMARY:
+            if n0 >= (TN + P1C - 1) // P1C * VSB:
+                return
+        elif n0 >= TN:
+            return
+        if MODE == 3:
+            voff = (t0 // P1C + seq).to(tl.int32) * VSB
     rem = prog % (HK * NCLS)
     hk = rem // NCLS
     j = rem % NCLS
     hk64 = hk.to(tl.int64)
     PAD_D: tl.constexpr = BLOCK_D != HEAD_D
     offs_d = tl.arange(0, BLOCK_D)
-    n0 = n_blk * BN
     kpos = n0 + tl.arange(0, BN)
     vlo = 0
     if SUMMARY:
         vlo = _summary_start(hk * G + j, VLO_A, VLO_C, VLO_NV)
     ktok = _tok(kpos, MODE, SUMMARY, P1, P1M, P1S, P1C, P2, VSB, vlo)
     if MODE == 4:
-        ktok = _custom_tok(kpos, PERM, T, HAS_PERM)
-    kvalid = (kpos < NKEYS) & (ktok < T)
-    k = _load_rows(K + b * skb + hk64 * skh, ktok, skt, offs_d, kvalid, SUMMARY or TAIL, PAD_D, HEAD_D)  # [BN, BLOCK_D]
-    v = _load_rows(V + b * svb + hk64 * svh, ktok, svt, offs_d, kvalid, SUMMARY or TAIL, PAD_D, HEAD_D)
+        ktok = _custom_tok(kpos, PERM, TN, HAS_PERM)
+    kvalid = (kpos < NKEYS) & (ktok < TN)
+    k_base = K + b * skb + hk64 * skh + t0 * skt
+    v_base = V + b * svb + hk64 * svh + t0 * svt
+    k = _load_rows(k_base, ktok, skt, offs_d, kvalid, SUMMARY or TAIL, PAD_D, HEAD_D)  # [BN, BLOCK_D]
+    v = _load_rows(v_base, ktok, svt, offs_d, kvalid, SUMMARY or TAIL, PAD_D, HEAD_D)
     dk = tl.zeros([BN, BLOCK_D], tl.float32)
     dv = tl.zeros([BN, BLOCK_D], tl.float32)
     # the query heads this program walks: the group's (summary pass: those of its class)
@@ -659,15 +700,15 @@ def dkdv_kernel(
         g0 = 0
         gstep = 1
     if MODE != 4:
-        lo, flo, fhi, hi = _col_bounds(n0, T, BM, BN, MODE, SUMMARY, P1, VSB)
+        lo, flo, fhi, hi = _col_bounds(n0, TN, BM, BN, MODE, SUMMARY, P1, VSB)
     for g in range(g0, G, gstep):
         h = hk * G + g
         hh = h.to(tl.int64)
         bh = b * H + hh
-        q_base = Q + b * sqb + hh * sqh
-        do_base = DO + b * sdb + hh * sdh
-        lse_base = LSE + bh * T
-        d_base = DELTA + bh * T
+        q_base = Q + b * sqb + hh * sqh + t0 * sqt
+        do_base = DO + b * sdb + hh * sdh + t0 * sdt
+        lse_base = LSE + bh * T + t0
+        d_base = DELTA + bh * T + t0
         if MODE == 4:
             pat = tl.load(HEAD_PAT + h)
             cp = COL_PTR + pat.to(tl.int64) * (NBLK + 1) + n_blk
@@ -677,9 +718,9 @@ def dkdv_kernel(
                 r = tl.load(ROWS + e)
                 mi = tl.load(ENTRY_MASK + e)
                 qp = r * BM + tl.arange(0, BM)
-                qtok = _custom_tok(qp, PERM, T, HAS_PERM)
+                qtok = _custom_tok(qp, PERM, TN, HAS_PERM)
                 q, do, lse, delta = _load_query_rows(
-                    q_base, do_base, lse_base, d_base, qtok, qp < T, sqt, sdt, offs_d, TAIL, PAD_D, HEAD_D
+                    q_base, do_base, lse_base, d_base, qtok, qp < TN, sqt, sdt, offs_d, TAIL, PAD_D, HEAD_D
                 )
                 if mi >= 0:
                     # the block mask is [query, key]; read it transposed
@@ -707,7 +748,7 @@ def dkdv_kernel(
                 sdt,
                 lo,
                 hi,
-                T,
+                TN,
                 qk_scale,
                 offs_d,
                 BM,
@@ -726,8 +767,8 @@ def dkdv_kernel(
                 TAIL,
             )
     dk = dk * sm_scale
-    dk_ptrs = DK + b * sgkb + hk64 * sgkh + ktok[:, None] * sgkt + offs_d[None, :]
-    dv_ptrs = DV + b * sgvb + hk64 * sgvh + ktok[:, None] * sgvt + offs_d[None, :]
+    dk_ptrs = DK + b * sgkb + hk64 * sgkh + (t0 + ktok)[:, None] * sgkt + offs_d[None, :]
+    dv_ptrs = DV + b * sgvb + hk64 * sgvh + (t0 + ktok)[:, None] * sgvt + offs_d[None, :]
     smask = kvalid[:, None] & (offs_d[None, :] < HEAD_D)
     # fixed: a summary key's gradients are its local part (first pass) plus its summary part
     # (second pass), summed in float32 and rounded once: the first pass keeps the local part of
@@ -736,7 +777,7 @@ def dkdv_kernel(
     acc_row = ACC + ((b * HK + hk64) * NCLS) * NSUM * 2 * HEAD_D + offs_d[None, :]
     if SUMMARY:
         # each virtual key lies in one tile of one pass: no race
-        acc_ptrs = acc_row + j.to(tl.int64) * NSUM * 2 * HEAD_D + kpos[:, None].to(tl.int64) * (2 * HEAD_D)
+        acc_ptrs = acc_row + j.to(tl.int64) * NSUM * 2 * HEAD_D + (voff + kpos)[:, None].to(tl.int64) * (2 * HEAD_D)
         dk += tl.load(acc_ptrs, mask=smask, other=0.0)
         dv += tl.load(acc_ptrs + HEAD_D, mask=smask, other=0.0)
     elif MODE == 3:
@@ -747,7 +788,7 @@ def dkdv_kernel(
             # epilogue runs once per program, and G = 1 is the common case)
             r = off - _summary_start(hk, VLO_A, VLO_C, VLO_NV)
             is_summary = kvalid & (r >= 0) & (r < VSB)
-            acc_ptrs = acc_row + (group * VSB + r)[:, None] * (2 * HEAD_D)
+            acc_ptrs = acc_row + (voff + group * VSB + r)[:, None] * (2 * HEAD_D)
         else:
             # its summary class c (VLO_A - c * VSB <= off < that + VSB), if any, and whether a head
             # of this group is of that class (then the summary pass finishes the key)
@@ -755,7 +796,7 @@ def dkdv_kernel(
             cls = tl.maximum(VLO_A + VSB - 1 - off, 0) // VSB
             jj = ((cls - hk * G) % VLO_NV + VLO_NV) % VLO_NV
             is_summary = kvalid & in_any & (jj < G)
-            vkey = group * VSB + off - (VLO_A - cls * VSB)
+            vkey = voff + group * VSB + off - (VLO_A - cls * VSB)
             acc_ptrs = acc_row + (jj.to(tl.int64) * NSUM + vkey)[:, None] * (2 * HEAD_D)
         amask = is_summary[:, None] & (offs_d[None, :] < HEAD_D)
         tl.store(acc_ptrs, dk, mask=amask)
@@ -844,6 +885,7 @@ def dq_kernel(
     VLO_NV,
     HEAD_PAT,
     PERM,
+    CU,
     ROW_PTR,
     COLS,
     MASK_IDX,
@@ -887,33 +929,38 @@ def dq_kernel(
     G: tl.constexpr,
     TAIL: tl.constexpr,
     HAS_PERM: tl.constexpr,
+    DOCS: tl.constexpr,
 ):
     m_blk, bh = _tile_and_head(True, MODE)
-    b = (bh // H).to(tl.int64)
     h = bh % H
+    b, t0, TN = _sequence(bh // H, T, CU, DOCS)  # as in the forward kernel
+    m0 = m_blk * BM
+    if DOCS:
+        if m0 >= TN:
+            return
     hh = h.to(tl.int64)
     hk = (h // G).to(tl.int64)  # the key/value head of query head h (grouped-query attention)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
+    k_base = K + b * skb + hk * skh + t0 * skt
+    v_base = V + b * svb + hk * svh + t0 * svt
+    stats = (b * H + hh) * T + t0
     PAD_D: tl.constexpr = BLOCK_D != HEAD_D
     offs_d = tl.arange(0, BLOCK_D)
-    m0 = m_blk * BM
     qpos = m0 + tl.arange(0, BM)
     qtok = _tok(qpos, MODE, False, P1, P1M, P1S, P1C, P2, VSB, 0)
     if MODE == 4:
-        qtok = _custom_tok(qpos, PERM, T, HAS_PERM)
-    qvalid = qpos < T  # TAIL: the query tile past time
+        qtok = _custom_tok(qpos, PERM, TN, HAS_PERM)
+    qvalid = qpos < TN  # TAIL: the query tile past time
     q, do, lse, _ = _load_query_rows(
-        Q + b * sqb + hh * sqh, DO + b * sdb + hh * sdh, LSE + bh.to(tl.int64) * T, LSE, qtok, qvalid, sqt, sdt,
-        offs_d, TAIL, PAD_D, HEAD_D,
+        Q + b * sqb + hh * sqh + t0 * sqt, DO + b * sdb + hh * sdh + t0 * sdt, LSE + stats, LSE, qtok, qvalid,
+        sqt, sdt, offs_d, TAIL, PAD_D, HEAD_D,
     )  # fmt: skip
     # delta = rowsum(dO * O) of this tile's rows, stored for the dK/dV kernel that runs next
-    o = _load_rows(O + b * sob + hh * soh, qtok, sot, offs_d, qvalid, TAIL, PAD_D, HEAD_D)
+    o = _load_rows(O + b * sob + hh * soh + t0 * sot, qtok, sot, offs_d, qvalid, TAIL, PAD_D, HEAD_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if TAIL:
-        tl.store(DELTA + bh.to(tl.int64) * T + qtok, delta, mask=qvalid)
+        tl.store(DELTA + stats + qtok, delta, mask=qvalid)
     else:
-        tl.store(DELTA + bh.to(tl.int64) * T + qtok, delta)
+        tl.store(DELTA + stats + qtok, delta)
     dq = tl.zeros([BM, BLOCK_D], tl.float32)
     if MODE == 4:
         pat = tl.load(HEAD_PAT + h)
@@ -924,10 +971,10 @@ def dq_kernel(
             c = tl.load(COLS + e)
             mi = tl.load(MASK_IDX + e)
             kp = c * BN + tl.arange(0, BN)
-            ktok = _custom_tok(kp, PERM, T, HAS_PERM)
+            ktok = _custom_tok(kp, PERM, TN, HAS_PERM)
             # the layout's masks keep keys past time out of every row
-            k = _load_rows(k_base, ktok, skt, offs_d, kp < T, TAIL, PAD_D, HEAD_D)
-            v = _load_rows(v_base, ktok, svt, offs_d, kp < T, TAIL, PAD_D, HEAD_D)
+            k = _load_rows(k_base, ktok, skt, offs_d, kp < TN, TAIL, PAD_D, HEAD_D)
+            v = _load_rows(v_base, ktok, svt, offs_d, kp < TN, TAIL, PAD_D, HEAD_D)
             if mi >= 0:
                 mp = MASKS + mi.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
                 ok = tl.load(mp) != 0
@@ -942,7 +989,7 @@ def dq_kernel(
         # the forward kernel's stages, in the same order
         for stage in tl.static_range(5):
             if stage == 2:
-                lo, flo, fhi, hi = _row_bounds(m0, T, BM, BN, MODE, P1)
+                lo, flo, fhi, hi = _row_bounds(m0, TN, BM, BN, MODE, P1)
             if (MODE == 3 or stage >= 2) and (SPLIT or stage <= 2):
                 if stage == 0:
                     start, end = 0, sf
@@ -967,7 +1014,7 @@ def dq_kernel(
                     svt,
                     start,
                     end,
-                    T,
+                    TN,
                     vlo,
                     qk_scale,
                     offs_d,
@@ -987,5 +1034,5 @@ def dq_kernel(
                     TAIL,
                 )
     dq = dq * sm_scale
-    dq_ptrs = DQ + b * sgb + hh * sgh + qtok[:, None] * sgt + offs_d[None, :]
+    dq_ptrs = DQ + b * sgb + hh * sgh + (t0 + qtok)[:, None] * sgt + offs_d[None, :]
     _store_rows(dq_ptrs, dq.to(DQ.dtype.element_ty), qvalid, TAIL, PAD_D, HEAD_D, offs_d)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -265,9 +266,10 @@ class _Kernel:
 
     def run(self, grid_of, *args, time: int, **extra) -> None:
         """``time``: the sequence length; a tile that runs past it is masked (``TAIL``, a
-        compile-time flag: lengths that the tiles divide compile without the masks)."""
+        compile-time flag: lengths that the tiles divide compile without the masks; packed
+        documents, ``DOCS``, always mask)."""
         kw = self.kw
-        tail = bool(time % kw["BM"] or time % kw["BN"])
+        tail = _tail(kw, time, extra)
         key = None if interpreting() else bound_key(args, extra, tail)
         try:
             hit = self.bound.get(key) if key is not None else None
@@ -280,7 +282,7 @@ class _Kernel:
         while True:
             kw = self.kw
             try:
-                tail = bool(time % kw["BM"] or time % kw["BN"])
+                tail = _tail(kw, time, extra)
                 compiled = self.kernel[grid_of(kw["BM"], kw["BN"])](*args, **kw, **extra, TAIL=tail)
                 break
             except triton.runtime.errors.OutOfResources:
@@ -294,6 +296,10 @@ class _Kernel:
             names = self.kernel.arg_names[len(args) :]
             if all(name in merged for name in names):  # else a default we do not know: keep the JIT
                 self.bound[key] = (compiled, tuple(merged[name] for name in names))
+
+
+def _tail(kw: dict, time: int, extra: dict) -> bool:
+    return bool(extra.get("DOCS") or time % kw["BM"] or time % kw["BN"])
 
 
 # Pre-bound launch signatures kept per kernel (a training loop has a few; beyond this, the JIT).
@@ -458,6 +464,7 @@ class _Plan:
         self.dq = _Kernel(K.dq_kernel, {**consts, **dq}, custom)
         self.dkdv = _Kernel(K.dkdv_kernel, {**consts, **dkdv, "SUMMARY": False}, custom)
         self.nsum = tab["NSUM"] if mode == K.MODE_FIXED else 0
+        self.period, self.vsb = tab["P1"], tab["VSB"]
         self.dkdv_summary = _Kernel(K.dkdv_kernel, {**consts, **dkdv, "SUMMARY": True}, custom)
         self.custom = custom
         self.vlo = (tab["VLO_A"], tab["VLO_C"], tab["VLO_NV"])
@@ -521,13 +528,14 @@ def _whole_call(fn):
 
     @functools.wraps(fn)
     def run(*args):
-        *ts, layout = args
+        n = next(i for i, a in enumerate(args) if not isinstance(a, torch.Tensor))
+        ts, rest = args[:n], args[n:]
         x = ts[0]
         if x.is_cuda and x.device.index != torch.cuda.current_device():
             with torch.cuda.device(x.device):
                 return run(*args)
         if x.shape[0] * x.shape[1] > MAX_GRID_Y:
-            parts = [fn(*(t[a:b] for t in ts), layout) for a, b in batch_slices(*x.shape[:2])]
+            parts = [fn(*(t[a:b] for t in ts), *rest) for a, b in batch_slices(*x.shape[:2])]
             return tuple(torch.cat(g) for g in zip(*parts))
         return fn(*args)
 
@@ -545,55 +553,109 @@ def kv_group(q: torch.Tensor, k: torch.Tensor) -> int:
     return q.shape[1] // k.shape[1]
 
 
+class Documents(NamedTuple):
+    """Packed documents for the built-in kernels: document ``d`` is tokens ``cu[d]:cu[d + 1]`` of
+    a batch of one; each runs the layout's pattern on its own positions (a row of sequences of
+    their own lengths: the grid covers the ``longest``, shorter documents' programs past their end
+    return at once). ``cu``: int32 on the inputs' device."""
+
+    cu: torch.Tensor
+    count: int
+    longest: int
+
+
+# Recent documents' device tables by their boundaries (a benchmark or an evaluation repeats them).
+_DOCUMENTS: dict = {}
+
+
+def documents(cu: np.ndarray, heads: int, device) -> Documents | None:
+    """The kernels' table of packed documents with boundaries ``cu`` (int64 numpy, checked) on
+    ``device``; None where their programs would not fit one launch's grid (``n_docs * heads``)."""
+    count = len(cu) - 1
+    if count * heads > MAX_GRID_Y:
+        return None
+    key = (cu.tobytes(), str(device))
+    hit = _DOCUMENTS.get(key)
+    if hit is None:
+        if len(_DOCUMENTS) >= 16:
+            del _DOCUMENTS[next(iter(_DOCUMENTS))]
+        table = torch.from_numpy(cu.astype(np.int32)).to(device)
+        hit = _DOCUMENTS[key] = Documents(table, count, int(np.diff(cu).max()))
+    return hit
+
+
+def _sequences(B: int, T: int, docs: Documents | None) -> tuple[int, int]:
+    """``(count, longest length)`` of a call's sequences: the batch's rows, or its documents."""
+    return (B, T) if docs is None else (docs.count, docs.longest)
+
+
+def _summary_keys(p: _Plan, T: int, docs) -> tuple[int, int]:
+    """fixed: ``(per sequence, in all)`` virtual summary keys, the latter the rows of the dK/dV
+    passes' float32 buffer: per row of the batch, or for packed documents one buffer in which
+    document ``d``'s keys start at ``(cu[d] // l + d) * VSB`` (see ``dkdv_kernel``)."""
+    if not p.nsum:
+        return 0, 0
+    if docs is None:
+        return p.nsum, p.nsum
+    l, vsb = p.period, p.vsb
+    return -(-docs.longest // l) * vsb, (T // l + docs.count) * vsb
+
+
 @_whole_call
-def forward(q, k, v, layout: Layout):
+def forward(q, k, v, layout: Layout, docs: Documents | None = None):
     """``(o [B, H, T, D] dtype of q, lse [B, H, T] float32, base 2)``; ``k``, ``v`` may have fewer
-    heads (``[B, HK, T, D]``, ``H % HK == 0``: grouped-query attention)."""
+    heads (``[B, HK, T, D]``, ``H % HK == 0``: grouped-query attention); ``docs``: packed
+    documents (``B == 1``) for a built-in ``layout``."""
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     B, H, T, D = q.shape
     p = plan(layout, q)
     summary, rows, _ = p.tables(q)
+    n_seq, longest = _sequences(B, T, docs)
     o = new_output(q)
     lse = new_output(q, (B, H, T), torch.float32)
     p.fwd.run(
-        lambda bm, bn: (triton.cdiv(T, bm), B * H),
-        *(q, k, v, o, lse), *summary, *rows, *_strides(q, k, v, o), *(T, H, p.nb, p.qk_scale), G=kv_group(q, k), time=T,
+        lambda bm, bn: (triton.cdiv(longest, bm), n_seq * H),
+        *(q, k, v, o, lse), *summary, q if docs is None else docs.cu, *rows, *_strides(q, k, v, o),
+        *(T, H, p.nb, p.qk_scale), G=kv_group(q, k), time=T, DOCS=docs is not None,
     )  # fmt: skip
     return o, lse
 
 
 @_whole_call
-def backward(do, q, k, v, o, lse, layout: Layout):
+def backward(do, q, k, v, o, lse, layout: Layout, docs: Documents | None = None):
     """``(dq, dk, dv)`` for upstream gradient ``do`` (same shapes and dtypes as q, k, v)."""
     do, q, k, v, o = (last_dim_contiguous(x) for x in (do, q, k, v, o))
     B, H, T, D = q.shape
     G = kv_group(q, k)
     p = plan(layout, q)
     summary, rows, cols = p.tables(q)
+    n_seq, longest = _sequences(B, T, docs)
+    cu = q if docs is None else docs.cu
+    flags = dict(G=G, time=T, DOCS=docs is not None)
     delta = new_output(q, (B, H, T), torch.float32)
     dq, dk, dv = new_output(q), new_output(k), new_output(v)
     strides = _strides(q, k, v, do)
     # dQ first: it computes delta = rowsum(dO * O) of its rows and stores it for dK/dV
     p.dq.run(
-        lambda bm, bn: (triton.cdiv(T, bm), B * H),
-        *(q, k, v, do, o, dq, lse, delta), *summary, *rows, *strides, *_strides(o, dq),
-        *(T, H, p.nb, p.qk_scale, p.sm_scale), G=G, time=T,
+        lambda bm, bn: (triton.cdiv(longest, bm), n_seq * H),
+        *(q, k, v, do, o, dq, lse, delta), *summary, cu, *rows, *strides, *_strides(o, dq),
+        *(T, H, p.nb, p.qk_scale, p.sm_scale), **flags,
     )  # fmt: skip
     # dK/dV: one program per key tile and key/value head (fixed: and summary class in its group)
-    nsum = p.nsum
+    nsum, nsum_all = _summary_keys(p, T, docs)
     ncls = min(p.vlo[2], G) if nsum else 1
-    progs = B * (H // G) * ncls
+    progs = n_seq * (H // G) * ncls
     # fixed: the summary keys' float32 partial gradients between the two dK/dV passes
-    acc = new_output(q, (progs, nsum, 2, D), torch.float32) if nsum else dk
+    acc = new_output(q, (B * (H // G) * ncls, nsum_all, 2, D), torch.float32) if nsum else dk
     # the transposed table: per key-block column, its query blocks and their masks
-    args = (q, k, v, do, dk, dv, lse, delta, acc, *summary, *cols, *strides, *_strides(dk, dv))
+    args = (q, k, v, do, dk, dv, lse, delta, acc, *summary, cu, *cols, *strides, *_strides(dk, dv))
     p.dkdv.run(
-        lambda bm, bn: (triton.cdiv(T, bn), progs),
-        *args, *(T, H, p.nb, T, nsum, p.qk_scale, p.sm_scale), G=G, time=T,
+        lambda bm, bn: (triton.cdiv(longest, bn), progs),
+        *args, *(T, H, p.nb, T, nsum_all, p.qk_scale, p.sm_scale), **flags,
     )  # fmt: skip
     if nsum:
         p.dkdv_summary.run(
             lambda bm, bn: (triton.cdiv(nsum, bn), progs),
-            *args, *(T, H, p.nb, nsum, nsum, p.qk_scale, p.sm_scale), G=G, time=T,
+            *args, *(T, H, p.nb, nsum_all, nsum_all, p.qk_scale, p.sm_scale), **flags,
         )  # fmt: skip
     return dq, dk, dv
