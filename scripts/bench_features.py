@@ -2,11 +2,13 @@
 run (grouped-query heads: ``scripts/bench_gqa.py``).
 
 * ``packed``: ``time`` tokens in one sequence as documents (``cu_seqlens``): one document, equal
-  documents of ``--doc-len`` tokens, and a long-tailed mix; against the same tokens without
+  documents of ``--doc-len`` tokens, two unequal ones (3/4 + 1/4) and a long-tailed mix; against the same tokens without
   boundaries (``[1, time]``), the equal documents as a batch (``[time / doc_len, doc_len]``), and
-  Flex under the pattern composed with the document mask. ``layout_ms``: building the packed
-  layout (a new one per batch of documents). ``packed, own blocks``: the fused kernels at the
-  layout's own blocks instead of their tile (``launch.RETILE`` off; GPU only).
+  Flex under the pattern composed with the document mask. The public call runs equal documents
+  as a batch and mixed lengths of ``all``/``local``/``fixed`` on the document-aware kernels;
+  ``packed layout``: the same documents as a packed layout (``attn_mode=packed_layout(...)``, the
+  kernels' table-driven path), and ``layout_ms`` the host time to build it (once per batch of
+  documents).
 * ``bidirectional``: ``causal=False`` against the causal call and Flex's bidirectional mask.
 
 GPU time (CUDA-graph replays) and events, forward and forward+backward, in ms.
@@ -43,9 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--sections", type=comma_list(str, ("packed", "bidirectional")), default=["packed", "bidirectional"])
     p.add_argument("--doc-len", type=int, default=4096, help="length of the equal documents (default: %(default)s)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
-    p.add_argument(
-        "--no-own-blocks", action="store_true", help="skip the packed call at the layout's own blocks (not retiled)"
-    )
+    p.add_argument("--no-packed-layout", action="store_true", help="skip the documents as a packed layout")
     p.add_argument("--out", default=None, help="directory for features.json and features.md")
     return p.parse_args(argv)
 
@@ -126,6 +126,7 @@ def run(args) -> list[dict]:
             mixes = {
                 "1 document": [T],
                 f"{T // args.doc_len} x {args.doc_len}": [args.doc_len] * (T // args.doc_len),
+                f"{3 * T // 4} + {T // 4}": [3 * T // 4, T - 3 * T // 4],
                 "long-tailed": long_tailed(T),
             }
             xs = q, k, v, do = tuple(rand(1, T, H * D) for _ in range(4))
@@ -135,7 +136,7 @@ def run(args) -> list[dict]:
             for name, lens in mixes.items():
                 cu = np.concatenate([[0], np.cumsum(lens)]).tolist()
                 t1 = _time.perf_counter()
-                packed_layout(cu, H, **kw)
+                lay = packed_layout(cu, H, **kw)
                 layout_ms = (_time.perf_counter() - t1) * 1e3
                 res = {"unpacked [1, T]": base, "layout_ms": layout_ms}
                 res["packed"] = fwd_fb_ms(
@@ -144,20 +145,11 @@ def run(args) -> list[dict]:
                     dev,
                 )
                 _log(t0, mode, name, "packed", res["packed"])
-                if dev != "cpu" and not args.no_own_blocks:  # the layout's own blocks as the kernels' tiles
-                    from sparse_attention.torch.kernels import launch
-
-                    launch.RETILE = False
-                    try:
-                        res["packed, own blocks"] = fwd_fb_ms(
-                            lambda a, b, c, cu=cu, kw=kw: sa.blocksparse_attention_impl(
-                                a, b, c, H, cu_seqlens=cu, **kw
-                            ),
-                            *xs,
-                            dev,
-                        )
-                    finally:
-                        launch.RETILE = True
+                if not args.no_packed_layout:
+                    res["packed layout"] = fwd_fb_ms(
+                        lambda a, b, c, lay=lay: sa.blocksparse_attention_impl(a, b, c, H, lay), *xs, dev
+                    )
+                    _log(t0, mode, name, "packed layout", res["packed layout"])
                 if len(set(lens)) == 1 and len(lens) > 1:
                     n = lens[0]
                     res["batch of documents"] = fwd_fb_ms(
@@ -209,16 +201,17 @@ def table(rows: list[dict]) -> str:
     packed = [r for r in rows if r["section"] == "packed"]
     if packed:
         lines += [
-            "| mode | documents | packed | packed, own blocks | unpacked [1, T] | batch of documents | "
-            "Flex + document mask | packed / unpacked | Flex / packed | layout build ms |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| mode | documents | packed | packed layout | unpacked [1, T] | batch of documents | "
+            "Flex + document mask | packed / unpacked | packed layout / packed | Flex / packed | layout build ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in packed:
             r = row["results"]
             lines.append(
-                f"| {row['mode']} | {row['docs']} | {_pair(r, 'packed')} | {_pair(r, 'packed, own blocks')} | "
+                f"| {row['mode']} | {row['docs']} | {_pair(r, 'packed')} | {_pair(r, 'packed layout')} | "
                 f"{_pair(r, 'unpacked [1, T]')} | "
                 f"{_pair(r, 'batch of documents')} | {_pair(r, 'flex')} | {_ratio(r, 'packed', 'unpacked [1, T]')} | "
+                f"{_ratio(r, 'packed layout', 'packed')} | "
                 f"{_ratio(r, 'flex', 'packed')} | {r['layout_ms']:.0f} |"
             )
         lines.append("")

@@ -280,7 +280,8 @@ def test_tile_configs_fit_shared_memory(launch, kind, dtype, D, monkeypatch):
     assert min(cfg["BM"], cfg["BN"]) >= 16 and cfg["num_stages"] >= 1
     if kind == "fwd" and dtype == torch.float16 and D == 256:
         big = from_dense(np.tril(np.ones((256, 256), bool))[None], 128)
-        qb = torch.empty(1, 1, 256, 256, dtype=torch.float16)  # device-independent: the estimate only
+        # the estimate only, on the kernels' device (a CPU tensor on a GPU machine is refused first)
+        qb = torch.empty(1, 1, 256, 256, dtype=torch.float16, device=_device())
         with pytest.raises(ValueError, match="cannot fit head_dim 256"):
             launch._tiles("dkdv", qb, big)
         # at its own blocks it is refused; retiled to the kernels' smaller tile it runs
