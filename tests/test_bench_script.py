@@ -456,7 +456,7 @@ def test_bench_features_smoke_on_the_cpu(tmp_path):
     assert [(r["section"], r["mode"]) for r in rows if r["section"] == "bidirectional"] == [
         ("bidirectional", m) for m in ("all", "local", "strided", "fixed")
     ]
-    assert {r["docs"] for r in rows if r["section"] == "packed"} == {"1 document", "2 x 128", "long-tailed"}
+    assert {r["docs"] for r in rows if r["section"] == "packed"} == {"1 document", "2 x 128", "192 + 64", "long-tailed"}
     for r in rows:
         for name, v in r["results"].items():
             if isinstance(v, dict):
