@@ -206,10 +206,11 @@ class AsBatch(NamedTuple):
 
 
 class Documents(NamedTuple):
-    """Packed documents of mixed lengths under a built-in causal mode with a closed form per
-    document (``all``, ``local``, ``fixed``): engines with document-aware kernels run ``pattern``
-    (the mode's layout at the packed length) on each document's own positions, from ``cu``
-    (int64, ``[n_docs + 1]``); others run :meth:`layout`, the packed layout, made on first use."""
+    """Packed documents of mixed lengths under a built-in mode whose closed form runs per
+    document (``all``, ``local``, ``fixed``, causal or not): engines with document-aware kernels
+    run ``pattern`` (the mode's layout at the packed length) on each document's own positions,
+    from ``cu`` (int64, ``[n_docs + 1]``); others run :meth:`layout`, the packed layout, made on
+    first use."""
 
     cu: np.ndarray
     pattern: Layout
@@ -219,8 +220,8 @@ class Documents(NamedTuple):
         return packed_layout(self.cu, *self.args)
 
 
-# Modes whose pattern document-aware kernels run per document (causal): the others (strided, whose
-# period depends on each document's length; the bidirectional modes) run packed layouts.
+# Modes whose pattern document-aware kernels run per document; strided, whose period depends on
+# each document's length, runs packed layouts.
 DOCUMENT_MODES = ("all", "local", "fixed")
 
 
@@ -257,9 +258,8 @@ def _documents(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, ver
             pass
     if sparse:
         args = (heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, causal)
-        if causal is True and attn_mode in DOCUMENT_MODES:
-            pattern = make_layout(time, *args[:-1])
-            return Documents(cu, pattern, args)
+        if attn_mode in DOCUMENT_MODES:
+            return Documents(cu, make_layout(time, *args), args)
         return packed_layout(cu, *args)
     b = blocksize if attn_mode == "fixed" else None
     p = validate_pattern(time, heads, attn_mode, local_attn_ctx, b, num_verts, vertsize, causal, documents=True)

@@ -278,8 +278,9 @@ def _bidirectional_layout(p: dict) -> Layout:
         return pattern_allowed(p, tok[i], tok[j], h)
 
     lay = _rule_csr(time, b, head_pattern, ent_row, cols, ent_head, rule, cand)
-    params = {k: v for k, v in p.items() if k in ("attn_mode", "local_attn_ctx", "num_verts", "vertsize", "causal")}
-    return dataclasses.replace(lay, perm=perm, params=params)
+    # the pattern's own blocksize too (fixed's summary blocks): kept by retile, whose blocks differ
+    keep = ("attn_mode", "local_attn_ctx", "num_verts", "vertsize", "causal", "blocksize")
+    return dataclasses.replace(lay, perm=perm, params={k: v for k, v in p.items() if k in keep})
 
 
 def check_cu_seqlens(cu_seqlens) -> np.ndarray:

@@ -14,7 +14,8 @@ from _kernel_env import launch_fixture  # noqa: F401  (sets TRITON_INTERPRET; th
 
 import sparse_attention as sa
 from sparse_attention.layouts import make_layout
-from sparse_attention.torch.reference import merge_heads, split_heads
+from sparse_attention.torch.dispatch import EagerAttention
+from sparse_attention.torch.reference import masked_attention, merge_heads, split_heads
 
 
 def _definition(T, H, mode, L=None, b=None, nv=None, vs=None):
@@ -141,18 +142,60 @@ def _args(mode):
     return kw.get("local_attn_ctx"), 16 if mode == "fixed" else None, kw.get("num_verts"), kw.get("vertsize")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("mode", list(MODES))
-def test_fused_kernels_bidirectional(launch, mode, dtype):
-    """The fused kernels on the bidirectional layouts (custom tables; ``strided``'s through its
-    residue-major ``PERM`` table), NaN-poisoned outputs."""
-    from sparse_attention.torch.dispatch import EagerAttention
-
-    lay = make_layout(128, 4, mode, blocksize=16, causal=False, **MODES[mode])
-    assert not launch.unsupported_reasons(torch.empty(1, 4, 128, 32, device=_device(), dtype=dtype), lay)
+@pytest.mark.parametrize("T", [128, 200])
+@pytest.mark.parametrize("dtype,kv_heads", [(torch.float32, 4), (torch.float16, 2)], ids=["fp32", "fp16-gqa"])
+@pytest.mark.parametrize("form", ["closed", "tables"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_kernels_bidirectional(launch, case, form, dtype, kv_heads, T, monkeypatch):
+    """The fused kernels on the bidirectional layouts, NaN-poisoned outputs: the built-in modes'
+    closed form (``closed``; keys after the query, the tile past ``time`` masked, fixed's later
+    summary keys) and the layouts' tables (``tables``; ``strided``'s through its residue-major
+    ``PERM`` table); 200 tokens leave a partial tile; grouped heads in half precision."""
+    mode, kw, b = CASES[case]
+    if mode == "strided" and T % kw["local_attn_ctx"]:
+        pytest.skip("strided's stride must divide time")
+    monkeypatch.setattr(launch, "CLOSED_BIDIRECTIONAL", form == "closed")
+    lay = make_layout(T, 4, mode, blocksize=b, causal=False, **kw)
+    assert (launch.closed_form(lay) is not None) == (form == "closed")
+    assert not launch.unsupported_reasons(torch.empty(1, 4, T, 32, device=_device(), dtype=dtype), lay)
     g = torch.Generator().manual_seed(2)
-    q, k, v, do = (torch.randn(1, 4, 128, 32, generator=g).to(_device(), dtype) for _ in range(4))
-    fn = lambda a, b, c: EagerAttention.apply(a, b, c, launch.forward, launch.backward, lay)  # noqa: E731
+    q, do = (torch.randn(1, 4, T, 32, generator=g).to(_device(), dtype) for _ in range(2))
+    k, v = (torch.randn(1, kv_heads, T, 32, generator=g).to(_device(), dtype) for _ in range(2))
+    mask = torch.from_numpy(lay.to_dense()).to(q.device)
+    G = 4 // kv_heads
+
+    def ref(a, b_, c):
+        return masked_attention(a, b_.repeat_interleave(G, 1), c.repeat_interleave(G, 1), mask, dtype=a.dtype)
+
+    fn = lambda a, b_, c: EagerAttention.apply(a, b_, c, launch.forward, launch.backward, lay)  # noqa: E731
+    check_against_reference(fn, q, k, v, do, ref=ref, floor=1e-4)
+
+
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("case", ["all", "local-L48", "strided-l32", "fixed-nv2-vs2"])
+def test_closed_form_loops_bidirectional(launch, case, split, monkeypatch):
+    """Both loop structures of the closed form (full tiles in their own unmasked loops, or one
+    masked loop) at a length where a query tile's keys span several tiles on both sides."""
+    mode, kw, b = CASES[case]
+    monkeypatch.setattr(launch, "SPLIT_OVERRIDE", split)
+    T = 256 if mode == "strided" else 232
+    lay = make_layout(T, 4, mode, blocksize=b, causal=False, **kw)
+    g = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(1, 4, T, 16, generator=g).to(_device()) for _ in range(4))
+    fn = lambda a, b_, c: EagerAttention.apply(a, b_, c, launch.forward, launch.backward, lay)  # noqa: E731
+    check_against_reference(fn, q, k, v, do, mask=torch.from_numpy(lay.to_dense()).to(q.device))
+
+
+def test_retiled_bidirectional_keeps_its_closed_form(launch):
+    """A bidirectional layout retiled by the user keeps the pattern's own blocksize for the
+    closed form (fixed's summary blocks are 16 wide here, the layout's blocks 32)."""
+    from sparse_attention.layouts import retile
+
+    lay = retile(make_layout(192, 4, "fixed", blocksize=16, causal=False, **CASES["fixed-nv2"][1]), 32)
+    assert lay.blocksize == 32 and launch.closed_form(lay)[1]["blocksize"] == 16
+    g = torch.Generator().manual_seed(4)
+    q, k, v, do = (torch.randn(1, 4, 192, 16, generator=g).to(_device()) for _ in range(4))
+    fn = lambda a, b_, c: EagerAttention.apply(a, b_, c, launch.forward, launch.backward, lay)  # noqa: E731
     check_against_reference(fn, q, k, v, do, mask=torch.from_numpy(lay.to_dense()).to(q.device))
 
 

@@ -156,18 +156,22 @@ DOCUMENT_MODES = {
 )  # fmt: skip
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("docs", ["tiny-and-long", "two-unaligned", "one", "aligned"])
+@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("mode", list(DOCUMENT_MODES))
-def test_kernels_run_the_pattern_per_document(launch, mode, docs, kv_heads, dtype, D):
+def test_kernels_run_the_pattern_per_document(launch, mode, causal, docs, kv_heads, dtype, D):
     """The built-in kernels on packed documents (``launch.Documents``): each document a sequence
-    of its own length, positions relative to its first token, against float64 attention under
-    the packed layout's mask (outputs NaN-poisoned: a program that skips its tile fails);
-    grouped heads with fixed's summary classes (2 patterns, groups of 2 and 4 heads)."""
+    of its own length, positions relative to its first token, causal or bidirectional, against
+    float64 attention under the packed layout's mask (outputs NaN-poisoned: a program that skips
+    its tile fails); grouped heads with fixed's summary classes (2 patterns, groups of 2 and 4
+    heads)."""
     kw = DOCUMENT_MODES[mode]
     mode = mode.split("-")[0]
     cu, H = DOCS[docs], 4
     T, G = cu[-1], H // kv_heads
-    pattern = sa.make_layout(T, H, mode, blocksize=16, **kw)
-    mask = torch.from_numpy(packed_layout(cu, H, mode, blocksize=16, **kw).to_dense()).to(_device())
+    pattern = sa.make_layout(T, H, mode, blocksize=16, causal=causal, **kw)
+    assert launch.closed_form(pattern) is not None
+    lay = packed_layout(cu, H, mode, blocksize=16, causal=causal, **kw)
+    mask = torch.from_numpy(lay.to_dense()).to(_device())
     table = launch.documents(np.asarray(cu, np.int64), H, _device())
     assert (table.count, table.longest) == (len(cu) - 1, int(np.diff(cu).max()))
     g = torch.Generator().manual_seed(len(cu) + kv_heads)
@@ -183,8 +187,9 @@ def test_kernels_run_the_pattern_per_document(launch, mode, docs, kv_heads, dtyp
     check_against_reference(fn, q, k, v, do, ref=ref, floor=1e-4)
 
 
+@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("mode", list(DOCUMENT_MODES))
-def test_public_call_runs_documents_on_the_kernels(launch, mode, monkeypatch):
+def test_public_call_runs_documents_on_the_kernels(launch, mode, causal, monkeypatch):
     """Mixed lengths through the public call take the document-aware kernels (no packed layout
     is built) and equal each document alone, forward and gradients, with q, k, v as column views
     of one packed projection; here the fused engine is chosen by hand (CPU tensors run the
@@ -202,10 +207,10 @@ def test_public_call_runs_documents_on_the_kernels(launch, mode, monkeypatch):
     qkv = torch.randn(1, T, 3 * H * D, generator=g).to(_device())
     do = torch.randn(1, T, H * D, generator=g).to(_device())
     q, k, v = (qkv[..., i * H * D : (i + 1) * H * D] for i in range(3))
-    ref = _per_document(sa.attention_impl, H, mode, kw, cu, True)
+    ref = _per_document(sa.attention_impl, H, mode, kw, cu, causal)
 
     def packed(a, b, c):
-        return sa.blocksparse_attention_impl(a, b, c, H, mode, blocksize=16, cu_seqlens=cu, **kw)
+        return sa.blocksparse_attention_impl(a, b, c, H, mode, blocksize=16, causal=causal, cu_seqlens=cu, **kw)
 
     got = check_against_reference(packed, q, k, v, do, ref=ref, floor=1e-4)
     assert got[0].stride() == (T * H * D, H * D, 1)

@@ -306,7 +306,8 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     if not torch.compiler.is_compiling() and choose_engine(q, pattern, heads) == 0:
         from .kernels import launch
 
-        table = launch.documents(docs.cu, heads, q.device)
+        # the kernels' closed form of the pattern (a bidirectional one's may be switched off)
+        table = None if launch.closed_form(pattern) is None else launch.documents(docs.cu, heads, q.device)
         if table is not None:
             fwd, bwd = packed_pair(launch.forward, launch.backward, heads)
             return EagerAttention.apply(q, k, v, fwd, bwd, pattern, table)

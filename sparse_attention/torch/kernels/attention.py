@@ -126,23 +126,48 @@ def _sequence(r, T, CU, DOCS: tl.constexpr):
 
 
 @triton.jit
-def _allowed(qp, kp, MODE: tl.constexpr, SUMMARY: tl.constexpr, P1, P1M, P1S, P1C: tl.constexpr, VSB: tl.constexpr):
-    """The in-block rule on positions ``qp [M, 1]`` / ``kp [1, N]`` (or transposed)."""
+def _allowed(
+    qp,
+    kp,
+    MODE: tl.constexpr,
+    SUMMARY: tl.constexpr,
+    P1,
+    P1M,
+    P1S,
+    P1C: tl.constexpr,
+    VSB: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
+    """The in-block rule on positions ``qp [M, 1]`` / ``kp [1, N]`` (or transposed); not
+    ``CAUSAL``: the bidirectional mode (SEMANTICS.md), on keys before and after the query."""
     if SUMMARY:
-        ok = kp // VSB < _div(qp, P1M, P1S, P1C)
+        if CAUSAL:
+            ok = kp // VSB < _div(qp, P1M, P1S, P1C)
+        else:  # every other group's summary keys (the own group's are in the local part)
+            ok = kp // VSB != _div(qp, P1M, P1S, P1C)
     elif MODE == 0:
-        ok = kp <= qp
+        if CAUSAL:
+            ok = kp <= qp
+        else:
+            ok = (kp >= 0) & (qp >= 0)
     elif MODE == 1:
-        ok = (kp <= qp) & (qp - kp < P1)
+        if CAUSAL:
+            ok = (kp <= qp) & (qp - kp < P1)
+        else:
+            ok = (qp - kp < P1) & (kp - qp < P1)
     else:
         # strided (segments of n positions) and fixed's local part (groups of l tokens)
-        ok = (kp <= qp) & (_div(qp, P1M, P1S, P1C) == _div(kp, P1M, P1S, P1C))
+        ok = _div(qp, P1M, P1S, P1C) == _div(kp, P1M, P1S, P1C)
+        if CAUSAL:
+            ok = ok & (kp <= qp)
     return ok
 
 
 @triton.jit
-def _row_bounds(m0, T, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, P1):
+def _row_bounds(m0, T, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, P1, CAUSAL: tl.constexpr):
     """Key positions of the query tile [m0, m0 + BM): masked [lo, flo), full [flo, fhi), masked [fhi, hi)."""
+    if not CAUSAL:
+        return _row_bounds_bidirectional(m0, T, BM, BN, MODE, P1)
     hi = tl.minimum((m0 + BM + BN - 1) // BN * BN, T)
     fhi = (m0 + 1) // BN * BN
     if MODE == 1:
@@ -162,15 +187,52 @@ def _row_bounds(m0, T, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, P
 
 
 @triton.jit
-def _summary_bounds(m0, BM: tl.constexpr, BN: tl.constexpr, P1, VSB: tl.constexpr):
+def _row_bounds_bidirectional(m0, T, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, P1):
+    """:func:`_row_bounds` of the bidirectional modes: keys after the query tile too; full tiles
+    end before the tile that ``T`` cuts (whose keys past ``T`` the masked loops drop)."""
+    tfull = T // BN * BN
+    if MODE == 1:  # |i - j| < L
+        lo = tl.maximum(m0 - P1 + 1, 0) // BN * BN
+        hi = tl.minimum(m0 + BM - 1 + P1, T)
+        flo = (tl.maximum(m0 + BM - P1, 0) + BN - 1) // BN * BN
+        fhi = tl.minimum((m0 + P1) // BN * BN, tfull)
+    elif MODE == 0:
+        lo = m0 * 0
+        flo = m0 * 0
+        fhi = tfull + m0 * 0
+        hi = T + m0 * 0
+    else:  # the segments (groups) of the tile's rows, whole
+        seg0 = m0 // P1 * P1
+        seg1 = ((m0 + BM - 1) // P1 + 1) * P1
+        lo = seg0 // BN * BN
+        hi = tl.minimum(seg1, T)
+        same = (m0 + BM - 1) // P1 == m0 // P1
+        flo = tl.where(same, (seg0 + BN - 1) // BN * BN, hi)
+        fhi = tl.where(same, tl.minimum(seg1 // BN * BN, tfull), hi)
+    fhi = tl.maximum(fhi, lo)
+    flo = tl.minimum(tl.maximum(flo, lo), fhi)
+    return lo, flo, fhi, hi
+
+
+@triton.jit
+def _summary_bounds(m0, T, vlo, BM: tl.constexpr, BN: tl.constexpr, P1, VSB: tl.constexpr, CAUSAL: tl.constexpr):
     """fixed: the virtual summary keys (``VSB`` per group of ``P1`` tokens) of the query tile
     [m0, m0 + BM): full [0, sf) (the groups before the tile's first group), masked [sf, se) (up to
-    its last group)."""
+    its last group); bidirectional, also the later groups' keys: full [se, sa) (those wholly
+    before ``T``), masked [sa, sz) (the last ones, cut by ``T``)."""
     g0 = m0 // P1
     g1 = (m0 + BM - 1) // P1
     sf = g0 * VSB // BN * BN
-    se = (g1 * VSB + BN - 1) // BN * BN
-    return sf, se
+    if CAUSAL:
+        se = (g1 * VSB + BN - 1) // BN * BN
+        sa = se
+        sz = se
+    else:
+        se = ((g1 + 1) * VSB + BN - 1) // BN * BN
+        whole = tl.maximum(T - vlo - VSB + P1, 0) // P1 * VSB  # groups whose summary keys are all < T
+        sa = tl.maximum(se, whole // BN * BN)
+        sz = tl.maximum(sa, (T + P1 - 1) // P1 * VSB)
+    return sf, se, sa, sz
 
 
 @triton.jit
@@ -183,8 +245,21 @@ def _col_bounds(
     SUMMARY: tl.constexpr,
     P1,
     VSB: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
-    """Query positions of the key tile [n0, n0 + BN): masked [lo, flo), full [flo, fhi), masked [fhi, hi)."""
+    """Query positions of the key tile [n0, n0 + BN): masked [lo, flo), full [flo, fhi), masked
+    [fhi, hi); bidirectional: [lo, hi) only (the dK/dV loops mask every tile)."""
+    if not CAUSAL:
+        if SUMMARY or MODE == 0:  # every query (fixed: the own group's masked)
+            lo = n0 * 0
+            hi = T + n0 * 0
+        elif MODE == 1:
+            lo = tl.maximum(n0 - P1 + 1, 0) // BM * BM
+            hi = tl.minimum(n0 + BN - 1 + P1, T)
+        else:
+            lo = n0 // P1 * P1 // BM * BM
+            hi = tl.minimum(((n0 + BN - 1) // P1 + 1) * P1, T)
+        return lo, lo, lo, hi
     if SUMMARY:
         lo = tl.minimum((n0 // VSB + 1) * P1 // BM * BM, T)
         flo = ((n0 + BN - 1) // VSB + 1) * P1
@@ -292,6 +367,7 @@ def _fwd_range(
     HEAD_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
     TAIL: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     for n0 in range(start, end, BN):
         kpos = n0 + tl.arange(0, BN)
@@ -306,7 +382,9 @@ def _fwd_range(
         k = _load_rows(k_base, ktok, skt, offs_d, rmask, mrows, PAD_D, HEAD_D)
         v = _load_rows(v_base, ktok, svt, offs_d, rmask, mrows, PAD_D, HEAD_D)
         if MASKED:
-            ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB)
+            ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB, CAUSAL)
+            if not CAUSAL:  # keys past time (in causal patterns, later than every query)
+                ok = ok & rmask[None, :]
         else:
             ok = None
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, ok, qk_scale, MASKED, DOT_PREC)
@@ -382,6 +460,7 @@ def fwd_kernel(
     TAIL: tl.constexpr,
     HAS_PERM: tl.constexpr,
     DOCS: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     m_blk, bh = _tile_and_head(True, MODE)
     h = bh % H
@@ -430,23 +509,29 @@ def fwd_kernel(
         vlo = 0
         if MODE == 3:
             vlo = _summary_start(h, VLO_A, VLO_C, VLO_NV)
-            sf, se = _summary_bounds(m0, BM, BN, P1, VSB)
+            sf, se, sa, sz = _summary_bounds(m0, TN, vlo, BM, BN, P1, VSB, CAUSAL)
         # One loop over the key ranges, unrolled (constexpr stage), in the order they accumulate:
-        # fixed's summary keys, full [0, sf) (0) then masked [sf, se) (1); then the pattern's own
-        # keys, masked [lo, flo), full [flo, fhi), masked [fhi, hi) (2, 3, 4) when SPLIT, else one
-        # masked loop over [lo, hi) (2): with few tiles per row it pipelines better than three.
-        for stage in tl.static_range(5):
-            if stage == 2:
+        # fixed's summary keys, full [0, sf) (0) then masked [sf, se) (1), bidirectional also
+        # full [se, sa) (2) and masked [sa, sz) (3); then the pattern's own keys, masked [lo,
+        # flo), full [flo, fhi), masked [fhi, hi) (4, 5, 6) when SPLIT, else one masked loop over
+        # [lo, hi) (4): with few tiles per row it pipelines better than three.
+        for stage in tl.static_range(7):
+            if stage == 4:
                 # after fixed's summary stages, next to its loops (hoisted, fixed compiles differently)
-                lo, flo, fhi, hi = _row_bounds(m0, TN, BM, BN, MODE, P1)
-            if (MODE == 3 or stage >= 2) and (SPLIT or stage <= 2):
+                lo, flo, fhi, hi = _row_bounds(m0, TN, BM, BN, MODE, P1, CAUSAL)
+            summary_stage: tl.constexpr = MODE == 3 and (stage < 2 or (stage < 4 and not CAUSAL))
+            if summary_stage or (stage == 4 or (SPLIT and stage > 4)):
                 if stage == 0:
                     start, end = 0, sf
                 elif stage == 1:
                     start, end = sf, se
                 elif stage == 2:
-                    start, end = lo, (flo if SPLIT else hi)
+                    start, end = se, sa
                 elif stage == 3:
+                    start, end = sa, sz
+                elif stage == 4:
+                    start, end = lo, (flo if SPLIT else hi)
+                elif stage == 5:
                     start, end = flo, fhi
                 else:
                     start, end = fhi, hi
@@ -468,18 +553,19 @@ def fwd_kernel(
                     offs_d,
                     BN,
                     MODE,
-                    stage < 2,  # SUMMARY
+                    stage < 4,  # SUMMARY
                     P1,
                     P1M,
                     P1S,
                     P1C,
                     P2,
                     VSB,
-                    stage != 0 and stage != 3,  # MASKED
+                    stage == 1 or stage == 3 or stage == 4 or stage == 6,  # MASKED
                     PAD_D,
                     HEAD_D,
                     DOT_PREC,
                     TAIL,
+                    CAUSAL,
                 )
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -566,6 +652,7 @@ def _dkdv_range(
     HEAD_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
     TAIL: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     for m0 in range(start, end, BM):
         qpos = m0 + tl.arange(0, BM)
@@ -574,7 +661,7 @@ def _dkdv_range(
             q_base, do_base, lse_base, d_base, qtok, qpos < T, sqt, sdt, offs_d, TAIL, PAD_D, HEAD_D
         )
         if MASKED:
-            ok = _allowed(qpos[None, :], kpos[:, None], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB)
+            ok = _allowed(qpos[None, :], kpos[:, None], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB, CAUSAL)
         else:
             ok = None
         dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, ok, qk_scale, MASKED, DOT_PREC)
@@ -644,6 +731,7 @@ def dkdv_kernel(
     TAIL: tl.constexpr,
     HAS_PERM: tl.constexpr,
     DOCS: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     # One program per key tile and key/value head (grouped-query attention: its G query heads
     # are walked in turn, so k and v are read once per group). fixed's summary pass runs one
@@ -700,7 +788,7 @@ def dkdv_kernel(
         g0 = 0
         gstep = 1
     if MODE != 4:
-        lo, flo, fhi, hi = _col_bounds(n0, TN, BM, BN, MODE, SUMMARY, P1, VSB)
+        lo, flo, fhi, hi = _col_bounds(n0, TN, BM, BN, MODE, SUMMARY, P1, VSB, CAUSAL)
     for g in range(g0, G, gstep):
         h = hk * G + g
         hh = h.to(tl.int64)
@@ -765,6 +853,7 @@ def dkdv_kernel(
                 HEAD_D,
                 DOT_PREC,
                 TAIL,
+                CAUSAL,
             )
     dk = dk * sm_scale
     dk_ptrs = DK + b * sgkb + hk64 * sgkh + (t0 + ktok)[:, None] * sgkt + offs_d[None, :]
@@ -849,6 +938,7 @@ def _dq_range(
     HEAD_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
     TAIL: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     for n0 in range(start, end, BN):
         kpos = n0 + tl.arange(0, BN)
@@ -863,7 +953,9 @@ def _dq_range(
         k = _load_rows(k_base, ktok, skt, offs_d, rmask, mrows, PAD_D, HEAD_D)
         v = _load_rows(v_base, ktok, svt, offs_d, rmask, mrows, PAD_D, HEAD_D)
         if MASKED:
-            ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB)
+            ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB, CAUSAL)
+            if not CAUSAL:  # keys past time (in causal patterns, later than every query)
+                ok = ok & rmask[None, :]
         else:
             ok = None
         dq = _dq_step(dq, q, do, k, v, lse, delta, ok, qk_scale, MASKED, DOT_PREC)
@@ -930,6 +1022,7 @@ def dq_kernel(
     TAIL: tl.constexpr,
     HAS_PERM: tl.constexpr,
     DOCS: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     m_blk, bh = _tile_and_head(True, MODE)
     h = bh % H
@@ -985,19 +1078,24 @@ def dq_kernel(
         vlo = 0
         if MODE == 3:
             vlo = _summary_start(h, VLO_A, VLO_C, VLO_NV)
-            sf, se = _summary_bounds(m0, BM, BN, P1, VSB)
+            sf, se, sa, sz = _summary_bounds(m0, TN, vlo, BM, BN, P1, VSB, CAUSAL)
         # the forward kernel's stages, in the same order
-        for stage in tl.static_range(5):
-            if stage == 2:
-                lo, flo, fhi, hi = _row_bounds(m0, TN, BM, BN, MODE, P1)
-            if (MODE == 3 or stage >= 2) and (SPLIT or stage <= 2):
+        for stage in tl.static_range(7):
+            if stage == 4:
+                lo, flo, fhi, hi = _row_bounds(m0, TN, BM, BN, MODE, P1, CAUSAL)
+            summary_stage: tl.constexpr = MODE == 3 and (stage < 2 or (stage < 4 and not CAUSAL))
+            if summary_stage or (stage == 4 or (SPLIT and stage > 4)):
                 if stage == 0:
                     start, end = 0, sf
                 elif stage == 1:
                     start, end = sf, se
                 elif stage == 2:
-                    start, end = lo, (flo if SPLIT else hi)
+                    start, end = se, sa
                 elif stage == 3:
+                    start, end = sa, sz
+                elif stage == 4:
+                    start, end = lo, (flo if SPLIT else hi)
+                elif stage == 5:
                     start, end = flo, fhi
                 else:
                     start, end = fhi, hi
@@ -1020,18 +1118,19 @@ def dq_kernel(
                     offs_d,
                     BN,
                     MODE,
-                    stage < 2,  # SUMMARY
+                    stage < 4,  # SUMMARY
                     P1,
                     P1M,
                     P1S,
                     P1C,
                     P2,
                     VSB,
-                    stage != 0 and stage != 3,  # MASKED
+                    stage == 1 or stage == 3 or stage == 4 or stage == 6,  # MASKED
                     PAD_D,
                     HEAD_D,
                     DOT_PREC,
                     TAIL,
+                    CAUSAL,
                 )
     dq = dq * sm_scale
     dq_ptrs = DQ + b * sgb + hh * sgh + (t0 + qtok)[:, None] * sgt + offs_d[None, :]

@@ -111,7 +111,7 @@ def unsupported_reasons(q: torch.Tensor, layout: Layout) -> list[str]:
         why.append(f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}")
     elif q.dtype == torch.float32 and q.shape[-1] > MAX_HEAD_DIM_FP32:
         why.append(f"float32 with head_dim {q.shape[-1]} > {MAX_HEAD_DIM_FP32} (fp16/bf16 run up to {MAX_HEAD_DIM})")
-    if layout.mode != "custom":
+    if closed_form(layout) is not None:
         return why
     compiling = torch.compiler.is_compiling()
     # the blocks the kernels would run (traced by torch.compile: the layout's own, no numpy)
@@ -131,6 +131,31 @@ def unsupported_reasons(q: torch.Tensor, layout: Layout) -> list[str]:
         except ValueError as e:  # the layout's blocks cannot fit the device
             why.append(str(e))
     return why
+
+
+# The bidirectional built-in modes run the kernels' closed form (tests switch it off to compare
+# with their custom layouts on the table-driven path).
+CLOSED_BIDIRECTIONAL = True
+BUILTIN_MODES = ("all", "local", "strided", "fixed")
+
+
+def closed_form(layout: Layout) -> tuple[str, dict, bool] | None:
+    """``(mode, params, causal)`` of the closed form the kernels run for ``layout`` (``params``
+    with the pattern's ``blocksize``): a built-in mode's own, or that of a bidirectional built-in
+    mode (``make_layout(..., causal=False)``: a custom layout naming its mode and blocksize, also
+    after :func:`~sparse_attention.layouts.retile`); None for other custom layouts (their tables)."""
+    if layout.mode != "custom":
+        return layout.mode, {**layout.params, "blocksize": layout.blocksize}, True
+    p = layout.params
+    if (
+        CLOSED_BIDIRECTIONAL
+        and p.get("causal") is False
+        and p.get("attn_mode") in BUILTIN_MODES
+        and "blocksize" in p
+        and "cu_seqlens" not in p
+    ):
+        return p["attn_mode"], p, False
+    return None
 
 
 # Custom layouts run at the kernels' tile (:func:`kernel_layout`); tests and benchmarks switch
@@ -223,13 +248,15 @@ def _tiles(kind: str, q: torch.Tensor, layout: Layout) -> dict:
     fits (custom layouts, whose tiles are their blocks)."""
     D = q.shape[3]
     bucket = head_dim_bucket(D)
+    form = closed_form(layout)
+    mode = "custom" if form is None else form[0]
     cfg = (FP32_CONFIGS.get((kind, bucket)) if q.dtype == torch.float32 else None) or (
-        MODE_CONFIGS.get((kind, layout.mode, bucket)) or CONFIGS[(kind, bucket)]
+        MODE_CONFIGS.get((kind, mode, bucket)) or CONFIGS[(kind, bucket)]
     )
     cfg = dict(cfg)
     if interpreting():
         cfg["BM"], cfg["BN"] = min(cfg["BM"], 32), min(cfg["BN"], 32)
-    fixed_tiles = layout.mode == "custom"
+    fixed_tiles = mode == "custom"
     if fixed_tiles:
         cfg["BM"] = cfg["BN"] = layout.blocksize
     block_d, limit = max(16, triton_next_pow2(D)), shared_memory_limit(q.device)
@@ -355,27 +382,28 @@ def device_tables(layout: Layout, q: torch.Tensor) -> dict:
     so a call can be the first one inside a CUDA-graph capture (``torch.compile(mode=
     "reduce-overhead")``); a custom layout's tables are made by its first call on a device, or by
     ``register_layout(layout, device)`` before capture."""
-    if layout.mode == "custom":
+    if closed_form(layout) is None:
         return derived(layout, ("kernel tables", str(q.device)), lambda: _build_tables(layout, q.device))
     tab = derived(layout, ("kernel tables", None), lambda: _build_tables(layout, None))
     return {**tab, **dict.fromkeys(POINTER_TABLES, q)}
 
 
 def _build_tables(layout: Layout, device) -> dict:
-    p = layout.params
-    T, b = layout.time, layout.blocksize
+    form = closed_form(layout)
+    mode, p = ("custom", layout.params) if form is None else form[:2]
+    T = layout.time
     t = dict(P1=1, P2=1, VSB=1, NSUM=0, VLO_A=0, VLO_C=0, VLO_NV=1)
-    if layout.mode == "local":
+    if mode == "local":
         t["P1"] = p["local_attn_ctx"]
-    elif layout.mode == "strided":
+    elif mode == "strided":
         t["P1"], t["P2"] = T // p["local_attn_ctx"], p["local_attn_ctx"]
-    elif layout.mode == "fixed":
-        l, nv, vs = p["local_attn_ctx"], p["num_verts"], p["vertsize"]
+    elif mode == "fixed":
+        b, l, nv, vs = p["blocksize"], p["local_attn_ctx"], p["num_verts"], p["vertsize"]
         s = l // b
         t["P1"], t["VSB"] = l, vs * b
         t["NSUM"] = math.ceil(T / l) * vs * b
         t["VLO_A"], t["VLO_NV"], t["VLO_C"] = fixed_vert_range(0, s, nv, vs)[0] * b, nv, vs * b
-    elif layout.mode == "custom":
+    elif mode == "custom":
         col_ptr, rows, entry = layout.col_table()
 
         def dev(x, dt):
@@ -395,18 +423,18 @@ def _build_tables(layout: Layout, device) -> dict:
             ROWS=dev(rows, torch.int32),
             ENTRY_MASK=dev(layout.mask_idx[entry], torch.int32),
         )
-    elif layout.mode != "all":
-        raise ValueError(f"unknown layout mode {layout.mode!r}")
+    elif mode != "all":
+        raise ValueError(f"unknown layout mode {mode!r}")
     return t
 
 
-def _split(layout: Layout, tab: dict, bn: int, tiles: int = 4) -> bool:
+def _split(mode: str, tab: dict, bn: int, tiles: int = 4) -> bool:
     """Whether a query tile's key range is long enough (>= ``tiles`` tiles that may be full) to be
     worth a separate unmasked loop; short ranges run as one masked, better pipelined loop
     (measured on an H100: the forward gains from splitting from 2 tiles on, dQ from 4)."""
     if SPLIT_OVERRIDE is not None:
         return SPLIT_OVERRIDE
-    if layout.mode in ("all", "custom"):
+    if mode in ("all", "custom"):
         return True
     return tab["P1"] >= tiles * bn
 
@@ -439,9 +467,12 @@ class _Plan:
         from . import attention as K
 
         D = q.shape[-1]
-        layout = kernel_layout(layout, D)
+        form = closed_form(layout)
+        if form is None:
+            layout = kernel_layout(layout, D)
+        name, _, causal = ("custom", None, True) if form is None else form
         tab = device_tables(layout, q)
-        mode = K.MODE_IDS[layout.mode]
+        mode = K.MODE_IDS[name]
         consts = dict(
             HEAD_D=D,
             BLOCK_D=max(16, triton_next_pow2(D)),
@@ -450,16 +481,17 @@ class _Plan:
             P1M=magic_divisor(tab["P1"])[0],
             P1S=magic_divisor(tab["P1"])[1],
             # the period as a constant where it does not depend on time (see attention._div)
-            P1C=tab["P1"] if layout.mode in ("local", "fixed") else 0,
+            P1C=tab["P1"] if name in ("local", "fixed") else 0,
             P2=tab["P2"],
             VSB=tab["VSB"],
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-            HAS_PERM=layout.mode == "custom" and layout.perm is not None,
+            HAS_PERM=name == "custom" and layout.perm is not None,
+            CAUSAL=causal,
         )
         custom = mode == K.MODE_CUSTOM
         fwd, dq, dkdv = (_tiles(kind, q, layout) for kind in ("fwd", "dq", "dkdv"))
-        fwd["SPLIT"] = _split(layout, tab, fwd["BN"], tiles=2)
-        dq["SPLIT"] = _split(layout, tab, dq["BN"])
+        fwd["SPLIT"] = _split(name, tab, fwd["BN"], tiles=2)
+        dq["SPLIT"] = _split(name, tab, dq["BN"])
         self.fwd = _Kernel(K.fwd_kernel, {**consts, **fwd}, custom)
         self.dq = _Kernel(K.dq_kernel, {**consts, **dq}, custom)
         self.dkdv = _Kernel(K.dkdv_kernel, {**consts, **dkdv, "SUMMARY": False}, custom)
@@ -496,7 +528,7 @@ def configs_changed() -> None:
 def plan(layout: Layout, q: torch.Tensor) -> _Plan:
     """The launch plan of ``layout`` for inputs like ``q`` (its head_dim, dtype and device),
     made once. Raises ValueError where a custom layout's blocks cannot fit the device."""
-    key = ("launch plan", _GENERATION, SPLIT_OVERRIDE, RETILE, q.shape[-1], q.dtype, q.device)
+    key = ("launch plan", _GENERATION, SPLIT_OVERRIDE, RETILE, CLOSED_BIDIRECTIONAL, q.shape[-1], q.dtype, q.device)
     return derived(layout, key, lambda: _Plan(layout, q))
 
 
