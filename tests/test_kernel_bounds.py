@@ -11,6 +11,7 @@ they return; numpy then checks, on the dense pattern in block order, that
 * ``_allowed`` on positions equals ``allowed`` on the tokens ``_tok`` maps them to, and for
   ``fixed`` the local and the summary parts cover every allowed pair exactly once.
 
+Causal patterns (the bidirectional ones are checked by their numerics, ``test_bidirectional.py``).
 Runs in Triton's interpreter on a CPU-only machine (``_kernel_env`` sets it before Triton kernels
 are defined), compiled on a GPU otherwise.
 """
@@ -50,8 +51,8 @@ def _rows_probe(
     """Out [6, NT]: lo, flo, fhi, hi, sf, se of every query tile (padded to NT, a power of 2)."""
     m0 = tl.arange(0, NT) * BM
     keep = m0 < T
-    lo, flo, fhi, hi = K._row_bounds(m0, T, BM, BN, MODE, P1)
-    sf, se = K._summary_bounds(m0, BM, BN, P1, VSB)
+    lo, flo, fhi, hi = K._row_bounds(m0, T, BM, BN, MODE, P1, True)
+    sf, se, sa, sz = K._summary_bounds(m0, T, 0, BM, BN, P1, VSB, True)
     tl.store(Out + tl.arange(0, NT), lo, mask=keep)
     tl.store(Out + NT + tl.arange(0, NT), flo, mask=keep)
     tl.store(Out + 2 * NT + tl.arange(0, NT), fhi, mask=keep)
@@ -76,7 +77,7 @@ def _cols_probe(
     """Out [4, NT]: lo, flo, fhi, hi of every key tile (of ``NKEYS`` keys; virtual ones if SUMMARY)."""
     n0 = tl.arange(0, NT) * BN
     keep = n0 < NKEYS
-    lo, flo, fhi, hi = K._col_bounds(n0, T, BM, BN, MODE, SUMMARY, P1, VSB)
+    lo, flo, fhi, hi = K._col_bounds(n0, T, BM, BN, MODE, SUMMARY, P1, VSB, True)
     tl.store(Out + tl.arange(0, NT), lo, mask=keep)
     tl.store(Out + NT + tl.arange(0, NT), flo, mask=keep)
     tl.store(Out + 2 * NT + tl.arange(0, NT), fhi, mask=keep)
@@ -112,7 +113,7 @@ def _pairs_probe(
         vlo = K._summary_start(h, VLO_A, VLO_C, VLO_NV)
     tl.store(QTok + qp, K._tok(qp, MODE, False, P1, P1M, P1S, P1C, P2, VSB, 0))
     tl.store(KTok + kp, K._tok(kp, MODE, SUMMARY, P1, P1M, P1S, P1C, P2, VSB, vlo))
-    ok = K._allowed(qp[:, None], kp[None, :], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB)  # [NQ, NK]
+    ok = K._allowed(qp[:, None], kp[None, :], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB, True)  # [NQ, NK]
     tl.store(Ok + qp[:, None] * NK + kp[None, :], ok.to(tl.int8))
 
 

@@ -172,8 +172,8 @@ def test_kernels_run_the_pattern_per_document(launch, mode, causal, docs, kv_hea
     assert launch.closed_form(pattern) is not None
     lay = packed_layout(cu, H, mode, blocksize=16, causal=causal, **kw)
     mask = torch.from_numpy(lay.to_dense()).to(_device())
-    table = launch.documents(np.asarray(cu, np.int64), H, _device())
-    assert (table.count, table.longest) == (len(cu) - 1, int(np.diff(cu).max()))
+    table = launch.documents(np.asarray(cu, np.int64), _device())
+    assert (table.count, table.align) == (len(cu) - 1, int(np.gcd.reduce(np.diff(cu))))
     g = torch.Generator().manual_seed(len(cu) + kv_heads)
     q, do = (torch.randn(1, H, T, D, generator=g).to(_device(), dtype) for _ in range(2))
     k, v = (torch.randn(1, kv_heads, T, D, generator=g).to(_device(), dtype) for _ in range(2))
@@ -216,12 +216,22 @@ def test_public_call_runs_documents_on_the_kernels(launch, mode, causal, monkeyp
     assert got[0].stride() == (T * H * D, H * D, 1)
 
 
-def test_documents_beyond_one_grid_take_the_packed_layout(launch):
-    """More ``documents x heads`` programs than one launch's second grid axis holds: no kernel
-    table (the public call then runs the packed layout)."""
-    cu = np.arange(0, 16 * 70000 + 1, 16 * 70000 // 4)
-    assert launch.documents(cu, 16384, _device()) is None
-    assert launch.documents(cu, 4, _device()) is not None
+def test_work_lists_name_every_tile_once():
+    """The documents' work lists: every (document, tile) inside a document exactly once, ordered
+    by tile index (the kernels' heaviest-first order of causal tiles), and fixed's summary pass
+    over each document's ceil(length / l) groups of virtual keys."""
+    from sparse_attention.torch.kernels import launch
+
+    cu = np.array([0, 5, 6, 50, 130, 131, 400])
+    docs = launch.Documents(cu, "cpu")
+    lens = np.diff(cu)
+    for tile, group, keys in ((16, 0, 0), (64, 0, 0), (32, 64, 16)):
+        items, n = docs.work(tile, group, keys)
+        items = items.numpy()
+        per_doc = lens if not group else -(-lens // group) * keys
+        want = {(d, t) for d in range(len(lens)) for t in range(-(-per_doc[d] // tile))}
+        assert n == len(items) == len(want) and {tuple(x) for x in items} == want
+        assert (np.diff(items[:, 1]) >= 0).all()
 
 
 @pytest.mark.parametrize("mode", list(MODES))

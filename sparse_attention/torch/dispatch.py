@@ -299,18 +299,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, lay
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, docs: Documents) -> torch.Tensor:
     """Packed documents of mixed lengths (:class:`~sparse_attention.frontend.Documents`) on
     validated ``[1, time, heads * head_dim]`` tensors: the fused kernels run the built-in pattern
-    on each document's own positions (no packed layout is built, no table uploaded: a new batch
-    of documents costs one copy of ``cu_seqlens`` to the device). Elsewhere (the CPU, ``torch.compile``,
-    more documents than one launch's grid holds) the packed layout runs on any engine."""
+    on each document's own positions (no packed layout is built: a new batch of documents costs
+    copies of ``cu_seqlens`` and of the kernels' work lists to the device). Elsewhere (the CPU,
+    ``torch.compile``) the packed layout runs on any engine."""
     pattern = docs.pattern
     if not torch.compiler.is_compiling() and choose_engine(q, pattern, heads) == 0:
         from .kernels import launch
 
         # the kernels' closed form of the pattern (a bidirectional one's may be switched off)
-        table = None if launch.closed_form(pattern) is None else launch.documents(docs.cu, heads, q.device)
-        if table is not None:
+        if launch.closed_form(pattern) is not None:
             fwd, bwd = packed_pair(launch.forward, launch.backward, heads)
-            return EagerAttention.apply(q, k, v, fwd, bwd, pattern, table)
+            return EagerAttention.apply(q, k, v, fwd, bwd, pattern, launch.documents(docs.cu, q.device))
     return attention(q, k, v, heads, docs.layout())
 
 

@@ -108,6 +108,17 @@ def _summary_start(h, VLO_A, VLO_C, VLO_NV):
 
 
 @triton.jit
+def _work_item(tile, r, WORK, DOCS: tl.constexpr):
+    """``(tile, sequence)`` of this program: its grid position, or with packed documents
+    (``DOCS``) its entry of the work list ``WORK`` (``[n, 2]`` int32: document, tile), which names
+    only tiles that lie in a document (no program runs past a short document's end)."""
+    if DOCS:
+        r = tl.load(WORK + 2 * tile)
+        tile = tl.load(WORK + 2 * tile + 1)
+    return tile, r
+
+
+@triton.jit
 def _sequence(r, T, CU, DOCS: tl.constexpr):
     """``(b, t0, n)`` of sequence ``r`` (the grid's second axis over heads): batch row ``r``
     (``b = r``, first token 0, length ``T``), or with packed documents (``DOCS``) document ``r``
@@ -423,6 +434,7 @@ def fwd_kernel(
     HEAD_PAT,
     PERM,
     CU,
+    WORK,
     ROW_PTR,
     COLS,
     MASK_IDX,
@@ -464,12 +476,10 @@ def fwd_kernel(
 ):
     m_blk, bh = _tile_and_head(True, MODE)
     h = bh % H
+    m_blk, seq = _work_item(m_blk, bh // H, WORK, DOCS)
     # T: the batch rows' length (the statistics' row stride); TN: this sequence's (a document's)
-    b, t0, TN = _sequence(bh // H, T, CU, DOCS)
+    b, t0, TN = _sequence(seq, T, CU, DOCS)
     m0 = m_blk * BM
-    if DOCS:
-        if m0 >= TN:  # the grid covers the longest document
-            return
     hk = (h // G).to(tl.int64)  # the key/value head of query head h (grouped-query attention)
     q_base = Q + b * sqb + h.to(tl.int64) * sqh + t0 * sqt
     k_base = K + b * skb + hk * skh + t0 * skt
@@ -519,8 +529,7 @@ def fwd_kernel(
             if stage == 4:
                 # after fixed's summary stages, next to its loops (hoisted, fixed compiles differently)
                 lo, flo, fhi, hi = _row_bounds(m0, TN, BM, BN, MODE, P1, CAUSAL)
-            summary_stage: tl.constexpr = MODE == 3 and (stage < 2 or (stage < 4 and not CAUSAL))
-            if summary_stage or (stage == 4 or (SPLIT and stage > 4)):
+            if (MODE == 3 and (stage < 2 or (stage < 4 and not CAUSAL))) or stage == 4 or (SPLIT and stage > 4):
                 if stage == 0:
                     start, end = 0, sf
                 elif stage == 1:
@@ -685,6 +694,7 @@ def dkdv_kernel(
     HEAD_PAT,
     PERM,
     CU,
+    WORK,
     COL_PTR,
     ROWS,
     ENTRY_MASK,
@@ -743,18 +753,13 @@ def dkdv_kernel(
         NCLS = tl.minimum(VLO_NV, G)
     else:
         NCLS = 1
-    seq = prog // (HK * NCLS)
+    n_blk, seq = _work_item(n_blk, prog // (HK * NCLS), WORK, DOCS)
     b, t0, TN = _sequence(seq, T, CU, DOCS)
     n0 = n_blk * BN
     voff = (t0 * 0).to(tl.int32)  # fixed, packed documents: the document's first virtual summary key
     if DOCS:
-        # the grid covers the longest document; fixed: document d's groups' virtual summary keys
-        # start at (cu[d] // l + d) * VSB (each document's ceil(n / l) groups fit before the next)
-        if SUMMARY:
-            if n0 >= (TN + P1C - 1) // P1C * VSB:
-                return
-        elif n0 >= TN:
-            return
+        # fixed: document d's groups' virtual summary keys start at (cu[d] // l + d) * VSB (each
+        # document's ceil(n / l) groups fit before the next)
         if MODE == 3:
             voff = (t0 // P1C + seq).to(tl.int32) * VSB
     rem = prog % (HK * NCLS)
@@ -978,6 +983,7 @@ def dq_kernel(
     HEAD_PAT,
     PERM,
     CU,
+    WORK,
     ROW_PTR,
     COLS,
     MASK_IDX,
@@ -1026,11 +1032,9 @@ def dq_kernel(
 ):
     m_blk, bh = _tile_and_head(True, MODE)
     h = bh % H
-    b, t0, TN = _sequence(bh // H, T, CU, DOCS)  # as in the forward kernel
+    m_blk, seq = _work_item(m_blk, bh // H, WORK, DOCS)  # as in the forward kernel
+    b, t0, TN = _sequence(seq, T, CU, DOCS)
     m0 = m_blk * BM
-    if DOCS:
-        if m0 >= TN:
-            return
     hh = h.to(tl.int64)
     hk = (h // G).to(tl.int64)  # the key/value head of query head h (grouped-query attention)
     k_base = K + b * skb + hk * skh + t0 * skt
@@ -1083,8 +1087,7 @@ def dq_kernel(
         for stage in tl.static_range(7):
             if stage == 4:
                 lo, flo, fhi, hi = _row_bounds(m0, TN, BM, BN, MODE, P1, CAUSAL)
-            summary_stage: tl.constexpr = MODE == 3 and (stage < 2 or (stage < 4 and not CAUSAL))
-            if summary_stage or (stage == 4 or (SPLIT and stage > 4)):
+            if (MODE == 3 and (stage < 2 or (stage < 4 and not CAUSAL))) or stage == 4 or (SPLIT and stage > 4):
                 if stage == 0:
                     start, end = 0, sf
                 elif stage == 1:

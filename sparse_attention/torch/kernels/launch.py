@@ -292,11 +292,15 @@ class _Kernel:
         self.bound: dict = {}
 
     def run(self, grid_of, *args, time: int, **extra) -> None:
-        """``time``: the sequence length; a tile that runs past it is masked (``TAIL``, a
-        compile-time flag: lengths that the tiles divide compile without the masks; packed
-        documents, ``DOCS``, always mask)."""
+        """``time``: the sequence length (packed documents: a length that divides every
+        document's); a tile that runs past it is masked (``TAIL``, a compile-time flag: lengths
+        that the tiles divide compile without the masks). Arguments that depend on the tiles
+        (:class:`PerTile`) are made for the config that launches."""
         kw = self.kw
-        tail = _tail(kw, time, extra)
+        raw = args
+        if extra.get("DOCS"):
+            args = _per_tile(raw, kw)
+        tail = _tail(kw, time)
         key = None if interpreting() else bound_key(args, extra, tail)
         try:
             hit = self.bound.get(key) if key is not None else None
@@ -309,7 +313,9 @@ class _Kernel:
         while True:
             kw = self.kw
             try:
-                tail = _tail(kw, time, extra)
+                tail = _tail(kw, time)
+                if extra.get("DOCS"):
+                    args = _per_tile(raw, kw)
                 compiled = self.kernel[grid_of(kw["BM"], kw["BN"])](*args, **kw, **extra, TAIL=tail)
                 break
             except triton.runtime.errors.OutOfResources:
@@ -325,8 +331,18 @@ class _Kernel:
                 self.bound[key] = (compiled, tuple(merged[name] for name in names))
 
 
-def _tail(kw: dict, time: int, extra: dict) -> bool:
-    return bool(extra.get("DOCS") or time % kw["BM"] or time % kw["BN"])
+def _tail(kw: dict, time: int) -> bool:
+    return bool(time % kw["BM"] or time % kw["BN"])
+
+
+class PerTile(NamedTuple):
+    """A kernel argument made for the launch's tiles: ``make(BM, BN)``."""
+
+    make: object
+
+
+def _per_tile(args: tuple, kw: dict) -> tuple:
+    return tuple(a.make(kw["BM"], kw["BN"]) if type(a) is PerTile else a for a in args)
 
 
 # Pre-bound launch signatures kept per kernel (a training loop has a few; beyond this, the JIT).
@@ -585,52 +601,80 @@ def kv_group(q: torch.Tensor, k: torch.Tensor) -> int:
     return q.shape[1] // k.shape[1]
 
 
-class Documents(NamedTuple):
+class Documents:
     """Packed documents for the built-in kernels: document ``d`` is tokens ``cu[d]:cu[d + 1]`` of
-    a batch of one; each runs the layout's pattern on its own positions (a row of sequences of
-    their own lengths: the grid covers the ``longest``, shorter documents' programs past their end
-    return at once). ``cu``: int32 on the inputs' device."""
+    a batch of one, and runs the layout's pattern on its own positions. Programs take their
+    (document, tile) from a work list (:meth:`work`) that names only the tiles inside documents,
+    ordered by tile (the kernels run the heaviest tiles of causal patterns first). ``cu``: int32
+    on the device; ``align``: the largest length that divides every document's (tiles that
+    divide it need no masking past a document's end)."""
 
-    cu: torch.Tensor
-    count: int
-    longest: int
+    __slots__ = ("cu", "count", "align", "_lens", "_work")
+
+    def __init__(self, cu: np.ndarray, device):
+        self.cu = torch.from_numpy(cu.astype(np.int32)).to(device)
+        self._lens = np.diff(cu)
+        self.count = len(self._lens)
+        self.align = int(np.gcd.reduce(self._lens))
+        self._work: dict = {}
+
+    def work(self, tile: int, group: int = 0, keys: int = 0) -> tuple[torch.Tensor, int]:
+        """``(list, n)``: ``[n, 2]`` int32 (document, tile index) of the tiles of ``tile``
+        positions in every document; with ``group``, ``keys`` (fixed's summary pass) of its
+        ``ceil(length / group) * keys`` virtual summary keys instead."""
+        key = (tile, group, keys)
+        if key not in self._work:
+            n = self._lens if not group else -(-self._lens // group) * keys
+            counts = -(-n // tile)
+            doc = np.repeat(np.arange(self.count), counts)
+            first = np.cumsum(counts) - counts
+            idx = np.arange(len(doc)) - np.repeat(first, counts)
+            order = np.lexsort((doc, idx))
+            items = np.stack([doc[order], idx[order]], axis=1).astype(np.int32)
+            self._work[key] = (torch.from_numpy(items).to(self.cu.device), len(items))
+        return self._work[key]
 
 
 # Recent documents' device tables by their boundaries (a benchmark or an evaluation repeats them).
 _DOCUMENTS: dict = {}
 
 
-def documents(cu: np.ndarray, heads: int, device) -> Documents | None:
-    """The kernels' table of packed documents with boundaries ``cu`` (int64 numpy, checked) on
-    ``device``; None where their programs would not fit one launch's grid (``n_docs * heads``)."""
-    count = len(cu) - 1
-    if count * heads > MAX_GRID_Y:
-        return None
+def documents(cu: np.ndarray, device) -> Documents:
+    """The kernels' tables of packed documents with boundaries ``cu`` (int64 numpy, checked) on
+    ``device``, kept for the last few boundaries."""
     key = (cu.tobytes(), str(device))
     hit = _DOCUMENTS.get(key)
     if hit is None:
         if len(_DOCUMENTS) >= 16:
             del _DOCUMENTS[next(iter(_DOCUMENTS))]
-        table = torch.from_numpy(cu.astype(np.int32)).to(device)
-        hit = _DOCUMENTS[key] = Documents(table, count, int(np.diff(cu).max()))
+        hit = _DOCUMENTS[key] = Documents(cu, device)
     return hit
 
 
-def _sequences(B: int, T: int, docs: Documents | None) -> tuple[int, int]:
-    """``(count, longest length)`` of a call's sequences: the batch's rows, or its documents."""
-    return (B, T) if docs is None else (docs.count, docs.longest)
+def _grid(q, B: int, T: int, programs: int, docs: Documents | None, by: int, group: int = 0, keys: int = 0):
+    """``(grid_of, (CU, WORK))`` of a launch over ``programs`` heads per sequence: the batch's
+    rows, each in tiles of ``BM`` (``by`` 0) or ``BN`` (1) positions (``keys``: fixed's summary
+    pass over that many virtual keys per row); or the documents' work list (``group``, ``keys``:
+    fixed's summary pass, ``keys`` virtual keys per group of ``group`` tokens)."""
+    if docs is None:
+        n = keys or T
+        return (lambda *tiles: (triton.cdiv(n, tiles[by]), B * programs)), (q, q)
+    return (
+        lambda *tiles: (docs.work(tiles[by], group, keys)[1], programs),
+        (docs.cu, PerTile(lambda *tiles: docs.work(tiles[by], group, keys)[0])),
+    )
 
 
 def _summary_keys(p: _Plan, T: int, docs) -> tuple[int, int]:
     """fixed: ``(per sequence, in all)`` virtual summary keys, the latter the rows of the dK/dV
-    passes' float32 buffer: per row of the batch, or for packed documents one buffer in which
-    document ``d``'s keys start at ``(cu[d] // l + d) * VSB`` (see ``dkdv_kernel``)."""
+    passes' float32 buffer: per row of the batch, or for packed documents (whose own counts are
+    in their work list: -1) one buffer in which document ``d``'s keys start at ``(cu[d] // l +
+    d) * VSB`` (see ``dkdv_kernel``)."""
     if not p.nsum:
         return 0, 0
     if docs is None:
         return p.nsum, p.nsum
-    l, vsb = p.period, p.vsb
-    return -(-docs.longest // l) * vsb, (T // l + docs.count) * vsb
+    return -1, (T // p.period + docs.count) * p.vsb
 
 
 @_whole_call
@@ -642,13 +686,12 @@ def forward(q, k, v, layout: Layout, docs: Documents | None = None):
     B, H, T, D = q.shape
     p = plan(layout, q)
     summary, rows, _ = p.tables(q)
-    n_seq, longest = _sequences(B, T, docs)
+    grid, seqs = _grid(q, B, T, H, docs, 0)
     o = new_output(q)
     lse = new_output(q, (B, H, T), torch.float32)
     p.fwd.run(
-        lambda bm, bn: (triton.cdiv(longest, bm), n_seq * H),
-        *(q, k, v, o, lse), *summary, q if docs is None else docs.cu, *rows, *_strides(q, k, v, o),
-        *(T, H, p.nb, p.qk_scale), G=kv_group(q, k), time=T, DOCS=docs is not None,
+        grid, *(q, k, v, o, lse), *summary, *seqs, *rows, *_strides(q, k, v, o), *(T, H, p.nb, p.qk_scale),
+        G=kv_group(q, k), time=T if docs is None else docs.align, DOCS=docs is not None,
     )  # fmt: skip
     return o, lse
 
@@ -661,33 +704,32 @@ def backward(do, q, k, v, o, lse, layout: Layout, docs: Documents | None = None)
     G = kv_group(q, k)
     p = plan(layout, q)
     summary, rows, cols = p.tables(q)
-    n_seq, longest = _sequences(B, T, docs)
-    cu = q if docs is None else docs.cu
-    flags = dict(G=G, time=T, DOCS=docs is not None)
+    flags = dict(G=G, time=T if docs is None else docs.align, DOCS=docs is not None)
     delta = new_output(q, (B, H, T), torch.float32)
     dq, dk, dv = new_output(q), new_output(k), new_output(v)
     strides = _strides(q, k, v, do)
     # dQ first: it computes delta = rowsum(dO * O) of its rows and stores it for dK/dV
+    grid, seqs = _grid(q, B, T, H, docs, 0)
     p.dq.run(
-        lambda bm, bn: (triton.cdiv(longest, bm), n_seq * H),
-        *(q, k, v, do, o, dq, lse, delta), *summary, cu, *rows, *strides, *_strides(o, dq),
+        grid, *(q, k, v, do, o, dq, lse, delta), *summary, *seqs, *rows, *strides, *_strides(o, dq),
         *(T, H, p.nb, p.qk_scale, p.sm_scale), **flags,
     )  # fmt: skip
     # dK/dV: one program per key tile and key/value head (fixed: and summary class in its group)
     nsum, nsum_all = _summary_keys(p, T, docs)
     ncls = min(p.vlo[2], G) if nsum else 1
-    progs = n_seq * (H // G) * ncls
+    programs = (H // G) * ncls
     # fixed: the summary keys' float32 partial gradients between the two dK/dV passes
-    acc = new_output(q, (B * (H // G) * ncls, nsum_all, 2, D), torch.float32) if nsum else dk
+    acc = new_output(q, (B * programs, nsum_all, 2, D), torch.float32) if nsum else dk
     # the transposed table: per key-block column, its query blocks and their masks
-    args = (q, k, v, do, dk, dv, lse, delta, acc, *summary, cu, *cols, *strides, *_strides(dk, dv))
-    p.dkdv.run(
-        lambda bm, bn: (triton.cdiv(longest, bn), progs),
-        *args, *(T, H, p.nb, T, nsum_all, p.qk_scale, p.sm_scale), **flags,
-    )  # fmt: skip
+    head = (q, k, v, do, dk, dv, lse, delta, acc, *summary)
+    tail = (*cols, *strides, *_strides(dk, dv))
+    grid, seqs = _grid(q, B, T, programs, docs, 1)
+    p.dkdv.run(grid, *head, *seqs, *tail, *(T, H, p.nb, T, nsum_all, p.qk_scale, p.sm_scale), **flags)
     if nsum:
+        grid, seqs = (
+            _grid(q, B, T, programs, docs, 1, p.period, p.vsb) if docs else _grid(q, B, T, programs, None, 1, 0, nsum)
+        )
         p.dkdv_summary.run(
-            lambda bm, bn: (triton.cdiv(nsum, bn), progs),
-            *args, *(T, H, p.nb, nsum_all, nsum_all, p.qk_scale, p.sm_scale), **flags,
+            grid, *head, *seqs, *tail, *(T, H, p.nb, nsum_all, nsum_all, p.qk_scale, p.sm_scale), **flags
         )  # fmt: skip
     return dq, dk, dv
