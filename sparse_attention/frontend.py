@@ -52,9 +52,10 @@ def backend_for(q, k, v):
     if len(set(names)) != 1:
         raise TypeError(f"q, k and v must come from one framework, got {names}")
     name = _BACKENDS[names[0]]
-    # __import__ rather than importlib: AutoGraph cannot convert importlib's frames and warns
-    # when the first call happens inside a tf.function
-    __import__(name)
+    if name not in sys.modules:  # torch.compile traces the lookup, not the import
+        # __import__ rather than importlib: AutoGraph cannot convert importlib's frames and warns
+        # when the first call happens inside a tf.function
+        __import__(name)
     return sys.modules[name]
 
 

@@ -229,3 +229,21 @@ def test_causal_argument_errors():
     lay = make_layout(64, 2, "local", local_attn_ctx=32)
     with pytest.raises(ValueError, match="a Layout says itself"):
         sa.blocksparse_attention_impl(x, x, x, 2, lay, causal=False)
+
+
+def test_bidirectional_layouts_compile_without_registration():
+    """A bidirectional built-in layout is named by its parameters in the ops (as the causal
+    ones), so ``torch.compile(fullgraph=True)`` traces a call without ``register_layout``."""
+    from _attn_ref import fwd_bwd
+
+    from sparse_attention.torch import blocksparse_attention_bhtd
+    from sparse_attention.torch.dispatch import _REGISTRY, layout_of, layout_spec
+
+    lay = make_layout(112, 2, "local", local_attn_ctx=48, blocksize=16, causal=False)
+    assert id(lay) not in _REGISTRY and (layout_of(layout_spec(lay)).to_dense() == lay.to_dense()).all()
+    g = torch.Generator().manual_seed(8)
+    q, k, v, do = (torch.randn(1, 2, 112, 16, generator=g, dtype=torch.float64) for _ in range(4))
+    f = lambda a, b, c: blocksparse_attention_bhtd(a, b, c, lay)  # noqa: E731
+    got = fwd_bwd(torch.compile(f, fullgraph=True, backend="aot_eager"), q, k, v, do)
+    for x, r in zip(got, fwd_bwd(f, q, k, v, do)):
+        torch.testing.assert_close(x, r)

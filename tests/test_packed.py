@@ -11,7 +11,7 @@ import gc
 import numpy as np
 import pytest
 import torch
-from _attn_ref import check_against_reference
+from _attn_ref import check_against_reference, fwd_bwd
 from _kernel_env import device as _device
 from _kernel_env import launch_fixture  # noqa: F401  (sets TRITON_INTERPRET; the `launch` fixture)
 
@@ -214,6 +214,75 @@ def test_public_call_runs_documents_on_the_kernels(launch, mode, causal, monkeyp
 
     got = check_against_reference(packed, q, k, v, do, ref=ref, floor=1e-4)
     assert got[0].stride() == (T * H * D, H * D, 1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_bhtd_documents_equal_the_public_call(mode, causal):
+    """``blocksparse_attention_bhtd(..., cu_seqlens=)``: a built-in mode's layout run on each
+    document (strided through its packed layout) equals the public call, forward and gradients."""
+    from sparse_attention.torch import blocksparse_attention_bhtd
+
+    H, D, cu = 4, 16, DOCS["tiny-and-long"]
+    T = cu[-1]
+    kw = dict(MODES[mode])
+    if mode == "strided":
+        cu, T = [0, 40, 48, 128], 128
+    lay = sa.make_layout(T, H, mode, blocksize=16, causal=causal, **kw)
+    g = torch.Generator().manual_seed(6)
+    q, k, v, do = (torch.randn(1, H, T, D, generator=g, dtype=torch.float64) for _ in range(4))
+
+    def public(a, b, c):
+        y = sa.blocksparse_attention_impl(
+            *(merge_heads(x) for x in (a, b, c)), H, mode, blocksize=16, causal=causal, cu_seqlens=cu, **kw
+        )
+        return split_heads(y, H)
+
+    got = fwd_bwd(lambda a, b, c: blocksparse_attention_bhtd(a, b, c, lay, cu_seqlens=torch.tensor(cu)), q, k, v, do)
+    for x, r in zip(got, fwd_bwd(public, q, k, v, do)):
+        torch.testing.assert_close(x, r)
+
+
+def test_bhtd_documents_under_torch_compile():
+    """Under ``torch.compile(fullgraph=True)`` the documents' boundaries are a tensor argument of
+    the ops: batches of other documents (same count) run the one compiled graph, each equal to
+    the eager call, forward and gradients."""
+    from torch._dynamo.utils import counters
+
+    from sparse_attention.torch import blocksparse_attention_bhtd
+
+    H, T = 4, 131
+    lay = sa.make_layout(T, H, "fixed", blocksize=16, causal=False, **MODES["fixed"])
+    g = torch.Generator().manual_seed(7)
+    q, k, v, do = (torch.randn(1, H, T, 16, generator=g, dtype=torch.float64) for _ in range(4))
+
+    def f(a, b, c, cu):
+        return torch.tanh(blocksparse_attention_bhtd(a, b, c, lay, cu_seqlens=cu))
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for cu in ([0, 5, 6, 50, 130, 131], [0, 40, 41, 42, 100, 131], [0, 1, 2, 3, 100, 131]):
+        cut = torch.tensor(cu)
+        got = fwd_bwd(lambda a, b, c, cut=cut: compiled(a, b, c, cut), q, k, v, do)
+        want = fwd_bwd(lambda a, b, c, cu=cu: f(a, b, c, cu), q, k, v, do)
+        for x, r in zip(got, want):
+            torch.testing.assert_close(x, r)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_bhtd_document_errors():
+    from sparse_attention.torch import blocksparse_attention_bhtd
+
+    x = torch.randn(1, 2, 96, 16)
+    lay = sa.make_layout(96, 2, "local", local_attn_ctx=32, blocksize=16)
+    with pytest.raises(ValueError, match="must end at time"):
+        blocksparse_attention_bhtd(x, x, x, lay, cu_seqlens=[0, 50, 90])
+    with pytest.raises(ValueError, match="batch must be 1"):
+        y = x.expand(2, -1, -1, -1)
+        blocksparse_attention_bhtd(y, y, y, lay, cu_seqlens=[0, 50, 96])
+    with pytest.raises(ValueError, match="built-in mode"):
+        blocksparse_attention_bhtd(x, x, x, packed_layout([0, 50, 96], 2, "local", 32, 16), cu_seqlens=[0, 50, 96])
 
 
 def test_work_lists_name_every_tile_once():

@@ -24,10 +24,11 @@ import functools
 import math
 import os
 
+import numpy as np
 import torch
 
-from ..frontend import Documents
-from ..layouts import Layout, make_layout
+from ..frontend import DOCUMENT_MODES, Documents
+from ..layouts import Layout, check_cu_seqlens, make_layout, packed_layout
 from . import gather
 from .cache import derived
 from .reference import compute_dtype, merge_heads, split_heads, split_qkv
@@ -40,6 +41,7 @@ __all__ = [
     "attention_bhtd",
     "choose_engine",
     "document_attention",
+    "document_attention_bhtd",
     "engine",
     "engine_pair",
     "fused_unsupported_reasons",
@@ -79,11 +81,23 @@ def _register_eagerly(layout: Layout) -> None:
         register_layout(layout)
 
 
+def _bidirectional_builtin(layout: Layout) -> bool:
+    """A bidirectional built-in mode's layout as ``make_layout(..., causal=False)`` builds it."""
+    p = layout.params
+    return (
+        p.get("causal") is False
+        and p.get("attn_mode") in _MODES[:4]
+        and "cu_seqlens" not in p
+        and p.get("blocksize") == layout.blocksize
+    )
+
+
 def layout_spec(layout: Layout) -> list[int]:
-    """The op argument naming a layout: the parameters of a built-in mode (the op rebuilds it
-    with the cached ``make_layout``), or ``[4, key]`` of a registered custom layout. Built from
-    constants only, so ``torch.compile`` folds it into the graph."""
-    if layout.mode == "custom":
+    """The op argument naming a layout: the parameters of a built-in mode, causal or
+    bidirectional (the op rebuilds it with the cached ``make_layout``), or ``[4, key]`` of a
+    registered custom layout. Built from constants only, so ``torch.compile`` folds it into the
+    graph."""
+    if layout.mode == "custom" and not _bidirectional_builtin(layout):
         k = id(layout)
         if _REGISTRY.get(k) is not layout:
             raise RuntimeError(
@@ -94,13 +108,14 @@ def layout_spec(layout: Layout) -> list[int]:
         return [4, k]
     p = layout.params
     return [
-        _MODES.index(layout.mode),
+        _MODES.index(p.get("attn_mode", layout.mode)),
         layout.time,
         layout.heads,
         layout.blocksize,
         p.get("local_attn_ctx", 0),
         p.get("num_verts", 0),
         p.get("vertsize", 0),
+        int(p.get("causal", True)),
     ]
 
 
@@ -108,13 +123,13 @@ def layout_of(spec: list[int]) -> Layout:
     """Inverse of :func:`layout_spec`."""
     if spec[0] == 4:
         return _REGISTRY[spec[1]]
-    mode, T, H, b, ctx, nv, vs = spec
+    mode, T, H, b, ctx, nv, vs, causal = spec
     kw = {}
     if ctx:
         kw["local_attn_ctx"] = ctx
     if nv:
         kw.update(num_verts=nv, vertsize=vs)
-    return make_layout(T, H, _MODES[mode], blocksize=b, **kw)
+    return make_layout(T, H, _MODES[mode], blocksize=b, causal=bool(causal), **kw)
 
 
 def fused_unsupported_reasons(q: torch.Tensor, layout: Layout) -> list[str]:
@@ -229,14 +244,18 @@ class AttentionOp:
     ``op(q, k, v, *layouts)`` runs eagerly as :class:`EagerAttention` and, under
     ``torch.compile``, as the custom ops ``sparse_attention::{name}_fwd`` / ``{name}_bwd`` with
     fake tensors and autograd; their layout arguments are :func:`layout_spec` lists and the
-    engine an int, which the compiler folds into the graph."""
+    engine an int, which the compiler folds into the graph. With ``n_tensors``, the last that many
+    of ``layouts`` are tensors (e.g. packed documents' boundaries), op arguments of their own that
+    the pairs receive after the layouts."""
 
-    def __init__(self, name: str, pairs, n_layouts: int = 1):
-        self.pairs = pairs
+    def __init__(self, name: str, pairs, n_layouts: int = 1, n_tensors: int = 0):
+        self.pairs, self.n_tensors = pairs, n_tensors
+        tensors = "".join(f", Tensor t{i}" for i in range(n_tensors))
         keys = ", ".join(f"int[] key{i}" for i in range(n_layouts)) + ", int engine"
-        fwd_schema = f"(Tensor q, Tensor k, Tensor v, {keys}) -> (Tensor, Tensor)"
+        fwd_schema = f"(Tensor q, Tensor k, Tensor v{tensors}, {keys}) -> (Tensor, Tensor)"
         bwd_schema = (
-            f"(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, {keys}) -> (Tensor, Tensor, Tensor)"
+            f"(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse{tensors}, {keys}) "
+            "-> (Tensor, Tensor, Tensor)"
         )
         self.fwd_op = torch.library.custom_op(f"sparse_attention::{name}_fwd", mutates_args=(), schema=fwd_schema)(
             self._op_forward
@@ -256,21 +275,25 @@ class AttentionOp:
             return merge_heads(self(*split_qkv(q, k, v, heads), *layouts))
         index = choose_engine(q, layouts[0], heads)
         if torch.compiler.is_compiling():
-            return self.fwd_op(q, k, v, *(layout_spec(lay) for lay in layouts), index)[0]
+            n = len(layouts) - self.n_tensors
+            return self.fwd_op(q, k, v, *layouts[n:], *(layout_spec(lay) for lay in layouts[:n]), index)[0]
         pair = self.pairs(index)
         if heads is not None:
             pair = packed_pair(*pair, heads)
         return EagerAttention.apply(q, k, v, *pair, *layouts)
 
+    def _layouts(self, args: tuple) -> tuple[int, list]:
+        """``(engine, layouts and then tensors)`` of an op's arguments after its tensors."""
+        tensors, keys, index = args[: self.n_tensors], args[self.n_tensors : -1], args[-1]
+        return index, [*(layout_of(key) for key in keys), *tensors]
+
     def _op_forward(self, q, k, v, *args):
-        *keys, index = args
-        layouts = [layout_of(key) for key in keys]
+        index, layouts = self._layouts(args)
         o, lse = self.pairs(index)[0](q, k, v, *layouts)
         return o.contiguous(), lse.contiguous()
 
     def _op_backward(self, do, q, k, v, o, lse, *args):
-        *keys, index = args
-        layouts = [layout_of(key) for key in keys]
+        index, layouts = self._layouts(args)
         return tuple(g.contiguous() for g in self.pairs(index)[1](do, q, k, v, o, lse, *layouts))
 
     @staticmethod
@@ -296,21 +319,89 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, lay
     return attention_op(q, k, v, layout, heads=heads)
 
 
-def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, docs: Documents) -> torch.Tensor:
-    """Packed documents of mixed lengths (:class:`~sparse_attention.frontend.Documents`) on
-    validated ``[1, time, heads * head_dim]`` tensors: the fused kernels run the built-in pattern
-    on each document's own positions (no packed layout is built: a new batch of documents costs
-    copies of ``cu_seqlens`` and of the kernels' work lists to the device). Elsewhere (the CPU,
-    ``torch.compile``) the packed layout runs on any engine."""
-    pattern = docs.pattern
-    if not torch.compiler.is_compiling() and choose_engine(q, pattern, heads) == 0:
+def _documents_of(cu) -> np.ndarray:
+    """Packed documents' boundaries as int64 numpy (a tensor is read once: a CUDA one syncs)."""
+    return cu if isinstance(cu, np.ndarray) else cu.detach().cpu().numpy().astype(np.int64)
+
+
+def _packed_of(pattern: Layout, cu) -> Layout:
+    """The packed layout of ``pattern``'s mode (causal or bidirectional) over documents ``cu``."""
+    p = pattern.params
+    return packed_layout(
+        _documents_of(cu),
+        pattern.heads,
+        p.get("attn_mode", pattern.mode),
+        p.get("local_attn_ctx"),
+        p.get("blocksize", pattern.blocksize),
+        p.get("num_verts"),
+        p.get("vertsize"),
+        p.get("causal", True),
+    )
+
+
+def document_pair(index: int):
+    """The engine pair of packed documents: ``forward(q, k, v, pattern, cu)`` with ``pattern`` a
+    built-in mode's layout (causal or bidirectional) at the packed length and ``cu`` the
+    documents' boundaries (numpy or a tensor). The fused kernels run the pattern on each
+    document's own positions (no packed layout is built); the block gather, or a pattern the
+    kernels have no closed form for, runs the packed layout."""
+    if ENGINES[index] == "fused":
         from .kernels import launch
 
-        # the kernels' closed form of the pattern (a bidirectional one's may be switched off)
-        if launch.closed_form(pattern) is not None:
-            fwd, bwd = packed_pair(launch.forward, launch.backward, heads)
-            return EagerAttention.apply(q, k, v, fwd, bwd, pattern, launch.documents(docs.cu, q.device))
-    return attention(q, k, v, heads, docs.layout())
+        def run(pattern, cu, q):
+            form = launch.closed_form(pattern)
+            if form is None or form[0] not in DOCUMENT_MODES:  # strided's period is per document
+                return (_packed_of(pattern, cu),)
+            return pattern, launch.documents(_documents_of(cu), q.device)
+
+        def fwd(q, k, v, pattern, cu):
+            return launch.forward(q, k, v, *run(pattern, cu, q))
+
+        def bwd(do, q, k, v, o, lse, pattern, cu):
+            return launch.backward(do, q, k, v, o, lse, *run(pattern, cu, q))
+
+        return fwd, bwd
+
+    def gfwd(q, k, v, pattern, cu):
+        return gather.gather_forward(q, k, v, _packed_of(pattern, cu))
+
+    def gbwd(do, q, k, v, o, lse, pattern, cu):
+        return gather.gather_backward(do, q, k, v, o, lse, _packed_of(pattern, cu))
+
+    return gfwd, gbwd
+
+
+# Packed documents: the pattern and the documents' boundaries (a tensor argument of the ops, so
+# that a compiled model takes a new batch of documents without recompiling).
+document_op = AttentionOp("docs", document_pair, n_layouts=1, n_tensors=1)
+
+
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, docs: Documents) -> torch.Tensor:
+    """Packed documents of mixed lengths (:class:`~sparse_attention.frontend.Documents`) on
+    validated ``[1, time, heads * head_dim]`` tensors (:func:`document_pair`): one autograd node."""
+    return document_op(q, k, v, docs.pattern, docs.cu, heads=heads)
+
+
+def document_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, cu) -> torch.Tensor:
+    """``layout`` (a built-in mode's, causal or bidirectional, at the packed length) on each of the
+    packed documents ``cu`` of validated ``[1, heads, time, head_dim]`` tensors; under
+    ``torch.compile`` a tensor ``cu`` is an argument of the ops (read when they run: a new batch
+    of documents recompiles nothing; a CPU tensor needs no device sync)."""
+    if layout.mode == "custom" and not _bidirectional_builtin(layout):
+        raise ValueError(
+            "cu_seqlens runs a built-in mode's layout on each document (make_layout(time, heads, mode, ...), "
+            "causal or not); for a custom pattern build sparse_attention.layouts.packed_layout or your own "
+            "layout of the packed sequence"
+        )
+    if q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens packs documents into one sequence: batch must be 1, got {q.shape[0]}")
+    if not (torch.compiler.is_compiling() and isinstance(cu, torch.Tensor)):
+        cu = check_cu_seqlens(cu)
+        if int(cu[-1]) != q.shape[2]:
+            raise ValueError(f"cu_seqlens must end at time ({q.shape[2]}); it ends at {int(cu[-1])}")
+        if torch.compiler.is_compiling():
+            cu = torch.from_numpy(cu)
+    return document_op(q, k, v, layout, cu)
 
 
 def _dense_all(layout: Layout) -> bool:

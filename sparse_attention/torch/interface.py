@@ -13,7 +13,7 @@ import torch
 
 from ..frontend import Documents
 from ..layouts import Layout
-from .dispatch import attention, attention_bhtd, document_attention
+from .dispatch import attention, attention_bhtd, document_attention, document_attention_bhtd
 from .merged import check_merged_pair, merged_attention
 from .reference import check_dtypes
 
@@ -54,7 +54,9 @@ def check_bhtd(q, k, v, layout: Layout, *, grouped: bool = True) -> None:
         raise ValueError(f"layout is for heads={layout.heads}, time={layout.time}; q has heads={H}, time={T}")
 
 
-def blocksparse_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> torch.Tensor:
+def blocksparse_attention_bhtd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *, cu_seqlens=None
+) -> torch.Tensor:
     """Block-sparse attention on natural-order ``[batch, heads, time, head_dim]`` tensors.
 
     Computes, for each head ``h`` and query ``i``, ``softmax_j(q[i] . k[j] / sqrt(head_dim))`` over the
@@ -75,6 +77,12 @@ def blocksparse_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             kv_heads)``; the fused kernels read each key/value head once per group, no copy).
         layout: a :class:`~sparse_attention.layouts.Layout` with ``layout.time == time`` and
             ``layout.heads == heads``.
+        cu_seqlens: keyword only; packed documents in one sequence (``batch`` 1): ints ``[n_docs
+            + 1]`` (a list, numpy array or tensor), ``0 = cu[0] < ... < cu[n_docs] = time``.
+            ``layout`` must then be a built-in mode's (``make_layout``, causal or not), which
+            runs on each document's own positions. Under ``torch.compile`` pass a tensor (a CPU
+            one avoids a device sync): it is an argument of the ops, so a new batch of documents
+            recompiles nothing (its values are then not checked).
 
     Returns:
         ``[batch, heads, time, head_dim]`` in the dtype of ``q``.
@@ -96,6 +104,8 @@ def blocksparse_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         . . x x x
     """
     check_bhtd(q, k, v, layout)
+    if cu_seqlens is not None:
+        return document_attention_bhtd(q, k, v, layout, cu_seqlens)
     return attention_bhtd(q, k, v, layout)
 
 
