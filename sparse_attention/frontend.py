@@ -125,18 +125,19 @@ def resolve_call(
     q, k, v, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, *, sparse, causal, cu_seqlens
 ):
     """``(backend, spec)`` of a public call: :func:`backend_for`, :func:`check_shapes` and
-    :func:`resolve_spec`, remembered for torch tensors and the built-in modes (not for packed
-    documents, whose ``cu_seqlens`` changes with every batch)."""
+    :func:`resolve_spec`, remembered for torch tensors and the built-in modes (packed documents
+    by the value of ``cu_seqlens`` given as a list, tuple or numpy array)."""
     args = (heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, causal)
     key = None
+    docs = _documents_key(cu_seqlens)
     if (
-        cu_seqlens is None
+        docs is not False
         and not isinstance(attn_mode, Layout)  # not kept alive here: a custom layout may be large
         and framework_of(q) == "torch"
         and not sys.modules["torch"].compiler.is_compiling()
     ):
         # the types too: heads=True equals heads=1 as a key, but is refused
-        key = (type(q), type(k), type(v), q.shape, k.shape, v.shape, sparse, args, tuple(map(type, args)))
+        key = (type(q), type(k), type(v), q.shape, k.shape, v.shape, sparse, args, tuple(map(type, args)), docs)
         try:
             hit = _RESOLVED.get(key)
         except TypeError:  # an unhashable argument: the checks below say what is wrong
@@ -152,6 +153,18 @@ def resolve_call(
             del _RESOLVED[next(iter(_RESOLVED))]
         _RESOLVED[key] = (backend, spec)
     return backend, spec
+
+
+def _documents_key(cu):
+    """``cu_seqlens`` as part of a remembered call's key: None without documents, its values for
+    a list, tuple or numpy array, False otherwise (a tensor: not remembered)."""
+    if cu is None:
+        return None
+    if type(cu) in (list, tuple):
+        return (type(cu), *cu, *map(type, cu))
+    if type(cu) is np.ndarray:
+        return (cu.dtype.str, cu.shape, cu.tobytes())
+    return False
 
 
 def resolve_spec(

@@ -405,3 +405,28 @@ def test_packed_strided_is_block_sparse(causal):
     lay = packed_layout(cu, 1, "strided", 128, blocksize=128, causal=causal)
     assert lay.perm is not None and sorted(lay.perm.tolist()) == list(range(16384))
     assert lay.nnz <= 3 * lay.nb
+
+
+def test_remembered_documents_follow_their_values():
+    """The public call remembers its resolution per value of ``cu_seqlens`` (a list or numpy
+    array): another batch of documents of the same count, or the same list changed in place,
+    gets its own."""
+    import sparse_attention.frontend as fe
+
+    H, D, T = 2, 16, 96
+    g = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(1, T, H * D, generator=g, dtype=torch.float64) for _ in range(3))
+    kw = dict(local_attn_ctx=32, blocksize=16)
+    cu = [0, 40, 96]
+    for boundaries in (cu, [0, 70, 96], np.array([0, 40, 96])):
+        got = sa.blocksparse_attention_impl(q, k, v, H, "local", cu_seqlens=boundaries, **kw)
+        want = _per_document(sa.attention_impl, H, "local", dict(local_attn_ctx=32), list(boundaries), True)(q, k, v)
+        torch.testing.assert_close(got, want)
+    cu[1] = 10  # changed in place
+    got = sa.blocksparse_attention_impl(q, k, v, H, "local", cu_seqlens=cu, **kw)
+    torch.testing.assert_close(
+        got, _per_document(sa.attention_impl, H, "local", dict(local_attn_ctx=32), cu, True)(q, k, v)
+    )
+    assert any(key[-1] is not None for key in fe._RESOLVED)
+    with pytest.raises(TypeError, match="integers"):
+        sa.blocksparse_attention_impl(q, k, v, H, "local", cu_seqlens=[0, 40.0, 96], **kw)
