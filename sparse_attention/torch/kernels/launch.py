@@ -612,7 +612,7 @@ class Documents:
     __slots__ = ("cu", "count", "align", "_lens", "_work")
 
     def __init__(self, cu: np.ndarray, device):
-        self.cu = torch.from_numpy(cu.astype(np.int32)).to(device)
+        self.cu = _to_device(cu.astype(np.int32), device)
         self._lens = np.diff(cu)
         self.count = len(self._lens)
         self.align = int(np.gcd.reduce(self._lens))
@@ -631,8 +631,17 @@ class Documents:
             idx = np.arange(len(doc)) - np.repeat(first, counts)
             order = np.lexsort((doc, idx))
             items = np.stack([doc[order], idx[order]], axis=1).astype(np.int32)
-            self._work[key] = (torch.from_numpy(items).to(self.cu.device), len(items))
+            self._work[key] = (_to_device(items, self.cu.device), len(items))
         return self._work[key]
+
+
+def _to_device(x: np.ndarray, device) -> torch.Tensor:
+    """``x`` on ``device``; to a GPU through pinned memory without waiting (a copy from pageable
+    memory would make the host wait for the queued kernels, once per new batch of documents)."""
+    t = torch.from_numpy(x)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 # Recent documents' device tables by their boundaries (a benchmark or an evaluation repeats them).
