@@ -293,3 +293,55 @@ def test_grouped_query_layer_errors_and_cache():
     cache = KVCache(1)  # generation with grouped heads: the cache holds the 2 key/value heads
     layer(torch.randn(1, 16, 64), cache=cache)
     assert cache.k[0].shape[1] == 2
+
+
+DOC_SPECS = ("fixed", "local", "strided", "heads-local-strided", "merged-local-strided", "group")
+
+
+@pytest.mark.parametrize("impl", ["sparse", "dense"])
+@pytest.mark.parametrize("name", DOC_SPECS)
+def test_packed_documents_equal_each_document_alone(name, impl):
+    """``SparseAttention(...)(q, k, v, cu_seqlens=cu)`` equals the module on each document alone
+    (an independent reference: the pattern restarts at every document), forward and gradients;
+    the sparse path runs patterns of built-in modes and refuses a merged head."""
+    spec, cu = SPECS[name], [0, 37, 38, 96, 128]
+    mod = SparseAttention(H, spec, blocksize=BS, impl=impl)
+    q, k, v = (x[:1] for x in _qkv(seed=3))
+    if impl == "sparse" and name in ("merged-local-strided", "group"):
+        with pytest.raises(ValueError, match="built-in mode"):
+            mod(q, k, v, cu_seqlens=cu)
+        return
+    got = mod(q, k, v, cu_seqlens=torch.tensor(cu))
+    dense = SparseAttention(H, spec, blocksize=BS, impl="dense")
+
+    def alone(a, b, c):
+        # strided's stride must divide a sequence's own length: pad each document at its end
+        # (a causal pattern reads no later key)
+        outs = []
+        for s, e in zip(cu[:-1], cu[1:]):
+            part = [x[:, s:e] for x in (a, b, c)]
+            pad = -(e - s) % 32
+            part = [torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in part]
+            outs.append(dense(*part)[:, : e - s])
+        return torch.cat(outs, dim=1)
+
+    want = alone(q, k, v)
+    torch.testing.assert_close(got, want)
+    grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+    for g, w in zip(grads, torch.autograd.grad(want.square().sum(), (q, k, v))):
+        torch.testing.assert_close(g, w)
+
+
+def test_self_attention_layer_on_packed_documents():
+    """A layer on packed documents equals the layer on each document (its projections act per
+    token); a cache or another impl with documents is refused."""
+    layer = SparseSelfAttention(32, 4, Mode("fixed", 32, num_verts=2, vertsize=1), blocksize=16).double()
+    x = torch.randn(1, 100, 32, dtype=torch.float64)
+    cu = [0, 30, 31, 100]
+    got = layer(x, cu_seqlens=cu)
+    want = torch.cat([layer(x[:, s:e]) for s, e in zip(cu[:-1], cu[1:])], dim=1)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="not with a cache"):
+        layer(x, KVCache(1), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="impl 'sparse' or 'dense'"):
+        SparseAttention(4, "local", 32, blocksize=16, impl="sdpa")(x, x, x, cu_seqlens=cu)

@@ -20,7 +20,7 @@ from ..layouts import Layout, make_layout, stack_heads
 from ..patterns import Custom, Merged, Mode, Spec, as_spec
 from . import baselines
 from .decode import StaticKVCache
-from .dispatch import attention_bhtd, register_layout
+from .dispatch import attention_bhtd, document_attention_bhtd, register_layout
 from .merged import merged_attention
 from .reference import expand_kv, masked_attention
 
@@ -38,7 +38,12 @@ class SparseAttention(nn.Module):
     a :class:`Layout` or a pattern spec of :mod:`sparse_attention.patterns`, e.g.
     ``Merged(Mode("local", 128), Mode("strided", 128))``).
 
-    ``forward(q, k, v)``: ``[batch, time, heads * head_dim]`` -> the same shape, dtype of ``q``.
+    ``forward(q, k, v, *, cu_seqlens=None)``: ``[batch, time, heads * head_dim]`` -> the same
+    shape, dtype of ``q``; ``cu_seqlens``: packed documents (``batch`` 1, as in
+    :func:`sparse_attention.blocksparse_attention_impl`), each under the pattern restarted at its
+    first token, for ``impl`` ``"sparse"`` (patterns of built-in modes: a mode, or per-head
+    groups of modes) and ``"dense"`` (any spec). Under ``torch.compile`` pass a tensor (a CPU one
+    avoids a sync): a new batch of documents recompiles nothing.
     """
 
     def __init__(
@@ -92,12 +97,14 @@ class SparseAttention(nn.Module):
         self.context = (group, balance)
         self._contexts.clear()
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, *, cu_seqlens=None):
         if self.context is not None:
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens does not run under context parallelism (one sequence over ranks)")
             return self._sharded(q, k, v)
-        return self.forward_unsharded(q, k, v)
+        return self.forward_unsharded(q, k, v, cu_seqlens=cu_seqlens)
 
-    def forward_unsharded(self, q, k, v):
+    def forward_unsharded(self, q, k, v, *, cu_seqlens=None):
         """``forward`` on a whole sequence, whatever :meth:`context_parallel` set (generation)."""
         T = q.shape[1]
         layouts = None
@@ -116,6 +123,7 @@ class SparseAttention(nn.Module):
             self.recompute,
             block_mask=self._block_masks.get(T),
             layouts=layouts,
+            cu_seqlens=cu_seqlens,
         )
 
     @torch.compiler.disable
@@ -205,6 +213,7 @@ def attend(
     recompute: bool = False,
     block_mask=None,
     layouts=None,
+    cu_seqlens=None,
 ):
     """Attention of ``[batch, time, heads * d]`` tensors under a pattern spec, through ``impl``:
     ``"sparse"`` (the library's block-sparse op, fused kernels on CUDA), ``"dense"`` (the
@@ -213,18 +222,21 @@ def attend(
 
     ``layouts`` (from :func:`resolve_layouts`) and ``block_mask`` (from
     :func:`sparse_attention.torch.baselines.flex_block_mask`)
-    may be given precomputed, as ``torch.compile`` wants.
+    may be given precomputed, as ``torch.compile`` wants. ``cu_seqlens``: packed documents
+    (``impl`` ``"sparse"`` or ``"dense"``; see :class:`SparseAttention`).
     """
     B, T, dim = q.shape
     if impl == "sparse":
         if layouts is None:
             layouts = resolve_layouts(spec, T, heads, blocksize)
         if recompute and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(_sparse_groups, q, k, v, layouts, use_reentrant=False)
-        return _sparse_groups(q, k, v, layouts)
+            return torch.utils.checkpoint.checkpoint(_sparse_groups, q, k, v, layouts, cu_seqlens, use_reentrant=False)
+        return _sparse_groups(q, k, v, layouts, cu_seqlens)
     spec.check(T, heads, blocksize)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if cu_seqlens is not None and impl != "dense":
+        raise ValueError(f"cu_seqlens runs with impl 'sparse' or 'dense', not {impl!r}")
     qh, kh, vh = (x.view(B, T, -1, dim // heads).transpose(1, 2) for x in (q, k, v))
     if impl == "sdpa":
         oh = baselines.sdpa_attention(qh, kh, vh, spec, blocksize)
@@ -232,7 +244,13 @@ def attend(
         oh = baselines.flex_attention(qh, kh, vh, spec, blocksize, block_mask)
     else:  # the library's dense reference (attention_impl), under the spec's closed form
         pos = torch.arange(T, device=q.device)
-        mask = spec.mask(pos, pos, heads, blocksize)
+        if cu_seqlens is None:
+            mask = spec.mask(pos, pos, heads, blocksize)
+        else:  # each document's own positions, and no pair across documents
+            cu = torch.as_tensor(cu_seqlens, device=q.device)
+            doc = torch.searchsorted(cu, pos, right=True) - 1
+            rel = pos - cu[doc]
+            mask = spec.mask(rel, rel, heads, blocksize) & (doc[:, None] == doc[None, :])
         kh, vh = expand_kv(kh, heads), expand_kv(vh, heads)
         if recompute and torch.is_grad_enabled():
             oh = torch.utils.checkpoint.checkpoint(masked_attention, qh, kh, vh, mask, use_reentrant=False)
@@ -241,7 +259,7 @@ def attend(
     return oh.transpose(1, 2).reshape(B, T, dim)
 
 
-def _sparse_groups(q, k, v, layouts):
+def _sparse_groups(q, k, v, layouts, cu_seqlens=None):
     B, T, dim = q.shape
     heads = sum(hn for _, hn, _ in layouts)
     d = dim // heads
@@ -261,7 +279,14 @@ def _sparse_groups(q, k, v, layouts):
             )
         if torch.compiler.is_compiling():
             qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()
-        if isinstance(lay, tuple):
+        if cu_seqlens is not None:
+            if isinstance(lay, tuple):
+                raise ValueError(
+                    "cu_seqlens runs patterns of built-in modes (a mode, or per-head groups of modes); a merged "
+                    "local | strided head has none: give its heads as groups of Mode('local') and Mode('strided')"
+                )
+            oh = document_attention_bhtd(qh, kh, vh, lay, cu_seqlens)
+        elif isinstance(lay, tuple):
             # the merged head's kernels take one key/value head per query head
             oh = merged_attention(qh, expand_kv(kh, hn), expand_kv(vh, hn), *lay)
         else:
@@ -353,12 +378,17 @@ class SparseSelfAttention(nn.Module):
         with torch.no_grad():
             self.proj.weight.mul_(out_scale)
 
-    def forward(self, x, cache: KVCache | None = None):
+    def forward(self, x, cache: KVCache | None = None, *, cu_seqlens=None):
         """``x [batch, time, dim]``. With ``cache``: ``x`` holds the tokens at positions
         ``cache.length ...``, which attend to the cached keys/values plus their own (the caller
-        advances ``cache.length`` once every layer has run)."""
+        advances ``cache.length`` once every layer has run). ``cu_seqlens``: packed documents
+        (``batch`` 1; see :class:`SparseAttention`), not with a cache."""
         q, k, v = self.qkv(x).split([x.shape[-1], self.kv_dim, self.kv_dim], dim=-1)
-        if cache is None:
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError("cu_seqlens is for training and scoring packed documents, not with a cache")
+            y = self.attn(q, k, v, cu_seqlens=cu_seqlens)
+        elif cache is None:
             y = self.attn(q, k, v)
         elif isinstance(cache, StaticKVCache):
             y = self._static(q, k, v, cache)
