@@ -18,11 +18,13 @@ import functools
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from ..layouts import check_cu_seqlens
 from ..patterns import Custom, as_spec
 from ..torch.decode import StaticKVCache
 from ..torch.nn import IMPLS, TILE_QUANTUM, KVCache, SparseSelfAttention
@@ -167,8 +169,8 @@ class ResBlock(nn.Module):
             self.attn.proj.weight.mul_(scale)
             self.ff[2].weight.mul_(scale)
 
-    def forward(self, h, cache: KVCache | None = None):
-        a = self.attn(self.norm1(h), cache)
+    def forward(self, h, cache: KVCache | None = None, cu_seqlens=None):
+        a = self.attn(self.norm1(h), cache, cu_seqlens=cu_seqlens)
         b = self.ff(self.norm2(h + a))
         return h + a + b
 
@@ -179,6 +181,12 @@ class SparseTransformer(nn.Module):
     ``forward(idx [batch, time], targets=None)`` -> ``(logits [batch, time, vocab], loss)``; ``time
     <= n_ctx``, padded internally to a multiple of :attr:`SparseTransformerConfig.pad_multiple`.
     :meth:`generate` samples with a key/value cache.
+
+    ``forward(idx [1, time], targets, cu_seqlens=cu)``: packed documents (boundaries as in
+    :func:`sparse_attention.blocksparse_attention_impl`, each at most ``n_ctx`` tokens): every
+    document is a sequence of its own (positions from its first token, attention within it),
+    as if the model ran on each alone; ``time`` may then exceed ``n_ctx``. Targets of a
+    document's last token that name the next document's first are the caller's to mask (-100).
     """
 
     def __init__(self, cfg: SparseTransformerConfig):
@@ -232,10 +240,12 @@ class SparseTransformer(nn.Module):
         for blk in self.blocks:
             blk.attn.attn.prepare(t, device)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, *, cu_seqlens=None):
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be integer tokens [batch, time], got {idx.dtype} {list(idx.shape)}")
         B, T = idx.shape
+        if cu_seqlens is not None:
+            return self._documents_forward(idx, targets, cache, cu_seqlens)
         if self.context is not None and cache is None:
             return self._sharded_forward(idx, targets)
         if isinstance(cache, StaticKVCache):
@@ -261,6 +271,37 @@ class SparseTransformer(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(B * T))
+        return logits, loss
+
+    def _documents_forward(self, idx, targets, cache, cu_seqlens):
+        if cache is not None or self.context is not None:
+            raise ValueError("cu_seqlens (packed documents) runs without a cache and without context parallelism")
+        cu = check_cu_seqlens(cu_seqlens)
+        B, T = idx.shape
+        if B != 1 or int(cu[-1]) != T:
+            raise ValueError(
+                f"cu_seqlens packs documents into idx [1, time] and ends at time; got idx {list(idx.shape)}"
+            )
+        if np.diff(cu).max() > self.cfg.n_ctx:
+            raise ValueError(
+                f"each document must have at most n_ctx ({self.cfg.n_ctx}) tokens, got {np.diff(cu).max()}"
+            )
+        pad = -T % self.cfg.pad_multiple
+        if pad:  # the padding joins the last document, after its tokens (causal patterns: no effect)
+            idx = F.pad(idx, (0, pad))
+            cu = np.concatenate([cu[:-1], [T + pad]])
+        doc = np.searchsorted(cu, np.arange(T + pad), side="right") - 1
+        positions = torch.from_numpy(np.arange(T + pad) - cu[doc]).to(idx.device)
+        h = self.drop(self.embed(idx, positions))
+        for blk in self.blocks:
+            if self.cfg.recompute and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(blk, h, None, cu, use_reentrant=False)
+            else:
+                h = blk(h, None, cu)
+        logits = self.head(self.norm(h[:, :T]))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(T, -1), targets.reshape(T))
         return logits, loss
 
     def _sharded_forward(self, idx, targets):
