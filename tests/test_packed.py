@@ -159,7 +159,7 @@ DOCUMENT_MODES = {
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("mode", list(DOCUMENT_MODES))
 def test_kernels_run_the_pattern_per_document(launch, mode, causal, docs, kv_heads, dtype, D):
-    """The built-in kernels on packed documents (``launch.Documents``): each document a sequence
+    """The built-in kernels on packed documents (``launch.DocumentTable``): each document a sequence
     of its own length, positions relative to its first token, causal or bidirectional, against
     float64 attention under the packed layout's mask (outputs NaN-poisoned: a program that skips
     its tile fails); grouped heads with fixed's summary classes (2 patterns, groups of 2 and 4
@@ -292,7 +292,7 @@ def test_work_lists_name_every_tile_once():
     from sparse_attention.torch.kernels import launch
 
     cu = np.array([0, 5, 6, 50, 130, 131, 400])
-    docs = launch.Documents(cu, "cpu")
+    docs = launch.DocumentTable(cu, "cpu")
     lens = np.diff(cu)
     for tile, group, keys in ((16, 0, 0), (64, 0, 0), (32, 64, 16)):
         items, n = docs.work(tile, group, keys)

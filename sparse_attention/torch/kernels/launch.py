@@ -601,7 +601,7 @@ def kv_group(q: torch.Tensor, k: torch.Tensor) -> int:
     return q.shape[1] // k.shape[1]
 
 
-class Documents:
+class DocumentTable:
     """Packed documents for the built-in kernels: document ``d`` is tokens ``cu[d]:cu[d + 1]`` of
     a batch of one, and runs the layout's pattern on its own positions. Programs take their
     (document, tile) from a work list (:meth:`work`) that names only the tiles inside documents,
@@ -648,7 +648,7 @@ def _to_device(x: np.ndarray, device) -> torch.Tensor:
 _DOCUMENTS: dict = {}
 
 
-def documents(cu: np.ndarray, device) -> Documents:
+def documents(cu: np.ndarray, device) -> DocumentTable:
     """The kernels' tables of packed documents with boundaries ``cu`` (int64 numpy, checked) on
     ``device``, kept for the last few boundaries."""
     key = (cu.tobytes(), str(device))
@@ -656,11 +656,11 @@ def documents(cu: np.ndarray, device) -> Documents:
     if hit is None:
         if len(_DOCUMENTS) >= 16:
             del _DOCUMENTS[next(iter(_DOCUMENTS))]
-        hit = _DOCUMENTS[key] = Documents(cu, device)
+        hit = _DOCUMENTS[key] = DocumentTable(cu, device)
     return hit
 
 
-def _grid(q, B: int, T: int, programs: int, docs: Documents | None, by: int, group: int = 0, keys: int = 0):
+def _grid(q, B: int, T: int, programs: int, docs: DocumentTable | None, by: int, group: int = 0, keys: int = 0):
     """``(grid_of, (CU, WORK))`` of a launch over ``programs`` heads per sequence: the batch's
     rows, each in tiles of ``BM`` (``by`` 0) or ``BN`` (1) positions (``keys``: fixed's summary
     pass over that many virtual keys per row); or the documents' work list (``group``, ``keys``:
@@ -687,7 +687,7 @@ def _summary_keys(p: _Plan, T: int, docs) -> tuple[int, int]:
 
 
 @_whole_call
-def forward(q, k, v, layout: Layout, docs: Documents | None = None):
+def forward(q, k, v, layout: Layout, docs: DocumentTable | None = None):
     """``(o [B, H, T, D] dtype of q, lse [B, H, T] float32, base 2)``; ``k``, ``v`` may have fewer
     heads (``[B, HK, T, D]``, ``H % HK == 0``: grouped-query attention); ``docs``: packed
     documents (``B == 1``) for a built-in ``layout``."""
@@ -706,7 +706,7 @@ def forward(q, k, v, layout: Layout, docs: Documents | None = None):
 
 
 @_whole_call
-def backward(do, q, k, v, o, lse, layout: Layout, docs: Documents | None = None):
+def backward(do, q, k, v, o, lse, layout: Layout, docs: DocumentTable | None = None):
     """``(dq, dk, dv)`` for upstream gradient ``do`` (same shapes and dtypes as q, k, v)."""
     do, q, k, v, o = (last_dim_contiguous(x) for x in (do, q, k, v, o))
     B, H, T, D = q.shape
