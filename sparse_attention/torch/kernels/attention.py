@@ -24,6 +24,16 @@ vertsize * blocksize``), so a query tile reads them as full 64/128-wide tiles wh
 blocksize; the backward pass runs dK/dV once per part (the second adds the first's float32
 partial sums of the summary keys, kept in a small buffer, so each gradient is rounded once).
 
+Not ``CAUSAL``: the bidirectional modes, the same closed form with the keys after the query
+(whole segments and groups; ``fixed`` also walks the later groups' summary keys, in full tiles
+and then the tile that ``time`` cuts, whose keys past it the masked loops drop).
+
+Packed documents (``DOCS``): the program's sequence is a document of the one batch row; it takes
+its (document, tile) from the work list ``WORK`` (only tiles inside documents), offsets its
+pointers by the document's first token ``cu[d]`` and runs the closed form on the document's own
+positions with its length as ``time`` (:func:`_work_item`, :func:`_sequence`); the statistics
+(log-sum-exp, delta) keep the batch row's layout.
+
 Custom layouts run with tiles of one layout block and walk the CSR tables (``row_ptr, cols,
 mask_idx`` per pattern for forward/dQ, the transposed ``col_table`` for dK/dV); partial blocks
 apply their boolean mask from ``block_masks``.
