@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 4 scripts/train.py --context-parallel 2 --n-ctx 65536 --attn local
                                                                # each sequence over 2 ranks, 2 data-parallel groups
     python scripts/train.py --out runs/a --resume              # continue from runs/a/ckpt.pt
+    python scripts/train.py --documents '\n\n\n'              # packed documents (cu_seqlens), split after each SEP
 
 Reports bits per byte on a held-out split (the last ``--val-fraction`` of the bytes), writes
 ``log.jsonl``, ``samples.txt`` and ``ckpt.pt`` under ``--out``. ``--batch`` is the global batch:
@@ -63,6 +64,14 @@ def parse_args(argv=None):
     p.add_argument("--data", help="any file, read as bytes (default: the Python standard library's sources)")
     p.add_argument("--max-bytes", type=int, default=4_000_000, help="cap on the default corpus")
     p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument(
+        "--documents",
+        default=None,
+        metavar="SEP",
+        help="train on packed documents: the data split after every SEP (Python escapes, e.g. '\\n\\n\\n'); "
+        "each step one sequence of batch x n_ctx bytes whose documents (cut at n_ctx) attend only within "
+        "themselves (cu_seqlens), no target across a document's end",
+    )
     p.add_argument("--out", default="runs/train")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt if it exists")
     add_model_args(
@@ -122,6 +131,13 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.val_fraction < 1:
         p.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    args.sep = None
+    if args.documents is not None:
+        args.sep = args.documents.encode("utf-8").decode("unicode_escape").encode("latin-1")
+        if not args.sep:
+            p.error("--documents needs a non-empty separator")
+        if args.context_parallel > 1:
+            p.error("--documents runs without --context-parallel (packed documents are one sequence per rank)")
     return args
 
 
@@ -182,6 +198,34 @@ def windows(data: np.ndarray, starts, n_ctx: int, device, shard=None):
     return x, y
 
 
+def document_window(data: np.ndarray, start: int, length: int, sep: bytes, n_ctx: int, device):
+    """Inputs ``[1, length]``, targets (-100 at each document's last byte: no prediction across
+    documents) and ``cu_seqlens`` of the bytes at ``start``: documents end after every ``sep``
+    (and at the window's ends) and are cut every ``n_ctx`` bytes from their start."""
+    xy = data[start : start + length + 1].astype(np.int64)
+    ends = [0]
+    hits = _find_all(xy[:length], sep)
+    for e in [*(int(h) + len(sep) for h in hits), length]:
+        while e - ends[-1] > n_ctx:
+            ends.append(ends[-1] + n_ctx)
+        if e > ends[-1]:
+            ends.append(e)
+    cu = np.asarray(ends, np.int64)
+    y = xy[1:].copy()
+    y[cu[1:] - 1] = -100
+    x = torch.from_numpy(xy[None, :length]).to(device)
+    return x, torch.from_numpy(y[None]).to(device), cu
+
+
+def _find_all(x: np.ndarray, sep: bytes) -> np.ndarray:
+    """Start offsets of every occurrence of ``sep`` in the bytes ``x``."""
+    s = np.frombuffer(sep, np.uint8).astype(np.int64)
+    if len(x) < len(s):
+        return np.zeros(0, np.int64)
+    win = np.lib.stride_tricks.sliding_window_view(x, len(s))
+    return np.flatnonzero((win == s).all(axis=1))
+
+
 def train_batch(data, step, args, rank, world, device, shard=None):
     """This rank's share of the global batch of ``step`` (a function of seed and step only, so a
     resumed run and an N-process run draw the same bytes as one uninterrupted process); ``rank``
@@ -190,6 +234,10 @@ def train_batch(data, step, args, rank, world, device, shard=None):
     rng = np.random.default_rng([args.seed, step])
     starts = rng.integers(0, len(data) - args.n_ctx - 1, size=args.batch)
     per = args.batch // world
+    if args.documents is not None:  # one sequence of this rank's share of the batch
+        length = per * args.n_ctx
+        start = int(rng.integers(0, len(data) - length - 1, size=world)[rank])
+        return document_window(data, start, length, args.sep, args.n_ctx, device)
     return windows(data, starts[rank * per : (rank + 1) * per], args.n_ctx, device, shard)
 
 
@@ -231,12 +279,21 @@ def evaluate(model, val, args, rank, world, device, shard=None) -> float:
     starts = np.linspace(0, len(val) - args.n_ctx - 1, n).astype(np.int64)[rank::world]
     tot = torch.zeros(2, dtype=torch.float64, device=device)
     for s in range(0, len(starts), args.batch):
-        x, y = windows(val, starts[s : s + args.batch], args.n_ctx, device, shard)
+        if args.documents is not None:  # the windows' bytes as one sequence of documents
+            length = len(starts[s : s + args.batch]) * args.n_ctx
+            x, y, cu = document_window(
+                val, min(int(starts[s]), len(val) - length - 1), length, args.sep, args.n_ctx, device
+            )
+            kw = {"cu_seqlens": cu}
+        else:
+            x, y = windows(val, starts[s : s + args.batch], args.n_ctx, device, shard)
+            kw = {}
         if args.compile and args.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, args.dtype):
-            _, loss = model(x, y)
-        tot += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=device)
+            _, loss = model(x, y, **kw)
+        counted = (y != -100).sum().item()
+        tot += torch.tensor([loss.item() * counted, counted], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(tot)
     model.train()
@@ -369,11 +426,11 @@ def _train(args, rank, world, device) -> list[dict]:
             group["lr"] = lr_at(step, args)
         # Dropout masks depend on (seed, step, rank) only: a resumed run repeats them.
         torch.manual_seed(args.seed * 1_000_003 + step * 101 + rank)
-        x, y = train_batch(train, step, args, dp_rank, dp_world, device, shard)
+        x, y, *docs = train_batch(train, step, args, dp_rank, dp_world, device, shard)
         if graphs:  # a new step: CUDA-graph outputs of the last one may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, args.dtype):
-            _, loss = fwd(x, y)
+            _, loss = fwd(x, y, cu_seqlens=docs[0]) if docs else fwd(x, y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)

@@ -291,7 +291,9 @@ class SparseTransformer(nn.Module):
             idx = F.pad(idx, (0, pad))
             cu = np.concatenate([cu[:-1], [T + pad]])
         doc = np.searchsorted(cu, np.arange(T + pad), side="right") - 1
-        positions = torch.from_numpy(np.arange(T + pad) - cu[doc]).to(idx.device)
+        positions = torch.from_numpy(np.arange(T + pad) - cu[doc])
+        if idx.is_cuda:  # pinned, not waiting for the queued kernels (a pageable copy would)
+            positions = positions.pin_memory().to(idx.device, non_blocking=True)
         h = self.drop(self.embed(idx, positions))
         for blk in self.blocks:
             if self.cfg.recompute and torch.is_grad_enabled():
