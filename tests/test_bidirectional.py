@@ -247,3 +247,4 @@ def test_bidirectional_layouts_compile_without_registration():
     got = fwd_bwd(torch.compile(f, fullgraph=True, backend="aot_eager"), q, k, v, do)
     for x, r in zip(got, fwd_bwd(f, q, k, v, do)):
         torch.testing.assert_close(x, r)
+    assert id(lay) not in _REGISTRY  # nor does an eager call keep it alive there

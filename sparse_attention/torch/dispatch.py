@@ -76,8 +76,9 @@ def register_layout(layout: Layout, device=None) -> int:
 def _register_eagerly(layout: Layout) -> None:
     """An eager call registers its custom layout, so that a later compiled call finds it; not a
     layout of packed documents, made per batch, which the registry would keep alive forever
-    (register one yourself to use it under ``torch.compile``)."""
-    if layout.mode == "custom" and "cu_seqlens" not in layout.params:
+    (register one yourself to use it under ``torch.compile``), nor a bidirectional built-in
+    mode's, which the ops name by its parameters (:func:`layout_spec`)."""
+    if layout.mode == "custom" and "cu_seqlens" not in layout.params and not _bidirectional_builtin(layout):
         register_layout(layout)
 
 
