@@ -8,7 +8,9 @@ run (grouped-query heads: ``scripts/bench_gqa.py``).
   as a batch and mixed lengths of ``all``/``local``/``fixed`` on the document-aware kernels;
   ``packed layout``: the same documents as a packed layout (``attn_mode=packed_layout(...)``, the
   kernels' table-driven path), and ``layout_ms`` the host time to build it (once per batch of
-  documents).
+  documents). ``new documents``: what a training step sees, a forward+backward with another
+  long-tailed mix every call (wall milliseconds per call, synchronised, median): the public
+  call, the packed layout built per call, and Flex with its block mask built per call.
 * ``bidirectional``: ``causal=False`` against the causal call and Flex's bidirectional mask.
 
 GPU time (CUDA-graph replays) and events, forward and forward+backward, in ms.
@@ -46,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--doc-len", type=int, default=4096, help="length of the equal documents (default: %(default)s)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     p.add_argument("--no-packed-layout", action="store_true", help="skip the documents as a packed layout")
+    p.add_argument(
+        "--new-docs", type=int, default=8, help="calls, each with new documents, of the 'new documents' rows"
+    )
     p.add_argument("--out", default=None, help="directory for features.json and features.md")
     return p.parse_args(argv)
 
@@ -98,6 +103,44 @@ class FlexPeer:
         """The call ``f(q, k, v)`` under the current documents."""
         bm = self.block_mask()
         return lambda q, k, v: self.flex(q, k, v, block_mask=bm)
+
+
+def new_documents_ms(kw, H, T, xs, dev, peer, n) -> dict:
+    """Wall milliseconds per forward+backward (median of ``n`` after a warm-up) with another
+    long-tailed mix of documents every call: the public call (``cu_seqlens``), the packed layout
+    built in the call, and Flex with its block mask built in the call (``peer``; its compiled
+    kernel is reused)."""
+    q, k, v, do = (x.detach().requires_grad_(i < 3) for i, x in enumerate(xs))
+    mixes = [np.concatenate([[0], np.cumsum(long_tailed(T, seed=s))]).tolist() for s in range(1, n + 3)]
+
+    def sync():
+        if dev != "cpu":
+            torch.cuda.synchronize()
+
+    def ours(cu):
+        sa.blocksparse_attention_impl(q, k, v, H, cu_seqlens=cu, **kw).backward(do)
+
+    def layout(cu):
+        sa.blocksparse_attention_impl(q, k, v, H, packed_layout(cu, H, **kw)).backward(do)
+
+    def flex(cu):
+        peer.set_documents(cu)
+        heads = [x.view(1, T, H, -1).transpose(1, 2) for x in (q, k, v, do)]
+        peer()(*heads[:3]).backward(heads[3])
+
+    out = {}
+    for name, fn in (("packed", ours), ("packed layout", layout), ("flex", flex if peer is not None else None)):
+        if fn is None:
+            continue
+        times = []
+        for cu in mixes:
+            sync()
+            t = _time.perf_counter()
+            fn(cu)
+            sync()
+            times.append((_time.perf_counter() - t) * 1e3)
+        out[name] = float(np.median(times[2:]))
+    return out
 
 
 def _log(t0, *what):
@@ -163,6 +206,10 @@ def run(args) -> list[dict]:
                     _log(t0, mode, name, "flex", res["flex"])
                 rows.append(dict(section="packed", mode=mode, docs=name, n_docs=len(lens), T=T, H=H, D=D, results=res))
                 print(json.dumps(rows[-1]), flush=True)
+            res = new_documents_ms(kw, H, T, xs, dev, peer, args.new_docs)
+            _log(t0, mode, "new documents", res)
+            rows.append(dict(section="new documents", mode=mode, T=T, H=H, D=D, results=res))
+            print(json.dumps(rows[-1]), flush=True)
         if "bidirectional" in args.sections:
             xs = q, k, v, do = tuple(rand(1, T, H * D) for _ in range(4))
             res = {}
@@ -214,6 +261,19 @@ def table(rows: list[dict]) -> str:
                 f"{_ratio(r, 'packed layout', 'packed')} | "
                 f"{_ratio(r, 'flex', 'packed')} | {r['layout_ms']:.0f} |"
             )
+        lines.append("")
+    fresh = [r for r in rows if r["section"] == "new documents"]
+    if fresh:
+        lines += [
+            "New documents every call (a long-tailed mix): wall ms per forward+backward, median.",
+            "",
+            "| mode | packed | packed layout, built per call | Flex, block mask built per call |",
+            "|---|---|---|---|",
+        ]
+        for row in fresh:
+            r = row["results"]
+            cells = " | ".join("–" if r.get(k) is None else f"{r[k]:.2f}" for k in ("packed", "packed layout", "flex"))
+            lines.append(f"| {row['mode']} | {cells} |")
         lines.append("")
     bidir = [r for r in rows if r["section"] == "bidirectional"]
     if bidir:
