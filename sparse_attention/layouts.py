@@ -55,6 +55,7 @@ __all__ = [
     "custom_layout",
     "bigbird_layout",
     "broadcast_layout",
+    "builtin_pattern",
     "stack_heads",
     "deepspeed_layout",
     "longformer_layout",
@@ -281,6 +282,19 @@ def _bidirectional_layout(p: dict) -> Layout:
     # the pattern's own blocksize too (fixed's summary blocks): kept by retile, whose blocks differ
     keep = ("attn_mode", "local_attn_ctx", "num_verts", "vertsize", "causal", "blocksize")
     return dataclasses.replace(lay, perm=perm, params={k: v for k, v in p.items() if k in keep})
+
+
+def builtin_pattern(layout: Layout) -> tuple[str, dict, bool] | None:
+    """``(mode, params, causal)`` of the built-in mode a layout is (``params`` with the pattern's
+    ``blocksize``): a causal built-in layout, or a bidirectional one (``make_layout(...,
+    causal=False)``, a custom layout naming its mode and blocksize, also after :func:`retile`);
+    None for other custom layouts (packed documents' included)."""
+    if layout.mode != "custom":
+        return layout.mode, {**layout.params, "blocksize": layout.blocksize}, True
+    p = layout.params
+    if p.get("causal") is False and p.get("attn_mode") in MODES and "blocksize" in p and "cu_seqlens" not in p:
+        return p["attn_mode"], p, False
+    return None
 
 
 def check_cu_seqlens(cu_seqlens) -> np.ndarray:

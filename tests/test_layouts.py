@@ -315,3 +315,18 @@ def test_retile_errors():
         retile(make_layout(64, 1, "local", 16, blocksize=16), 32)
     with pytest.raises(ValueError, match="power-of-two multiple or divisor"):
         retile(_random_custom(96, 1, 32, 0), 48)
+
+
+def test_builtin_pattern_names_causal_and_bidirectional_layouts():
+    """``builtin_pattern``: the mode, parameters (with the pattern's blocksize) and direction of a
+    built-in layout, causal or bidirectional (also retiled); None for other custom layouts."""
+    from sparse_attention.layouts import builtin_pattern, packed_layout, retile
+
+    kw = dict(local_attn_ctx=64, num_verts=2, vertsize=1)
+    mode, p, causal = builtin_pattern(make_layout(256, 4, "fixed", blocksize=16, **kw))
+    assert (mode, p["blocksize"], p["local_attn_ctx"], causal) == ("fixed", 16, 64, True)
+    bidir = make_layout(256, 4, "fixed", blocksize=16, causal=False, **kw)
+    assert builtin_pattern(bidir)[0::2] == ("fixed", False)
+    assert builtin_pattern(retile(bidir, 32))[1]["blocksize"] == 16
+    assert builtin_pattern(packed_layout([0, 100, 256], 4, "fixed", blocksize=16, **kw)) is None
+    assert builtin_pattern(packed_layout([0, 100, 256], 4, "fixed", blocksize=16, causal=False, **kw)) is None

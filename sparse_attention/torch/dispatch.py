@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..frontend import DOCUMENT_MODES, Documents
-from ..layouts import Layout, check_cu_seqlens, make_layout, packed_layout
+from ..layouts import Layout, builtin_pattern, check_cu_seqlens, make_layout, packed_layout
 from . import gather
 from .cache import derived
 from .reference import compute_dtype, merge_heads, split_heads, split_qkv
@@ -83,14 +83,10 @@ def _register_eagerly(layout: Layout) -> None:
 
 
 def _bidirectional_builtin(layout: Layout) -> bool:
-    """A bidirectional built-in mode's layout as ``make_layout(..., causal=False)`` builds it."""
-    p = layout.params
-    return (
-        p.get("causal") is False
-        and p.get("attn_mode") in _MODES[:4]
-        and "cu_seqlens" not in p
-        and p.get("blocksize") == layout.blocksize
-    )
+    """A bidirectional built-in mode's layout at its own blocks, as ``make_layout(...,
+    causal=False)`` builds it (and :func:`layout_of` rebuilds it)."""
+    form = builtin_pattern(layout)
+    return layout.mode == "custom" and form is not None and form[1]["blocksize"] == layout.blocksize
 
 
 def layout_spec(layout: Layout) -> list[int]:
@@ -327,16 +323,16 @@ def _documents_of(cu) -> np.ndarray:
 
 def _packed_of(pattern: Layout, cu) -> Layout:
     """The packed layout of ``pattern``'s mode (causal or bidirectional) over documents ``cu``."""
-    p = pattern.params
+    mode, p, causal = builtin_pattern(pattern)
     return packed_layout(
         _documents_of(cu),
         pattern.heads,
-        p.get("attn_mode", pattern.mode),
+        mode,
         p.get("local_attn_ctx"),
-        p.get("blocksize", pattern.blocksize),
+        p["blocksize"],
         p.get("num_verts"),
         p.get("vertsize"),
-        p.get("causal", True),
+        causal,
     )
 
 
@@ -388,7 +384,7 @@ def document_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     packed documents ``cu`` of validated ``[1, heads, time, head_dim]`` tensors; under
     ``torch.compile`` a tensor ``cu`` is an argument of the ops (read when they run: a new batch
     of documents recompiles nothing; a CPU tensor needs no device sync)."""
-    if layout.mode == "custom" and not _bidirectional_builtin(layout):
+    if builtin_pattern(layout) is None:
         raise ValueError(
             "cu_seqlens runs a built-in mode's layout on each document (make_layout(time, heads, mode, ...), "
             "causal or not); for a custom pattern build sparse_attention.layouts.packed_layout or your own "

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import triton
 
-from ...layouts import Layout, retile
+from ...layouts import Layout, builtin_pattern, retile
 from ...modes import fixed_vert_range
 from ..cache import derived
 
@@ -136,26 +136,16 @@ def unsupported_reasons(q: torch.Tensor, layout: Layout) -> list[str]:
 # The bidirectional built-in modes run the kernels' closed form (tests switch it off to compare
 # with their custom layouts on the table-driven path).
 CLOSED_BIDIRECTIONAL = True
-BUILTIN_MODES = ("all", "local", "strided", "fixed")
 
 
 def closed_form(layout: Layout) -> tuple[str, dict, bool] | None:
-    """``(mode, params, causal)`` of the closed form the kernels run for ``layout`` (``params``
-    with the pattern's ``blocksize``): a built-in mode's own, or that of a bidirectional built-in
-    mode (``make_layout(..., causal=False)``: a custom layout naming its mode and blocksize, also
-    after :func:`~sparse_attention.layouts.retile`); None for other custom layouts (their tables)."""
-    if layout.mode != "custom":
-        return layout.mode, {**layout.params, "blocksize": layout.blocksize}, True
-    p = layout.params
-    if (
-        CLOSED_BIDIRECTIONAL
-        and p.get("causal") is False
-        and p.get("attn_mode") in BUILTIN_MODES
-        and "blocksize" in p
-        and "cu_seqlens" not in p
-    ):
-        return p["attn_mode"], p, False
-    return None
+    """``(mode, params, causal)`` of the closed form the kernels run for ``layout``
+    (:func:`~sparse_attention.layouts.builtin_pattern`, the bidirectional modes' unless switched
+    off); None for other custom layouts (their tables)."""
+    form = builtin_pattern(layout)
+    if form is None or (not form[2] and not CLOSED_BIDIRECTIONAL):
+        return None
+    return form
 
 
 # Custom layouts run at the kernels' tile (:func:`kernel_layout`); tests and benchmarks switch
@@ -661,12 +651,12 @@ def documents(cu: np.ndarray, device) -> DocumentTable:
 
 
 def _grid(q, B: int, T: int, programs: int, docs: DocumentTable | None, by: int, group: int = 0, keys: int = 0):
-    """``(grid_of, (CU, WORK))`` of a launch over ``programs`` heads per sequence: the batch's
-    rows, each in tiles of ``BM`` (``by`` 0) or ``BN`` (1) positions (``keys``: fixed's summary
-    pass over that many virtual keys per row); or the documents' work list (``group``, ``keys``:
-    fixed's summary pass, ``keys`` virtual keys per group of ``group`` tokens)."""
+    """``(grid_of, (CU, WORK))`` of a launch over ``programs`` heads per sequence: each sequence
+    (a row of the batch, or a document: its work list) in tiles of ``BM`` (``by`` 0) or ``BN``
+    (1) positions; with ``group``, ``keys`` (fixed's summary pass) of its ``ceil(length / group)
+    * keys`` virtual summary keys instead."""
     if docs is None:
-        n = keys or T
+        n = -(-T // group) * keys if group else T
         return (lambda *tiles: (triton.cdiv(n, tiles[by]), B * programs)), (q, q)
     return (
         lambda *tiles: (docs.work(tiles[by], group, keys)[1], programs),
@@ -735,9 +725,7 @@ def backward(do, q, k, v, o, lse, layout: Layout, docs: DocumentTable | None = N
     grid, seqs = _grid(q, B, T, programs, docs, 1)
     p.dkdv.run(grid, *head, *seqs, *tail, *(T, H, p.nb, T, nsum_all, p.qk_scale, p.sm_scale), **flags)
     if nsum:
-        grid, seqs = (
-            _grid(q, B, T, programs, docs, 1, p.period, p.vsb) if docs else _grid(q, B, T, programs, None, 1, 0, nsum)
-        )
+        grid, seqs = _grid(q, B, T, programs, docs, 1, p.period, p.vsb)
         p.dkdv_summary.run(
             grid, *head, *seqs, *tail, *(T, H, p.nb, nsum_all, nsum_all, p.qk_scale, p.sm_scale), **flags
         )  # fmt: skip
