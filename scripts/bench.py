@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from sparse_attention import blocksparse_attention_impl
 from sparse_attention.patterns import preset
 from sparse_attention.torch import blocksparse_attention_bhtd
 from sparse_attention.torch.baselines import flex_block_mask
@@ -123,13 +124,17 @@ def summarize(rec: dict) -> dict:
     return rec
 
 
-def run_case(mode, dtype_name, B, H, T, D, peers=True, budget=1.0, graphs=True):
+def run_case(
+    mode, dtype_name, B, H, T, D, peers=("sdpa", "flex"), budget=1.0, graphs=True, suite="target", public=False
+):
+    """Ours (the ``[b, h, t, d]`` op; with ``public`` also ``blocksparse_attention_impl`` on
+    ``[b, t, h*d]``) and the ``peers`` named, on one preset of ``suite``."""
     dtype = torch_dtype(dtype_name)
-    p = preset(mode)
+    p = preset(mode, suite)
     lay = p.layout(T, H)
     q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype) for _ in range(4))
     params = p.spec.kwargs(p.blocksize)
-    rec = dict(mode=mode, dtype=dtype_name, batch=B, heads=H, time=T, head_dim=D, params=params)
+    rec = dict(mode=mode, dtype=dtype_name, batch=B, heads=H, time=T, head_dim=D, params=params, suite=suite)
     rec["floor_fwd_ms"], rec["floor_fb_ms"] = floors(allowed_pairs(lay), B, H, T, D, dtype.itemsize)
     res = {}
 
@@ -160,11 +165,16 @@ def run_case(mode, dtype_name, B, H, T, D, peers=True, budget=1.0, graphs=True):
         )
 
     measure("ours", lambda a, b_, c: blocksparse_attention_bhtd(a, b_, c, lay))
+    if public:  # the public call on [b, t, h*d] tensors (heads as strided views inside)
+        kw = p.kwargs()
+        btd = [x.transpose(1, 2).reshape(B, T, H * D) for x in (q, k, v, do)]
+        measure("ours-public", lambda a, b_, c: blocksparse_attention_impl(a, b_, c, H, **kw), *btd)
+        del btd
     if mode == "all":
         os.environ["SPARSE_ATTENTION_ALL_FUSED"] = "1"
         measure("ours-fused", lambda a, b_, c: blocksparse_attention_bhtd(a, b_, c, lay))
         os.environ.pop("SPARSE_ATTENTION_ALL_FUSED")
-    if peers:
+    if "sdpa" in peers:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         for name, be in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
@@ -174,6 +184,7 @@ def run_case(mode, dtype_name, B, H, T, D, peers=True, budget=1.0, graphs=True):
                     return torch.nn.functional.scaled_dot_product_attention(a, b_, c, is_causal=True)
 
             measure(name, f)
+    if "flex" in peers:
         try:
             from torch import _dynamo
             from torch.nn.attention.flex_attention import flex_attention
@@ -204,15 +215,15 @@ def run_case(mode, dtype_name, B, H, T, D, peers=True, budget=1.0, graphs=True):
     return rec
 
 
-def sweep(dtype_name="fp16", B=2, H=8, T=16384, D=64, modes=("local", "strided", "fixed")):
-    """Try tile configs per kernel and mode on the target shapes, timed as CUDA-graph replays (GPU
-    time: host time would swamp the short kernels); keep the fastest for the timings that follow
-    (recorded in the JSON). Backward variants time the whole backward pass with the other
-    backward kernel at its current config."""
+def sweep(dtype_name="fp16", B=2, H=8, T=16384, D=64, modes=("local", "strided", "fixed"), suite="target"):
+    """Try tile configs per kernel and mode on the presets of ``suite`` at this shape, timed as
+    CUDA-graph replays (GPU time: host time would swamp the short kernels); keep the fastest for
+    the timings that follow (recorded in the JSON). Backward variants time the whole backward pass
+    with the other backward kernel at its current config."""
     out = {}
     dtype = torch_dtype(dtype_name)
     for mode in modes:
-        lay = preset(mode).layout(T, H)
+        lay = preset(mode, suite).layout(T, H)
         q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype) for _ in range(4))
         o, lse = launch.forward(q, k, v, lay)
         for kind, text in SWEEP_CONFIGS.items():
@@ -322,9 +333,9 @@ def write(records, meta, tag, outdir: Path):
         f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['date']}",
         f"Command: `{meta['command']}`",
         "",
-        "| mode | dtype | B×H×T×D | ours fwd / fwd+bwd (ms) | SDPA cuDNN | SDPA flash | Flex best | "
-        "× vs Flex (fwd / f+b) | × vs cuDNN (fwd / f+b) | floor (ms) | ours mem (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mode | dtype | B×H×T×D | ours fwd / fwd+bwd (ms) | ours public call | SDPA cuDNN | SDPA flash | "
+        "Flex best | × vs Flex (fwd / f+b) | × vs cuDNN (fwd / f+b) | floor (ms) | ours mem (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         res = r["results"]
@@ -345,7 +356,8 @@ def write(records, meta, tag, outdir: Path):
         mem = res["ours"].get("fb_mem_mib")
         lines.append(
             f"| {r['mode']} | {r['dtype']} | {r['batch']}×{r['heads']}×{r['time']}×{r['head_dim']} | "
-            f"{pair('ours')} | {pair('sdpa-cudnn')} | {pair('sdpa-flash')} | {flex} | {vf} | {vc} | "
+            f"{pair('ours')} | {pair('ours-public')} | {pair('sdpa-cudnn')} | {pair('sdpa-flash')} | "
+            f"{flex} | {vf} | {vc} | "
             f"{r['floor_fwd_ms']:.3f} / {r['floor_fb_ms']:.3f} | {fmt(mem, 0)} |"
         )
     lines += [
@@ -418,7 +430,13 @@ def parse_args(argv=None):
         "(a case in several runs: the last one's record)",
     )
     ap.add_argument("--no-million", action="store_true", help="skip the time=1,048,576 runs")
+    ap.add_argument("--million-only", action="store_true", help="only the time=1,048,576 runs")
     ap.add_argument("--sweep", action="store_true", help="try tile configs on the target shapes first")
+    ap.add_argument(
+        "--sweep-million",
+        action="store_true",
+        help="sweep on the 1,048,576-token presets instead, at batch 1 and time 131,072 (their tiles' loops)",
+    )
     ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
     ap.add_argument("--budget", type=float, default=0.5, help="seconds of repeats per measurement")
     ap.add_argument("--tag", default=None, help="file names bench-TAG.* (default: target, full or merged)")
@@ -445,8 +463,9 @@ def main(argv=None):
         print("correctness gate FAILED, no timings reported:", fails)
         sys.exit(1)
     modes = args.modes
-    if args.sweep:
-        meta["sweep"] = sweep(modes=[m for m in modes if m != "all"])
+    if args.sweep or args.sweep_million:
+        where = dict(B=1, T=1 << 17, suite="million") if args.sweep_million else {}
+        meta["sweep"] = sweep(modes=[m for m in modes if m != "all"], H=args.n_head, **where)
         if args.sweep_only:
             for k, v in launch.MODE_CONFIGS.items():
                 print(k, v)
@@ -457,13 +476,21 @@ def main(argv=None):
     dtypes = args.dtypes or (["fp16", "bf16"] if full else ["fp16"])
     dims = args.head_dims or ([64, 128] if full else [64])
     B, H = args.batch, args.n_head
-    cases = [(m, dt, B, H, T, D, True) for T in times for dt in dtypes for D in dims for m in modes]
+    grid = {}  # every peer, GPU time too
+    # Issue 11's comparison: the public call and Flex on the "million" presets, one event-timed
+    # call after a warm-up (the budget allows no more at these sizes)
+    million = dict(peers=("flex",), graphs=False, suite="million", public=True)
+    cases = (
+        []
+        if args.million_only
+        else [((m, dt, B, H, T, D), grid) for T in times for dt in dtypes for D in dims for m in modes]
+    )
     if not args.no_million:
-        cases += [(m, "fp16", 1, H, 1 << 20, 64, False) for m in modes if m != "all"]
+        cases += [((m, "fp16", 1, H, 1 << 20, 64), million) for m in modes if m != "all"]
     records = []
-    tag = args.tag or ("full" if full else "target")
-    for c in cases:
-        records.append(run_case(*c, budget=args.budget, graphs=c[-1]))
+    tag = args.tag or ("million" if args.million_only else "full" if full else "target")
+    for c, kw in cases:
+        records.append(run_case(*c, budget=args.budget, **kw))
         md = write(records, meta, tag, Path(args.out))  # after every case: a cut-off run keeps its results
     print(f"\n({time.time() - t0:.0f} s)\n")
     print(md)

@@ -28,6 +28,7 @@ for s in ${STEPS:-bigdim suite profile}; do
     featbench) timeout ${FEATBENCH_S:-300} python3 scripts/bench_features.py --out "$OUT/features" $FEAT_ARGS > "$OUT/featbench.log" 2>&1; echo "== featbench rc=$?"; tail -n 24 "$OUT/featbench.log";;
     gqabench) timeout ${GQABENCH_S:-300} python3 scripts/bench_gqa.py --out "$OUT/gqa" $GQA_ARGS > "$OUT/gqabench.log" 2>&1; echo "== gqabench rc=$?"; tail -n 14 "$OUT/gqabench.log";;
     compare) timeout ${COMPARE_S:-300} python3 scripts/bench_compare.py --trees ${BASELINE:-baseline} . --out "$OUT/compare" $COMPARE_ARGS > "$OUT/compare.log" 2>&1; echo "== compare rc=$?"; tail -n 16 "$OUT/compare.log";;
+    million) timeout ${MILLION_S:-400} python3 scripts/bench.py --million-only --out "$OUT/million" $MILLION_ARGS > "$OUT/million.log" 2>&1; echo "== million rc=$?"; grep -E "sweep .*chosen|ours|flex|gate.*FAIL" "$OUT/million.log" | tail -n 30;;
     bench) timeout ${BENCH_S:-300} python3 scripts/bench.py --out "$OUT" > "$OUT/bench.log" 2>&1; echo "== bench rc=$?"; tail -n 30 "$OUT/bench.log";;
   esac
 done

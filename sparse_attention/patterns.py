@@ -471,6 +471,9 @@ PRESETS: dict[str, dict[str, Preset]] = {
     # Small enough to draw and to run under compute-sanitizer (time 256, 2 heads):
     # plot_layouts.py, gpu_memcheck.py.
     "small": _presets(16, {"local": 64, "strided": 16}, (64, 2, 1)),
+    # Issue 11's 1,048,576-token comparison with FlexAttention (batch 1, 8 heads, head_dim 64):
+    # 128-blocks, Flex's own tile, and fixed's summary the last block of each 1024-group.
+    "million": _presets(128, {"local": 1024, "strided": 1024}, (1024, 1, 1)),
 }
 
 

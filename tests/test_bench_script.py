@@ -134,7 +134,7 @@ def test_summarize_derives_and_replaces_the_comparisons():
 
 # (suite, time, heads) at which every preset of the suite runs, plus awkward cases: strided with
 # segments of time / l positions that straddle blocks, fixed with vertsize 2 and several groups.
-SUITE_SIZES = {"target": (1024, 4), "original": (512, 4), "long": (512, 2), "small": (256, 2)}
+SUITE_SIZES = {"target": (1024, 4), "original": (512, 4), "long": (512, 2), "small": (256, 2), "million": (4096, 2)}
 BUILT_IN = [
     pytest.param(p.kwargs(), *SUITE_SIZES[s], id=f"{s}-{m}") for s, ps in PRESETS.items() for m, p in ps.items()
 ] + [
