@@ -431,6 +431,7 @@ def parse_args(argv=None):
     )
     ap.add_argument("--no-million", action="store_true", help="skip the time=1,048,576 runs")
     ap.add_argument("--million-only", action="store_true", help="only the time=1,048,576 runs")
+    ap.add_argument("--no-peers", action="store_true", help="ours alone (no SDPA, no FlexAttention)")
     ap.add_argument("--sweep", action="store_true", help="try tile configs on the target shapes first")
     ap.add_argument(
         "--sweep-million",
@@ -476,10 +477,10 @@ def main(argv=None):
     dtypes = args.dtypes or (["fp16", "bf16"] if full else ["fp16"])
     dims = args.head_dims or ([64, 128] if full else [64])
     B, H = args.batch, args.n_head
-    grid = {}  # every peer, GPU time too
+    grid = dict(peers=()) if args.no_peers else {}  # every peer, GPU time too
     # Issue 11's comparison: the public call and Flex on the "million" presets, one event-timed
     # call after a warm-up (the budget allows no more at these sizes)
-    million = dict(peers=("flex",), graphs=False, suite="million", public=True)
+    million = dict(peers=() if args.no_peers else ("flex",), graphs=False, suite="million", public=True)
     cases = (
         []
         if args.million_only

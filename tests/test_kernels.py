@@ -376,3 +376,33 @@ def test_magic_divisor_divides_exactly(launch):
         assert np.array_equal(q, x // np.uint64(d)), d
     with pytest.raises(ValueError, match="divisor"):
         launch.magic_divisor(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_fixed_long_summary_tiles(launch, monkeypatch, dtype):
+    """``fixed`` whose summary keys outgrow the L2 cache runs its query-tile kernels (forward,
+    dQ) at the long-summary tiles, equal to the reference; with room in L2 it keeps the tuned
+    tiles. The L2 size is made small here, so the switch happens at a testable length."""
+    lay = make_layout(512, 2, "fixed", local_attn_ctx=64, blocksize=16, num_verts=2, vertsize=1)
+    D = 64
+    q = torch.empty(1, 2, 512, D, dtype=dtype, device=_device())
+    tuned = {k: launch._tiles(k, q, lay) for k in ("fwd", "dq", "dkdv")}
+    # one head's summary keys and values: 512 // 64 groups x 16 keys x 2 x D x itemsize bytes
+    monkeypatch.setattr(launch, "l2_cache_bytes", lambda device: 4 * 8 * 16 * 2 * D * q.element_size() - 4)
+    launch.configs_changed()
+    form = launch.closed_form(lay)
+    try:
+        assert launch._streams_past_l2(form, lay, q)
+        long = {k: launch._tiles(k, q, lay) for k in ("fwd", "dq", "dkdv")}
+        assert long["dkdv"] == tuned["dkdv"]
+        if dtype == torch.float16 and not INTERPRET:  # float32 keeps its own tiles; the interpreter 32
+            for k in ("fwd", "dq"):
+                assert long[k]["BM"] == launch.LONG_SUMMARY_CONFIGS[(k, 64)]["BM"] != tuned[k]["BM"]
+        g = torch.Generator().manual_seed(7)
+        x = [torch.randn(1, 2, 512, D, generator=g).to(_device(), dtype) for _ in range(4)]
+        check_against_reference(kernels(launch, lay), *x, mask=lay.to_dense())
+        monkeypatch.setattr(launch, "l2_cache_bytes", lambda device: 4 * 8 * 16 * 2 * D * q.element_size())
+        assert not launch._streams_past_l2(form, lay, q) and launch._tiles("fwd", q, lay) == tuned["fwd"]
+    finally:
+        monkeypatch.undo()
+        launch.configs_changed()

@@ -65,6 +65,17 @@ MODE_CONFIGS = {
     ("dq", "strided", 64): dict(BM=64, BN=64, num_warps=4, num_stages=2),
     ("dq", "fixed", 64): dict(BM=64, BN=64, num_warps=4, num_stages=2),
 }
+# fixed on long sequences (:func:`_streams_past_l2`): the kernels over query tiles (forward, dQ)
+# stream every summary key of the sequence through each tile, and once a head's summary keys no
+# longer stay in L2 every tile reads them from memory: a 64-row tile then makes 64 FLOPs per byte
+# in the forward, which caps it at ~300 TFLOP/s on the H100/H200 (~4.8 TB/s); 128 rows double
+# that. At 1,048,576 tokens (128-blocks, groups of 1024) the forward went 467 -> see
+# benchmarks/delivered-h200/session11; at 16,384 tokens the 64-row tiles are 6% faster (L2 holds
+# the keys), so they stay the default.
+LONG_SUMMARY_CONFIGS = {
+    ("fwd", 64): dict(BM=128, BN=64, num_warps=4, num_stages=3),
+    ("dq", 64): dict(BM=128, BN=64, num_warps=4, num_stages=3),
+}
 # CUDA's limit on the second grid dimension (batch x heads here); larger batches run in slices.
 MAX_GRID_Y = 65535
 # Tests set this to fill outputs with NaN before the kernels run, so a skipped tile fails loudly.
@@ -231,6 +242,28 @@ def shrink(cfg: dict, fixed_tiles: bool) -> dict | None:
     return cfg
 
 
+def _streams_past_l2(form, layout: Layout, q: torch.Tensor) -> bool:
+    """Whether ``fixed``'s summary keys and values of one head (what a query tile at the end of
+    the sequence streams) take more than a quarter of the device's L2 cache."""
+    if form is None or form[0] != "fixed":
+        return False
+    params = form[1]
+    keys = layout.time // params["local_attn_ctx"] * params["vertsize"] * params["blocksize"]
+    return keys * 2 * q.shape[3] * q.element_size() > l2_cache_bytes(q.device) // 4
+
+
+def l2_cache_bytes(device) -> int:
+    """The L2 cache of ``device`` (the H100's 50 MiB where unknown: the interpreter, no GPU)."""
+    if interpreting() or not torch.cuda.is_available():
+        return 50 << 20
+    return _l2(torch.device(device).index or 0)
+
+
+@functools.cache
+def _l2(index: int) -> int:
+    return torch.cuda.get_device_properties(index).L2_cache_size
+
+
 def _tiles(kind: str, q: torch.Tensor, layout: Layout) -> dict:
     """The tile config of a kernel for these inputs: the tuned table's entry for the head-dim
     bucket, shrunk (:func:`shrink`) until its tiles fit the device's shared memory. Any ``time``
@@ -240,8 +273,9 @@ def _tiles(kind: str, q: torch.Tensor, layout: Layout) -> dict:
     bucket = head_dim_bucket(D)
     form = closed_form(layout)
     mode = "custom" if form is None else form[0]
+    long = _streams_past_l2(form, layout, q) and LONG_SUMMARY_CONFIGS.get((kind, bucket))
     cfg = (FP32_CONFIGS.get((kind, bucket)) if q.dtype == torch.float32 else None) or (
-        MODE_CONFIGS.get((kind, mode, bucket)) or CONFIGS[(kind, bucket)]
+        long or MODE_CONFIGS.get((kind, mode, bucket)) or CONFIGS[(kind, bucket)]
     )
     cfg = dict(cfg)
     if interpreting():
