@@ -69,9 +69,9 @@ MODE_CONFIGS = {
 # stream every summary key of the sequence through each tile, and once a head's summary keys no
 # longer stay in L2 every tile reads them from memory: a 64-row tile then makes 64 FLOPs per byte
 # in the forward, which caps it at ~300 TFLOP/s on the H100/H200 (~4.8 TB/s); 128 rows double
-# that. At 1,048,576 tokens (128-blocks, groups of 1024) the forward went 467 -> see
-# benchmarks/delivered-h200/session11; at 16,384 tokens the 64-row tiles are 6% faster (L2 holds
-# the keys), so they stay the default.
+# that. At 1,048,576 tokens (128-blocks, groups of 1024) the forward went from 467 to 375 ms on
+# the H200 (benchmarks/delivered-h200/README.md); at 16,384 tokens the 64-row tiles are 6% faster
+# (L2 holds the keys), so they stay the default.
 LONG_SUMMARY_CONFIGS = {
     ("fwd", 64): dict(BM=128, BN=64, num_warps=4, num_stages=3),
     ("dq", 64): dict(BM=128, BN=64, num_warps=4, num_stages=3),
