@@ -303,6 +303,32 @@ def test_work_lists_name_every_tile_once():
         assert (np.diff(items[:, 1]) >= 0).all()
 
 
+def test_document_bounds_per_position_and_the_kernels_choice():
+    """``all`` and ``local`` run packed documents on tiles of the whole row with each position's
+    document bounds (``DocumentTable.bounds``: first token, end), ``fixed`` per document from
+    work lists; the bounds are exact at every boundary."""
+    from sparse_attention.torch.kernels import launch
+
+    cu = np.array([0, 5, 6, 50, 130, 131, 400])
+    b = launch.DocumentTable(cu, "cpu").bounds.numpy()
+    pos = np.arange(400)
+    d = np.searchsorted(cu, pos, side="right") - 1
+    assert b.shape == (2, 400) and b.dtype == np.int32
+    assert (b[0] == cu[d]).all() and (b[1] == cu[d + 1]).all() and (b[0] <= pos).all() and (pos < b[1]).all()
+    q = torch.empty(1, 2, 400, 32)
+    for mode, kw, rows in (
+        ("all", {}, True),
+        ("local", dict(local_attn_ctx=32), True),
+        ("fixed", dict(local_attn_ctx=32, num_verts=1, vertsize=1), False),
+    ):
+        for causal in (True, False):
+            lay = sa.make_layout(400, 2, mode, blocksize=16, causal=causal, **kw)
+            p = launch._Plan(lay, q)
+            assert p.doc_rows is rows
+            want = dict(DOCS=2, time=400) if rows else dict(DOCS=1, time=1)
+            assert launch._documents(p, 400, launch.DocumentTable(cu, "cpu")) == want
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("docs", ["two-unaligned", "equal"])
 def test_tensorflow_documents(mode, docs):

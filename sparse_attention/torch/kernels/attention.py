@@ -28,11 +28,17 @@ Not ``CAUSAL``: the bidirectional modes, the same closed form with the keys afte
 (whole segments and groups; ``fixed`` also walks the later groups' summary keys, in full tiles
 and then the tile that ``time`` cuts, whose keys past it the masked loops drop).
 
-Packed documents (``DOCS``): the program's sequence is a document of the one batch row; it takes
-its (document, tile) from the work list ``WORK`` (only tiles inside documents), offsets its
-pointers by the document's first token ``cu[d]`` and runs the closed form on the document's own
-positions with its length as ``time`` (:func:`_work_item`, :func:`_sequence`); the statistics
-(log-sum-exp, delta) keep the batch row's layout.
+Packed documents, two ways. ``DOCS == 1`` (``fixed``, whose pattern restarts at each
+document's first token): the program's sequence is a document of the one batch row; it takes its
+(document, tile) from the work list ``WORK`` (only tiles inside documents), offsets its pointers
+by the document's first token ``cu[d]`` and runs the closed form on the document's own positions
+with its length as ``time`` (:func:`_work_item`, :func:`_sequence`); the statistics (log-sum-exp,
+delta) keep the batch row's layout. ``DOCS == 2`` (``all``, ``local``: patterns of ``i - j``
+alone, the same on a document's own positions and on the row's): tiles of the whole row, as
+without documents, and each position's document bounds from ``WORK`` (``[2, time]`` int32: the
+document's first token, its end), which narrow the tiles' ranges and join the masks
+(:func:`_doc_bounds`): a tile that straddles two documents serves both, so short documents cost
+no tile of their own.
 
 Custom layouts run with tiles of one layout block and walk the CSR tables (``row_ptr, cols,
 mask_idx`` per pattern for forward/dQ, the transposed ``col_table`` for dK/dV); partial blocks
@@ -122,7 +128,7 @@ def _work_item(tile, r, WORK, DOCS: tl.constexpr):
     """``(tile, sequence)`` of this program: its grid position, or with packed documents
     (``DOCS``) its entry of the work list ``WORK`` (``[n, 2]`` int32: document, tile), which names
     only tiles that lie in a document (no program runs past a short document's end)."""
-    if DOCS:
+    if DOCS == 1:
         r = tl.load(WORK + 2 * tile)
         tile = tl.load(WORK + 2 * tile + 1)
     return tile, r
@@ -133,8 +139,9 @@ def _sequence(r, T, CU, DOCS: tl.constexpr):
     """``(b, t0, n)`` of sequence ``r`` (the grid's second axis over heads): batch row ``r``
     (``b = r``, first token 0, length ``T``), or with packed documents (``DOCS``) document ``r``
     of the one sequence (batch 0, its first token ``cu[r]``, its length ``cu[r + 1] - cu[r]``).
-    Positions are relative to ``t0``: the pattern restarts at every document's first token."""
-    if DOCS:
+    Positions are relative to ``t0``: the pattern restarts at every document's first token.
+    (``DOCS == 2``: the batch row; documents are per position, :func:`_doc_bounds`.)"""
+    if DOCS == 1:
         start = tl.load(CU + r)
         n = tl.load(CU + r + 1) - start
         b = (r * 0).to(tl.int64)
@@ -144,6 +151,39 @@ def _sequence(r, T, CU, DOCS: tl.constexpr):
         t0 = (r * 0).to(tl.int64)
         n = T
     return b, t0, n
+
+
+@triton.jit
+def _doc_bounds(pos, T, BOUNDS):
+    """``DOCS == 2``: ``(first token, end)`` of each position's document (``BOUNDS``: ``[2, T]``
+    int32); a position past ``T`` takes the last token's."""
+    p = tl.minimum(pos, T - 1)
+    return tl.load(BOUNDS + p), tl.load(BOUNDS + T + p)
+
+
+@triton.jit
+def _doc_row_bounds(lo, flo, fhi, hi, ds, de, BN: tl.constexpr, CAUSAL: tl.constexpr):
+    """``DOCS == 2``: :func:`_row_bounds` narrowed to the documents of the tile's rows (first
+    tokens ``ds``, ends ``de``): keys from the first row's document on; full tiles only where every
+    key lies in every row's document."""
+    lo = tl.maximum(lo, tl.min(ds, 0) // BN * BN)
+    flo = tl.maximum(flo, (tl.max(ds, 0) + BN - 1) // BN * BN)
+    if not CAUSAL:
+        hi = tl.minimum(hi, tl.max(de, 0))
+        fhi = tl.minimum(fhi, tl.min(de, 0) // BN * BN)
+    fhi = tl.minimum(tl.maximum(fhi, lo), hi)
+    flo = tl.minimum(tl.maximum(flo, lo), fhi)
+    return lo, flo, fhi, hi
+
+
+@triton.jit
+def _same_doc(ok, qpos, kpos, ds, de, CAUSAL: tl.constexpr):
+    """``ok`` and key ``kpos`` in the document of query ``qpos`` (``[ds, de)``), as broadcast
+    (``ds``, ``de`` shaped like ``qpos``); causal patterns need only the first token."""
+    ok = ok & (kpos >= ds)
+    if not CAUSAL:
+        ok = ok & (kpos < de)
+    return ok
 
 
 @triton.jit
@@ -389,6 +429,9 @@ def _fwd_range(
     DOT_PREC: tl.constexpr,
     TAIL: tl.constexpr,
     CAUSAL: tl.constexpr,
+    ds,
+    de,
+    DOCS: tl.constexpr,
 ):
     for n0 in range(start, end, BN):
         kpos = n0 + tl.arange(0, BN)
@@ -406,6 +449,8 @@ def _fwd_range(
             ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB, CAUSAL)
             if not CAUSAL:  # keys past time (in causal patterns, later than every query)
                 ok = ok & rmask[None, :]
+            if DOCS == 2:
+                ok = _same_doc(ok, qpos[:, None], kpos[None, :], ds[:, None], de[:, None], CAUSAL)
         else:
             ok = None
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, ok, qk_scale, MASKED, DOT_PREC)
@@ -502,6 +547,9 @@ def fwd_kernel(
     if MODE == 4:
         qtok = _custom_tok(qpos, PERM, TN, HAS_PERM)
     qvalid = qpos < TN  # TAIL: the query tile past time (a position >= TN has no token)
+    ds, de = qpos, qpos
+    if DOCS == 2:
+        ds, de = _doc_bounds(qpos, T, WORK)
     q = _load_rows(q_base, qtok, sqt, offs_d, qvalid, TAIL, PAD_D, HEAD_D)  # [BM, BLOCK_D]
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -539,6 +587,8 @@ def fwd_kernel(
             if stage == 4:
                 # after fixed's summary stages, next to its loops (hoisted, fixed compiles differently)
                 lo, flo, fhi, hi = _row_bounds(m0, TN, BM, BN, MODE, P1, CAUSAL)
+                if DOCS == 2:
+                    lo, flo, fhi, hi = _doc_row_bounds(lo, flo, fhi, hi, ds, de, BN, CAUSAL)
             if (MODE == 3 and (stage < 2 or (stage < 4 and not CAUSAL))) or stage == 4 or (SPLIT and stage > 4):
                 if stage == 0:
                     start, end = 0, sf
@@ -585,6 +635,9 @@ def fwd_kernel(
                     DOT_PREC,
                     TAIL,
                     CAUSAL,
+                    ds,
+                    de,
+                    DOCS,
                 )
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -672,6 +725,9 @@ def _dkdv_range(
     DOT_PREC: tl.constexpr,
     TAIL: tl.constexpr,
     CAUSAL: tl.constexpr,
+    ks,
+    ke,
+    DOCS: tl.constexpr,
 ):
     for m0 in range(start, end, BM):
         qpos = m0 + tl.arange(0, BM)
@@ -681,6 +737,10 @@ def _dkdv_range(
         )
         if MASKED:
             ok = _allowed(qpos[None, :], kpos[:, None], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB, CAUSAL)
+            if DOCS == 2:  # query i in key j's document [ks, ke): causal, i >= j, needs i < ke only
+                ok = ok & (qpos[None, :] < ke[:, None])
+                if not CAUSAL:
+                    ok = ok & (qpos[None, :] >= ks[:, None])
         else:
             ok = None
         dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, ok, qk_scale, MASKED, DOT_PREC)
@@ -767,7 +827,7 @@ def dkdv_kernel(
     b, t0, TN = _sequence(seq, T, CU, DOCS)
     n0 = n_blk * BN
     voff = (t0 * 0).to(tl.int32)  # fixed, packed documents: the document's first virtual summary key
-    if DOCS:
+    if DOCS == 1:
         # fixed: document d's groups' virtual summary keys start at (cu[d] // l + d) * VSB (each
         # document's ceil(n / l) groups fit before the next)
         if MODE == 3:
@@ -802,8 +862,14 @@ def dkdv_kernel(
     else:
         g0 = 0
         gstep = 1
+    ks, ke = kpos, kpos
     if MODE != 4:
         lo, flo, fhi, hi = _col_bounds(n0, TN, BM, BN, MODE, SUMMARY, P1, VSB, CAUSAL)
+        if DOCS == 2:  # the queries of the key tile's documents
+            ks, ke = _doc_bounds(kpos, T, WORK)
+            hi = tl.minimum(hi, tl.max(ke, 0))
+            if not CAUSAL:
+                lo = tl.maximum(lo, tl.min(ks, 0) // BM * BM)
     for g in range(g0, G, gstep):
         h = hk * G + g
         hh = h.to(tl.int64)
@@ -869,6 +935,9 @@ def dkdv_kernel(
                 DOT_PREC,
                 TAIL,
                 CAUSAL,
+                ks,
+                ke,
+                DOCS,
             )
     dk = dk * sm_scale
     dk_ptrs = DK + b * sgkb + hk64 * sgkh + (t0 + ktok)[:, None] * sgkt + offs_d[None, :]
@@ -954,6 +1023,9 @@ def _dq_range(
     DOT_PREC: tl.constexpr,
     TAIL: tl.constexpr,
     CAUSAL: tl.constexpr,
+    ds,
+    de,
+    DOCS: tl.constexpr,
 ):
     for n0 in range(start, end, BN):
         kpos = n0 + tl.arange(0, BN)
@@ -971,6 +1043,8 @@ def _dq_range(
             ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB, CAUSAL)
             if not CAUSAL:  # keys past time (in causal patterns, later than every query)
                 ok = ok & rmask[None, :]
+            if DOCS == 2:
+                ok = _same_doc(ok, qpos[:, None], kpos[None, :], ds[:, None], de[:, None], CAUSAL)
         else:
             ok = None
         dq = _dq_step(dq, q, do, k, v, lse, delta, ok, qk_scale, MASKED, DOT_PREC)
@@ -1057,6 +1131,9 @@ def dq_kernel(
     if MODE == 4:
         qtok = _custom_tok(qpos, PERM, TN, HAS_PERM)
     qvalid = qpos < TN  # TAIL: the query tile past time
+    ds, de = qpos, qpos
+    if DOCS == 2:
+        ds, de = _doc_bounds(qpos, T, WORK)
     q, do, lse, _ = _load_query_rows(
         Q + b * sqb + hh * sqh + t0 * sqt, DO + b * sdb + hh * sdh + t0 * sdt, LSE + stats, LSE, qtok, qvalid,
         sqt, sdt, offs_d, TAIL, PAD_D, HEAD_D,
@@ -1097,6 +1174,8 @@ def dq_kernel(
         for stage in tl.static_range(7):
             if stage == 4:
                 lo, flo, fhi, hi = _row_bounds(m0, TN, BM, BN, MODE, P1, CAUSAL)
+                if DOCS == 2:
+                    lo, flo, fhi, hi = _doc_row_bounds(lo, flo, fhi, hi, ds, de, BN, CAUSAL)
             if (MODE == 3 and (stage < 2 or (stage < 4 and not CAUSAL))) or stage == 4 or (SPLIT and stage > 4):
                 if stage == 0:
                     start, end = 0, sf
@@ -1144,6 +1223,9 @@ def dq_kernel(
                     DOT_PREC,
                     TAIL,
                     CAUSAL,
+                    ds,
+                    de,
+                    DOCS,
                 )
     dq = dq * sm_scale
     dq_ptrs = DQ + b * sgb + hh * sgh + (t0 + qtok)[:, None] * sgt + offs_d[None, :]

@@ -322,7 +322,7 @@ class _Kernel:
         (:class:`PerTile`) are made for the config that launches."""
         kw = self.kw
         raw = args
-        if extra.get("DOCS"):
+        if extra.get("DOCS") == 1:
             args = _per_tile(raw, kw)
         tail = _tail(kw, time)
         key = None if interpreting() else bound_key(args, extra, tail)
@@ -338,7 +338,7 @@ class _Kernel:
             kw = self.kw
             try:
                 tail = _tail(kw, time)
-                if extra.get("DOCS"):
+                if extra.get("DOCS") == 1:
                     args = _per_tile(raw, kw)
                 compiled = self.kernel[grid_of(kw["BM"], kw["BN"])](*args, **kw, **extra, TAIL=tail)
                 break
@@ -536,6 +536,9 @@ class _Plan:
         self.dq = _Kernel(K.dq_kernel, {**consts, **dq}, custom)
         self.dkdv = _Kernel(K.dkdv_kernel, {**consts, **dkdv, "SUMMARY": False}, custom)
         self.nsum = tab["NSUM"] if mode == K.MODE_FIXED else 0
+        # packed documents: all and local (patterns of i - j alone) on tiles of the whole row with
+        # per-position document bounds; the others per document, from work lists
+        self.doc_rows = mode in (K.MODE_ALL, K.MODE_LOCAL)
         self.period, self.vsb = tab["P1"], tab["VSB"]
         self.dkdv_summary = _Kernel(K.dkdv_kernel, {**consts, **dkdv, "SUMMARY": True}, custom)
         self.custom = custom
@@ -627,20 +630,34 @@ def kv_group(q: torch.Tensor, k: torch.Tensor) -> int:
 
 class DocumentTable:
     """Packed documents for the built-in kernels: document ``d`` is tokens ``cu[d]:cu[d + 1]`` of
-    a batch of one, and runs the layout's pattern on its own positions. Programs take their
-    (document, tile) from a work list (:meth:`work`) that names only the tiles inside documents,
-    ordered by tile (the kernels run the heaviest tiles of causal patterns first). ``cu``: int32
+    a batch of one, and runs the layout's pattern on its own positions. ``fixed``'s programs take
+    their (document, tile) from a work list (:meth:`work`) that names only the tiles inside
+    documents, ordered by tile (the kernels run the heaviest tiles of causal patterns first);
+    ``all`` and ``local`` run tiles of the whole row and read each position's document bounds
+    (:attr:`bounds`). ``cu``: int32
     on the device; ``align``: the largest length that divides every document's (tiles that
     divide it need no masking past a document's end)."""
 
-    __slots__ = ("cu", "count", "align", "_lens", "_work")
+    __slots__ = ("cu", "count", "align", "_host", "_lens", "_work", "_bounds")
 
     def __init__(self, cu: np.ndarray, device):
         self.cu = _to_device(cu.astype(np.int32), device)
+        self._host = cu
         self._lens = np.diff(cu)
         self.count = len(self._lens)
         self.align = int(np.gcd.reduce(self._lens))
         self._work: dict = {}
+        self._bounds = None
+
+    @property
+    def bounds(self) -> torch.Tensor:
+        """``[2, time]`` int32: each position's document's first token, then its end (the
+        kernels' ``DOCS == 2``: ``all`` and ``local`` on tiles of the whole row)."""
+        if self._bounds is None:
+            cu = self._host
+            starts, ends = np.repeat(cu[:-1], self._lens), np.repeat(cu[1:], self._lens)
+            self._bounds = _to_device(np.stack([starts, ends]).astype(np.int32), self.cu.device)
+        return self._bounds
 
     def work(self, tile: int, group: int = 0, keys: int = 0) -> tuple[torch.Tensor, int]:
         """``(list, n)``: ``[n, 2]`` int32 (document, tile index) of the tiles of ``tile``
@@ -684,14 +701,25 @@ def documents(cu: np.ndarray, device) -> DocumentTable:
     return hit
 
 
-def _grid(q, B: int, T: int, programs: int, docs: DocumentTable | None, by: int, group: int = 0, keys: int = 0):
+def _documents(p: _Plan, T: int, docs: DocumentTable | None) -> dict:
+    """The kernels' flags for packed ``docs`` under plan ``p``: ``DOCS`` (0 none, 1 per document,
+    2 per position: :attr:`_Plan.doc_rows`) and the length whose multiples need no tail mask."""
+    if docs is None:
+        return dict(DOCS=0, time=T)
+    if p.doc_rows:
+        return dict(DOCS=2, time=T)
+    return dict(DOCS=1, time=docs.align)
+
+
+def _grid(q, B: int, T: int, programs: int, docs, by: int, group: int = 0, keys: int = 0, rows: bool = False):
     """``(grid_of, (CU, WORK))`` of a launch over ``programs`` heads per sequence: each sequence
     (a row of the batch, or a document: its work list) in tiles of ``BM`` (``by`` 0) or ``BN``
     (1) positions; with ``group``, ``keys`` (fixed's summary pass) of its ``ceil(length / group)
-    * keys`` virtual summary keys instead."""
-    if docs is None:
+    * keys`` virtual summary keys instead. ``rows`` (``DOCS == 2``): documents per position, on
+    tiles of the whole row."""
+    if docs is None or rows:
         n = -(-T // group) * keys if group else T
-        return (lambda *tiles: (triton.cdiv(n, tiles[by]), B * programs)), (q, q)
+        return (lambda *tiles: (triton.cdiv(n, tiles[by]), B * programs)), (q, q if docs is None else docs.bounds)
     return (
         lambda *tiles: (docs.work(tiles[by], group, keys)[1], programs),
         (docs.cu, PerTile(lambda *tiles: docs.work(tiles[by], group, keys)[0])),
@@ -719,12 +747,13 @@ def forward(q, k, v, layout: Layout, docs: DocumentTable | None = None):
     B, H, T, D = q.shape
     p = plan(layout, q)
     summary, rows, _ = p.tables(q)
-    grid, seqs = _grid(q, B, T, H, docs, 0)
+    flags = _documents(p, T, docs)
+    grid, seqs = _grid(q, B, T, H, docs, 0, rows=p.doc_rows)
     o = new_output(q)
     lse = new_output(q, (B, H, T), torch.float32)
     p.fwd.run(
         grid, *(q, k, v, o, lse), *summary, *seqs, *rows, *_strides(q, k, v, o), *(T, H, p.nb, p.qk_scale),
-        G=kv_group(q, k), time=T if docs is None else docs.align, DOCS=docs is not None,
+        G=kv_group(q, k), **flags,
     )  # fmt: skip
     return o, lse
 
@@ -737,12 +766,12 @@ def backward(do, q, k, v, o, lse, layout: Layout, docs: DocumentTable | None = N
     G = kv_group(q, k)
     p = plan(layout, q)
     summary, rows, cols = p.tables(q)
-    flags = dict(G=G, time=T if docs is None else docs.align, DOCS=docs is not None)
+    flags = dict(G=G, **_documents(p, T, docs))
     delta = new_output(q, (B, H, T), torch.float32)
     dq, dk, dv = new_output(q), new_output(k), new_output(v)
     strides = _strides(q, k, v, do)
     # dQ first: it computes delta = rowsum(dO * O) of its rows and stores it for dK/dV
-    grid, seqs = _grid(q, B, T, H, docs, 0)
+    grid, seqs = _grid(q, B, T, H, docs, 0, rows=p.doc_rows)
     p.dq.run(
         grid, *(q, k, v, do, o, dq, lse, delta), *summary, *seqs, *rows, *strides, *_strides(o, dq),
         *(T, H, p.nb, p.qk_scale, p.sm_scale), **flags,
@@ -756,7 +785,7 @@ def backward(do, q, k, v, o, lse, layout: Layout, docs: DocumentTable | None = N
     # the transposed table: per key-block column, its query blocks and their masks
     head = (q, k, v, do, dk, dv, lse, delta, acc, *summary)
     tail = (*cols, *strides, *_strides(dk, dv))
-    grid, seqs = _grid(q, B, T, programs, docs, 1)
+    grid, seqs = _grid(q, B, T, programs, docs, 1, rows=p.doc_rows)
     p.dkdv.run(grid, *head, *seqs, *tail, *(T, H, p.nb, T, nsum_all, p.qk_scale, p.sm_scale), **flags)
     if nsum:
         grid, seqs = _grid(q, B, T, programs, docs, 1, p.period, p.vsb)
