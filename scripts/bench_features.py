@@ -188,6 +188,22 @@ def run(args) -> list[dict]:
                     dev,
                 )
                 _log(t0, mode, name, "packed", res["packed"])
+                if mode in ("all", "local") and len(set(lens)) > 1:
+                    from sparse_attention.torch.kernels import launch
+
+                    # the other way of the kernels (launch.DOC_ROWS): tiles of the whole row with
+                    # each position's document bounds, instead of per-document work lists
+                    other = "packed, per position" if not launch.DOC_ROWS else "packed, per document"
+
+                    def flipped(a, b, c, cu=cu, kw=kw):
+                        launch.DOC_ROWS = not launch.DOC_ROWS
+                        try:
+                            return sa.blocksparse_attention_impl(a, b, c, H, cu_seqlens=cu, **kw)
+                        finally:
+                            launch.DOC_ROWS = not launch.DOC_ROWS
+
+                    res[other] = fwd_fb_ms(flipped, *xs, dev)
+                    _log(t0, mode, name, other, res[other])
                 if not args.no_packed_layout:
                     res["packed layout"] = fwd_fb_ms(
                         lambda a, b, c, lay=lay: sa.blocksparse_attention_impl(a, b, c, H, lay), *xs, dev
@@ -248,17 +264,19 @@ def table(rows: list[dict]) -> str:
     packed = [r for r in rows if r["section"] == "packed"]
     if packed:
         lines += [
-            "| mode | documents | packed | packed layout | unpacked [1, T] | batch of documents | "
-            "Flex + document mask | packed / unpacked | packed layout / packed | Flex / packed | layout build ms |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| mode | documents | packed | packed, the kernels' other way | packed layout | unpacked [1, T] | "
+            "batch of documents | Flex + document mask | packed / unpacked | other way / packed | "
+            "packed layout / packed | Flex / packed | layout build ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in packed:
             r = row["results"]
+            other = next((k for k in ("packed, per position", "packed, per document") if k in r), "-")
             lines.append(
-                f"| {row['mode']} | {row['docs']} | {_pair(r, 'packed')} | {_pair(r, 'packed layout')} | "
-                f"{_pair(r, 'unpacked [1, T]')} | "
+                f"| {row['mode']} | {row['docs']} | {_pair(r, 'packed')} | {_pair(r, other)} | "
+                f"{_pair(r, 'packed layout')} | {_pair(r, 'unpacked [1, T]')} | "
                 f"{_pair(r, 'batch of documents')} | {_pair(r, 'flex')} | {_ratio(r, 'packed', 'unpacked [1, T]')} | "
-                f"{_ratio(r, 'packed layout', 'packed')} | "
+                f"{_ratio(r, other, 'packed')} | {_ratio(r, 'packed layout', 'packed')} | "
                 f"{_ratio(r, 'flex', 'packed')} | {r['layout_ms']:.0f} |"
             )
         lines.append("")

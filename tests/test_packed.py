@@ -187,6 +187,36 @@ def test_kernels_run_the_pattern_per_document(launch, mode, causal, docs, kv_hea
     check_against_reference(fn, q, k, v, do, ref=ref, floor=1e-4)
 
 
+@pytest.mark.parametrize("split", [None, True, False], ids=["split-auto", "split", "one-loop"])
+@pytest.mark.parametrize("doc_rows", [True, False], ids=["per-position", "per-document"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("mode", ["all", "local"])
+def test_documents_per_position_and_per_document(launch, monkeypatch, mode, causal, doc_rows, split):
+    """all and local on packed documents both ways (tiles of the whole row with each position's
+    document bounds, or per-document work lists), with the full tiles split off or not (the
+    narrowed bounds of the full tiles), against float64 under the packed layout's mask."""
+    monkeypatch.setattr(launch, "DOC_ROWS", doc_rows)
+    monkeypatch.setattr(launch, "SPLIT_OVERRIDE", split)
+    kw = DOCUMENT_MODES[mode]
+    cu, H, kv_heads, D = DOCS["tiny-and-long"], 4, 2, 32
+    T = cu[-1]
+    pattern = sa.make_layout(T, H, mode, blocksize=16, causal=causal, **kw)
+    lay = packed_layout(cu, H, mode, blocksize=16, causal=causal, **kw)
+    mask = torch.from_numpy(lay.to_dense()).to(_device())
+    table = launch.documents(np.asarray(cu, np.int64), _device())
+    g = torch.Generator().manual_seed(11)
+    q, do = (torch.randn(1, H, T, D, generator=g).to(_device()) for _ in range(2))
+    k, v = (torch.randn(1, kv_heads, T, D, generator=g).to(_device()) for _ in range(2))
+
+    def ref(a, b, c):
+        return masked_attention(a, b.repeat_interleave(2, 1), c.repeat_interleave(2, 1), mask, dtype=a.dtype)
+
+    def fn(a, b, c):
+        return EagerAttention.apply(a, b, c, launch.forward, launch.backward, pattern, table)
+
+    check_against_reference(fn, q, k, v, do, ref=ref, floor=1e-4)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("mode", list(DOCUMENT_MODES))
 def test_public_call_runs_documents_on_the_kernels(launch, mode, causal, monkeypatch):
@@ -303,7 +333,7 @@ def test_work_lists_name_every_tile_once():
         assert (np.diff(items[:, 1]) >= 0).all()
 
 
-def test_document_bounds_per_position_and_the_kernels_choice():
+def test_document_bounds_per_position_and_the_kernels_choice(monkeypatch):
     """``all`` and ``local`` run packed documents on tiles of the whole row with each position's
     document bounds (``DocumentTable.bounds``: first token, end), ``fixed`` per document from
     work lists; the bounds are exact at every boundary."""
@@ -325,8 +355,10 @@ def test_document_bounds_per_position_and_the_kernels_choice():
             lay = sa.make_layout(400, 2, mode, blocksize=16, causal=causal, **kw)
             p = launch._Plan(lay, q)
             assert p.doc_rows is rows
-            want = dict(DOCS=2, time=400) if rows else dict(DOCS=1, time=1)
-            assert launch._documents(p, 400, launch.DocumentTable(cu, "cpu")) == want
+            for on in (True, False):
+                monkeypatch.setattr(launch, "DOC_ROWS", on)
+                want = dict(DOCS=2, time=400) if rows and on else dict(DOCS=1, time=1)
+                assert launch._documents(p, 400, launch.DocumentTable(cu, "cpu")) == want
 
 
 @pytest.mark.parametrize("mode", list(MODES))

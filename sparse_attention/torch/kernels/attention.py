@@ -28,17 +28,17 @@ Not ``CAUSAL``: the bidirectional modes, the same closed form with the keys afte
 (whole segments and groups; ``fixed`` also walks the later groups' summary keys, in full tiles
 and then the tile that ``time`` cuts, whose keys past it the masked loops drop).
 
-Packed documents, two ways. ``DOCS == 1`` (``fixed``, whose pattern restarts at each
-document's first token): the program's sequence is a document of the one batch row; it takes its
-(document, tile) from the work list ``WORK`` (only tiles inside documents), offsets its pointers
-by the document's first token ``cu[d]`` and runs the closed form on the document's own positions
-with its length as ``time`` (:func:`_work_item`, :func:`_sequence`); the statistics (log-sum-exp,
-delta) keep the batch row's layout. ``DOCS == 2`` (``all``, ``local``: patterns of ``i - j``
-alone, the same on a document's own positions and on the row's): tiles of the whole row, as
-without documents, and each position's document bounds from ``WORK`` (``[2, time]`` int32: the
-document's first token, its end), which narrow the tiles' ranges and join the masks
-(:func:`_doc_bounds`): a tile that straddles two documents serves both, so short documents cost
-no tile of their own.
+Packed documents, two ways. ``DOCS == 1`` (every mode): the program's sequence is a document
+of the one batch row; it takes its (document, tile) from the work list ``WORK`` (only tiles
+inside documents), offsets its pointers by the document's first token ``cu[d]`` and runs the
+closed form on the document's own positions with its length as ``time`` (:func:`_work_item`,
+:func:`_sequence`); the statistics (log-sum-exp, delta) keep the batch row's layout. ``DOCS ==
+2`` (``all`` and ``local`` with ``launch.DOC_ROWS``: patterns of ``i - j`` alone, the same on a
+document's own positions and on the row's): tiles of the whole row, as without documents, and
+each position's document bounds from ``WORK`` (``[2, time]`` int32: the document's first token,
+its end), which join the masks and narrow the ranges of ``all`` and of full tiles
+(:func:`_doc_bounds`, :func:`_doc_row_bounds`): a tile that straddles two documents serves both,
+so short documents cost no tile of their own.
 
 Custom layouts run with tiles of one layout block and walk the CSR tables (``row_ptr, cols,
 mask_idx`` per pattern for forward/dQ, the transposed ``col_table`` for dK/dV); partial blocks
@@ -162,15 +162,18 @@ def _doc_bounds(pos, T, BOUNDS):
 
 
 @triton.jit
-def _doc_row_bounds(lo, flo, fhi, hi, ds, de, BN: tl.constexpr, CAUSAL: tl.constexpr):
-    """``DOCS == 2``: :func:`_row_bounds` narrowed to the documents of the tile's rows (first
-    tokens ``ds``, ends ``de``): keys from the first row's document on; full tiles only where every
-    key lies in every row's document."""
-    lo = tl.maximum(lo, tl.min(ds, 0) // BN * BN)
-    flo = tl.maximum(flo, (tl.max(ds, 0) + BN - 1) // BN * BN)
+def _doc_row_bounds(lo, flo, fhi, hi, m0, T, BOUNDS, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr):
+    """``DOCS == 2``: :func:`_row_bounds` of the query tile [m0, m0 + BM) narrowed to its rows'
+    documents: keys from the first row's document on; full tiles only where every key lies in
+    every row's document. Documents are in order, so the first and last rows' bounds are the
+    extremes (scalar loads, no reduction over the tile)."""
+    first = tl.minimum(m0, T - 1)
+    last = tl.minimum(m0 + BM - 1, T - 1)
+    lo = tl.maximum(lo, tl.load(BOUNDS + first) // BN * BN)
+    flo = tl.maximum(flo, (tl.load(BOUNDS + last) + BN - 1) // BN * BN)
     if not CAUSAL:
-        hi = tl.minimum(hi, tl.max(de, 0))
-        fhi = tl.minimum(fhi, tl.min(de, 0) // BN * BN)
+        hi = tl.minimum(hi, tl.load(BOUNDS + T + last))
+        fhi = tl.minimum(fhi, tl.load(BOUNDS + T + first) // BN * BN)
     fhi = tl.minimum(tl.maximum(fhi, lo), hi)
     flo = tl.minimum(tl.maximum(flo, lo), fhi)
     return lo, flo, fhi, hi
@@ -587,8 +590,10 @@ def fwd_kernel(
             if stage == 4:
                 # after fixed's summary stages, next to its loops (hoisted, fixed compiles differently)
                 lo, flo, fhi, hi = _row_bounds(m0, TN, BM, BN, MODE, P1, CAUSAL)
-                if DOCS == 2:
-                    lo, flo, fhi, hi = _doc_row_bounds(lo, flo, fhi, hi, ds, de, BN, CAUSAL)
+                if DOCS == 2 and (MODE == 0 or SPLIT):
+                    # all: from the documents' first keys; local: its window's few tiles need no
+                    # narrowing (the mask drops the other document's keys), full tiles do
+                    lo, flo, fhi, hi = _doc_row_bounds(lo, flo, fhi, hi, m0, T, WORK, BM, BN, CAUSAL)
             if (MODE == 3 and (stage < 2 or (stage < 4 and not CAUSAL))) or stage == 4 or (SPLIT and stage > 4):
                 if stage == 0:
                     start, end = 0, sf
@@ -865,11 +870,12 @@ def dkdv_kernel(
     ks, ke = kpos, kpos
     if MODE != 4:
         lo, flo, fhi, hi = _col_bounds(n0, TN, BM, BN, MODE, SUMMARY, P1, VSB, CAUSAL)
-        if DOCS == 2:  # the queries of the key tile's documents
+        if DOCS == 2:
             ks, ke = _doc_bounds(kpos, T, WORK)
-            hi = tl.minimum(hi, tl.max(ke, 0))
-            if not CAUSAL:
-                lo = tl.maximum(lo, tl.min(ks, 0) // BM * BM)
+            if MODE == 0:  # the queries of the key tile's documents (local: its window, masked)
+                hi = tl.minimum(hi, tl.load(WORK + T + tl.minimum(n0 + BN - 1, T - 1)))
+                if not CAUSAL:
+                    lo = tl.maximum(lo, tl.load(WORK + tl.minimum(n0, T - 1)) // BM * BM)
     for g in range(g0, G, gstep):
         h = hk * G + g
         hh = h.to(tl.int64)
@@ -1174,8 +1180,10 @@ def dq_kernel(
         for stage in tl.static_range(7):
             if stage == 4:
                 lo, flo, fhi, hi = _row_bounds(m0, TN, BM, BN, MODE, P1, CAUSAL)
-                if DOCS == 2:
-                    lo, flo, fhi, hi = _doc_row_bounds(lo, flo, fhi, hi, ds, de, BN, CAUSAL)
+                if DOCS == 2 and (MODE == 0 or SPLIT):
+                    # all: from the documents' first keys; local: its window's few tiles need no
+                    # narrowing (the mask drops the other document's keys), full tiles do
+                    lo, flo, fhi, hi = _doc_row_bounds(lo, flo, fhi, hi, m0, T, WORK, BM, BN, CAUSAL)
             if (MODE == 3 and (stage < 2 or (stage < 4 and not CAUSAL))) or stage == 4 or (SPLIT and stage > 4):
                 if stage == 0:
                     start, end = 0, sf

@@ -536,8 +536,8 @@ class _Plan:
         self.dq = _Kernel(K.dq_kernel, {**consts, **dq}, custom)
         self.dkdv = _Kernel(K.dkdv_kernel, {**consts, **dkdv, "SUMMARY": False}, custom)
         self.nsum = tab["NSUM"] if mode == K.MODE_FIXED else 0
-        # packed documents: all and local (patterns of i - j alone) on tiles of the whole row with
-        # per-position document bounds; the others per document, from work lists
+        # packed documents: all and local (patterns of i - j alone) can run on tiles of the whole
+        # row with per-position document bounds (DOC_ROWS); the others per document only
         self.doc_rows = mode in (K.MODE_ALL, K.MODE_LOCAL)
         self.period, self.vsb = tab["P1"], tab["VSB"]
         self.dkdv_summary = _Kernel(K.dkdv_kernel, {**consts, **dkdv, "SUMMARY": True}, custom)
@@ -630,11 +630,11 @@ def kv_group(q: torch.Tensor, k: torch.Tensor) -> int:
 
 class DocumentTable:
     """Packed documents for the built-in kernels: document ``d`` is tokens ``cu[d]:cu[d + 1]`` of
-    a batch of one, and runs the layout's pattern on its own positions. ``fixed``'s programs take
-    their (document, tile) from a work list (:meth:`work`) that names only the tiles inside
-    documents, ordered by tile (the kernels run the heaviest tiles of causal patterns first);
-    ``all`` and ``local`` run tiles of the whole row and read each position's document bounds
-    (:attr:`bounds`). ``cu``: int32
+    a batch of one, and runs the layout's pattern on its own positions. Programs take their
+    (document, tile) from a work list (:meth:`work`) that names only the tiles inside documents,
+    ordered by tile (the kernels run the heaviest tiles of causal patterns first); with
+    :data:`DOC_ROWS`, ``all`` and ``local`` run tiles of the whole row and read each position's
+    document bounds (:attr:`bounds`) instead. ``cu``: int32
     on the device; ``align``: the largest length that divides every document's (tiles that
     divide it need no masking past a document's end)."""
 
@@ -701,12 +701,20 @@ def documents(cu: np.ndarray, device) -> DocumentTable:
     return hit
 
 
+# all and local can run packed documents on tiles of the whole row (DOCS == 2) instead of the
+# per-document work lists (DOCS == 1). Off until measured ahead: its first version (bounds from
+# reductions over the tile) made local's forward 1.24-1.28x the unpacked GPU time on the H200
+# against 1.00-1.14x per document (benchmarks/features-h200/session11); this one (scalar bounds,
+# no narrowing of local's window) is not measured yet: bench_features.py times both ways.
+DOC_ROWS = False
+
+
 def _documents(p: _Plan, T: int, docs: DocumentTable | None) -> dict:
     """The kernels' flags for packed ``docs`` under plan ``p``: ``DOCS`` (0 none, 1 per document,
     2 per position: :attr:`_Plan.doc_rows`) and the length whose multiples need no tail mask."""
     if docs is None:
         return dict(DOCS=0, time=T)
-    if p.doc_rows:
+    if p.doc_rows and DOC_ROWS:
         return dict(DOCS=2, time=T)
     return dict(DOCS=1, time=docs.align)
 
@@ -748,7 +756,7 @@ def forward(q, k, v, layout: Layout, docs: DocumentTable | None = None):
     p = plan(layout, q)
     summary, rows, _ = p.tables(q)
     flags = _documents(p, T, docs)
-    grid, seqs = _grid(q, B, T, H, docs, 0, rows=p.doc_rows)
+    grid, seqs = _grid(q, B, T, H, docs, 0, rows=flags["DOCS"] == 2)
     o = new_output(q)
     lse = new_output(q, (B, H, T), torch.float32)
     p.fwd.run(
@@ -771,7 +779,7 @@ def backward(do, q, k, v, o, lse, layout: Layout, docs: DocumentTable | None = N
     dq, dk, dv = new_output(q), new_output(k), new_output(v)
     strides = _strides(q, k, v, do)
     # dQ first: it computes delta = rowsum(dO * O) of its rows and stores it for dK/dV
-    grid, seqs = _grid(q, B, T, H, docs, 0, rows=p.doc_rows)
+    grid, seqs = _grid(q, B, T, H, docs, 0, rows=flags["DOCS"] == 2)
     p.dq.run(
         grid, *(q, k, v, do, o, dq, lse, delta), *summary, *seqs, *rows, *strides, *_strides(o, dq),
         *(T, H, p.nb, p.qk_scale, p.sm_scale), **flags,
@@ -785,7 +793,7 @@ def backward(do, q, k, v, o, lse, layout: Layout, docs: DocumentTable | None = N
     # the transposed table: per key-block column, its query blocks and their masks
     head = (q, k, v, do, dk, dv, lse, delta, acc, *summary)
     tail = (*cols, *strides, *_strides(dk, dv))
-    grid, seqs = _grid(q, B, T, programs, docs, 1, rows=p.doc_rows)
+    grid, seqs = _grid(q, B, T, programs, docs, 1, rows=flags["DOCS"] == 2)
     p.dkdv.run(grid, *head, *seqs, *tail, *(T, H, p.nb, T, nsum_all, p.qk_scale, p.sm_scale), **flags)
     if nsum:
         grid, seqs = _grid(q, B, T, programs, docs, 1, p.period, p.vsb)
