@@ -80,10 +80,10 @@ RUN_B = [
 
 
 def _tables(md: str):
-    """The rows of the two markdown tables (event time: 11 columns; GPU time: 8), as cell lists."""
+    """The rows of the two markdown tables (event time: 12 columns; GPU time: 8), as cell lists."""
     rows = [line for line in md.splitlines() if line.startswith("| ") and "×" in line and "mode" not in line]
     cells = [[c.strip() for c in r.split("|")[1:-1]] for r in rows]
-    return [c for c in cells if len(c) == 11], [c for c in cells if len(c) == 8]
+    return [c for c in cells if len(c) == 12], [c for c in cells if len(c) == 8]
 
 
 def test_merge_writes_one_table_of_two_runs(tmp_path):
@@ -100,13 +100,14 @@ def test_merge_writes_one_table_of_two_runs(tmp_path):
     events, gpu = _tables((tmp_path / "bench-m.md").read_text())
     assert [r[0] for r in events] == ["local", "fixed", "all", "strided"]
     by = {r[0]: r for r in events}
-    # columns: mode dtype shape ours cudnn flash flex-best xflex xcudnn floor mem
-    assert by["fixed"][3] == "0.400 / 1.500" and by["fixed"][4] == "1.200 / 4.800"  # the later run
-    assert by["fixed"][6:9] == ["2.000 / 6.000", "5.00 / 4.00", "3.00 / 3.20"]
-    assert by["local"][6:9] == ["0.250 / 1.200", "1.25 / 1.50", "5.00 / 5.00"]  # best of two Flex forms
-    assert by["all"][6:9] == ["–", "–", "1.10 / 1.10"]  # Flex failed
-    assert by["strided"][3] == "–" and by["strided"][6:9] == ["–", "–", "–"]  # ours failed
-    assert by["fixed"][9:] == ["0.011 / 0.034", "12"]
+    # columns: mode dtype shape ours ours-public cudnn flash flex-best xflex xcudnn floor mem
+    assert by["fixed"][3] == "0.400 / 1.500" and by["fixed"][5] == "1.200 / 4.800"  # the later run
+    assert all(r[4] == "–" for r in events)  # no public-call timings in these runs
+    assert by["fixed"][7:10] == ["2.000 / 6.000", "5.00 / 4.00", "3.00 / 3.20"]
+    assert by["local"][7:10] == ["0.250 / 1.200", "1.25 / 1.50", "5.00 / 5.00"]  # best of two Flex forms
+    assert by["all"][7:10] == ["–", "–", "1.10 / 1.10"]  # Flex failed
+    assert by["strided"][3] == "–" and by["strided"][7:10] == ["–", "–", "–"]  # ours failed
+    assert by["fixed"][10:] == ["0.011 / 0.034", "12"]
     # GPU time: ours at 0.5 x its event time, cuDNN at 0.9 x, Flex at 0.8 x
     g = {r[0]: r for r in gpu}
     assert set(g) == {"local", "fixed", "all"}
