@@ -220,9 +220,9 @@ class AsBatch(NamedTuple):
 
 
 class Documents(NamedTuple):
-    """Packed documents of mixed lengths under a built-in mode whose closed form runs per
-    document (``all``, ``local``, ``fixed``, causal or not): engines with document-aware kernels
-    run ``pattern`` (the mode's layout at the packed length) on each document's own positions,
+    """Packed documents of mixed lengths under a built-in mode, causal or not: engines with
+    document-aware kernels run ``pattern`` (the mode's layout at the packed length,
+    :func:`document_pattern`) on each document's own positions,
     from ``cu`` (int64, ``[n_docs + 1]``); others run :meth:`layout`, the packed layout, made on
     first use."""
 
@@ -234,9 +234,18 @@ class Documents(NamedTuple):
         return packed_layout(self.cu, *self.args)
 
 
-# Modes whose pattern document-aware kernels run per document; strided, whose period depends on
-# each document's length, runs packed layouts.
-DOCUMENT_MODES = ("all", "local", "fixed")
+# Modes whose pattern document-aware kernels run per document (every built-in mode).
+DOCUMENT_MODES = ("all", "local", "strided", "fixed")
+
+
+def document_pattern(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, causal) -> Layout:
+    """The built-in mode's layout that names the pattern of packed documents in ``time`` tokens:
+    at ``time``, or for ``strided`` (whose stride must divide a sequence's length, not the
+    documents') at ``time`` rounded up to a multiple of its stride. The document-aware kernels
+    take the pattern from it and each document's length from ``cu_seqlens``."""
+    if attn_mode == "strided" and isinstance(local_attn_ctx, (int, np.integer)) and local_attn_ctx > 0:
+        time = -(-time // local_attn_ctx) * local_attn_ctx
+    return make_layout(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, causal)
 
 
 def call(fn, reshape, q, k, v, heads, spec):
@@ -273,7 +282,7 @@ def _documents(time, heads, attn_mode, local_attn_ctx, blocksize, num_verts, ver
     if sparse:
         args = (heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, causal)
         if attn_mode in DOCUMENT_MODES:
-            return Documents(cu, make_layout(time, *args), args)
+            return Documents(cu, document_pattern(time, *args), args)
         return packed_layout(cu, *args)
     b = blocksize if attn_mode == "fixed" else None
     p = validate_pattern(time, heads, attn_mode, local_attn_ctx, b, num_verts, vertsize, causal, documents=True)

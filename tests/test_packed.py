@@ -71,7 +71,13 @@ def _per_document(fn, H, mode, kw, cu, causal):
         for a, b in zip(cu[:-1], cu[1:]):
             part = [x[:, a:b] for x in (q, k, v)]
             n = b - a
-            if mode == "strided" and n % kw["local_attn_ctx"]:
+            if mode == "strided" and n % kw["local_attn_ctx"] and not causal:
+                # bidirectional: padding would add keys; the document's own mask, dense
+                lay = packed_layout([0, n], H, mode, blocksize=16, causal=False, **kw)
+                mask = torch.from_numpy(lay.to_dense()).to(q.device)
+                heads = [split_heads(x, H) for x in part]
+                outs.append(merge_heads(masked_attention(*heads, mask, dtype=q.dtype)))
+            elif mode == "strided" and n % kw["local_attn_ctx"]:
                 # strided's stride must divide the length of a sequence of its own: the document
                 # padded at its end (causal patterns read no later key, so it changes nothing)
                 pad = -n % kw["local_attn_ctx"]
@@ -146,9 +152,21 @@ def test_fused_kernels_on_documents(launch, mode, causal, dtype):
 DOCUMENT_MODES = {
     "all": {},
     "local": dict(local_attn_ctx=32),
+    # strided: documents' residue classes of unequal lengths (l = 8), and of at most 2 (l = 40)
+    "strided": dict(local_attn_ctx=8),
+    "strided-l40": dict(local_attn_ctx=40),
     "fixed": dict(local_attn_ctx=32, num_verts=2, vertsize=1),
     "fixed-vs2": dict(local_attn_ctx=64, num_verts=2, vertsize=2),
 }
+
+
+def _pattern(T, H, mode, causal, kw):
+    """The layout naming the pattern of packed documents (strided's at T rounded up to its stride)."""
+    from sparse_attention.frontend import document_pattern
+
+    a = (kw.get(x) for x in ("local_attn_ctx", "num_verts", "vertsize"))
+    ctx, nv, vs = a
+    return document_pattern(T, H, mode, ctx, 16, nv, vs, causal)
 
 
 @pytest.mark.parametrize(
@@ -168,7 +186,7 @@ def test_kernels_run_the_pattern_per_document(launch, mode, causal, docs, kv_hea
     mode = mode.split("-")[0]
     cu, H = DOCS[docs], 4
     T, G = cu[-1], H // kv_heads
-    pattern = sa.make_layout(T, H, mode, blocksize=16, causal=causal, **kw)
+    pattern = _pattern(T, H, mode, causal, kw)
     assert launch.closed_form(pattern) is not None
     lay = packed_layout(cu, H, mode, blocksize=16, causal=causal, **kw)
     mask = torch.from_numpy(lay.to_dense()).to(_device())
@@ -205,6 +223,34 @@ def test_documents_per_position_and_per_document(launch, monkeypatch, mode, caus
     mask = torch.from_numpy(lay.to_dense()).to(_device())
     table = launch.documents(np.asarray(cu, np.int64), _device())
     g = torch.Generator().manual_seed(11)
+    q, do = (torch.randn(1, H, T, D, generator=g).to(_device()) for _ in range(2))
+    k, v = (torch.randn(1, kv_heads, T, D, generator=g).to(_device()) for _ in range(2))
+
+    def ref(a, b, c):
+        return masked_attention(a, b.repeat_interleave(2, 1), c.repeat_interleave(2, 1), mask, dtype=a.dtype)
+
+    def fn(a, b, c):
+        return EagerAttention.apply(a, b, c, launch.forward, launch.backward, pattern, table)
+
+    check_against_reference(fn, q, k, v, do, ref=ref, floor=1e-4)
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split", "one-loop"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_strided_documents_with_padded_residue_classes(launch, monkeypatch, causal, split):
+    """strided per document: each document's residue classes padded to one length, the short
+    ones ending in a position without a token. Long classes (64 positions: full tiles when split
+    off), one ending exactly at a tile edge with its hole (the full tiles must stop before it),
+    then a document of one token; against float64 under the packed layout's mask."""
+    monkeypatch.setattr(launch, "SPLIT_OVERRIDE", split)
+    cu, H, kv_heads, D = [0, 127, 200, 201], 2, 1, 16
+    T, kw = cu[-1], dict(local_attn_ctx=2)
+    pattern = _pattern(T, H, "strided", causal, kw)
+    lay = packed_layout(cu, H, "strided", blocksize=16, causal=causal, **kw)
+    mask = torch.from_numpy(lay.to_dense()).to(_device())
+    table = launch.documents(np.asarray(cu, np.int64), _device())
+    assert table.tail_free(2) == 1 and table.positions(2).tolist() == [128, 74, 2]
+    g = torch.Generator().manual_seed(12)
     q, do = (torch.randn(1, H, T, D, generator=g).to(_device()) for _ in range(2))
     k, v = (torch.randn(1, kv_heads, T, D, generator=g).to(_device()) for _ in range(2))
 
@@ -435,7 +481,8 @@ def test_packed_layout_under_torch_compile():
 def test_documents_of_one_length_run_as_a_batch(mode, monkeypatch):
     """Documents of one length are a batch of them: no packed layout is built, the pattern runs at
     their length on a view, and the result is the batch call's; a length the pattern refuses
-    (strided's stride must divide it) takes the packed layout."""
+    (strided's stride must divide it) runs per document (the packed layout only on the block
+    gather path, here on the CPU: not the front end's)."""
     import sparse_attention.frontend as fe
 
     built = []
@@ -446,7 +493,7 @@ def test_documents_of_one_length_run_as_a_batch(mode, monkeypatch):
         q, k, v = (torch.randn(1, T, H * D, dtype=torch.float64) for _ in range(3))
         got = sa.blocksparse_attention_impl(q, k, v, H, mode, blocksize=16, cu_seqlens=cu, **MODES[mode])
         refuses = mode == "strided" and n % MODES[mode]["local_attn_ctx"]
-        assert bool(built) == bool(refuses)
+        assert not built
         if not refuses:
             batch = [x.view(len(cu) - 1, n, -1) for x in (q, k, v)]
             want = sa.blocksparse_attention_impl(*batch, H, mode, blocksize=16, **MODES[mode])

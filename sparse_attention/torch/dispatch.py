@@ -347,7 +347,7 @@ def document_pair(index: int):
 
         def run(pattern, cu, q):
             form = launch.closed_form(pattern)
-            if form is None or form[0] not in DOCUMENT_MODES:  # strided's period is per document
+            if form is None or form[0] not in DOCUMENT_MODES:
                 return (_packed_of(pattern, cu),)
             return pattern, launch.documents(_documents_of(cu), q.device)
 

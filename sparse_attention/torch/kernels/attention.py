@@ -154,6 +154,43 @@ def _sequence(r, T, CU, DOCS: tl.constexpr):
 
 
 @triton.jit
+def _periods(seq, P1, P1M, P1S, DIVS, MODE: tl.constexpr, DOCS: tl.constexpr):
+    """``(P1, P1M, P1S)`` of sequence ``seq``: the launch's, or for ``strided`` on packed
+    documents (``DOCS == 1``) the document's own ``n = ceil(length / l)`` and its magic numbers
+    (``DIVS``: ``[n_docs, 3]`` int64, ``launch.DocumentTable.divisors``)."""
+    if MODE == 2 and DOCS == 1:
+        P1 = tl.load(DIVS + 3 * seq).to(tl.int32)
+        P1M = tl.load(DIVS + 3 * seq + 1)
+        P1S = tl.load(DIVS + 3 * seq + 2).to(tl.int32)
+    return P1, P1M, P1S
+
+
+@triton.jit
+def _positions(TN, P1, P2: tl.constexpr, MODE: tl.constexpr, DOCS: tl.constexpr):
+    """The block-order positions of a sequence of ``TN`` tokens: ``TN``, or for ``strided`` on
+    packed documents ``P1 * l`` (``l`` residue classes of ``n = ceil(TN / l)`` positions each;
+    the classes with fewer tokens end in a *hole*, a position without a token, see
+    :func:`_valid`)."""
+    TP = TN
+    if MODE == 2 and DOCS == 1:
+        TP = P1 * P2
+    return TP
+
+
+@triton.jit
+def _valid(pos, tok, TN, P1, P2: tl.constexpr, MODE: tl.constexpr, DOCS: tl.constexpr):
+    """Which positions hold a token of the sequence (``TN`` tokens): those before its end, or for
+    ``strided`` on packed documents, whose residue classes are padded to one length ``n``, those
+    before ``n * l`` whose token is before ``TN`` (the holes at the ends of the short classes
+    hold none)."""
+    if MODE == 2 and DOCS == 1:
+        ok = (pos < P1 * P2) & (tok < TN)
+    else:
+        ok = pos < TN
+    return ok
+
+
+@triton.jit
 def _doc_bounds(pos, T, BOUNDS):
     """``DOCS == 2``: ``(first token, end)`` of each position's document (``BOUNDS``: ``[2, T]``
     int32); a position past ``T`` takes the last token's."""
@@ -228,10 +265,14 @@ def _allowed(
 
 
 @triton.jit
-def _row_bounds(m0, T, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, P1, CAUSAL: tl.constexpr):
-    """Key positions of the query tile [m0, m0 + BM): masked [lo, flo), full [flo, fhi), masked [fhi, hi)."""
+def _row_bounds(
+    m0, T, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, P1, CAUSAL: tl.constexpr, DOCS: tl.constexpr
+):
+    """Key positions of the query tile [m0, m0 + BM): masked [lo, flo), full [flo, fhi), masked
+    [fhi, hi). (Causal full tiles lie before the query tile in its segment: never a hole, which
+    ends a segment.)"""
     if not CAUSAL:
-        return _row_bounds_bidirectional(m0, T, BM, BN, MODE, P1)
+        return _row_bounds_bidirectional(m0, T, BM, BN, MODE, P1, MODE == 2 and DOCS == 1)
     hi = tl.minimum((m0 + BM + BN - 1) // BN * BN, T)
     fhi = (m0 + 1) // BN * BN
     if MODE == 1:
@@ -251,9 +292,11 @@ def _row_bounds(m0, T, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, P
 
 
 @triton.jit
-def _row_bounds_bidirectional(m0, T, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, P1):
+def _row_bounds_bidirectional(m0, T, BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, P1, HOLES: tl.constexpr):
     """:func:`_row_bounds` of the bidirectional modes: keys after the query tile too; full tiles
-    end before the tile that ``T`` cuts (whose keys past ``T`` the masked loops drop)."""
+    end before the tile that ``T`` cuts (whose keys past ``T`` the masked loops drop), and with
+    ``HOLES`` (strided per document) before the segment's last position, which may hold no
+    token."""
     tfull = T // BN * BN
     if MODE == 1:  # |i - j| < L
         lo = tl.maximum(m0 - P1 + 1, 0) // BN * BN
@@ -272,7 +315,10 @@ def _row_bounds_bidirectional(m0, T, BM: tl.constexpr, BN: tl.constexpr, MODE: t
         hi = tl.minimum(seg1, T)
         same = (m0 + BM - 1) // P1 == m0 // P1
         flo = tl.where(same, (seg0 + BN - 1) // BN * BN, hi)
-        fhi = tl.where(same, tl.minimum(seg1 // BN * BN, tfull), hi)
+        send = seg1
+        if HOLES:
+            send = seg1 - 1
+        fhi = tl.where(same, tl.minimum(send // BN * BN, tfull), hi)
     fhi = tl.maximum(fhi, lo)
     flo = tl.minimum(tl.maximum(flo, lo), fhi)
     return lo, flo, fhi, hi
@@ -444,7 +490,7 @@ def _fwd_range(
         if SUMMARY:
             rmask = ktok < T
         else:
-            rmask = kpos < T
+            rmask = _valid(kpos, ktok, T, P1, P2, MODE, DOCS)
         mrows: tl.constexpr = (MASKED and SUMMARY) or (TAIL and not SUMMARY)
         k = _load_rows(k_base, ktok, skt, offs_d, rmask, mrows, PAD_D, HEAD_D)
         v = _load_rows(v_base, ktok, svt, offs_d, rmask, mrows, PAD_D, HEAD_D)
@@ -493,6 +539,7 @@ def fwd_kernel(
     PERM,
     CU,
     WORK,
+    DIVS,
     ROW_PTR,
     COLS,
     MASK_IDX,
@@ -537,6 +584,8 @@ def fwd_kernel(
     m_blk, seq = _work_item(m_blk, bh // H, WORK, DOCS)
     # T: the batch rows' length (the statistics' row stride); TN: this sequence's (a document's)
     b, t0, TN = _sequence(seq, T, CU, DOCS)
+    P1, P1M, P1S = _periods(seq, P1, P1M, P1S, DIVS, MODE, DOCS)
+    TP = _positions(TN, P1, P2, MODE, DOCS)
     m0 = m_blk * BM
     hk = (h // G).to(tl.int64)  # the key/value head of query head h (grouped-query attention)
     q_base = Q + b * sqb + h.to(tl.int64) * sqh + t0 * sqt
@@ -549,7 +598,7 @@ def fwd_kernel(
     qtok = _tok(qpos, MODE, False, P1, P1M, P1S, P1C, P2, VSB, 0)
     if MODE == 4:
         qtok = _custom_tok(qpos, PERM, TN, HAS_PERM)
-    qvalid = qpos < TN  # TAIL: the query tile past time (a position >= TN has no token)
+    qvalid = _valid(qpos, qtok, TN, P1, P2, MODE, DOCS)  # TAIL: past time (a position >= TN has no token)
     ds, de = qpos, qpos
     if DOCS == 2:
         ds, de = _doc_bounds(qpos, T, WORK)
@@ -589,7 +638,7 @@ def fwd_kernel(
         for stage in tl.static_range(7):
             if stage == 4:
                 # after fixed's summary stages, next to its loops (hoisted, fixed compiles differently)
-                lo, flo, fhi, hi = _row_bounds(m0, TN, BM, BN, MODE, P1, CAUSAL)
+                lo, flo, fhi, hi = _row_bounds(m0, TP, BM, BN, MODE, P1, CAUSAL, DOCS)
                 if DOCS == 2 and (MODE == 0 or SPLIT):
                     # all: from the documents' first keys; local: its window's few tiles need no
                     # narrowing (the mask drops the other document's keys), full tiles do
@@ -738,7 +787,18 @@ def _dkdv_range(
         qpos = m0 + tl.arange(0, BM)
         qtok = _tok(qpos, MODE, False, P1, P1M, P1S, P1C, P2, VSB, 0)
         q, do, lse, delta = _load_query_rows(
-            q_base, do_base, lse_base, d_base, qtok, qpos < T, sqt, sdt, offs_d, TAIL, PAD_D, HEAD_D
+            q_base,
+            do_base,
+            lse_base,
+            d_base,
+            qtok,
+            _valid(qpos, qtok, T, P1, P2, MODE, DOCS),
+            sqt,
+            sdt,
+            offs_d,
+            TAIL,
+            PAD_D,
+            HEAD_D,
         )
         if MASKED:
             ok = _allowed(qpos[None, :], kpos[:, None], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB, CAUSAL)
@@ -770,6 +830,7 @@ def dkdv_kernel(
     PERM,
     CU,
     WORK,
+    DIVS,
     COL_PTR,
     ROWS,
     ENTRY_MASK,
@@ -830,6 +891,8 @@ def dkdv_kernel(
         NCLS = 1
     n_blk, seq = _work_item(n_blk, prog // (HK * NCLS), WORK, DOCS)
     b, t0, TN = _sequence(seq, T, CU, DOCS)
+    P1, P1M, P1S = _periods(seq, P1, P1M, P1S, DIVS, MODE, DOCS)
+    TP = _positions(TN, P1, P2, MODE, DOCS)
     n0 = n_blk * BN
     voff = (t0 * 0).to(tl.int32)  # fixed, packed documents: the document's first virtual summary key
     if DOCS == 1:
@@ -850,7 +913,10 @@ def dkdv_kernel(
     ktok = _tok(kpos, MODE, SUMMARY, P1, P1M, P1S, P1C, P2, VSB, vlo)
     if MODE == 4:
         ktok = _custom_tok(kpos, PERM, TN, HAS_PERM)
-    kvalid = (kpos < NKEYS) & (ktok < TN)
+    if MODE == 2 and DOCS == 1:  # strided per document: padded residue classes (see _valid)
+        kvalid = _valid(kpos, ktok, TN, P1, P2, MODE, DOCS)
+    else:
+        kvalid = (kpos < NKEYS) & (ktok < TN)
     k_base = K + b * skb + hk64 * skh + t0 * skt
     v_base = V + b * svb + hk64 * svh + t0 * svt
     k = _load_rows(k_base, ktok, skt, offs_d, kvalid, SUMMARY or TAIL, PAD_D, HEAD_D)  # [BN, BLOCK_D]
@@ -869,7 +935,7 @@ def dkdv_kernel(
         gstep = 1
     ks, ke = kpos, kpos
     if MODE != 4:
-        lo, flo, fhi, hi = _col_bounds(n0, TN, BM, BN, MODE, SUMMARY, P1, VSB, CAUSAL)
+        lo, flo, fhi, hi = _col_bounds(n0, TP, BM, BN, MODE, SUMMARY, P1, VSB, CAUSAL)
         if DOCS == 2:
             ks, ke = _doc_bounds(kpos, T, WORK)
             if MODE == 0:  # the queries of the key tile's documents (local: its window, masked)
@@ -1041,7 +1107,7 @@ def _dq_range(
         if SUMMARY:
             rmask = ktok < T
         else:
-            rmask = kpos < T
+            rmask = _valid(kpos, ktok, T, P1, P2, MODE, DOCS)
         mrows: tl.constexpr = (MASKED and SUMMARY) or (TAIL and not SUMMARY)
         k = _load_rows(k_base, ktok, skt, offs_d, rmask, mrows, PAD_D, HEAD_D)
         v = _load_rows(v_base, ktok, svt, offs_d, rmask, mrows, PAD_D, HEAD_D)
@@ -1074,6 +1140,7 @@ def dq_kernel(
     PERM,
     CU,
     WORK,
+    DIVS,
     ROW_PTR,
     COLS,
     MASK_IDX,
@@ -1124,6 +1191,8 @@ def dq_kernel(
     h = bh % H
     m_blk, seq = _work_item(m_blk, bh // H, WORK, DOCS)  # as in the forward kernel
     b, t0, TN = _sequence(seq, T, CU, DOCS)
+    P1, P1M, P1S = _periods(seq, P1, P1M, P1S, DIVS, MODE, DOCS)
+    TP = _positions(TN, P1, P2, MODE, DOCS)
     m0 = m_blk * BM
     hh = h.to(tl.int64)
     hk = (h // G).to(tl.int64)  # the key/value head of query head h (grouped-query attention)
@@ -1136,7 +1205,7 @@ def dq_kernel(
     qtok = _tok(qpos, MODE, False, P1, P1M, P1S, P1C, P2, VSB, 0)
     if MODE == 4:
         qtok = _custom_tok(qpos, PERM, TN, HAS_PERM)
-    qvalid = qpos < TN  # TAIL: the query tile past time
+    qvalid = _valid(qpos, qtok, TN, P1, P2, MODE, DOCS)  # TAIL: the query tile past time
     ds, de = qpos, qpos
     if DOCS == 2:
         ds, de = _doc_bounds(qpos, T, WORK)
@@ -1179,7 +1248,7 @@ def dq_kernel(
         # the forward kernel's stages, in the same order
         for stage in tl.static_range(7):
             if stage == 4:
-                lo, flo, fhi, hi = _row_bounds(m0, TN, BM, BN, MODE, P1, CAUSAL)
+                lo, flo, fhi, hi = _row_bounds(m0, TP, BM, BN, MODE, P1, CAUSAL, DOCS)
                 if DOCS == 2 and (MODE == 0 or SPLIT):
                     # all: from the documents' first keys; local: its window's few tiles need no
                     # narrowing (the mask drops the other document's keys), full tiles do

@@ -539,6 +539,9 @@ class _Plan:
         # packed documents: all and local (patterns of i - j alone) can run on tiles of the whole
         # row with per-position document bounds (DOC_ROWS); the others per document only
         self.doc_rows = mode in (K.MODE_ALL, K.MODE_LOCAL)
+        # strided on packed documents: each document's l residue classes padded to one length
+        # (its positions: its length rounded up to a multiple of l)
+        self.stride = tab["P2"] if mode == K.MODE_STRIDED else 0
         self.period, self.vsb = tab["P1"], tab["VSB"]
         self.dkdv_summary = _Kernel(K.dkdv_kernel, {**consts, **dkdv, "SUMMARY": True}, custom)
         self.custom = custom
@@ -638,7 +641,7 @@ class DocumentTable:
     on the device; ``align``: the largest length that divides every document's (tiles that
     divide it need no masking past a document's end)."""
 
-    __slots__ = ("cu", "count", "align", "_host", "_lens", "_work", "_bounds")
+    __slots__ = ("cu", "count", "align", "_host", "_lens", "_work", "_bounds", "_divs")
 
     def __init__(self, cu: np.ndarray, device):
         self.cu = _to_device(cu.astype(np.int32), device)
@@ -648,6 +651,7 @@ class DocumentTable:
         self.align = int(np.gcd.reduce(self._lens))
         self._work: dict = {}
         self._bounds = None
+        self._divs: dict = {}
 
     @property
     def bounds(self) -> torch.Tensor:
@@ -659,13 +663,36 @@ class DocumentTable:
             self._bounds = _to_device(np.stack([starts, ends]).astype(np.int32), self.cu.device)
         return self._bounds
 
-    def work(self, tile: int, group: int = 0, keys: int = 0) -> tuple[torch.Tensor, int]:
+    def positions(self, stride: int = 0) -> np.ndarray:
+        """Each document's block-order positions: its length, or with ``stride`` (``strided``'s
+        ``l``) its ``l`` residue classes padded to ``ceil(length / l)`` positions each."""
+        return self._lens if not stride else -(-self._lens // stride) * stride
+
+    def tail_free(self, stride: int = 0) -> int:
+        """A length that divides every document's positions and whose multiples need no masks
+        (a tile that divides it never runs past a document's end); 1 where ``strided``'s padded
+        residue classes hold positions without a token (then every launch masks)."""
+        if stride and (self._lens % stride).any():
+            return 1
+        return self.align
+
+    def divisors(self, stride: int) -> torch.Tensor:
+        """``strided`` (``l = stride``): ``[count, 3]`` int64, each document's ``n = ceil(length /
+        l)`` (positions per residue class) and its magic numbers (:func:`magic_divisor`)."""
+        if stride not in self._divs:
+            n = -(-self._lens // stride)
+            magic = {int(d): magic_divisor(int(d)) for d in np.unique(n)}
+            rows = np.array([(d, *magic[int(d)]) for d in n], dtype=np.int64).reshape(-1, 3)
+            self._divs[stride] = _to_device(rows, self.cu.device)
+        return self._divs[stride]
+
+    def work(self, tile: int, group: int = 0, keys: int = 0, stride: int = 0) -> tuple[torch.Tensor, int]:
         """``(list, n)``: ``[n, 2]`` int32 (document, tile index) of the tiles of ``tile``
-        positions in every document; with ``group``, ``keys`` (fixed's summary pass) of its
-        ``ceil(length / group) * keys`` virtual summary keys instead."""
-        key = (tile, group, keys)
+        positions in every document (:meth:`positions`); with ``group``, ``keys`` (fixed's
+        summary pass) of its ``ceil(length / group) * keys`` virtual summary keys instead."""
+        key = (tile, group, keys, stride)
         if key not in self._work:
-            n = self._lens if not group else -(-self._lens // group) * keys
+            n = self.positions(stride) if not group else -(-self._lens // group) * keys
             counts = -(-n // tile)
             doc = np.repeat(np.arange(self.count), counts)
             first = np.cumsum(counts) - counts
@@ -716,21 +743,28 @@ def _documents(p: _Plan, T: int, docs: DocumentTable | None) -> dict:
         return dict(DOCS=0, time=T)
     if p.doc_rows and DOC_ROWS:
         return dict(DOCS=2, time=T)
-    return dict(DOCS=1, time=docs.align)
+    return dict(DOCS=1, time=docs.tail_free(p.stride))
 
 
-def _grid(q, B: int, T: int, programs: int, docs, by: int, group: int = 0, keys: int = 0, rows: bool = False):
-    """``(grid_of, (CU, WORK))`` of a launch over ``programs`` heads per sequence: each sequence
-    (a row of the batch, or a document: its work list) in tiles of ``BM`` (``by`` 0) or ``BN``
-    (1) positions; with ``group``, ``keys`` (fixed's summary pass) of its ``ceil(length / group)
-    * keys`` virtual summary keys instead. ``rows`` (``DOCS == 2``): documents per position, on
-    tiles of the whole row."""
+def _grid(
+    q, B: int, T: int, programs: int, docs, by: int, group: int = 0, keys: int = 0, rows: bool = False, stride: int = 0
+):
+    """``(grid_of, (CU, WORK, DIVS))`` of a launch over ``programs`` heads per sequence: each
+    sequence (a row of the batch, or a document: its work list) in tiles of ``BM`` (``by`` 0) or
+    ``BN`` (1) positions; with ``group``, ``keys`` (fixed's summary pass) of its ``ceil(length /
+    group) * keys`` virtual summary keys instead. ``rows`` (``DOCS == 2``): documents per
+    position, on tiles of the whole row. ``stride`` (``strided``'s ``l``, documents): each
+    document's padded residue classes and their divisors (:meth:`DocumentTable.divisors`)."""
     if docs is None or rows:
         n = -(-T // group) * keys if group else T
-        return (lambda *tiles: (triton.cdiv(n, tiles[by]), B * programs)), (q, q if docs is None else docs.bounds)
+        return (lambda *tiles: (triton.cdiv(n, tiles[by]), B * programs)), (q, q if docs is None else docs.bounds, q)
     return (
-        lambda *tiles: (docs.work(tiles[by], group, keys)[1], programs),
-        (docs.cu, PerTile(lambda *tiles: docs.work(tiles[by], group, keys)[0])),
+        lambda *tiles: (docs.work(tiles[by], group, keys, stride)[1], programs),
+        (
+            docs.cu,
+            PerTile(lambda *tiles: docs.work(tiles[by], group, keys, stride)[0]),
+            docs.divisors(stride) if stride else docs.cu,
+        ),
     )
 
 
@@ -756,7 +790,7 @@ def forward(q, k, v, layout: Layout, docs: DocumentTable | None = None):
     p = plan(layout, q)
     summary, rows, _ = p.tables(q)
     flags = _documents(p, T, docs)
-    grid, seqs = _grid(q, B, T, H, docs, 0, rows=flags["DOCS"] == 2)
+    grid, seqs = _grid(q, B, T, H, docs, 0, rows=flags["DOCS"] == 2, stride=p.stride)
     o = new_output(q)
     lse = new_output(q, (B, H, T), torch.float32)
     p.fwd.run(
@@ -779,7 +813,7 @@ def backward(do, q, k, v, o, lse, layout: Layout, docs: DocumentTable | None = N
     dq, dk, dv = new_output(q), new_output(k), new_output(v)
     strides = _strides(q, k, v, do)
     # dQ first: it computes delta = rowsum(dO * O) of its rows and stores it for dK/dV
-    grid, seqs = _grid(q, B, T, H, docs, 0, rows=flags["DOCS"] == 2)
+    grid, seqs = _grid(q, B, T, H, docs, 0, rows=flags["DOCS"] == 2, stride=p.stride)
     p.dq.run(
         grid, *(q, k, v, do, o, dq, lse, delta), *summary, *seqs, *rows, *strides, *_strides(o, dq),
         *(T, H, p.nb, p.qk_scale, p.sm_scale), **flags,
@@ -793,7 +827,7 @@ def backward(do, q, k, v, o, lse, layout: Layout, docs: DocumentTable | None = N
     # the transposed table: per key-block column, its query blocks and their masks
     head = (q, k, v, do, dk, dv, lse, delta, acc, *summary)
     tail = (*cols, *strides, *_strides(dk, dv))
-    grid, seqs = _grid(q, B, T, programs, docs, 1, rows=flags["DOCS"] == 2)
+    grid, seqs = _grid(q, B, T, programs, docs, 1, rows=flags["DOCS"] == 2, stride=p.stride)
     p.dkdv.run(grid, *head, *seqs, *tail, *(T, H, p.nb, T, nsum_all, p.qk_scale, p.sm_scale), **flags)
     if nsum:
         grid, seqs = _grid(q, B, T, programs, docs, 1, p.period, p.vsb)
