@@ -93,6 +93,57 @@ def test_compile_fullgraph_and_opcheck():
     torch.library.opcheck(torch.ops.sparse_attention.merged_bwd.default, (do, q, k, v, o, lse, *keys))
 
 
+def _documents_mask(cu, H, L, l, b):
+    """The union of the two modes inside each document (the packed layouts' masks, independent of
+    the merge)."""
+    from sparse_attention.layouts import packed_layout
+
+    loc = packed_layout(cu, H, "local", local_attn_ctx=L, blocksize=b)
+    st = packed_layout(cu, H, "strided", local_attn_ctx=l, blocksize=b)
+    return torch.from_numpy(loc.to_dense() | st.to_dense())
+
+
+@pytest.mark.parametrize("engine", ["gather", "fused"])
+@pytest.mark.parametrize("L,l", [(16, 16), (16, 32)])
+def test_merged_on_packed_documents(launch, monkeypatch, engine, L, l):
+    """The merged head on packed documents (documents shorter than the stride, lengths it does not
+    divide: strided's residue classes of unequal lengths), both engines, against float64 under the
+    union inside each document; outputs NaN-poisoned on the fused path."""
+    if engine == "fused":
+        monkeypatch.setattr(M, "choose_engine", lambda q, lay: 0)
+    cu, H, b = [0, 5, 6, 50, 131, 160], 2, 16
+    T = cu[-1]
+    loc, st = _pair(T, H, L, l, b)
+    g = torch.Generator().manual_seed(5)
+    q, k, v, do = (torch.randn(1, H, T, 16, generator=g).to(_device()) for _ in range(4))
+    mask = _documents_mask(cu, H, L, l, b).to(_device())
+    fn = lambda a, b_, c: merged_local_strided_bhtd(a, b_, c, loc, st, cu_seqlens=cu)  # noqa: E731
+    check_against_reference(fn, q, k, v, do, mask=mask, floor=1e-4)
+
+
+def test_merged_documents_under_compile_and_opcheck():
+    """The documents' merged ops trace without graph breaks (boundaries a tensor argument: other
+    documents reuse the graph) and pass opcheck."""
+    from torch._dynamo.utils import counters
+
+    loc, st = _pair(96, 2, 16, 32, 16)
+    q, k, v, do = (torch.randn(1, 2, 96, 16, dtype=torch.float64) for _ in range(4))
+    f = lambda a, b, c, cu: merged_local_strided_bhtd(a, b, c, loc, st, cu_seqlens=cu)  # noqa: E731
+    torch._dynamo.reset()
+    counters.clear()
+    comp = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for cu in ([0, 40, 41, 96], [0, 3, 70, 96]):
+        want = fwd_bwd(lambda a, b, c, cu=cu: f(a, b, c, cu), q, k, v, do)
+        got = fwd_bwd(lambda a, b, c, cu=cu: comp(a, b, c, torch.tensor(cu)), q, k, v, do)
+        for x, w in zip(got, want):
+            assert rel_err(x, w) < 1e-12
+    assert counters["stats"]["unique_graphs"] == 1
+    keys = (torch.tensor([0, 40, 41, 96]), layout_spec(loc), layout_spec(st), 1)
+    torch.library.opcheck(torch.ops.sparse_attention.merged_docs_fwd.default, (q, k, v, *keys))
+    o, lse = torch.ops.sparse_attention.merged_docs_fwd(q, k, v, *keys)
+    torch.library.opcheck(torch.ops.sparse_attention.merged_docs_bwd.default, (do, q, k, v, o, lse, *keys))
+
+
 def test_errors_name_the_argument():
     loc, st = _pair(256, 2, 64, 32, 16)
     q = torch.randn(1, 2, 256, 16)

@@ -39,6 +39,7 @@ __all__ = [
     "ENGINES",
     "attention",
     "attention_bhtd",
+    "check_documents",
     "choose_engine",
     "document_attention",
     "document_attention_bhtd",
@@ -390,6 +391,12 @@ def document_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
             "causal or not); for a custom pattern build sparse_attention.layouts.packed_layout or your own "
             "layout of the packed sequence"
         )
+    return document_op(q, k, v, layout, check_documents(q, cu))
+
+
+def check_documents(q: torch.Tensor, cu):
+    """Packed documents' boundaries ``cu`` for ``[1, heads, time, head_dim]`` ``q``, checked (int64
+    numpy; under ``torch.compile`` a tensor, an argument of the ops, unchecked)."""
     if q.shape[0] != 1:
         raise ValueError(f"cu_seqlens packs documents into one sequence: batch must be 1, got {q.shape[0]}")
     if not (torch.compiler.is_compiling() and isinstance(cu, torch.Tensor)):
@@ -398,7 +405,7 @@ def document_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
             raise ValueError(f"cu_seqlens must end at time ({q.shape[2]}); it ends at {int(cu[-1])}")
         if torch.compiler.is_compiling():
             cu = torch.from_numpy(cu)
-    return document_op(q, k, v, layout, cu)
+    return cu
 
 
 def _dense_all(layout: Layout) -> bool:

@@ -14,7 +14,7 @@ import torch
 from ..frontend import Documents
 from ..layouts import Layout
 from .dispatch import attention, attention_bhtd, document_attention, document_attention_bhtd
-from .merged import check_merged_pair, merged_attention
+from .merged import check_merged_pair, merged_attention, merged_document_attention
 from .reference import check_dtypes
 
 __all__ = ["blocksparse_attention", "blocksparse_attention_bhtd", "merged_local_strided_bhtd"]
@@ -109,11 +109,13 @@ def blocksparse_attention_bhtd(
     return attention_bhtd(q, k, v, layout)
 
 
-def merged_local_strided_bhtd(q, k, v, local: Layout, strided: Layout) -> torch.Tensor:
+def merged_local_strided_bhtd(q, k, v, local: Layout, strided: Layout, *, cu_seqlens=None) -> torch.Tensor:
     """Attention of ``[batch, heads, time, head_dim]`` tensors over the union of a ``local``
     layout (``L``) and a ``strided`` layout (``l >= L``): the paper's merged head (eq. 7), as two
     fast block-sparse passes merged exactly (module docstring). Differentiable; works under
     ``torch.compile(fullgraph=True)`` (custom ops ``sparse_attention::merged_fwd/bwd``).
+    ``cu_seqlens``: packed documents (``batch`` 1), each under the union on its own positions,
+    as in :func:`blocksparse_attention_bhtd`.
 
     Example::
 
@@ -126,4 +128,6 @@ def merged_local_strided_bhtd(q, k, v, local: Layout, strided: Layout) -> torch.
     """
     check_merged_pair(local, strided)
     check_bhtd(q, k, v, local, grouped=False)
+    if cu_seqlens is not None:
+        return merged_document_attention(q, k, v, local, strided, cu_seqlens)
     return merged_attention(q, k, v, local, strided)

@@ -17,6 +17,10 @@ them exactly:
 Both passes use the same path, the fused kernels or the block gather, whose log-sum-exp is base
 2 or natural respectively, and the merge works in that base. On the fused path the merge itself
 is one row-wise Triton kernel each way (``kernels/merge.py``); on the gather path, torch ops.
+
+Packed documents (``cu_seqlens``): each pass runs on each document's own positions
+(:func:`~sparse_attention.torch.dispatch.document_pair`); inside a document the two key sets
+still share only the diagonal, so the same merge is exact.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ import math
 import torch
 
 from ..layouts import Layout
-from .dispatch import AttentionOp, choose_engine, engine_pair
+from .dispatch import AttentionOp, check_documents, choose_engine, document_pair, engine_pair
 
-__all__ = ["check_merged_pair", "merged_attention", "merged_backward", "merged_forward"]
+__all__ = ["check_merged_pair", "merged_attention", "merged_backward", "merged_document_attention", "merged_forward"]
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -58,12 +62,22 @@ def _diag_scores(q, k, cd, base2: bool):
     return s * LOG2E if base2 else s
 
 
-def merged_forward(q, k, v, local: Layout, strided: Layout, engine_index: int | None = None):
-    """``(o, lse)`` of the union (``lse`` in the base of the path, as its backward wants it)."""
+def _passes(index: int, docs: tuple):
+    """``(forward, backward, base2)`` of one pass through engine ``index``; with ``docs`` (packed
+    documents' boundaries) the documents' pair, which takes them after the layout."""
+    fwd, bwd, base2 = engine_pair(index)
+    if docs:
+        fwd, bwd = document_pair(index)
+    return fwd, bwd, base2
+
+
+def merged_forward(q, k, v, local: Layout, strided: Layout, *docs, engine_index: int | None = None):
+    """``(o, lse)`` of the union (``lse`` in the base of the path, as its backward wants it);
+    ``docs``: optionally the packed documents' boundaries."""
     index = choose_engine(q, local) if engine_index is None else engine_index
-    fwd, _, base2 = engine_pair(index)
-    o1, l1 = fwd(q, k, v, local)
-    o2, l2 = fwd(q, k, v, strided)
+    fwd, _, base2 = _passes(index, docs)
+    o1, l1 = fwd(q, k, v, local, *docs)
+    o2, l2 = fwd(q, k, v, strided, *docs)
     if base2:  # fused path: one row-wise kernel
         from .kernels.merge import merge_forward
 
@@ -78,12 +92,12 @@ def merged_forward(q, k, v, local: Layout, strided: Layout, engine_index: int | 
     return o.to(q.dtype), (m + log(z)).contiguous()
 
 
-def merged_backward(do, q, k, v, o, lse, local: Layout, strided: Layout, engine_index: int | None = None):
+def merged_backward(do, q, k, v, o, lse, local: Layout, strided: Layout, *docs, engine_index: int | None = None):
     """``(dq, dk, dv)`` of the union, from the merged ``o`` and ``lse``."""
     index = choose_engine(q, local) if engine_index is None else engine_index
-    _, bwd, base2 = engine_pair(index)
-    g1 = bwd(do, q, k, v, o, lse, local)
-    g2 = bwd(do, q, k, v, o, lse, strided)
+    _, bwd, base2 = _passes(index, docs)
+    g1 = bwd(do, q, k, v, o, lse, local, *docs)
+    g2 = bwd(do, q, k, v, o, lse, strided, *docs)
     if base2:
         from .kernels.merge import merge_backward
 
@@ -108,9 +122,18 @@ def _merged_pair(index: int):
 
 
 _merged_op = AttentionOp("merged", _merged_pair, n_layouts=2)
+# packed documents: their boundaries a tensor argument of the ops (a new batch recompiles nothing)
+_merged_docs_op = AttentionOp("merged_docs", _merged_pair, n_layouts=2, n_tensors=1)
 
 
 def merged_attention(q, k, v, local: Layout, strided: Layout) -> torch.Tensor:
     """The union's attention on validated ``[batch, heads, time, head_dim]`` tensors: eagerly one
     autograd Function, under ``torch.compile`` the custom ops ``sparse_attention::merged_fwd/bwd``."""
     return _merged_op(q, k, v, local, strided)
+
+
+def merged_document_attention(q, k, v, local: Layout, strided: Layout, cu_seqlens) -> torch.Tensor:
+    """:func:`merged_attention` on each of the packed documents ``cu_seqlens`` of validated
+    ``[1, heads, time, head_dim]`` tensors (custom ops ``sparse_attention::merged_docs_fwd/bwd``
+    under ``torch.compile``)."""
+    return _merged_docs_op(q, k, v, local, strided, check_documents(q, cu_seqlens))

@@ -21,7 +21,7 @@ from ..patterns import Custom, Merged, Mode, Spec, as_spec
 from . import baselines
 from .decode import StaticKVCache
 from .dispatch import attention_bhtd, document_attention_bhtd, register_layout
-from .merged import merged_attention
+from .merged import merged_attention, merged_document_attention
 from .reference import expand_kv, masked_attention
 
 IMPLS = ("sparse", "dense", "sdpa", "flex")
@@ -279,12 +279,9 @@ def _sparse_groups(q, k, v, layouts, cu_seqlens=None):
             )
         if torch.compiler.is_compiling():
             qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()
-        if cu_seqlens is not None:
-            if isinstance(lay, tuple):
-                raise ValueError(
-                    "cu_seqlens runs patterns of built-in modes (a mode, or per-head groups of modes); a merged "
-                    "local | strided head has none: give its heads as groups of Mode('local') and Mode('strided')"
-                )
+        if cu_seqlens is not None and isinstance(lay, tuple):
+            oh = merged_document_attention(qh, expand_kv(kh, hn), expand_kv(vh, hn), *lay, cu_seqlens)
+        elif cu_seqlens is not None:
             oh = document_attention_bhtd(qh, kh, vh, lay, cu_seqlens)
         elif isinstance(lay, tuple):
             # the merged head's kernels take one key/value head per query head
