@@ -346,3 +346,35 @@ def test_self_attention_layer_on_packed_documents():
         layer(x, KVCache(1), cu_seqlens=cu)
     with pytest.raises(ValueError, match="impl 'sparse' or 'dense'"):
         SparseAttention(4, "local", 32, blocksize=16, impl="sdpa")(x, x, x, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("spec", ["strided", "fixed", "merged-local-strided", "heads-local-strided"])
+def test_compiled_layer_makes_no_copies(spec):
+    """Under ``torch.compile`` the attention ops take the heads as strided views of the
+    projections and give outputs and gradients in their memory order (the ops' fake tensors
+    promise what the engines return), so the compiled forward and backward graphs hold no copy
+    (clone) at all; dropout 0 is no clone either."""
+    import collections
+
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    found = {}
+
+    def compiler(name):
+        def run(gm, inputs):
+            ops = collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+            found[name] = {op: n for op, n in ops.items() if "clone" in op or "copy" in op}
+            return make_boxed_func(gm.forward)
+
+        return run
+
+    layer = SparseSelfAttention(128, 4, SPECS[spec], blocksize=BS)
+    layer.attn.prepare(128, "cpu")
+    x = torch.randn(1, 128, 128, requires_grad=True)
+    backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
+    torch._dynamo.reset()
+    y = torch.compile(layer, backend=backend, fullgraph=True)(x)
+    y.square().sum().backward()
+    torch.testing.assert_close(y, layer(x))
+    assert found == {"forward": {}, "backward": {}}

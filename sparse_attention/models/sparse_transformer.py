@@ -27,7 +27,7 @@ from torch import nn
 from ..layouts import check_cu_seqlens
 from ..patterns import Custom, as_spec
 from ..torch.decode import StaticKVCache
-from ..torch.nn import IMPLS, TILE_QUANTUM, KVCache, SparseSelfAttention
+from ..torch.nn import IMPLS, TILE_QUANTUM, KVCache, SparseSelfAttention, dropout_or_identity
 
 
 @dataclass
@@ -161,7 +161,7 @@ class ResBlock(nn.Module):
         )
         self.norm2 = nn.LayerNorm(d)
         d_ff = cfg.d_ff or 4 * d
-        self.ff = nn.Sequential(nn.Linear(d, d_ff), GELU(), nn.Linear(d_ff, d), nn.Dropout(cfg.dropout))
+        self.ff = nn.Sequential(nn.Linear(d, d_ff), GELU(), nn.Linear(d_ff, d), dropout_or_identity(cfg.dropout))
         for lin in (self.attn.qkv, self.attn.proj, self.ff[0], self.ff[2]):
             nn.init.normal_(lin.weight, std=cfg.init_std)
             nn.init.zeros_(lin.bias)
@@ -195,7 +195,7 @@ class SparseTransformer(nn.Module):
             raise TypeError(f"cfg must be a SparseTransformerConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.embed = FactorisedEmbedding(cfg.vocab_size, cfg.d_model, cfg.pos_shape, cfg.init_std)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = dropout_or_identity(cfg.dropout)
         self.blocks = nn.ModuleList(ResBlock(cfg, cfg.patterns[k % len(cfg.patterns)], k) for k in range(cfg.n_layer))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

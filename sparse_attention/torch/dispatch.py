@@ -31,7 +31,7 @@ from ..frontend import DOCUMENT_MODES, Documents
 from ..layouts import Layout, builtin_pattern, check_cu_seqlens, make_layout, packed_layout
 from . import gather
 from .cache import derived
-from .reference import compute_dtype, merge_heads, split_heads, split_qkv
+from .reference import compute_dtype, empty_heads_like, in_layout_of, merge_heads, split_heads, split_qkv
 
 __all__ = [
     "AttentionOp",
@@ -220,16 +220,15 @@ def packed_pair(forward, backward, heads: int):
 
 
 def _fake_fwd(q, k, v, *keys):
-    # what every forward op returns: (o, lse), contiguous
-    return (
-        torch.empty_like(q, memory_format=torch.contiguous_format),
-        q.new_empty(q.shape[:-1], dtype=compute_dtype(q.dtype)),
-    )
+    # what every forward op returns: o in q's memory order (empty_heads_like: a head view of a
+    # [batch, time, heads * head_dim] tensor gets one that merges back without a copy), lse
+    # contiguous
+    return empty_heads_like(q), q.new_empty(q.shape[:-1], dtype=compute_dtype(q.dtype))
 
 
 def _fake_bwd(do, q, k, v, o, lse, *keys):
-    # the real paths return contiguous gradients, whatever the strides of q, k, v
-    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+    # gradients in the memory order of q, k, v (the kernels write them so; other paths are copied)
+    return tuple(empty_heads_like(x) for x in (q, k, v))
 
 
 class AttentionOp:
@@ -288,11 +287,12 @@ class AttentionOp:
     def _op_forward(self, q, k, v, *args):
         index, layouts = self._layouts(args)
         o, lse = self.pairs(index)[0](q, k, v, *layouts)
-        return o.contiguous(), lse.contiguous()
+        return in_layout_of(o, q), lse.contiguous()
 
     def _op_backward(self, do, q, k, v, o, lse, *args):
         index, layouts = self._layouts(args)
-        return tuple(g.contiguous() for g in self.pairs(index)[1](do, q, k, v, o, lse, *layouts))
+        grads = self.pairs(index)[1](do, q, k, v, o, lse, *layouts)
+        return tuple(in_layout_of(g, x) for g, x in zip(grads, (q, k, v)))
 
     @staticmethod
     def _op_setup_context(ctx, inputs, output):
@@ -301,7 +301,8 @@ class AttentionOp:
         ctx.args = args
 
     def _op_autograd_backward(self, ctx, do, dlse):
-        return (*self.bwd_op(do.contiguous(), *ctx.saved_tensors, *ctx.args), *(None,) * len(ctx.args))
+        # dO in any strides: the engines read it through them
+        return (*self.bwd_op(do, *ctx.saved_tensors, *ctx.args), *(None,) * len(ctx.args))
 
 
 # One block-sparse pass through engine i (fused kernels or block gather).

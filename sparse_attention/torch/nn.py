@@ -266,9 +266,8 @@ def _sparse_groups(q, k, v, layouts, cu_seqlens=None):
     G = heads // (k.shape[-1] // d)  # query heads per key/value head (grouped-query attention)
     outs = []
     for h0, hn, lay in layouts:
-        # [B, T, hn * d] column slice -> [B, hn, T, d] view: eagerly the engines read it through
-        # its strides; compiled, the custom ops' fakes promise contiguous results, and one copy
-        # per tensor keeps the compiled graph's strides in agreement with them.
+        # [B, T, hn * d] column slice -> [B, hn, T, d] view: the engines read it through its
+        # strides, eagerly and compiled (the ops' results keep its memory order: no copy)
         qh = q[..., h0 * d : (h0 + hn) * d].reshape(B, T, hn, d).transpose(1, 2)
         if h0 % G or hn % G:  # a pattern's heads split a group: its key/value head for each of them
             kv = torch.arange(h0, h0 + hn, device=q.device) // G
@@ -277,8 +276,6 @@ def _sparse_groups(q, k, v, layouts, cu_seqlens=None):
             kh, vh = (
                 x[..., h0 // G * d : (h0 + hn) // G * d].reshape(B, T, hn // G, d).transpose(1, 2) for x in (k, v)
             )
-        if torch.compiler.is_compiling():
-            qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()
         if cu_seqlens is not None and isinstance(lay, tuple):
             oh = merged_document_attention(qh, expand_kv(kh, hn), expand_kv(vh, hn), *lay, cu_seqlens)
         elif cu_seqlens is not None:
@@ -290,6 +287,12 @@ def _sparse_groups(q, k, v, layouts, cu_seqlens=None):
             oh = attention_bhtd(qh, kh, vh, lay)
         outs.append(oh.transpose(1, 2).reshape(B, T, hn * d))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def dropout_or_identity(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or ``nn.Identity()`` for ``p == 0`` (a compiled graph then has no copy
+    where dropout would clone its input)."""
+    return nn.Dropout(p) if p else nn.Identity()
 
 
 class KVCache:
@@ -370,7 +373,7 @@ class SparseSelfAttention(nn.Module):
         self.kv_dim = dim // heads * kv_heads
         self.qkv = nn.Linear(dim, dim + 2 * self.kv_dim)
         self.proj = nn.Linear(dim, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = dropout_or_identity(dropout)
         self.heads, self.layer_idx = heads, layer_idx
         with torch.no_grad():
             self.proj.weight.mul_(out_scale)

@@ -73,6 +73,34 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, t, h * d)
 
 
+def _time_major(like: torch.Tensor) -> bool:
+    return like.dim() == 4 and like.stride(1) < like.stride(2)
+
+
+def empty_heads_like(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty ``[batch, heads, time, head_dim]`` tensor shaped like ``like``, in its memory
+    order: time outside heads where ``like`` is a head view of a ``[batch, time, heads *
+    head_dim]`` tensor (it then merges back into one without a copy), contiguous otherwise. What
+    the fused kernels write and what the ops promise ``torch.compile`` (their outputs and
+    gradients, so that a compiled graph needs no copy either)."""
+    dtype = like.dtype if dtype is None else dtype
+    if _time_major(like):
+        B, H, T, D = like.shape
+        return torch.empty_strided((B, H, T, D), (T * H * D, D, H * D, 1), dtype=dtype, device=like.device)
+    return torch.empty(like.shape, dtype=dtype, device=like.device)
+
+
+def in_layout_of(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``x`` in :func:`empty_heads_like`'s memory order for ``like``: ``x`` itself where it is,
+    else a copy."""
+    if _time_major(like):
+        B, H, T, D = like.shape
+        same = x.stride() == (T * H * D, D, H * D, 1)
+    else:
+        same = x.is_contiguous()
+    return x if same else empty_heads_like(like, x.dtype).copy_(x)
+
+
 def pattern_mask(spec, time: int, heads: int, device) -> torch.Tensor:
     """The allowed pairs, ``bool [heads or 1, time, time]``."""
     if isinstance(spec, Layout):

@@ -22,6 +22,7 @@ import triton
 from ...layouts import Layout, builtin_pattern, retile
 from ...modes import fixed_vert_range
 from ..cache import derived
+from ..reference import empty_heads_like
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -489,11 +490,10 @@ def new_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     ``[batch, time, heads * head_dim]`` tensor (time outside heads) merges back into one without
     a copy; otherwise contiguous."""
     dtype = like.dtype if dtype is None else dtype
-    if shape is None and like.dim() == 4 and like.stride(1) < like.stride(2):
-        B, H, T, D = like.shape
-        x = torch.empty_strided((B, H, T, D), (T * H * D, D, H * D, 1), dtype=dtype, device=like.device)
+    if shape is None:
+        x = empty_heads_like(like, dtype)
     else:
-        x = torch.empty(like.shape if shape is None else shape, dtype=dtype, device=like.device)
+        x = torch.empty(shape, dtype=dtype, device=like.device)
     return x.fill_(float("nan")) if POISON_OUTPUTS else x
 
 
