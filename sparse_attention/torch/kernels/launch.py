@@ -681,8 +681,9 @@ class DocumentTable:
         l)`` (positions per residue class) and its magic numbers (:func:`magic_divisor`)."""
         if stride not in self._divs:
             n = -(-self._lens // stride)
-            magic = {int(d): magic_divisor(int(d)) for d in np.unique(n)}
-            rows = np.array([(d, *magic[int(d)]) for d in n], dtype=np.int64).reshape(-1, 3)
+            lengths, which = np.unique(n, return_inverse=True)
+            magic = np.array([magic_divisor(int(d)) for d in lengths], dtype=np.int64).reshape(-1, 2)
+            rows = np.concatenate([n[:, None], magic[which.reshape(-1)]], axis=1).astype(np.int64)
             self._divs[stride] = _to_device(rows, self.cu.device)
         return self._divs[stride]
 
