@@ -51,7 +51,7 @@ def _rows_probe(
     """Out [6, NT]: lo, flo, fhi, hi, sf, se of every query tile (padded to NT, a power of 2)."""
     m0 = tl.arange(0, NT) * BM
     keep = m0 < T
-    lo, flo, fhi, hi = K._row_bounds(m0, T, BM, BN, MODE, P1, True)
+    lo, flo, fhi, hi = K._row_bounds(m0, T, BM, BN, MODE, P1, True, 0)
     sf, se, sa, sz = K._summary_bounds(m0, T, 0, BM, BN, P1, VSB, True)
     tl.store(Out + tl.arange(0, NT), lo, mask=keep)
     tl.store(Out + NT + tl.arange(0, NT), flo, mask=keep)
