@@ -169,6 +169,30 @@ def _pattern(T, H, mode, causal, kw):
     return document_pattern(T, H, mode, ctx, 16, nv, vs, causal)
 
 
+def _check_kernels_on_documents(launch, mode, kw, cu, H, kv_heads, D, causal, seed, dtype=torch.float32):
+    """The built-in kernels on packed documents ``cu`` (``launch.DocumentTable``) against float64
+    attention under the packed layout's mask, forward and gradients (outputs NaN-poisoned: a
+    program that skips its tile fails); grouped heads. Returns the documents' table."""
+    T, G = cu[-1], H // kv_heads
+    pattern = _pattern(T, H, mode, causal, kw)
+    assert launch.closed_form(pattern) is not None
+    lay = packed_layout(cu, H, mode, blocksize=16, causal=causal, **kw)
+    mask = torch.from_numpy(lay.to_dense()).to(_device())
+    table = launch.documents(np.asarray(cu, np.int64), _device())
+    g = torch.Generator().manual_seed(seed)
+    q, do = (torch.randn(1, H, T, D, generator=g).to(_device(), dtype) for _ in range(2))
+    k, v = (torch.randn(1, kv_heads, T, D, generator=g).to(_device(), dtype) for _ in range(2))
+
+    def ref(a, b, c):
+        return masked_attention(a, b.repeat_interleave(G, 1), c.repeat_interleave(G, 1), mask, dtype=a.dtype)
+
+    def fn(a, b, c):
+        return EagerAttention.apply(a, b, c, launch.forward, launch.backward, pattern, table)
+
+    check_against_reference(fn, q, k, v, do, ref=ref, floor=1e-4)
+    return table
+
+
 @pytest.mark.parametrize(
     "dtype,D", [(torch.float32, 32), (torch.float16, 24)], ids=["fp32-D32", "fp16-D24"]
 )  # fmt: skip
@@ -183,26 +207,11 @@ def test_kernels_run_the_pattern_per_document(launch, mode, causal, docs, kv_hea
     its tile fails); grouped heads with fixed's summary classes (2 patterns, groups of 2 and 4
     heads)."""
     kw = DOCUMENT_MODES[mode]
-    mode = mode.split("-")[0]
-    cu, H = DOCS[docs], 4
-    T, G = cu[-1], H // kv_heads
-    pattern = _pattern(T, H, mode, causal, kw)
-    assert launch.closed_form(pattern) is not None
-    lay = packed_layout(cu, H, mode, blocksize=16, causal=causal, **kw)
-    mask = torch.from_numpy(lay.to_dense()).to(_device())
-    table = launch.documents(np.asarray(cu, np.int64), _device())
+    cu = DOCS[docs]
+    table = _check_kernels_on_documents(
+        launch, mode.split("-")[0], kw, cu, 4, kv_heads, D, causal, len(cu) + kv_heads, dtype
+    )
     assert (table.count, table.align) == (len(cu) - 1, int(np.gcd.reduce(np.diff(cu))))
-    g = torch.Generator().manual_seed(len(cu) + kv_heads)
-    q, do = (torch.randn(1, H, T, D, generator=g).to(_device(), dtype) for _ in range(2))
-    k, v = (torch.randn(1, kv_heads, T, D, generator=g).to(_device(), dtype) for _ in range(2))
-
-    def ref(a, b, c):
-        return masked_attention(a, b.repeat_interleave(G, 1), c.repeat_interleave(G, 1), mask, dtype=a.dtype)
-
-    def fn(a, b, c):
-        return EagerAttention.apply(a, b, c, launch.forward, launch.backward, pattern, table)
-
-    check_against_reference(fn, q, k, v, do, ref=ref, floor=1e-4)
 
 
 @pytest.mark.parametrize("split", [None, True, False], ids=["split-auto", "split", "one-loop"])
@@ -215,24 +224,7 @@ def test_documents_per_position_and_per_document(launch, monkeypatch, mode, caus
     narrowed bounds of the full tiles), against float64 under the packed layout's mask."""
     monkeypatch.setattr(launch, "DOC_ROWS", doc_rows)
     monkeypatch.setattr(launch, "SPLIT_OVERRIDE", split)
-    kw = DOCUMENT_MODES[mode]
-    cu, H, kv_heads, D = DOCS["tiny-and-long"], 4, 2, 32
-    T = cu[-1]
-    pattern = sa.make_layout(T, H, mode, blocksize=16, causal=causal, **kw)
-    lay = packed_layout(cu, H, mode, blocksize=16, causal=causal, **kw)
-    mask = torch.from_numpy(lay.to_dense()).to(_device())
-    table = launch.documents(np.asarray(cu, np.int64), _device())
-    g = torch.Generator().manual_seed(11)
-    q, do = (torch.randn(1, H, T, D, generator=g).to(_device()) for _ in range(2))
-    k, v = (torch.randn(1, kv_heads, T, D, generator=g).to(_device()) for _ in range(2))
-
-    def ref(a, b, c):
-        return masked_attention(a, b.repeat_interleave(2, 1), c.repeat_interleave(2, 1), mask, dtype=a.dtype)
-
-    def fn(a, b, c):
-        return EagerAttention.apply(a, b, c, launch.forward, launch.backward, pattern, table)
-
-    check_against_reference(fn, q, k, v, do, ref=ref, floor=1e-4)
+    _check_kernels_on_documents(launch, mode, DOCUMENT_MODES[mode], DOCS["tiny-and-long"], 4, 2, 32, causal, 11)
 
 
 @pytest.mark.parametrize("split", [True, False], ids=["split", "one-loop"])
@@ -243,24 +235,10 @@ def test_strided_documents_with_padded_residue_classes(launch, monkeypatch, caus
     off), one ending exactly at a tile edge with its hole (the full tiles must stop before it),
     then a document of one token; against float64 under the packed layout's mask."""
     monkeypatch.setattr(launch, "SPLIT_OVERRIDE", split)
-    cu, H, kv_heads, D = [0, 127, 200, 201], 2, 1, 16
-    T, kw = cu[-1], dict(local_attn_ctx=2)
-    pattern = _pattern(T, H, "strided", causal, kw)
-    lay = packed_layout(cu, H, "strided", blocksize=16, causal=causal, **kw)
-    mask = torch.from_numpy(lay.to_dense()).to(_device())
-    table = launch.documents(np.asarray(cu, np.int64), _device())
+    table = _check_kernels_on_documents(
+        launch, "strided", dict(local_attn_ctx=2), [0, 127, 200, 201], 2, 1, 16, causal, 12
+    )
     assert table.tail_free(2) == 1 and table.positions(2).tolist() == [128, 74, 2]
-    g = torch.Generator().manual_seed(12)
-    q, do = (torch.randn(1, H, T, D, generator=g).to(_device()) for _ in range(2))
-    k, v = (torch.randn(1, kv_heads, T, D, generator=g).to(_device()) for _ in range(2))
-
-    def ref(a, b, c):
-        return masked_attention(a, b.repeat_interleave(2, 1), c.repeat_interleave(2, 1), mask, dtype=a.dtype)
-
-    def fn(a, b, c):
-        return EagerAttention.apply(a, b, c, launch.forward, launch.backward, pattern, table)
-
-    check_against_reference(fn, q, k, v, do, ref=ref, floor=1e-4)
 
 
 @pytest.mark.parametrize("causal", [True, False])
