@@ -75,6 +75,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--budget", type=float, default=420.0, help="seconds after which no new variant starts")
     p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after timing, run torch.profiler over STEPS steps and write the top operators by self CPU "
+        "and self CUDA time to --out (profile-VARIANT-T.txt): where a step's host and GPU time go",
+    )
+    p.add_argument(
         "--merge", nargs="+", metavar="DIR", help="no timing: rewrite --out's tables from these runs' results.json"
     )
     add_device_arg(p, help="cpu, cuda, ... (default: %(default)s; cpu: a smoke test of the script, pass tiny sizes)")
@@ -173,10 +181,32 @@ def time_variant(variant: str, time_: int, args, device) -> dict:
         "loss": float(losses[-1]),
         "paths": fused_paths(model, device, impl, torch_dtype(args.dtype)),
     }
+    if args.profile:
+        profile_steps(step, args.profile, device, Path(args.out) / f"profile-{variant.replace(':', '-')}-{time_}.txt")
     torch._dynamo.reset()
     if cuda:
         torch.cuda.empty_cache()
     return out
+
+
+def profile_steps(step, n: int, device, path: Path) -> None:
+    """``torch.profiler`` over ``n`` calls of ``step``: the top operators by self CPU time, then by
+    self CUDA time, written to ``path`` (and printed)."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    ka = prof.key_averages()
+    text = ka.table(sort_by="self_cpu_time_total", row_limit=30)
+    if device.type == "cuda":
+        text += "\n" + ka.table(sort_by="self_cuda_time_total", row_limit=30)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text, flush=True)
 
 
 def fused_paths(model, device, impl, dtype) -> list[str]:
