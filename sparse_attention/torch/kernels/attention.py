@@ -32,7 +32,10 @@ Packed documents, two ways. ``DOCS == 1`` (every mode): the program's sequence i
 of the one batch row; it takes its (document, tile) from the work list ``WORK`` (only tiles
 inside documents), offsets its pointers by the document's first token ``cu[d]`` and runs the
 closed form on the document's own positions with its length as ``time`` (:func:`_work_item`,
-:func:`_sequence`); the statistics (log-sum-exp, delta) keep the batch row's layout. ``DOCS ==
+:func:`_sequence`); the statistics (log-sum-exp, delta) keep the batch row's layout. ``strided``
+pads each document's ``l`` residue classes to one length ``n = ceil(length / l)`` (its divisor
+and magic numbers per document from ``DIVS``, :func:`_periods`), so that the one-divisor token
+map holds; the short classes end in a position without a token, which :func:`_valid` masks. ``DOCS ==
 2`` (``all`` and ``local`` with ``launch.DOC_ROWS``: patterns of ``i - j`` alone, the same on a
 document's own positions and on the row's): tiles of the whole row, as without documents, and
 each position's document bounds from ``WORK`` (``[2, time]`` int32: the document's first token,
