@@ -94,13 +94,16 @@ def test_compile_fullgraph_and_opcheck():
 
 
 def _documents_mask(cu, H, L, l, b):
-    """The union of the two modes inside each document (the packed layouts' masks, independent of
-    the merge)."""
-    from sparse_attention.layouts import packed_layout
+    """The union of the two modes inside each document, from their closed forms (independent of
+    the packed layouts the block gather runs)."""
+    from sparse_attention.modes import document_mask, validate_pattern
 
-    loc = packed_layout(cu, H, "local", local_attn_ctx=L, blocksize=b)
-    st = packed_layout(cu, H, "strided", local_attn_ctx=l, blocksize=b)
-    return torch.from_numpy(loc.to_dense() | st.to_dense())
+    T = cu[-1]
+    masks = [
+        document_mask({**validate_pattern(T, H, m, ctx, b, documents=True), "cu_seqlens": cu}, H)
+        for m, ctx in (("local", L), ("strided", l))
+    ]
+    return torch.from_numpy(masks[0] | masks[1])
 
 
 @pytest.mark.parametrize("engine", ["gather", "fused"])

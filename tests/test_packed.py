@@ -72,9 +72,9 @@ def _per_document(fn, H, mode, kw, cu, causal):
             part = [x[:, a:b] for x in (q, k, v)]
             n = b - a
             if mode == "strided" and n % kw["local_attn_ctx"] and not causal:
-                # bidirectional: padding would add keys; the document's own mask, dense
-                lay = packed_layout([0, n], H, mode, blocksize=16, causal=False, **kw)
-                mask = torch.from_numpy(lay.to_dense()).to(q.device)
+                # bidirectional: padding would add keys; the document's own mask from the closed form
+                p = validate_pattern(n, H, mode, blocksize=16, causal=False, documents=True, **kw)
+                mask = torch.from_numpy(document_mask({**p, "cu_seqlens": [0, n]}, H)).to(q.device)
                 heads = [split_heads(x, H) for x in part]
                 outs.append(merge_heads(masked_attention(*heads, mask, dtype=q.dtype)))
             elif mode == "strided" and n % kw["local_attn_ctx"]:
