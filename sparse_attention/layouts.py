@@ -297,6 +297,18 @@ def builtin_pattern(layout: Layout) -> tuple[str, dict, bool] | None:
     return None
 
 
+def split_documents(cu: np.ndarray, length: int) -> np.ndarray:
+    """Boundaries ``cu`` with every document cut into pieces of ``length`` tokens counted from its
+    own first token (its last piece shorter): the documents on which a pattern that attends
+    within groups of ``length`` (``patterns.Group``) is ``all``."""
+    cu = np.asarray(cu, np.int64)
+    n = np.diff(cu)
+    pieces = -(-n // length)
+    first = np.repeat(cu[:-1], pieces)
+    index = np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    return np.append(first + index * length, cu[-1])
+
+
 def check_cu_seqlens(cu_seqlens) -> np.ndarray:
     """``cu_seqlens`` (a list, numpy array or tensor of ints) as ``int64 [n_docs + 1]``, checked:
     ``0 = cu[0] < cu[1] < ... < cu[n_docs]`` (the documents' boundaries in the packed sequence)."""

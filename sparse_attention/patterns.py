@@ -18,6 +18,7 @@ FlexAttention's ``mask_mod`` are all this one function. Numpy only (torch only f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import weakref
@@ -288,9 +289,12 @@ def _group_layout(l: int, time: int, heads: int, blocksize: int) -> Layout:
     r = np.arange(nb)
     lay = (r[:, None] // s == r[None, :] // s) & (r[None, :] <= r[:, None])
     tril = np.tril(np.ones((blocksize, blocksize), bool))
-    return custom_layout(
+    out = custom_layout(
         lay, blocksize, heads=heads, callback=lambda shape, h, q, k, e: tril if q == k else np.ones(shape, bool)
     )
+    # named, so that packed documents run it as `all` on the documents cut into groups
+    # (dispatch.document_pattern)
+    return dataclasses.replace(out, params={**out.params, "group": l})
 
 
 def as_spec(x) -> Spec:

@@ -303,15 +303,11 @@ DOC_SPECS = ("fixed", "local", "strided", "heads-local-strided", "merged-local-s
 def test_packed_documents_equal_each_document_alone(name, impl):
     """``SparseAttention(...)(q, k, v, cu_seqlens=cu)`` equals the module on each document alone
     (an independent reference: the pattern restarts at every document), forward and gradients;
-    the sparse path runs patterns of built-in modes and the merged ``local | strided`` head, and
-    refuses a Group (no built-in mode)."""
+    the sparse path runs patterns of built-in modes, the merged ``local | strided`` head and a
+    Group (``all`` on the documents cut into groups)."""
     spec, cu = SPECS[name], [0, 37, 38, 96, 128]
     mod = SparseAttention(H, spec, blocksize=BS, impl=impl)
     q, k, v = (x[:1] for x in _qkv(seed=3))
-    if impl == "sparse" and name == "group":
-        with pytest.raises(ValueError, match="built-in mode"):
-            mod(q, k, v, cu_seqlens=cu)
-        return
     got = mod(q, k, v, cu_seqlens=torch.tensor(cu))
     dense = SparseAttention(H, spec, blocksize=BS, impl="dense")
 

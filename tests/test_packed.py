@@ -513,3 +513,46 @@ def test_remembered_documents_follow_their_values():
     assert any(key[-1] is not None for key in fe._RESOLVED)
     with pytest.raises(TypeError, match="integers"):
         sa.blocksparse_attention_impl(q, k, v, H, "local", cu_seqlens=[0, 40.0, 96], **kw)
+
+
+@pytest.mark.parametrize("docs", ["tiny-and-long", "two-unaligned", "aligned"])
+def test_group_heads_on_documents_run_all_on_the_kernels(launch, monkeypatch, docs):
+    """A ``patterns.Group(l)`` head on packed documents (the paper's fixed A1: the earlier tokens of
+    the query's own group of ``l``, counted from each document's start) runs causal ``all`` on the
+    documents cut into groups, on the fused kernels; against float64 attention under the closed
+    form on each document's relative positions, forward and gradients, grouped heads."""
+    from sparse_attention.patterns import Group
+    from sparse_attention.torch import dispatch
+
+    monkeypatch.setattr(dispatch, "choose_engine", lambda *a, **k: 0)
+    H, kv_heads, D, l = 4, 2, 16, 32
+    cu = np.asarray(DOCS[docs], np.int64)
+    T = int(cu[-1])
+    T16 = -(-T // 16) * 16
+    if T16 != T:  # a Group needs time divisible by blocksize: one more document of padding
+        cu = np.append(cu, T16)
+        T = T16
+    lay = Group(l).layout(T, H, 16)
+    pos = np.arange(T)
+    doc = np.searchsorted(cu, pos, side="right") - 1
+    rel = pos - cu[doc]
+    allowed = Group(l).allowed(rel[:, None], rel[None, :], 0, H, 16) & (doc[:, None] == doc[None, :])
+    mask = torch.from_numpy(np.broadcast_to(allowed, (H, T, T)).copy()).to(_device())
+    g = torch.Generator().manual_seed(int(cu.size))
+    q, do = (torch.randn(1, H, T, D, generator=g).to(_device()) for _ in range(2))
+    k, v = (torch.randn(1, kv_heads, T, D, generator=g).to(_device()) for _ in range(2))
+
+    def ref(a, b, c):
+        return masked_attention(a, b.repeat_interleave(2, 1), c.repeat_interleave(2, 1), mask, dtype=a.dtype)
+
+    def fn(a, b, c):
+        return dispatch.document_attention_bhtd(a, b, c, lay, torch.from_numpy(cu))
+
+    check_against_reference(fn, q, k, v, do, ref=ref, floor=1e-4)
+
+
+def test_split_documents_cuts_each_document_from_its_start():
+    from sparse_attention.layouts import split_documents
+
+    assert split_documents(np.array([0, 37, 38, 96, 128]), 32).tolist() == [0, 32, 37, 38, 70, 96, 128]
+    assert split_documents(np.array([0, 64]), 32).tolist() == [0, 32, 64]

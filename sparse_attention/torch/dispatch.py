@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..frontend import DOCUMENT_MODES, Documents
-from ..layouts import Layout, builtin_pattern, check_cu_seqlens, make_layout, packed_layout
+from ..layouts import Layout, builtin_pattern, check_cu_seqlens, make_layout, packed_layout, split_documents
 from . import gather
 from .cache import derived
 from .reference import compute_dtype, empty_heads_like, in_layout_of, merge_heads, split_heads, split_qkv
@@ -323,6 +323,17 @@ def _documents_of(cu) -> np.ndarray:
     return cu if isinstance(cu, np.ndarray) else cu.detach().cpu().numpy().astype(np.int64)
 
 
+def _on_documents(pattern: Layout, cu) -> tuple[Layout, object]:
+    """The built-in pattern and the documents the engines run: ``pattern`` and ``cu`` as they are,
+    or for the layout of a ``patterns.Group(l)`` (the earlier tokens of the query's own group of
+    ``l``), causal ``all`` on every document cut into groups of ``l`` tokens counted from its start."""
+    l = pattern.params.get("group")
+    if l is None:
+        return pattern, cu
+    every = make_layout(pattern.time, pattern.heads, "all", blocksize=pattern.blocksize)
+    return every, split_documents(_documents_of(cu), l)
+
+
 def _packed_of(pattern: Layout, cu) -> Layout:
     """The packed layout of ``pattern``'s mode (causal or bidirectional) over documents ``cu``."""
     mode, p, causal = builtin_pattern(pattern)
@@ -348,6 +359,7 @@ def document_pair(index: int):
         from .kernels import launch
 
         def run(pattern, cu, q):
+            pattern, cu = _on_documents(pattern, cu)
             form = launch.closed_form(pattern)
             if form is None or form[0] not in DOCUMENT_MODES:
                 return (_packed_of(pattern, cu),)
@@ -362,10 +374,10 @@ def document_pair(index: int):
         return fwd, bwd
 
     def gfwd(q, k, v, pattern, cu):
-        return gather.gather_forward(q, k, v, _packed_of(pattern, cu))
+        return gather.gather_forward(q, k, v, _packed_of(*_on_documents(pattern, cu)))
 
     def gbwd(do, q, k, v, o, lse, pattern, cu):
-        return gather.gather_backward(do, q, k, v, o, lse, _packed_of(pattern, cu))
+        return gather.gather_backward(do, q, k, v, o, lse, _packed_of(*_on_documents(pattern, cu)))
 
     return gfwd, gbwd
 
@@ -382,15 +394,16 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
 
 
 def document_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, cu) -> torch.Tensor:
-    """``layout`` (a built-in mode's, causal or bidirectional, at the packed length) on each of the
+    """``layout`` (a built-in mode's, causal or bidirectional, or a ``patterns.Group``'s, at the
+    packed length) on each of the
     packed documents ``cu`` of validated ``[1, heads, time, head_dim]`` tensors; under
     ``torch.compile`` a tensor ``cu`` is an argument of the ops (read when they run: a new batch
     of documents recompiles nothing; a CPU tensor needs no device sync)."""
-    if builtin_pattern(layout) is None:
+    if builtin_pattern(layout) is None and "group" not in layout.params:
         raise ValueError(
-            "cu_seqlens runs a built-in mode's layout on each document (make_layout(time, heads, mode, ...), "
-            "causal or not); for a custom pattern build sparse_attention.layouts.packed_layout or your own "
-            "layout of the packed sequence"
+            "cu_seqlens runs a built-in mode's layout (make_layout(time, heads, mode, ...), causal or not) "
+            "or a patterns.Group's on each document; for a custom pattern build "
+            "sparse_attention.layouts.packed_layout or your own layout of the packed sequence"
         )
     return document_op(q, k, v, layout, check_documents(q, cu))
 

@@ -266,6 +266,17 @@ def _sparse_groups(q, k, v, layouts, cu_seqlens=None):
     G = heads // (k.shape[-1] // d)  # query heads per key/value head (grouped-query attention)
     outs = []
     for h0, hn, lay in layouts:
+        l = lay.params.get("group") if isinstance(lay, Layout) else None
+        if l is not None and cu_seqlens is None and T % l == 0 and hn % G == 0:
+            # a Group(l) head is causal attention within each group of l tokens: the groups as a
+            # batch of [B * T / l, hn, l, d] views, one causal `all` call (no table-driven layout)
+            qg, kg, vg = (
+                x[..., h0 // c * d : (h0 + hn) // c * d].reshape(B * T // l, l, hn // c, d).transpose(1, 2)
+                for x, c in ((q, 1), (k, G), (v, G))
+            )
+            og = attention_bhtd(qg, kg, vg, make_layout(l, hn, "all", blocksize=lay.blocksize))
+            outs.append(og.transpose(1, 2).reshape(B, T, hn * d))
+            continue
         # [B, T, hn * d] column slice -> [B, hn, T, d] view: the engines read it through its
         # strides, eagerly and compiled (the ops' results keep its memory order: no copy)
         qh = q[..., h0 * d : (h0 + hn) * d].reshape(B, T, hn, d).transpose(1, 2)
