@@ -274,15 +274,19 @@ def test_public_call_runs_documents_on_the_kernels(launch, mode, causal, monkeyp
 @pytest.mark.parametrize("mode", list(MODES))
 def test_bhtd_documents_equal_the_public_call(mode, causal):
     """``blocksparse_attention_bhtd(..., cu_seqlens=)``: a built-in mode's layout run on each
-    document (strided through its packed layout) equals the public call, forward and gradients."""
+    document equals the public call, forward and gradients; strided's layout is at the packed
+    length rounded up to its stride (which need not divide it), and at the packed length refused."""
     from sparse_attention.torch import blocksparse_attention_bhtd
 
     H, D, cu = 4, 16, DOCS["tiny-and-long"]
     T = cu[-1]
     kw = dict(MODES[mode])
+    at = T
     if mode == "strided":
-        cu, T = [0, 40, 48, 128], 128
-    lay = sa.make_layout(T, H, mode, blocksize=16, causal=causal, **kw)
+        l = kw["local_attn_ctx"]
+        assert T % l, "the case: a stride that does not divide the packed length"
+        at = -(-T // l) * l
+    lay = sa.make_layout(at, H, mode, blocksize=16, causal=causal, **kw)
     g = torch.Generator().manual_seed(6)
     q, k, v, do = (torch.randn(1, H, T, D, generator=g, dtype=torch.float64) for _ in range(4))
 
@@ -295,6 +299,9 @@ def test_bhtd_documents_equal_the_public_call(mode, causal):
     got = fwd_bwd(lambda a, b, c: blocksparse_attention_bhtd(a, b, c, lay, cu_seqlens=torch.tensor(cu)), q, k, v, do)
     for x, r in zip(got, fwd_bwd(public, q, k, v, do)):
         torch.testing.assert_close(x, r)
+    if mode == "strided":
+        with pytest.raises(ValueError, match="a multiple of the stride"):
+            blocksparse_attention_bhtd(q, k, v, sa.make_layout(at + l, H, mode, blocksize=16, **kw), cu_seqlens=cu)
 
 
 def test_bhtd_documents_under_torch_compile():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..frontend import Documents
-from ..layouts import Layout
+from ..layouts import Layout, builtin_pattern
 from .dispatch import attention, attention_bhtd, document_attention, document_attention_bhtd
 from .merged import check_merged_pair, merged_attention, merged_document_attention
 from .reference import check_dtypes
@@ -29,10 +29,12 @@ def blocksparse_attention(q, k, v, heads: int, layout: Layout | Documents) -> to
     return attention(q, k, v, heads, layout)
 
 
-def check_bhtd(q, k, v, layout: Layout, *, grouped: bool = True) -> None:
+def check_bhtd(q, k, v, layout: Layout, *, grouped: bool = True, documents: bool = False) -> None:
     """Tensors, dtypes and devices, ``[batch, heads, time, head_dim]`` shapes and the layout;
     ``k`` and ``v`` may have fewer heads (``[batch, kv_heads, time, head_dim]`` with ``heads %
-    kv_heads == 0``: grouped-query attention) where ``grouped``."""
+    kv_heads == 0``: grouped-query attention) where ``grouped``. With packed ``documents`` a
+    ``strided`` layout may be at ``time`` rounded up to its stride (which need not divide the
+    packed length: the pattern runs on each document)."""
     check_dtypes(q, k, v)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
@@ -50,8 +52,13 @@ def check_bhtd(q, k, v, layout: Layout, *, grouped: bool = True) -> None:
     if not isinstance(layout, Layout):
         raise TypeError(f"layout must be a sparse_attention.Layout, got {type(layout).__name__}")
     _, H, T, _ = q.shape
-    if layout.heads != H or layout.time != T:
-        raise ValueError(f"layout is for heads={layout.heads}, time={layout.time}; q has heads={H}, time={T}")
+    want = T
+    form = builtin_pattern(layout) if documents else None
+    if form is not None and form[0] == "strided":
+        want = -(-T // form[1]["local_attn_ctx"]) * form[1]["local_attn_ctx"]
+    if layout.heads != H or layout.time != want:
+        hint = f" (packed documents under strided: time {want}, a multiple of the stride)" if want != T else ""
+        raise ValueError(f"layout is for heads={layout.heads}, time={layout.time}; q has heads={H}, time={T}{hint}")
 
 
 def blocksparse_attention_bhtd(
@@ -80,7 +87,8 @@ def blocksparse_attention_bhtd(
         cu_seqlens: keyword only; packed documents in one sequence (``batch`` 1): ints ``[n_docs
             + 1]`` (a list, numpy array or tensor), ``0 = cu[0] < ... < cu[n_docs] = time``.
             ``layout`` must then be a built-in mode's (``make_layout``, causal or not), which
-            runs on each document's own positions. Under ``torch.compile`` pass a tensor (a CPU
+            runs on each document's own positions; for ``strided`` at ``time`` rounded up to a
+            multiple of its stride. Under ``torch.compile`` pass a tensor (a CPU
             one avoids a device sync): it is an argument of the ops, so a new batch of documents
             recompiles nothing (its values are then not checked).
 
@@ -103,7 +111,7 @@ def blocksparse_attention_bhtd(
         . x x x .
         . . x x x
     """
-    check_bhtd(q, k, v, layout)
+    check_bhtd(q, k, v, layout, documents=cu_seqlens is not None)
     if cu_seqlens is not None:
         return document_attention_bhtd(q, k, v, layout, cu_seqlens)
     return attention_bhtd(q, k, v, layout)
