@@ -387,14 +387,10 @@ def test_packed_documents_equal_each_document_alone(name, impl):
     """``model(idx [1, time], targets, cu_seqlens=cu)``: logits equal the model on each document
     alone (positions from the document's first token, attention within it), time beyond n_ctx;
     the loss is the mean over the documents' tokens and its gradient flows. The sparse path
-    runs patterns of built-in modes (the interleaved ``fixed``'s own-group head is not one)."""
+    runs patterns of built-in modes and the interleaved ``fixed``'s own-group head (``Group``)."""
     model = _model(FACTORISATIONS[name], impl=impl, recompute=impl == "sparse").double()
     cu = [0, 40, 41, 137, 200]
     idx = torch.randint(0, 256, (1, 200))
-    if impl == "sparse" and name == "fixed-interleaved":
-        with pytest.raises(ValueError, match="built-in mode"):
-            model(idx, idx, cu_seqlens=cu)
-        return
     logits, loss = model(idx, idx, cu_seqlens=cu)
     with torch.no_grad():
         want = torch.cat([model(idx[:, s:e])[0] for s, e in zip(cu[:-1], cu[1:])], dim=1)
