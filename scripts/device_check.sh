@@ -31,7 +31,7 @@ for s in ${STEPS:-bigdim suite profile}; do
         c=$([ $m = eager ] && echo --no-compile || echo --compile)
         timeout ${TRAIN_S:-240} python3 scripts/bench_train.py --device cuda $c --budget ${TRAIN_BUDGET:-150} --out "$OUT/train-$m" \
           --variants ${TRAIN_VARIANTS:-sdpa:dense ours:fixed ours:strided-interleaved ours:local} --contexts ${TRAIN_CTX:-12288 65536} $TRAIN_ARGS > "$OUT/train-$m.log" 2>&1
-        echo "== train-$m rc=$?"; grep -E "^T=" "$OUT/train-$m.log" | tail -n 12 done;;
+        echo "== train-$m rc=$?"; grep -E "^T=" "$OUT/train-$m.log" | tail -n 12; done;;
     features) step features ${FEATURES_S:-240} $PYTEST tests/test_gqa.py tests/test_bidirectional.py tests/test_any_time.py tests/test_packed.py;;
     featbench) timeout ${FEATBENCH_S:-300} python3 scripts/bench_features.py --out "$OUT/features" $FEAT_ARGS > "$OUT/featbench.log" 2>&1; echo "== featbench rc=$?"; tail -n 24 "$OUT/featbench.log";;
     gqabench) timeout ${GQABENCH_S:-300} python3 scripts/bench_gqa.py --out "$OUT/gqa" $GQA_ARGS > "$OUT/gqabench.log" 2>&1; echo "== gqabench rc=$?"; tail -n 14 "$OUT/gqabench.log";;
