@@ -11,6 +11,9 @@ pytestmark = pytest.mark.gpu
 
 PATTERNS = {
     "fixed": paper_patterns("fixed", "merged", stride=128, c=32),
+    # Group heads (the own group of 128): causal SDPA over the groups as a batch of views
+    "fixed-interleaved": paper_patterns("fixed", "interleaved", stride=128, c=32),
+    "fixed-heads": paper_patterns("fixed", "heads", stride=128, c=32),
     "strided-interleaved": paper_patterns("strided", "interleaved", stride=128),
     "strided-merged": paper_patterns("strided", "merged", stride=128),
     "strided-heads": paper_patterns("strided", "heads", stride=128),
