@@ -167,7 +167,7 @@ def _on_device(x: torch.Tensor):
 
 def _launch_consts(q: torch.Tensor) -> tuple[tuple[int], dict]:
     B, H, T, D = q.shape
-    grid = (B * H * triton.cdiv(T, ROWS),)
+    grid = (B * H * -(-T // ROWS),)
     return grid, dict(HEAD_D=D, BLOCK_D=max(16, 1 << (D - 1).bit_length()), BT=ROWS)
 
 
