@@ -28,11 +28,11 @@ for s in ${STEPS:-bigdim suite profile}; do
       timeout ${FEATBENCH_S:-200} python3 scripts/bench_features.py --modes all,local --sections packed --no-flex --out "$OUT/docs-ab" > "$OUT/docs-ab.log" 2>&1; echo "== docs-ab rc=$?"; grep "^\[" "$OUT/docs-ab.log" | cut -c1-160;;
     session13) step session13 ${SESSION13_S:-240} $PYTEST tests/test_packed.py tests/test_merged.py tests/test_kernels.py tests/test_nn.py -k "padded or per_position or bounds_per_position or (per_document and strided) or runs_documents or merged or long_summary or remembered or (test_kernels.py and strided and not sweep)";;
     session14) step session14 ${SESSION14_S:-200} $PYTEST tests/test_packed.py tests/test_model_gpu.py -k "group or bhtd or split_documents or strided or interleaved or heads";;
-    train) for m in ${TRAIN_MODES:-eager default}; do
+    train) for r in $(seq ${TRAIN_REPEATS:-2}); do for m in ${TRAIN_MODES:-eager default}; do  # host-bound steps vary: repeat
         c=$([ $m = eager ] && echo --no-compile || echo --compile)
-        timeout ${TRAIN_S:-240} python3 scripts/bench_train.py --device cuda $c --budget ${TRAIN_BUDGET:-150} --out "$OUT/train-$m" \
-          --variants ${TRAIN_VARIANTS:-sdpa:dense ours:fixed ours:strided-interleaved ours:local} --contexts ${TRAIN_CTX:-12288 65536} $TRAIN_ARGS > "$OUT/train-$m.log" 2>&1
-        echo "== train-$m rc=$?"; grep -E "^T=" "$OUT/train-$m.log" | tail -n 12; done;;
+        timeout ${TRAIN_S:-240} python3 scripts/bench_train.py --device cuda $c --budget ${TRAIN_BUDGET:-150} --out "$OUT/train-$m-r$r" \
+          --variants ${TRAIN_VARIANTS:-sdpa:dense ours:fixed ours:strided-interleaved ours:local} --contexts ${TRAIN_CTX:-12288 65536} $TRAIN_ARGS > "$OUT/train-$m-r$r.log" 2>&1
+        echo "== train-$m-r$r rc=$?"; grep -E "^T=" "$OUT/train-$m-r$r.log" | tail -n 12; done; done;;
     features) step features ${FEATURES_S:-240} $PYTEST tests/test_gqa.py tests/test_bidirectional.py tests/test_any_time.py tests/test_packed.py;;
     featbench) timeout ${FEATBENCH_S:-300} python3 scripts/bench_features.py --out "$OUT/features" $FEAT_ARGS > "$OUT/featbench.log" 2>&1; echo "== featbench rc=$?"; tail -n 24 "$OUT/featbench.log";;
     gqabench) timeout ${GQABENCH_S:-300} python3 scripts/bench_gqa.py --out "$OUT/gqa" $GQA_ARGS > "$OUT/gqabench.log" 2>&1; echo "== gqabench rc=$?"; tail -n 14 "$OUT/gqabench.log";;
