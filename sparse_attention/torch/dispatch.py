@@ -405,8 +405,8 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
 
 def document_attention_bhtd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, cu) -> torch.Tensor:
     """``layout`` (a built-in mode's, causal or bidirectional, or a ``patterns.Group``'s, at the
-    packed length) on each of the
-    packed documents ``cu`` of validated ``[1, heads, time, head_dim]`` tensors; under
+    packed length) on each of the packed documents ``cu`` of validated ``[1, heads, time,
+    head_dim]`` tensors; under
     ``torch.compile`` a tensor ``cu`` is an argument of the ops (read when they run: a new batch
     of documents recompiles nothing; a CPU tensor needs no device sync)."""
     if builtin_pattern(layout) is None and "group" not in layout.params:
