@@ -293,7 +293,7 @@ def _group_layout(l: int, time: int, heads: int, blocksize: int) -> Layout:
         lay, blocksize, heads=heads, callback=lambda shape, h, q, k, e: tril if q == k else np.ones(shape, bool)
     )
     # named, so that packed documents run it as `all` on the documents cut into groups
-    # (dispatch.document_pattern)
+    # (dispatch._on_documents; without documents nn._sparse_groups runs the groups as a batch)
     return dataclasses.replace(out, params={**out.params, "group": l})
 
 
