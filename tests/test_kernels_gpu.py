@@ -232,6 +232,89 @@ def test_ops_dispatch_and_compile(launch):
             assert rel_err(c, r) < 1e-2
 
 
+_VIEWS = ("view", "permute", "transpose", "slice", "select", "as_strided", "expand", "reshape", "unsqueeze", "alias")
+
+
+def _base(node):
+    """The node a chain of view ops starts from."""
+    while node.op == "call_function" and any(v in str(node.target) for v in _VIEWS):
+        node = node.args[0]
+    return node
+
+
+@pytest.mark.parametrize("mode", ["local", "strided", "fixed", "merged"])
+def test_compiled_ops_become_kernel_launches(launch, mode):
+    """Under ``torch.compile`` the ops on built-in layouts become their kernel launches
+    (``wrap_triton``), which Inductor emits itself: the graphs AOTAutograd hands the compiler hold
+    Triton kernel nodes and no ``sparse_attention`` op, and the only tensors those nodes copy
+    (functionalization's clones of what a kernel writes) are fresh outputs, never an input or a
+    view of one. Inductor's forward and gradients match the reference; the public
+    ``[batch, time, heads * head_dim]`` call (heads as strided views of a packed qkv projection)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from sparse_attention import blocksparse_attention_impl
+    from sparse_attention.torch import merged_local_strided_bhtd
+    from sparse_attention.torch.reference import merge_heads, split_heads
+
+    B, T, H, D, b = 2, 1024, 4, 64, 32
+    kw = dict(local_attn_ctx=128, blocksize=b)
+    if mode == "merged":
+        loc, st = (make_layout(T, H, m, **kw) for m in ("local", "strided"))
+        dense = loc.to_dense() | st.to_dense()
+
+        def f(qkv):
+            q, k, v = (split_heads(x, H) for x in qkv.chunk(3, dim=-1))
+            return merge_heads(merged_local_strided_bhtd(q, k, v, loc, st))
+    else:
+        if mode == "fixed":
+            kw.update(num_verts=2, vertsize=1)
+        dense = make_layout(T, H, mode, **kw).to_dense()
+
+        def f(qkv):
+            return blocksparse_attention_impl(*qkv.chunk(3, dim=-1), H, mode, **kw)
+
+    graphs = {}
+
+    def compiler(name):
+        def run(gm, inputs):
+            graphs[name] = gm
+            return make_boxed_func(gm.forward)
+
+        return run
+
+    qkv = torch.randn(B, T, 3 * H * D, device="cuda", dtype=torch.float16, requires_grad=True)
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
+    torch.compile(f, backend=backend, fullgraph=True)(qkv).sum().backward()
+    for name, gm in graphs.items():
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+        assert not [n for n in nodes if "sparse_attention" in str(n.target)], (name, gm.code)
+        kernels = [n for n in nodes if "triton_kernel_wrapper" in str(n.target)]
+        assert kernels, (name, gm.code)
+        for n in kernels:
+            for arg in n.kwargs.get("tensors_to_clone", ()):
+                base = _base(n.kwargs["kwargs"][arg])
+                assert base.op != "placeholder", (name, arg, gm.code)
+
+    mask = torch.from_numpy(dense).cuda()
+    do = torch.randn(B, T, H * D, device="cuda", dtype=torch.float16)
+
+    def ref_fn(q, k, v):
+        return merge_heads(masked_reference(*(split_heads(x, H) for x in (q, k, v)), mask))
+
+    q, k, v = (x.detach() for x in qkv.chunk(3, dim=-1))
+    ref = fwd_bwd(ref_fn, q, k, v, do)
+    torch._dynamo.reset()
+    comp = torch.compile(f, fullgraph=True)
+    x = qkv.detach().clone().requires_grad_()
+    o = comp(x)
+    o.backward(do)
+    got = [o, *x.grad.chunk(3, dim=-1)]
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) < 1e-2
+
+
 @pytest.mark.parametrize("mode", ["local", "strided", "fixed", "custom"])
 def test_cuda_graphs_reduce_overhead(launch, mode):
     """``torch.compile(mode="reduce-overhead")`` records the fused kernels in CUDA graphs: a

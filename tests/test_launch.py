@@ -143,3 +143,80 @@ def test_key_covers_specialization():
     lay = make_layout(64, 2, "local", 32, blocksize=16)
     q = torch.zeros(1, 2, 64, 16, dtype=torch.float16)
     assert launch.plan(lay, q) is not launch.plan(lay, q.float())
+
+
+@pytest.mark.parametrize("mode", ["local", "strided", "fixed"])
+def test_traced_launch_passes_what_the_jit_binds(fake_jit, monkeypatch, mode):
+    """On traced (fake) tensors, as ``torch.compile`` passes them where it decomposes the ops, each
+    launch goes through ``torch.library.wrap_triton`` (which records it for Inductor) with what
+    the JIT binds for real tensors, and the same grid; nothing is pre-bound."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    wrapped = []
+
+    def wrap_triton(kernel):
+        wrapped.append(kernel)
+        return kernel  # the stand-in JIT: records the launch
+
+    monkeypatch.setattr(torch.library, "wrap_triton", wrap_triton)
+    kw = dict(local=dict(local_attn_ctx=32), strided=dict(local_attn_ctx=16), fixed=dict(local_attn_ctx=32))[mode]
+    if mode == "fixed":
+        kw.update(num_verts=2, vertsize=1)
+    lay = make_layout(64, 2, mode, blocksize=16, **kw)
+    q, k, v, do = _inputs()
+    o, lse = launch.forward(q, k, v, lay)
+    launch.backward(do, q, k, v, o, lse, lay)
+    n = len(fake_jit)
+    assert not wrapped
+    with FakeTensorMode() as mode_:
+        fq, fk, fv, fdo = (mode_.from_tensor(x) for x in (q, k, v, do))
+        fo, flse = launch.forward(fq, fk, fv, lay)
+        launch.backward(fdo, fq, fk, fv, fo, flse, lay)
+    assert len(wrapped) == n and all(isinstance(x, _FakeJIT) for x in wrapped)
+    assert [e[0] for e in fake_jit] == ["jit"] * (2 * n)
+    for (_, g1, p1), (_, g2, p2) in zip(fake_jit[:n], fake_jit[n:]):
+        assert g1 == g2
+        bad = [i for i, (a, b) in enumerate(zip(p1, p2, strict=True)) if not _same(a, b)]
+        assert not bad, bad
+
+
+def test_traced_merge_launches_through_wrap_triton(monkeypatch):
+    """The merge kernels of ``local | strided`` (``kernels/merge.py``) launch through
+    ``wrap_triton`` on traced tensors too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sparse_attention.torch.kernels import merge
+
+    wrapped = []
+
+    class _Record:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: wrapped.append((self.kernel, grid))
+
+    monkeypatch.setattr(torch.library, "wrap_triton", _Record)
+    with FakeTensorMode() as m:
+        q, k, v, do, o1, o2 = (m.from_tensor(x) for x in _inputs() + _inputs()[:2])
+        l1, l2 = (m.from_tensor(torch.zeros(1, 2, 64)) for _ in range(2))
+        o, lse = merge.merge_forward(q, k, v, o1, l1, o2, l2)
+        g = tuple(m.from_tensor(torch.zeros(1, 2, 64, 16, dtype=torch.float16)) for _ in range(3))
+        merge.merge_backward(do, q, k, v, o, lse, g, g)
+    assert [w[0] for w in wrapped] == [merge._merge_fwd_kernel, merge._merge_bwd_kernel]
+
+
+def test_a_plan_holds_no_caller_tensor():
+    """A built-in mode's plan (kept as long as its layout) keeps no tensor of the call that made
+    it: its pointer arguments are each call's own q."""
+    import gc
+    import weakref
+
+    lay = make_layout(64, 2, "local", 32, blocksize=16)
+    q = torch.randn(1, 2, 64, 16, dtype=torch.float16)
+    p = launch.plan(lay, q)
+    assert p.tables(q)[1][0] is q
+    ref = weakref.ref(q)
+    del q
+    gc.collect()
+    assert ref() is None

@@ -124,3 +124,93 @@ def test_the_backward_runs_the_engine_the_forward_ran(monkeypatch, compiled):
     ref = fwd_bwd(lambda a, b, c: masked_reference(a, b, c, lay.to_dense()), q, k, v, do)
     for x, r in zip((o.detach(), qs.grad, ks.grad, vs.grad), ref):
         assert rel_err(x, r) < 1e-5
+
+
+def _graphs_of(fn, *args):
+    """The forward and backward graphs AOTAutograd hands the compiler for ``fn`` (then run with
+    ``aot_eager``'s boxed forward), and ``fn``'s compiled output."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def compiler(name):
+        def run(gm, inputs):
+            graphs[name] = gm
+            return make_boxed_func(gm.forward)
+
+        return run
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    out.sum().backward()
+    return graphs, out
+
+
+def _op_calls(gm) -> list[str]:
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "sparse_attention" in str(n.target)]
+
+
+def test_ops_stay_whole_on_the_gather_engine():
+    """The block gather (CPU) keeps its ops opaque under ``torch.compile``: only the fused engine
+    on built-in layouts becomes its kernel launches (the GPU suite checks those graphs)."""
+    lay = make_layout(64, 2, "local", local_attn_ctx=32, blocksize=16)
+    q, k, v = (x.requires_grad_() for x in _inputs(lay)[:3])
+    graphs, _ = _graphs_of(lambda a, b, c: blocksparse_attention_bhtd(a, b, c, lay), q, k, v)
+    assert _op_calls(graphs["forward"]) == ["sparse_attention.attn_fwd.default"]
+    assert _op_calls(graphs["backward"]) == ["sparse_attention.attn_bwd.default"]
+
+
+class _InlineOp:
+    """An :class:`AttentionOp` over the dense reference whose calls all decompose (as the fused
+    engine's do on the GPU), to check the mechanism on the CPU."""
+
+    op = None
+
+    @classmethod
+    def get(cls):
+        if cls.op is None:
+            from sparse_attention.torch import dispatch
+
+            def probs(q, k, lay):  # rows with no key give 0 (none here: strided keeps i == j)
+                s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+                return torch.softmax(s.masked_fill(~torch.from_numpy(lay.to_dense()), float("-inf")), -1)
+
+            def pair(index):  # dense attention written out, backward by hand (torch ops only)
+                def fwd(q, k, v, lay):
+                    return probs(q, k, lay) @ v, q.new_zeros(q.shape[:-1])
+
+                def bwd(do, q, k, v, o, lse, lay):
+                    p = probs(q, k, lay)
+                    dp = do @ v.transpose(-1, -2)
+                    ds = p * (dp - (dp * p).sum(-1, keepdim=True)) / q.shape[-1] ** 0.5
+                    return ds @ k, ds.transpose(-1, -2) @ q, p.transpose(-1, -2) @ do
+
+                return fwd, bwd
+
+            class Op(dispatch.AttentionOp):
+                def launches_inline(self, args):
+                    return True
+
+            cls.op = Op("test_inline", pair)
+        return cls.op
+
+
+def test_inline_ops_decompose_under_compile():
+    """An op whose calls decompose (:meth:`AttentionOp.launches_inline`) leaves no op in the
+    compiled graphs, only what its implementation runs, and its forward and gradients equal
+    eager's."""
+    op = _InlineOp.get()
+    lay = make_layout(64, 2, "strided", local_attn_ctx=8, blocksize=16)
+    q, k, v, do = _inputs(lay, dtype=torch.float64)
+    f = lambda a, b, c: op(a, b, c, lay)  # noqa: E731
+    eager = fwd_bwd(f, q, k, v, do)
+    graphs, _ = _graphs_of(f, *(x.clone().requires_grad_() for x in (q, k, v)))
+    assert _op_calls(graphs["forward"]) == [] and _op_calls(graphs["backward"]) == []
+    compiled = fwd_bwd(torch.compile(f, fullgraph=True, backend="aot_eager"), q, k, v, do)
+    for x, r in zip(compiled, eager):
+        torch.testing.assert_close(x, r)
+    ref = fwd_bwd(lambda a, b, c: masked_reference(a, b, c, torch.from_numpy(lay.to_dense())), q, k, v, do)
+    for x, r in zip(eager, ref):
+        torch.testing.assert_close(x, r)

@@ -31,7 +31,15 @@ from ..frontend import DOCUMENT_MODES, Documents
 from ..layouts import Layout, builtin_pattern, check_cu_seqlens, make_layout, packed_layout, split_documents
 from . import gather
 from .cache import derived
-from .reference import compute_dtype, empty_heads_like, in_layout_of, merge_heads, split_heads, split_qkv
+from .reference import (
+    compute_dtype,
+    empty_heads_like,
+    in_layout_of,
+    merge_heads,
+    split_heads,
+    split_qkv,
+    traced_types,
+)
 
 __all__ = [
     "AttentionOp",
@@ -231,6 +239,16 @@ def _fake_bwd(do, q, k, v, o, lse, *keys):
     return tuple(empty_heads_like(x) for x in (q, k, v))
 
 
+def _exporting() -> bool:
+    """``torch.export`` keeps such ops whole (as it does ``triton_op``s): an exported program names
+    the op, not Triton kernels."""
+    try:
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+    except ImportError:
+        return False
+    return custom_triton_ops_decomposition_disabled()
+
+
 # The library of the attention ops (AttentionOp), one per process.
 _LIB = torch.library.Library("sparse_attention", "DEF")
 
@@ -271,6 +289,14 @@ class AttentionOp:
         torch.library.register_autograd(
             f"sparse_attention::{name}_fwd", self._op_autograd_backward, setup_context=self._op_setup_context, lib=_LIB
         )
+        # torch.compile: where the ops run the fused kernels on built-in layouts, their
+        # functionalization (AOTAutograd) runs them instead, so that the graph holds the kernel
+        # launches (torch.library.wrap_triton) and Inductor emits those itself
+        from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+        for op, impl, n in ((f"{name}_fwd", self._op_forward, 3), (f"{name}_bwd", self._op_backward, 6)):
+            rule = functools.partial(self._decompose, impl, n)
+            torch.library.register_torch_dispatch(f"sparse_attention::{op}", FunctionalTensorMode, rule, lib=_LIB)
         self.fwd_op = getattr(torch.ops.sparse_attention, f"{name}_fwd").default
         self.bwd_op = getattr(torch.ops.sparse_attention, f"{name}_bwd").default
 
@@ -303,6 +329,29 @@ class AttentionOp:
         index, layouts = self._layouts(args)
         grads = self.pairs(index)[1](do, q, k, v, o, lse, *layouts)
         return tuple(in_layout_of(g, x) for g, x in zip(grads, (q, k, v)))
+
+    def launches_inline(self, args: tuple) -> bool:
+        """Whether a compiled call with these op arguments (after its tensors) becomes its kernel
+        launches in the graph: the fused engine on built-in layouts, which need no device tables
+        (not packed documents, whose tables are made on the host per batch; not custom layouts).
+        ``SPARSE_ATTENTION_OPAQUE_OPS=1`` keeps every op opaque (the same kernels, launched by
+        the op's Python at run time)."""
+        if self.n_tensors or args[-1] != 0 or os.environ.get("SPARSE_ATTENTION_OPAQUE_OPS", "0") == "1":
+            return False
+        from .kernels.launch import closed_form
+
+        return all(closed_form(layout) is not None for layout in self._layouts(args)[1])
+
+    def _decompose(self, impl, n, mode, func, types, args, kwargs):
+        """The ops' rule under ``FunctionalTensorMode`` (``torch.compile``'s functionalization, as
+        ``torch.library.triton_op`` does it): trace ``impl`` (the op's own implementation, whose
+        kernels then launch through ``wrap_triton``) where :meth:`launches_inline`, else keep the
+        op. ``n``: the op's leading tensors."""
+        plain = all(t is torch.Tensor or issubclass(t, traced_types()) for t in types)
+        if plain and self.launches_inline(args[n:]) and not _exporting():
+            with mode:
+                return impl(*args, **(kwargs or {}))
+        return mode.__torch_dispatch__(func, types, args, kwargs)
 
     @staticmethod
     def _op_setup_context(ctx, inputs, output):

@@ -7,6 +7,7 @@ the block tables, so it checks them independently; custom layouts use ``Layout.t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -99,6 +100,23 @@ def in_layout_of(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     else:
         same = x.is_contiguous()
     return x if same else empty_heads_like(like, x.dtype).copy_(x)
+
+
+def traced(x) -> bool:
+    """Whether ``x`` is a tensor being traced, not computed: a fake or functional tensor, as
+    ``torch.compile`` passes them (e.g. where it decomposes the attention ops into their kernel
+    launches: :class:`~sparse_attention.torch.dispatch.AttentionOp`)."""
+    t = type(x)
+    return t is not torch.Tensor and issubclass(t, traced_types())
+
+
+@functools.cache
+def traced_types() -> tuple:
+    """The tensor types of ``torch.compile``'s tracing: fake and functional tensors."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return FakeTensor, FunctionalTensor
 
 
 def pattern_mask(spec, time: int, heads: int, device) -> torch.Tensor:

@@ -22,7 +22,7 @@ import triton
 from ...layouts import Layout, builtin_pattern, retile
 from ...modes import fixed_vert_range
 from ..cache import derived
-from ..reference import empty_heads_like
+from ..reference import empty_heads_like, traced
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -326,6 +326,9 @@ class _Kernel:
         if extra.get("DOCS") == 1:
             args = _per_tile(raw, kw)
         tail = _tail(kw, time)
+        if traced(args[0]):  # torch.compile decomposing an op: the launch goes into its graph
+            launcher(self.kernel, args[0])[grid_of(kw["BM"], kw["BN"])](*args, **kw, **extra, TAIL=tail)
+            return
         key = None if interpreting() else bound_key(args, extra, tail)
         try:
             hit = self.bound.get(key) if key is not None else None
@@ -390,6 +393,17 @@ def bound_key(args: tuple, extra: dict, tail: bool):
         return None
     # (Tensor bound once: a per-item global lookup costs a third of this on the host)
     return (tail, *extra.values(), *[a.data_ptr() & 15 if type(a) is Tensor else a for a in args])
+
+
+def launcher(kernel, x):
+    """What launches ``kernel[grid](...)`` on tensors like ``x``: the kernel itself, or while
+    ``x`` is traced (:func:`traced`) ``torch.library.wrap_triton(kernel)``, which records the
+    launch in the graph for Inductor to compile and emit."""
+    if traced(x):
+        from torch.library import wrap_triton
+
+        return wrap_triton(kernel)
+    return kernel
 
 
 def current_stream() -> int:
@@ -555,9 +569,12 @@ class _Plan:
         self.dkdv_summary = _Kernel(K.dkdv_kernel, {**consts, **dkdv, "SUMMARY": True}, custom)
         self.custom = custom
         self.vlo = (tab["VLO_A"], tab["VLO_C"], tab["VLO_NV"])
-        self.head_pat, self.perm = tab["HEAD_PAT"], tab["PERM"]
-        self.row_table = (tab["ROW_PTR"], tab["COLS"], tab["MASK_IDX"], tab["MASKS"])
-        self.col_table = (tab["COL_PTR"], tab["ROWS"], tab["ENTRY_MASK"], tab["MASKS"])
+        # a custom layout's device tables; a built-in mode's pointer arguments are the call's q
+        # (:meth:`tables`): the plan, kept for the layout's life, holds no caller's tensor
+        if custom:
+            self.head_pat, self.perm = tab["HEAD_PAT"], tab["PERM"]
+            self.row_table = (tab["ROW_PTR"], tab["COLS"], tab["MASK_IDX"], tab["MASKS"])
+            self.col_table = (tab["COL_PTR"], tab["ROWS"], tab["ENTRY_MASK"], tab["MASKS"])
         self.nb = layout.nb
         self.sm_scale = 1.0 / math.sqrt(D)
         self.qk_scale = math.log2(math.e) * self.sm_scale

@@ -174,7 +174,7 @@ def _launch_consts(q: torch.Tensor) -> tuple[tuple[int], dict]:
 def merge_forward(q, k, v, o1, l1, o2, l2):
     """``(o, lse)`` of the union from the passes' ``(o1, l1)`` and ``(o2, l2)`` (base-2
     log-sum-exps ``[B, H, T]``, contiguous, as ``launch.forward`` returns them)."""
-    from .launch import last_dim_contiguous, new_output
+    from .launch import last_dim_contiguous, launcher, new_output
 
     q, k, v, o1, o2 = (last_dim_contiguous(x) for x in (q, k, v, o1, o2))
     B, H, T, D = q.shape
@@ -183,7 +183,7 @@ def merge_forward(q, k, v, o1, l1, o2, l2):
     grid, consts = _launch_consts(q)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o1.stride()[:3], *o2.stride()[:3])
     with _on_device(q):
-        _merge_fwd_kernel[grid](
+        launcher(_merge_fwd_kernel, q)[grid](
             q, k, v, o1, o2, l1.contiguous(), l2.contiguous(), o, lse, *strides, *o.stride()[:3],
             T, H, math.log2(math.e) / math.sqrt(D), **consts,
         )  # fmt: skip
@@ -194,7 +194,7 @@ def merge_backward(do, q, k, v, o, lse, g1, g2):
     """The union's ``(dq, dk, dv)`` from the passes' gradients ``g1`` and ``g2`` (each computed
     with the merged ``o`` and ``lse``): their sum less the diagonal's share, counted twice.
     Written into ``g1``'s tensors (fresh outputs of ``launch.backward``), which it returns."""
-    from .launch import last_dim_contiguous
+    from .launch import last_dim_contiguous, launcher
 
     do, q, k, v, o = (last_dim_contiguous(x) for x in (do, q, k, v, o))
     if any(x.stride() != g1[0].stride() for x in (*g1, *g2)):  # the kernel takes one set of strides
@@ -203,7 +203,7 @@ def merge_backward(do, q, k, v, o, lse, g1, g2):
     grid, consts = _launch_consts(q)
     strides = (*do.stride()[:3], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
     with _on_device(q):
-        _merge_bwd_kernel[grid](
+        launcher(_merge_bwd_kernel, q)[grid](
             do, q, k, v, o, lse.contiguous(), *g1, *g2, *strides, *g1[0].stride()[:3], T, H,
             math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D), **consts,
         )  # fmt: skip
