@@ -335,12 +335,13 @@ class AttentionOp:
         launches in the graph: the fused engine on built-in layouts, which need no device tables
         (not packed documents, whose tables are made on the host per batch; not custom layouts).
         ``SPARSE_ATTENTION_OPAQUE_OPS=1`` keeps every op opaque (the same kernels, launched by
-        the op's Python at run time)."""
+        the op's Python at run time), as does Triton's CPU interpreter (tests), whose kernels
+        Inductor cannot emit."""
         if self.n_tensors or args[-1] != 0 or os.environ.get("SPARSE_ATTENTION_OPAQUE_OPS", "0") == "1":
             return False
-        from .kernels.launch import closed_form
+        from .kernels.launch import closed_form, interpreting
 
-        return all(closed_form(layout) is not None for layout in self._layouts(args)[1])
+        return not interpreting() and all(closed_form(layout) is not None for layout in self._layouts(args)[1])
 
     def _decompose(self, impl, n, mode, func, types, args, kwargs):
         """The ops' rule under ``FunctionalTensorMode`` (``torch.compile``'s functionalization, as
