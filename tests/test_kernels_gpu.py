@@ -243,7 +243,7 @@ def _base(node):
 
 
 @pytest.mark.parametrize("mode", ["local", "strided", "fixed", "merged"])
-def test_compiled_ops_become_kernel_launches(launch, mode):
+def test_compiled_ops_become_kernel_launches(launch, monkeypatch, mode):
     """Under ``torch.compile`` the ops on built-in layouts become their kernel launches
     (``wrap_triton``), which Inductor emits itself: the graphs AOTAutograd hands the compiler hold
     Triton kernel nodes and no ``sparse_attention`` op, and the only tensors those nodes copy
@@ -257,6 +257,7 @@ def test_compiled_ops_become_kernel_launches(launch, mode):
     from sparse_attention.torch import merged_local_strided_bhtd
     from sparse_attention.torch.reference import merge_heads, split_heads
 
+    monkeypatch.setenv("SPARSE_ATTENTION_INLINE_LAUNCHES", "1")
     B, T, H, D, b = 2, 1024, 4, 64, 32
     kw = dict(local_attn_ctx=128, blocksize=b)
     if mode == "merged":

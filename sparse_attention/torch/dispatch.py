@@ -10,7 +10,9 @@ ran.
 :class:`AttentionOp` makes an engine pair differentiable once for every path: eagerly a call is
 one ``torch.autograd.Function`` (:class:`EagerAttention`); under ``torch.compile`` it is a
 ``torch.library`` custom op pair (``sparse_attention::attn_fwd`` / ``attn_bwd``) with fake
-tensors, so that the compiler traces it without graph breaks. Layouts
+tensors, so that the compiler traces it without graph breaks (with
+``SPARSE_ATTENTION_INLINE_LAUNCHES=1``, a call on the fused kernels and a built-in layout becomes
+the kernels' launches in the graph instead: :meth:`AttentionOp.launches_inline`). Layouts
 are Python objects, not op arguments: the ops take :func:`layout_spec`, a list of ints (a
 built-in mode's parameters, rebuilt by the cached ``make_layout``; or the key of a custom
 layout in a module-level registry).
@@ -289,9 +291,10 @@ class AttentionOp:
         torch.library.register_autograd(
             f"sparse_attention::{name}_fwd", self._op_autograd_backward, setup_context=self._op_setup_context, lib=_LIB
         )
-        # torch.compile: where the ops run the fused kernels on built-in layouts, their
-        # functionalization (AOTAutograd) runs them instead, so that the graph holds the kernel
-        # launches (torch.library.wrap_triton) and Inductor emits those itself
+        # torch.compile: where the ops run the fused kernels on built-in layouts (and the user opts
+        # in: launches_inline), their functionalization (AOTAutograd) runs their implementation
+        # instead, so that the graph holds the kernel launches (torch.library.wrap_triton) and
+        # Inductor emits those itself
         from torch._subclasses.functional_tensor import FunctionalTensorMode
 
         for op, impl, n in ((f"{name}_fwd", self._op_forward, 3), (f"{name}_bwd", self._op_backward, 6)):
@@ -334,10 +337,13 @@ class AttentionOp:
         """Whether a compiled call with these op arguments (after its tensors) becomes its kernel
         launches in the graph: the fused engine on built-in layouts, which need no device tables
         (not packed documents, whose tables are made on the host per batch; not custom layouts).
-        ``SPARSE_ATTENTION_OPAQUE_OPS=1`` keeps every op opaque (the same kernels, launched by
-        the op's Python at run time), as does Triton's CPU interpreter (tests), whose kernels
-        Inductor cannot emit."""
-        if self.n_tensors or args[-1] != 0 or os.environ.get("SPARSE_ATTENTION_OPAQUE_OPS", "0") == "1":
+
+        Opt-in for now, with ``SPARSE_ATTENTION_INLINE_LAUNCHES=1``: Inductor's compilation of
+        these kernels has not yet run on a GPU (the device was not lent when this was written;
+        ``tests/test_kernels_gpu.py::test_compiled_ops_become_kernel_launches`` checks it). By
+        default the ops stay opaque (the same kernels, launched by the op's Python at run time),
+        and always under Triton's CPU interpreter (tests), whose kernels Inductor cannot emit."""
+        if self.n_tensors or args[-1] != 0 or os.environ.get("SPARSE_ATTENTION_INLINE_LAUNCHES", "0") != "1":
             return False
         from .kernels.launch import closed_form, interpreting
 
