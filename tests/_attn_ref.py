@@ -65,3 +65,25 @@ def check_against_reference(fn, q, k, v, do, *, mask=None, ref=None, floor=None)
         err, budget = max_err(x, r), 2 * max_err(s, r) + floor
         assert err <= budget, f"{name}: error {err:.2e} > budget {budget:.2e} (2 x same-dtype + floor)"
     return got
+
+
+def compiled_graphs(fn, *args):
+    """The forward and backward graphs AOTAutograd hands the compiler for ``fn`` (then run with
+    ``aot_eager``'s boxed forward), and ``fn``'s compiled output."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def compiler(name):
+        def run(gm, inputs):
+            graphs[name] = gm
+            return make_boxed_func(gm.forward)
+
+        return run
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    out.sum().backward()
+    return graphs, out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _attn_ref import check_against_reference, fwd_bwd, masked_reference, rel_err
+from _attn_ref import check_against_reference, compiled_graphs, fwd_bwd, masked_reference, rel_err
 
 from sparse_attention.layouts import custom_layout, from_dense, make_layout
 
@@ -250,9 +250,6 @@ def test_compiled_ops_become_kernel_launches(launch, monkeypatch, mode):
     (functionalization's clones of what a kernel writes) are fresh outputs, never an input or a
     view of one. Inductor's forward and gradients match the reference; the public
     ``[batch, time, heads * head_dim]`` call (heads as strided views of a packed qkv projection)."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
     from sparse_attention import blocksparse_attention_impl
     from sparse_attention.torch import merged_local_strided_bhtd
     from sparse_attention.torch.reference import merge_heads, split_heads
@@ -275,19 +272,8 @@ def test_compiled_ops_become_kernel_launches(launch, monkeypatch, mode):
         def f(qkv):
             return blocksparse_attention_impl(*qkv.chunk(3, dim=-1), H, mode, **kw)
 
-    graphs = {}
-
-    def compiler(name):
-        def run(gm, inputs):
-            graphs[name] = gm
-            return make_boxed_func(gm.forward)
-
-        return run
-
     qkv = torch.randn(B, T, 3 * H * D, device="cuda", dtype=torch.float16, requires_grad=True)
-    torch._dynamo.reset()
-    backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
-    torch.compile(f, backend=backend, fullgraph=True)(qkv).sum().backward()
+    graphs, _ = compiled_graphs(f, qkv)
     for name, gm in graphs.items():
         nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
         assert not [n for n in nodes if "sparse_attention" in str(n.target)], (name, gm.code)

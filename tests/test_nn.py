@@ -8,6 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from _attn_ref import compiled_graphs  # noqa: E402
+
 from sparse_attention import attention_impl, dense_mask, make_layout  # noqa: E402
 from sparse_attention.patterns import (  # noqa: E402
     Custom,
@@ -350,27 +352,17 @@ def test_compiled_layer_makes_no_copies(spec):
     projections and give outputs and gradients in their memory order (the ops' fake tensors
     promise what the engines return), so the compiled forward and backward graphs hold no copy
     (clone) at all; dropout 0 is no clone either."""
-    import collections
-
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    found = {}
-
-    def compiler(name):
-        def run(gm, inputs):
-            ops = collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-            found[name] = {op: n for op, n in ops.items() if "clone" in op or "copy" in op}
-            return make_boxed_func(gm.forward)
-
-        return run
-
     layer = SparseSelfAttention(128, 4, SPECS[spec], blocksize=BS)
     layer.attn.prepare(128, "cpu")
     x = torch.randn(1, 128, 128, requires_grad=True)
-    backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
-    torch._dynamo.reset()
-    y = torch.compile(layer, backend=backend, fullgraph=True)(x)
-    y.square().sum().backward()
+    graphs, y = compiled_graphs(layer, x)
     torch.testing.assert_close(y, layer(x))
-    assert found == {"forward": {}, "backward": {}}
+    found = {
+        name: [
+            str(n.target)
+            for n in gm.graph.nodes
+            if n.op == "call_function" and ("clone" in str(n.target) or "copy" in str(n.target))
+        ]
+        for name, gm in graphs.items()
+    }
+    assert found == {"forward": [], "backward": []}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _attn_ref import check_against_reference, fwd_bwd, masked_reference, rel_err
+from _attn_ref import check_against_reference, compiled_graphs, fwd_bwd, masked_reference, rel_err
 
 from sparse_attention.layouts import make_layout
 from sparse_attention.torch import blocksparse_attention_bhtd, register_layout
@@ -126,28 +126,6 @@ def test_the_backward_runs_the_engine_the_forward_ran(monkeypatch, compiled):
         assert rel_err(x, r) < 1e-5
 
 
-def _graphs_of(fn, *args):
-    """The forward and backward graphs AOTAutograd hands the compiler for ``fn`` (then run with
-    ``aot_eager``'s boxed forward), and ``fn``'s compiled output."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {}
-
-    def compiler(name):
-        def run(gm, inputs):
-            graphs[name] = gm
-            return make_boxed_func(gm.forward)
-
-        return run
-
-    torch._dynamo.reset()
-    backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
-    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    out.sum().backward()
-    return graphs, out
-
-
 def _op_calls(gm) -> list[str]:
     return [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "sparse_attention" in str(n.target)]
 
@@ -157,7 +135,7 @@ def test_ops_stay_whole_on_the_gather_engine():
     on built-in layouts becomes its kernel launches (the GPU suite checks those graphs)."""
     lay = make_layout(64, 2, "local", local_attn_ctx=32, blocksize=16)
     q, k, v = (x.requires_grad_() for x in _inputs(lay)[:3])
-    graphs, _ = _graphs_of(lambda a, b, c: blocksparse_attention_bhtd(a, b, c, lay), q, k, v)
+    graphs, _ = compiled_graphs(lambda a, b, c: blocksparse_attention_bhtd(a, b, c, lay), q, k, v)
     assert _op_calls(graphs["forward"]) == ["sparse_attention.attn_fwd.default"]
     assert _op_calls(graphs["backward"]) == ["sparse_attention.attn_bwd.default"]
 
@@ -206,7 +184,7 @@ def test_inline_ops_decompose_under_compile():
     q, k, v, do = _inputs(lay, dtype=torch.float64)
     f = lambda a, b, c: op(a, b, c, lay)  # noqa: E731
     eager = fwd_bwd(f, q, k, v, do)
-    graphs, _ = _graphs_of(f, *(x.clone().requires_grad_() for x in (q, k, v)))
+    graphs, _ = compiled_graphs(f, *(x.clone().requires_grad_() for x in (q, k, v)))
     assert _op_calls(graphs["forward"]) == [] and _op_calls(graphs["backward"]) == []
     compiled = fwd_bwd(torch.compile(f, fullgraph=True, backend="aot_eager"), q, k, v, do)
     for x, r in zip(compiled, eager):
