@@ -11,7 +11,9 @@ For each mode at the issue's target shape (fp16, B2 H8 T16384 D64; the target pr
 then ``host`` again for every call as interleaved medians (one call at a time on an idle device,
 the callables taking turns: a shared host's slow spells hit all alike), with the ratio to Flex;
 through the public function and through the bare autograd Function (no argument checks), and
-for FlexAttention ``local`` as the peer. ``calibrate`` first times plain PyTorch calls on the
+for FlexAttention ``local`` as the peer; with ``--compiled`` also the public call under
+``torch.compile`` (default mode), once with the opaque ops and once with the ops as kernel
+launches that Inductor emits (``SPARSE_ATTENTION_INLINE_LAUNCHES=1``). ``calibrate`` first times plain PyTorch calls on the
 machine (an allocation, a tiny kernel, a tiny autograd backward) and our forward launcher.
 
     python scripts/profile_overhead.py --out results.json
@@ -20,6 +22,7 @@ machine (an allocation, a tiny kernel, a tiny autograd backward) and our forward
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 
@@ -84,6 +87,16 @@ def calibrate(res, args):
     res["calibration"] = cal
 
 
+@torch.compile(fullgraph=True, dynamic=False)
+def compiled_op(q, k, v, heads, kw):
+    return blocksparse_attention_impl(q, k, v, heads, **kw)
+
+
+@torch.compile(fullgraph=True, dynamic=False)
+def compiled_launches(q, k, v, heads, kw):
+    return blocksparse_attention_impl(q, k, v, heads, **kw)
+
+
 def main(argv=None):
     ap = attention_parser(
         __doc__, "local,strided,fixed", "fp16", device=False, batch=2, n_head=8, n_ctx=16384, head_dim=64, blocksize=32
@@ -91,6 +104,11 @@ def main(argv=None):
     ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention peer (local)")
     ap.add_argument("--out", default=None, help="JSON file of the results")
     ap.add_argument("--host-reps", type=int, default=200, help="interleaved host-time samples per call")
+    ap.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also the public call under torch.compile: opaque ops, and ops as kernel launches (Inductor's)",
+    )
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_overhead.py needs a CUDA GPU")
@@ -113,6 +131,21 @@ def main(argv=None):
         pub = lambda x, y, z, kw=kw: blocksparse_attention_impl(x, y, z, H, **kw)  # noqa: E731
         res[f"{mode}/public"] = measure(f"{mode}/public", pub, pq, pk, pv, pdo)
         callables[f"{mode}/public"] = (pub, pq, pk, pv, pdo)
+        if a.compiled:
+            # compiled (default mode) public call: the opaque ops, then the ops as kernel launches
+            # that Inductor emits (SPARSE_ATTENTION_INLINE_LAUNCHES, read when a call is traced);
+            # two functions, so that each has its own compiled graphs
+            for inline, comp in (("0", compiled_op), ("1", compiled_launches)):
+                name = f"{mode}/compiled-" + ("launches" if inline == "1" else "op")
+                os.environ["SPARSE_ATTENTION_INLINE_LAUNCHES"] = inline
+                fn = lambda x, y, z, kw=kw, comp=comp: comp(x, y, z, H, kw)  # noqa: E731
+                try:
+                    res[name] = measure(name, fn, pq, pk, pv, pdo, graphs=False)
+                    callables[name] = (fn, pq, pk, pv, pdo)
+                except Exception as e:  # report and go on: the opt-in path is new
+                    res[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+                    print(f"{name}: {res[name]['error']}", flush=True)
+            os.environ.pop("SPARSE_ATTENTION_INLINE_LAUNCHES")
         fwd, bwd, _ = engine(q, lay)
         lf = lambda x, y, z, lay=lay, fwd=fwd, bwd=bwd: EagerAttention.apply(x, y, z, fwd, bwd, lay)  # noqa: E731
         res[f"{mode}/no-checks"] = measure(f"{mode}/no-checks", lf, q, k, v, do, graphs=False)
