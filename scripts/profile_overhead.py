@@ -13,8 +13,9 @@ the callables taking turns: a shared host's slow spells hit all alike), with the
 through the public function and through the bare autograd Function (no argument checks), and
 for FlexAttention ``local`` as the peer; with ``--compiled`` also the public call under
 ``torch.compile`` (default mode), once with the opaque ops and once with the ops as kernel
-launches that Inductor emits (``SPARSE_ATTENTION_INLINE_LAUNCHES=1``). ``calibrate`` first times plain PyTorch calls on the
-machine (an allocation, a tiny kernel, a tiny autograd backward) and our forward launcher.
+launches that Inductor emits (``SPARSE_ATTENTION_INLINE_LAUNCHES=1``). ``calibrate`` first
+times plain PyTorch calls on the machine (an allocation, a tiny kernel, a tiny autograd
+backward) and our forward launcher.
 
     python scripts/profile_overhead.py --out results.json
 """

@@ -15,7 +15,7 @@ from sparse_attention.models import (  # noqa: E402
     SparseTransformerConfig,
     paper_patterns,
 )
-from sparse_attention.models.sparse_transformer import GELU  # noqa: E402
+from sparse_attention.models.sparse_transformer import GELU, FactorisedEmbedding  # noqa: E402
 
 
 def _random_causal_mask(T, H):
@@ -165,6 +165,27 @@ def test_factorised_position_embedding():
     torch.testing.assert_close(emb(idx, pos)[0], want)
     cfg = SparseTransformerConfig(n_ctx=12288, d_model=16, n_head=2, n_layer=1)
     assert cfg.pos_shape == (96, 128)  # rows x columns for text
+
+
+@pytest.mark.parametrize(
+    "pos_shape, T", [((4, 4, 4), 64), ((4, 4, 4), 32), ((6, 16), 80), ((6, 16), 72), ((2, 16), 64), ((4, 4, 4), 96)]
+)
+def test_position_embeddings_on_the_grid_equal_the_gather(pos_shape, T):
+    """From position 0 over whole rows of the grid the position embeddings are broadcast, not
+    gathered: the same output and the same gradients of every embedding table (float64); other
+    lengths and starts gather, and positions past the grid wrap around it (padding)."""
+    emb = FactorisedEmbedding(256, 8, pos_shape, std=1.0).double()
+    idx = torch.randint(0, 256, (2, T))
+    g = torch.randn(2, T, emb.tok.weight.shape[1], dtype=torch.float64)
+    outs = []
+    for positions in (torch.arange(T), 0):
+        emb.zero_grad(set_to_none=True)
+        out = emb(idx, positions)
+        out.backward(g)
+        outs.append([out.detach(), *(p.grad.clone() for p in emb.parameters())])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(emb(idx[:, :8], 5), emb(idx[:, :8], torch.arange(5, 13)))
 
 
 def test_resblock_formula_and_gelu():
