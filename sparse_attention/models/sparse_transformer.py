@@ -146,7 +146,8 @@ class FactorisedEmbedding(nn.Module):
         for k, e in enumerate(self.pos):
             shape = [1] * len(grid) + [d]
             shape[k] = grid[k]
-            h = h + e.weight[: grid[k]].view(shape)
+            w = e.weight if e.weight.shape[0] == grid[k] else e.weight[: grid[k]]  # (a slice's backward copies)
+            h = h + w.view(shape)
         return h.view(*lead, T, d)
 
     def forward(self, idx, positions):
@@ -198,9 +199,15 @@ class ResBlock(nn.Module):
             self.ff[2].weight.mul_(scale)
 
     def forward(self, h, cache: KVCache | None = None, cu_seqlens=None):
-        a = self.attn(self.norm1(h), cache, cu_seqlens=cu_seqlens)
-        b = self.ff(self.norm2(h + a))
-        return h + a + b
+        # h + a computed once (h + a + b is (h + a) + b): fewer kernels forward and backward
+        r = h + self.attn(self.norm1(h), cache, cu_seqlens=cu_seqlens)
+        return r + self.ff(self.norm2(r))
+
+
+def _unpadded(h, T: int):
+    """The first ``T`` positions of ``h [batch, time, dim]``: ``h`` itself where nothing was padded
+    (a slice's backward would allocate and copy a whole gradient)."""
+    return h if h.shape[1] == T else h[:, :T]
 
 
 class SparseTransformer(nn.Module):
@@ -294,7 +301,7 @@ class SparseTransformer(nn.Module):
                 h = blk(h, cache)
         if cache is not None:
             cache.length += T
-        logits = self.head(self.norm(h[:, :T]))
+        logits = self.head(self.norm(_unpadded(h, T)))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(B * T, -1), targets.reshape(B * T))
@@ -327,7 +334,7 @@ class SparseTransformer(nn.Module):
                 h = torch.utils.checkpoint.checkpoint(blk, h, None, cu, use_reentrant=False)
             else:
                 h = blk(h, None, cu)
-        logits = self.head(self.norm(h[:, :T]))
+        logits = self.head(self.norm(_unpadded(h, T)))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(T, -1), targets.reshape(T))
