@@ -149,7 +149,9 @@ def test_key_covers_specialization():
 def test_traced_launch_passes_what_the_jit_binds(fake_jit, monkeypatch, mode):
     """On traced (fake) tensors, as ``torch.compile`` passes them where it decomposes the ops, each
     launch goes through ``torch.library.wrap_triton`` (which records it for Inductor) with what
-    the JIT binds for real tensors, and the same grid; nothing is pre-bound."""
+    the JIT binds for real tensors, and the same grid; nothing is pre-bound. Pointers the launch
+    does not read are fresh tensors, not q: Inductor counts a pointer as written when a store's
+    address depends on values loaded through it, and on the GPU that made q an input mutation."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     wrapped = []
@@ -176,7 +178,16 @@ def test_traced_launch_passes_what_the_jit_binds(fake_jit, monkeypatch, mode):
     assert [e[0] for e in fake_jit] == ["jit"] * (2 * n)
     for (_, g1, p1), (_, g2, p2) in zip(fake_jit[:n], fake_jit[n:]):
         assert g1 == g2
-        bad = [i for i, (a, b) in enumerate(zip(p1, p2, strict=True)) if not _same(a, b)]
+        bad = []
+        for i, (a, b) in enumerate(zip(p1, p2, strict=True)):
+            if isinstance(a, torch.Tensor) and any(a is x for x in p1[:i]):
+                # a pointer the launch does not read (eagerly a repeat of q or dk): traced, a fresh
+                # one-element tensor, so that Inductor's mutation analysis never sees an input
+                ok = isinstance(b, torch.Tensor) and b.numel() == 1 and not any(b is x for x in p2[:i])
+            else:
+                ok = _same(a, b)
+            if not ok:
+                bad.append(i)
         assert not bad, bad
 
 

@@ -582,6 +582,8 @@ def fwd_kernel(
     DOCS: tl.constexpr,
     CAUSAL: tl.constexpr,
 ):
+    # float scalars in float32 however they come (Inductor passes Python floats as constants)
+    qk_scale = tl.cast(qk_scale, tl.float32)
     m_blk, bh = _tile_and_head(True, MODE)
     h = bh % H
     m_blk, seq = _work_item(m_blk, bh // H, WORK, DOCS)
@@ -882,6 +884,9 @@ def dkdv_kernel(
     DOCS: tl.constexpr,
     CAUSAL: tl.constexpr,
 ):
+    # float scalars in float32 however they come (Inductor passes Python floats as constants)
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    sm_scale = tl.cast(sm_scale, tl.float32)
     # One program per key tile and key/value head (grouped-query attention: its G query heads
     # are walked in turn, so k and v are read once per group). fixed's summary pass runs one
     # program per summary class present in the group (class r: the heads h with h % NV == r,
@@ -1190,6 +1195,9 @@ def dq_kernel(
     DOCS: tl.constexpr,
     CAUSAL: tl.constexpr,
 ):
+    # float scalars in float32 however they come (Inductor passes Python floats as constants)
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    sm_scale = tl.cast(sm_scale, tl.float32)
     m_blk, bh = _tile_and_head(True, MODE)
     h = bh % H
     m_blk, seq = _work_item(m_blk, bh // H, WORK, DOCS)  # as in the forward kernel

@@ -63,6 +63,8 @@ def _merge_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BT: tl.constexpr,
 ):
+    # float scalars in float32 however they come (Inductor passes Python floats as constants)
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid = tl.program_id(0)
     nt = tl.cdiv(T, BT)
     bh = pid // nt
@@ -130,6 +132,9 @@ def _merge_bwd_kernel(
     BLOCK_D: tl.constexpr,
     BT: tl.constexpr,
 ):
+    # float scalars in float32 however they come (Inductor passes Python floats as constants)
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    sm_scale = tl.cast(sm_scale, tl.float32)
     pid = tl.program_id(0)
     nt = tl.cdiv(T, BT)
     bh = pid // nt
