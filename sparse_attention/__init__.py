@@ -111,3 +111,20 @@ def blocksparse_attention_impl(
     args = (heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize)
     backend, layout = resolve_call(q, k, v, *args, sparse=True, causal=causal, cu_seqlens=cu_seqlens)
     return call(backend.blocksparse_attention, backend.reshape_rows, q, k, v, heads, layout)
+
+
+def _load_imported_backends() -> None:
+    """The backend of a framework the program has already imported, loaded now: ``torch.compile``
+    cannot trace a module's first import, so a compiled first call would otherwise fail in
+    :func:`~sparse_attention.frontend.backend_for`. A framework not yet imported stays so (its
+    backend loads with its first tensor, as before)."""
+    import sys
+
+    from .frontend import backend_module_names
+
+    for framework, backend in backend_module_names().items():
+        if sys.modules.get(framework) is not None:
+            __import__(backend)
+
+
+_load_imported_backends()

@@ -19,6 +19,11 @@ from .layouts import Layout, broadcast_layout, check_cu_seqlens, make_layout, pa
 _BACKENDS = {"torch": "sparse_attention.torch", "tensorflow": "sparse_attention.tensorflow"}
 
 
+def backend_module_names() -> dict[str, str]:
+    """``{framework module: its backend module}``."""
+    return dict(_BACKENDS)
+
+
 _FRAMEWORK_OF_TYPE: dict = {}
 
 

@@ -192,3 +192,28 @@ def test_inline_ops_decompose_under_compile():
     ref = fwd_bwd(lambda a, b, c: masked_reference(a, b, c, torch.from_numpy(lay.to_dense())), q, k, v, do)
     for x, r in zip(eager, ref):
         torch.testing.assert_close(x, r)
+
+
+def test_a_compiled_first_call_needs_no_eager_one():
+    """``import torch`` then ``import sparse_attention``: the first call of the process may be a
+    compiled one (``fullgraph``): the torch backend is loaded at the package's import, since
+    ``torch.compile`` cannot trace a module's first import."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import torch
+        import sparse_attention as sa
+
+        def f(q, k, v):
+            return sa.blocksparse_attention_impl(q, k, v, 2, "local", local_attn_ctx=32, blocksize=16)
+
+        q, k, v = (torch.randn(1, 64, 32, requires_grad=True) for _ in range(3))
+        torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v).sum().backward()
+        print("compiled first call ok")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "compiled first call ok" in r.stdout, r.stderr[-3000:]
