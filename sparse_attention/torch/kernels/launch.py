@@ -395,16 +395,13 @@ def bound_key(args: tuple, extra: dict, tail: bool):
     return (tail, *extra.values(), *[a.data_ptr() & 15 if type(a) is Tensor else a for a in args])
 
 
-def stand_in(q: torch.Tensor) -> torch.Tensor:
-    """A pointer argument that a launch does not read (a built-in mode's tables, the work lists
-    without documents): ``q`` itself, which allocates nothing (a CUDA graph may record the call);
-    traced, a fresh one-element tensor of its own. Inductor's mutation analysis counts a pointer
-    as written when a store's address depends on values loaded through it (the document lists),
-    and ``q`` written would be an input mutation."""
-    return q.new_empty(1) if traced(q) else q
-
-
-def _stand_ins(q: torch.Tensor, n: int) -> tuple:
+def stand_ins(q: torch.Tensor, n: int) -> tuple:
+    """``n`` pointer arguments that a launch does not read (a built-in mode's tables, the work
+    lists without documents, the summary buffer of modes without one): ``q`` itself, which
+    allocates nothing (a CUDA graph may record the call); traced, fresh one-element tensors of
+    their own. Inductor's mutation analysis counts a pointer as written when a store's address
+    depends on values loaded through it (the document lists), and ``q`` written would be an
+    input mutation."""
     return tuple(q.new_empty(1) for _ in range(n)) if traced(q) else (q,) * n
 
 
@@ -594,12 +591,10 @@ class _Plan:
 
     def tables(self, q: torch.Tensor) -> tuple:
         """``(summary, row table, column table)`` arguments; a built-in mode's pointer arguments
-        are ``q`` (never read: the kernels take their tiles from the closed form)."""
+        are :func:`stand_ins` (never read: the kernels take their tiles from the closed form)."""
         if self.custom:
             return (*self.vlo, self.head_pat, self.perm), self.row_table, self.col_table
-        if traced(q):
-            return (*self.vlo, *_stand_ins(q, 2)), _stand_ins(q, 4), _stand_ins(q, 4)
-        return (*self.vlo, q, q), (q,) * 4, (q,) * 4
+        return (*self.vlo, *stand_ins(q, 2)), stand_ins(q, 4), stand_ins(q, 4)
 
 
 # Bumped by :func:`configs_changed`: plans made under older tile tables are not used again.
@@ -800,9 +795,9 @@ def _grid(
     if docs is None or rows:
         n = -(-T // group) * keys if group else T
         # -(-n // t): ceil without triton.cdiv, a JIT function (~5 us per call from the host)
-        if docs is None:
-            return (lambda *tiles: (-(-n // tiles[by]), B * programs)), _stand_ins(q, 3)
-        return (lambda *tiles: (-(-n // tiles[by]), B * programs)), (stand_in(q), docs.bounds, stand_in(q))
+        cu, bounds, divs = stand_ins(q, 3)
+        bounds = bounds if docs is None else docs.bounds
+        return (lambda *tiles: (-(-n // tiles[by]), B * programs)), (cu, bounds, divs)
     return (
         lambda *tiles: (docs.work(tiles[by], group, keys, stride)[1], programs),
         (
@@ -868,7 +863,7 @@ def backward(do, q, k, v, o, lse, layout: Layout, docs: DocumentTable | None = N
     ncls = min(p.vlo[2], G) if nsum else 1
     programs = (H // G) * ncls
     # fixed: the summary keys' float32 partial gradients between the two dK/dV passes
-    acc = new_output(q, (B * programs, nsum_all, 2, D), torch.float32) if nsum else stand_in(dk)
+    acc = new_output(q, (B * programs, nsum_all, 2, D), torch.float32) if nsum else stand_ins(dk, 1)[0]
     # the transposed table: per key-block column, its query blocks and their masks
     head = (q, k, v, do, dk, dv, lse, delta, acc, *summary)
     tail = (*cols, *strides, *_strides(dk, dv))
