@@ -302,6 +302,43 @@ def test_compiled_ops_become_kernel_launches(launch, monkeypatch, mode):
         assert rel_err(g, r) < 1e-2
 
 
+@pytest.mark.parametrize(
+    "mode,D,dtype",
+    [("fixed", 256, torch.float32), ("local", 256, torch.float16), ("strided", 192, torch.bfloat16)],
+)
+def test_compiled_launches_fit_the_device(launch, monkeypatch, mode, D, dtype):
+    """The largest head dims compile inline too: Inductor launches the config that the trace
+    loaded on the device (``_Kernel._fit_traced``), shrunk where the tuned tiles do not fit, and
+    its output and gradients match float64."""
+    from sparse_attention import blocksparse_attention_impl
+    from sparse_attention.torch.reference import merge_heads, split_heads
+
+    monkeypatch.setenv("SPARSE_ATTENTION_INLINE_LAUNCHES", "1")
+    B, T, H, b = 1, 512, 2, 32
+    kw = dict(local_attn_ctx=64, blocksize=b)
+    if mode == "fixed":
+        kw.update(num_verts=1, vertsize=1)
+    mask = torch.from_numpy(make_layout(T, H, mode, **kw).to_dense()).cuda()
+
+    def f(q, k, v):
+        return blocksparse_attention_impl(q, k, v, H, mode, **kw)
+
+    def ref_fn(q, k, v):
+        return merge_heads(masked_reference(*(split_heads(x, H) for x in (q, k, v)), mask))
+
+    q, k, v, do = (torch.randn(B, T, H * D, device="cuda", dtype=dtype) for _ in range(4))
+    graphs, _ = compiled_graphs(f, *(x.clone().requires_grad_() for x in (q, k, v)))
+    for name, gm in graphs.items():
+        targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        assert any("triton_kernel_wrapper" in t for t in targets), (name, gm.code)
+        assert not any("sparse_attention" in t for t in targets), (name, gm.code)
+    ref = fwd_bwd(ref_fn, q, k, v, do)
+    torch._dynamo.reset()
+    got = fwd_bwd(torch.compile(f, fullgraph=True), q, k, v, do)
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) < (2e-2 if dtype == torch.bfloat16 else 1e-2)
+
+
 @pytest.mark.parametrize("mode", ["local", "strided", "fixed", "custom"])
 def test_cuda_graphs_reduce_overhead(launch, mode):
     """``torch.compile(mode="reduce-overhead")`` records the fused kernels in CUDA graphs: a

@@ -9,6 +9,7 @@ import inspect
 
 import pytest
 import torch
+import triton
 
 from sparse_attention.layouts import make_layout
 from sparse_attention.torch.kernels import launch
@@ -66,15 +67,15 @@ def fake_jit(monkeypatch):
             k = getattr(p, name)
             if not isinstance(k.kernel, _FakeJIT) or k.kernel.log is not log:
                 real = k.kernel.real if isinstance(k.kernel, _FakeJIT) else k.kernel
-                swapped.append((k, real, k.bound))
-                k.kernel, k.bound = _FakeJIT(real, log), {}
+                swapped.append((k, real, dict(k.kw)))
+                k.kernel, k.bound, k.fitted = _FakeJIT(real, log), {}, set()
         return p
 
     real_plan = launch.plan
     monkeypatch.setattr(launch, "plan", lambda layout, q: use(real_plan(layout, q)))
     yield log
-    for k, real, _ in reversed(swapped):
-        k.kernel, k.bound = real, {}
+    for k, real, kw in reversed(swapped):
+        k.kernel, k.bound, k.kw, k.fitted = real, {}, kw, set()
 
 
 def _inputs(B=1, H=2, T=64, D=16, dtype=torch.float16):
@@ -189,6 +190,40 @@ def test_traced_launch_passes_what_the_jit_binds(fake_jit, monkeypatch, mode):
             if not ok:
                 bad.append(i)
         assert not bad, bad
+
+
+def test_traced_launch_records_a_config_that_loads(fake_jit, monkeypatch):
+    """Inductor compiles a traced launch later, where a config too big for the device could not
+    shrink and retry: the first trace of a signature compiles and loads the kernel first
+    (``launch.load``; here a stand-in that refuses tiles above 32x16 or more than one stage, as
+    Triton's ``OutOfResources``) and records the config that loads; later traces of the same
+    signature load nothing."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: kernel)
+    loads = []
+
+    def load(kernel, device, args, kwargs):
+        loads.append((kwargs["BM"], kwargs["BN"], kwargs["num_stages"]))
+        assert all(not isinstance(a, torch.Tensor) for a in args)  # compiled from dtypes
+        if kwargs["BM"] * kwargs["BN"] > 32 * 16 or kwargs["num_stages"] > 1:
+            raise triton.runtime.errors.OutOfResources(1 << 20, 1 << 17, "shared memory")
+
+    monkeypatch.setattr(launch, "load", load)
+    lay = make_layout(64, 2, "local", blocksize=16, local_attn_ctx=32)
+    q, k, v, _ = _inputs()
+    names = list(inspect.signature(launch.plan(lay, q).fwd.kernel.fn).parameters)
+    n = []
+    for _ in range(2):
+        with FakeTensorMode() as mode_:
+            launch.forward(*(mode_.from_tensor(x) for x in (q, k, v)), lay)
+        n.append(len(loads))
+    assert n[0] > 1 and n[1] == n[0]  # shrunk at the first trace; the second loads nothing
+    assert loads[0] != loads[-1] and loads[-1][0] * loads[-1][1] <= 32 * 16 and loads[-1][2] == 1
+    assert len(fake_jit) == 2
+    for _, _, params in fake_jit:  # both traces record the config that loaded
+        args = dict(zip(names, params, strict=True))
+        assert (args["BM"], args["BN"]) == loads[-1][:2]
 
 
 def test_traced_merge_launches_through_wrap_triton(monkeypatch):

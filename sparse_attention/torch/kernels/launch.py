@@ -310,11 +310,12 @@ class _Kernel:
     and device); a later launch with that key calls the compiled kernel directly, skipping the JIT's
     binding, specialization and cache-key work on the host (:func:`bound_key`)."""
 
-    __slots__ = ("kernel", "kw", "fixed_tiles", "bound")
+    __slots__ = ("kernel", "kw", "fixed_tiles", "bound", "fitted")
 
     def __init__(self, kernel, kw: dict, fixed_tiles: bool):
         self.kernel, self.kw, self.fixed_tiles = kernel, kw, fixed_tiles
         self.bound: dict = {}
+        self.fitted: set = set()  # traced launch signatures whose config is known to load
 
     def run(self, grid_of, *args, time: int, **extra) -> None:
         """``time``: the sequence length (packed documents: a length that divides every
@@ -327,7 +328,8 @@ class _Kernel:
             args = _per_tile(raw, kw)
         tail = _tail(kw, time)
         if traced(args[0]):  # torch.compile decomposing an op: the launch goes into its graph
-            launcher(self.kernel, args[0])[grid_of(kw["BM"], kw["BN"])](*args, **kw, **extra, TAIL=tail)
+            kw = self._fit_traced(args, extra, time)
+            launcher(self.kernel, args[0])[grid_of(kw["BM"], kw["BN"])](*args, **kw, **extra, TAIL=_tail(kw, time))
             return
         key = None if interpreting() else bound_key(args, extra, tail)
         try:
@@ -357,6 +359,49 @@ class _Kernel:
             names = self.kernel.arg_names[len(args) :]
             if all(name in merged for name in names):  # else a default we do not know: keep the JIT
                 self.bound[key] = (compiled, tuple(merged[name] for name in names))
+
+    def _fit_traced(self, args: tuple, extra: dict, time: int) -> dict:
+        """The config a traced launch records: Inductor compiles and launches it later, where a
+        config too big for the device could not shrink and retry as :meth:`run` does. So the
+        first trace of a signature compiles the kernel here (Triton's ``warmup`` on the tensors'
+        dtypes), loads it on the device, and shrinks (:func:`shrink`) while Triton finds it too
+        big; Triton's cache keeps the binary for Inductor's own compile of the same source."""
+        q = args[0]
+        if interpreting():
+            return self.kw
+        values = tuple(a.dtype if isinstance(a, torch.Tensor) else _hint(a) for a in args)
+        key = (_tail(self.kw, time), *extra.items(), *(v for v in values if not isinstance(v, float)))
+        while key not in self.fitted:
+            kw = self.kw
+            try:
+                load(self.kernel, q.device, values, {**kw, **extra, "TAIL": _tail(kw, time)})
+            except triton.runtime.errors.OutOfResources:
+                smaller = shrink(kw, self.fixed_tiles)
+                if smaller is None:
+                    raise
+                self.kw = smaller
+                self.bound.clear()
+                key = (_tail(self.kw, time), *key[1:])
+                continue
+            self.fitted.add(key)
+        return self.kw
+
+
+def load(kernel, device, args: tuple, kwargs: dict) -> None:
+    """Compile ``kernel`` for arguments like these (tensors given by their dtypes) and load it on
+    ``device``, without launching it: raises Triton's ``OutOfResources`` where the binary needs
+    more shared memory (or threads) than the device has. Nothing to load off a GPU."""
+    if device.type != "cuda":
+        return
+    with torch.cuda.device(device):
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        compiled = compiled.result() if hasattr(compiled, "result") else compiled
+        compiled._init_handles()
+
+
+def _hint(x):
+    """A traced integer's value (a ``SymInt``'s hint), anything else as it is."""
+    return x.node.hint if isinstance(x, torch.SymInt) else x
 
 
 def _tail(kw: dict, time: int) -> bool:
