@@ -35,9 +35,9 @@ for s in ${STEPS:-bigdim suite profile}; do
           --variants ${TRAIN_VARIANTS:-sdpa:dense ours:fixed ours:strided-interleaved ours:local} --contexts ${TRAIN_CTX:-12288 65536} $TRAIN_ARGS > "$OUT/train-$m-r$r.log" 2>&1
         echo "== train-$m-r$r rc=$?"; grep -E "^T=" "$OUT/train-$m-r$r.log" | tail -n 12; done; done;;
     trainab) for r in $(seq ${TRAIN_REPEATS:-2}); do for o in 0 1; do  # compiled: opaque ops (0) or kernel launches in the graph (1)
-        SPARSE_ATTENTION_INLINE_LAUNCHES=$o timeout ${TRAIN_S:-240} python3 scripts/bench_train.py --device cuda --compile --budget ${TRAIN_BUDGET:-150} --out "$OUT/trainab-inline$o-r$r" \
-          --variants ${TRAIN_VARIANTS:-sdpa:dense ours:fixed ours:strided-interleaved ours:local} --contexts ${TRAIN_CTX:-12288} $TRAIN_ARGS > "$OUT/trainab-inline$o-r$r.log" 2>&1
-        echo "== trainab-inline$o-r$r rc=$?"; grep -E "^T=" "$OUT/trainab-inline$o-r$r.log" | tail -n 12; done; done;;
+        SPARSE_ATTENTION_INLINE_LAUNCHES=$o timeout ${TRAIN_S:-240} python3 scripts/bench_train.py --device cuda --compile --budget ${TRAIN_BUDGET:-150} --out "$OUT/trainab$TRAIN_TAG-inline$o-r$r" \
+          --variants ${TRAIN_VARIANTS:-sdpa:dense ours:fixed ours:strided-interleaved ours:local} --contexts ${TRAIN_CTX:-12288} $TRAIN_ARGS > "$OUT/trainab$TRAIN_TAG-inline$o-r$r.log" 2>&1
+        echo "== trainab$TRAIN_TAG-inline$o-r$r rc=$?"; grep -E "^T=" "$OUT/trainab$TRAIN_TAG-inline$o-r$r.log" | tail -n 12; done; done;;
     features) step features ${FEATURES_S:-240} $PYTEST tests/test_gqa.py tests/test_bidirectional.py tests/test_any_time.py tests/test_packed.py;;
     featbench) timeout ${FEATBENCH_S:-300} python3 scripts/bench_features.py --out "$OUT/features" $FEAT_ARGS > "$OUT/featbench.log" 2>&1; echo "== featbench rc=$?"; tail -n 24 "$OUT/featbench.log";;
     gqabench) timeout ${GQABENCH_S:-300} python3 scripts/bench_gqa.py --out "$OUT/gqa" $GQA_ARGS > "$OUT/gqabench.log" 2>&1; echo "== gqabench rc=$?"; tail -n 14 "$OUT/gqabench.log";;
