@@ -29,6 +29,7 @@ for s in ${STEPS:-bigdim suite profile}; do
     session13) step session13 ${SESSION13_S:-240} $PYTEST tests/test_packed.py tests/test_merged.py tests/test_kernels.py tests/test_nn.py -k "padded or per_position or bounds_per_position or (per_document and strided) or runs_documents or merged or long_summary or remembered or (test_kernels.py and strided and not sweep)";;
     session14) step session14 ${SESSION14_S:-200} $PYTEST tests/test_packed.py tests/test_model_gpu.py -k "group or bhtd or split_documents or strided or interleaved or heads";;
     session15) step session15 ${SESSION15_S:-240} $PYTEST tests/test_kernels_gpu.py tests/test_ops.py tests/test_launch.py tests/test_merged.py -k "become_kernel_launches or fit_the_device or records_a_config or compile or graphs or merged or traced or plan_holds";;
+    inline) SPARSE_ATTENTION_INLINE_LAUNCHES=1 step inline ${INLINE_S:-200} $PYTEST tests/test_kernels_gpu.py tests/test_model_gpu.py tests/test_ops.py tests/test_merged.py tests/test_nn.py tests/test_packed.py tests/test_bidirectional.py -k "compile or graph or launches or fit_the or overhead";;
     train) for r in $(seq ${TRAIN_REPEATS:-2}); do for m in ${TRAIN_MODES:-eager default}; do  # host-bound steps vary: repeat
         c=$([ $m = eager ] && echo --no-compile || echo --compile)
         timeout ${TRAIN_S:-240} python3 scripts/bench_train.py --device cuda $c --budget ${TRAIN_BUDGET:-150} --out "$OUT/train-$m-r$r" \
