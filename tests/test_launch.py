@@ -226,6 +226,25 @@ def test_traced_launch_records_a_config_that_loads(fake_jit, monkeypatch):
         assert (args["BM"], args["BN"]) == loads[-1][:2]
 
 
+def test_traced_launch_survives_a_loader_that_fails(fake_jit, monkeypatch):
+    """Where the trace-time check itself cannot run (any error but ``OutOfResources``), the launch
+    is recorded with its config as before, with a warning that names the kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: kernel)
+
+    def load(kernel, device, args, kwargs):
+        raise RuntimeError("no driver")
+
+    monkeypatch.setattr(launch, "load", load)
+    lay = make_layout(64, 2, "local", blocksize=16, local_attn_ctx=32)
+    q, k, v, _ = _inputs()
+    kw = dict(launch.plan(lay, q).fwd.kw)
+    with pytest.warns(UserWarning, match="fwd_kernel.*no driver"), FakeTensorMode() as mode_:
+        launch.forward(*(mode_.from_tensor(x) for x in (q, k, v)), lay)
+    assert len(fake_jit) == 1 and launch.plan(lay, q).fwd.kw == kw
+
+
 def test_traced_merge_launches_through_wrap_triton(monkeypatch):
     """The merge kernels of ``local | strided`` (``kernels/merge.py``) launch through
     ``wrap_triton`` on traced tensors too."""

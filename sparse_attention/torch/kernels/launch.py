@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -383,6 +384,12 @@ class _Kernel:
                 self.bound.clear()
                 key = (_tail(self.kw, time), *key[1:])
                 continue
+            except Exception as e:  # noqa: BLE001 - the check could not run: Inductor compiles as before
+                warnings.warn(
+                    f"sparse_attention: could not pre-load {self.kernel.fn.__name__} while tracing ({e!r}); "
+                    "its config is not checked against the device",
+                    stacklevel=2,
+                )
             self.fitted.add(key)
         return self.kw
 
