@@ -35,7 +35,7 @@ for s in ${STEPS:-bigdim suite profile}; do
         timeout ${TRAIN_S:-240} python3 scripts/bench_train.py --device cuda $c --budget ${TRAIN_BUDGET:-150} --out "$OUT/train-$m-r$r" \
           --variants ${TRAIN_VARIANTS:-sdpa:dense ours:fixed ours:strided-interleaved ours:local} --contexts ${TRAIN_CTX:-12288 65536} $TRAIN_ARGS > "$OUT/train-$m-r$r.log" 2>&1
         echo "== train-$m-r$r rc=$?"; grep -E "^T=" "$OUT/train-$m-r$r.log" | tail -n 12; done; done;;
-    trainab) for r in $(seq ${TRAIN_REPEATS:-2}); do for o in 0 1; do  # compiled: opaque ops (0) or kernel launches in the graph (1)
+    trainab) for r in $(seq ${TRAIN_REPEATS:-2}); do for o in ${TRAIN_INLINE:-0 1}; do  # compiled: opaque ops (0) or kernel launches in the graph (1)
         SPARSE_ATTENTION_INLINE_LAUNCHES=$o timeout ${TRAIN_S:-240} python3 scripts/bench_train.py --device cuda --compile --budget ${TRAIN_BUDGET:-150} --out "$OUT/trainab$TRAIN_TAG-inline$o-r$r" \
           --variants ${TRAIN_VARIANTS:-sdpa:dense ours:fixed ours:strided-interleaved ours:local} --contexts ${TRAIN_CTX:-12288} $TRAIN_ARGS > "$OUT/trainab$TRAIN_TAG-inline$o-r$r.log" 2>&1
         echo "== trainab$TRAIN_TAG-inline$o-r$r rc=$?"; grep -E "^T=" "$OUT/trainab$TRAIN_TAG-inline$o-r$r.log" | tail -n 12; done; done;;
