@@ -168,7 +168,7 @@ class _InlineOp:
                 return fwd, bwd
 
             class Op(dispatch.AttentionOp):
-                def launches_inline(self, args):
+                def inlines(self, index, layouts):
                     return True
 
             cls.op = Op("test_inline", pair)
@@ -176,13 +176,26 @@ class _InlineOp:
 
 
 def test_inline_ops_decompose_under_compile():
-    """An op whose calls decompose (:meth:`AttentionOp.launches_inline`) leaves no op in the
-    compiled graphs, only what its implementation runs, and its forward and gradients equal
-    eager's."""
+    """An op whose calls decompose (:meth:`AttentionOp.inlines`) leaves no op in the compiled
+    graphs, only what its implementation runs, and its forward and gradients equal eager's. The
+    choice is made as Dynamo traces the call and is in its graph (the op's engine argument), so
+    the compiler's caches cannot hand a process the other choice's compilation."""
+    from sparse_attention.torch import dispatch
+
     op = _InlineOp.get()
     lay = make_layout(64, 2, "strided", local_attn_ctx=8, blocksize=16)
     q, k, v, do = _inputs(lay, dtype=torch.float64)
     f = lambda a, b, c: op(a, b, c, lay)  # noqa: E731
+    traced = []
+
+    def backend(gm, inputs):
+        traced.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(f, backend=backend, fullgraph=True)(q, k, v)
+    calls = [n for n in traced[0].graph.nodes if "test_inline_fwd" in str(n.target)]
+    assert len(calls) == 1 and calls[0].args[-1] >= dispatch.INLINE, traced[0].code
     eager = fwd_bwd(f, q, k, v, do)
     graphs, _ = compiled_graphs(f, *(x.clone().requires_grad_() for x in (q, k, v)))
     assert _op_calls(graphs["forward"]) == [] and _op_calls(graphs["backward"]) == []

@@ -12,7 +12,7 @@ one ``torch.autograd.Function`` (:class:`EagerAttention`); under ``torch.compile
 ``torch.library`` custom op pair (``sparse_attention::attn_fwd`` / ``attn_bwd``) with fake
 tensors, so that the compiler traces it without graph breaks (with
 ``SPARSE_ATTENTION_INLINE_LAUNCHES=1``, a call on the fused kernels and a built-in layout becomes
-the kernels' launches in the graph instead: :meth:`AttentionOp.launches_inline`). Layouts
+the kernels' launches in the graph instead: :meth:`AttentionOp.inlines`). Layouts
 are Python objects, not op arguments: the ops take :func:`layout_spec`, a list of ints (a
 built-in mode's parameters, rebuilt by the cached ``make_layout``; or the key of a custom
 layout in a module-level registry).
@@ -251,6 +251,10 @@ def _exporting() -> bool:
     return custom_triton_ops_decomposition_disabled()
 
 
+# Added to an op's engine argument where the call becomes its kernel launches under torch.compile
+# (AttentionOp.inlines).
+INLINE = 2
+
 # The library of the attention ops (AttentionOp), one per process.
 _LIB = torch.library.Library("sparse_attention", "DEF")
 
@@ -312,6 +316,11 @@ class AttentionOp:
         index = choose_engine(q, layouts[0], heads)
         if torch.compiler.is_compiling():
             n = len(layouts) - self.n_tensors
+            if self.inlines(index, layouts[:n]):
+                # decided as Dynamo traces the call: the choice is in its graph, and so in the
+                # keys of the compiler's caches (a later process with the other setting
+                # cannot reuse this compilation)
+                index += INLINE
             return self.fwd_op(q, k, v, *layouts[n:], *(layout_spec(lay) for lay in layouts[:n]), index)[0]
         pair = self.pairs(index)
         if heads is not None:
@@ -320,7 +329,7 @@ class AttentionOp:
 
     def _layouts(self, args: tuple) -> tuple[int, list]:
         """``(engine, layouts and then tensors)`` of an op's arguments after its tensors."""
-        tensors, keys, index = args[: self.n_tensors], args[self.n_tensors : -1], args[-1]
+        tensors, keys, index = args[: self.n_tensors], args[self.n_tensors : -1], args[-1] % INLINE
         return index, [*(layout_of(key) for key in keys), *tensors]
 
     def _op_forward(self, q, k, v, *args):
@@ -333,8 +342,8 @@ class AttentionOp:
         grads = self.pairs(index)[1](do, q, k, v, o, lse, *layouts)
         return tuple(in_layout_of(g, x) for g, x in zip(grads, (q, k, v)))
 
-    def launches_inline(self, args: tuple) -> bool:
-        """Whether a compiled call with these op arguments (after its tensors) becomes its kernel
+    def inlines(self, index: int, layouts) -> bool:
+        """Whether a compiled call on engine ``index`` with these layouts becomes its kernel
         launches in the graph: the fused engine on built-in layouts, which need no device tables
         (not packed documents, whose tables are made on the host per batch; not custom layouts).
 
@@ -345,11 +354,18 @@ class AttentionOp:
         launcher does. By default the ops stay opaque (the same kernels, launched by the op's
         Python at run time), and always under Triton's CPU interpreter (tests), whose kernels
         Inductor cannot emit."""
-        if self.n_tensors or args[-1] != 0 or os.environ.get("SPARSE_ATTENTION_INLINE_LAUNCHES", "0") != "1":
+        if self.n_tensors or index != 0 or os.environ.get("SPARSE_ATTENTION_INLINE_LAUNCHES", "0") != "1":
             return False
         from .kernels.launch import closed_form, interpreting
 
-        return not interpreting() and all(closed_form(layout) is not None for layout in self._layouts(args)[1])
+        return not interpreting() and all(closed_form(layout) is not None for layout in layouts)
+
+    @staticmethod
+    def launches_inline(args: tuple) -> bool:
+        """Whether the op call with these arguments (after its tensors) was marked, when Dynamo
+        traced it, to become its kernel launches (:meth:`inlines`: ``INLINE`` added to its
+        engine argument)."""
+        return args[-1] >= INLINE
 
     def _decompose(self, impl, n, mode, func, types, args, kwargs):
         """The ops' rule under ``FunctionalTensorMode`` (``torch.compile``'s functionalization, as
