@@ -207,6 +207,39 @@ def test_inline_ops_decompose_under_compile():
         torch.testing.assert_close(x, r)
 
 
+@pytest.mark.parametrize("flag", ["0", "1"])
+def test_the_inline_choice_is_in_the_traced_graph(monkeypatch, flag):
+    """``SPARSE_ATTENTION_INLINE_LAUNCHES`` is read as Dynamo traces a public call (``fullgraph``:
+    no break): on the fused engine and a built-in layout the op's engine argument carries
+    ``INLINE`` exactly where the flag is on (the graph is only traced here, not run)."""
+    from sparse_attention import blocksparse_attention_impl
+    from sparse_attention.torch import dispatch
+
+    monkeypatch.setenv("SPARSE_ATTENTION_INLINE_LAUNCHES", flag)
+    from sparse_attention.torch.kernels import launch
+
+    monkeypatch.setattr(dispatch, "choose_engine", lambda q, layout, heads=None: 0)  # as on a GPU,
+    monkeypatch.setattr(launch, "interpreting", lambda: False)  # not Triton's interpreter
+    traced = []
+
+    def backend(gm, inputs):  # keeps the graph; runs nothing (no kernels on this machine)
+        traced.append(gm)
+        n_out = len(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+        return lambda *args: [None] * n_out
+
+    q, k, v = (torch.randn(1, 64, 32) for _ in range(3))
+    torch._dynamo.reset()
+    torch.compile(
+        lambda a, b, c: blocksparse_attention_impl(a, b, c, 2, "local", local_attn_ctx=32, blocksize=16),
+        backend=backend,
+        fullgraph=True,
+    )(q, k, v)
+    calls = [n for n in traced[0].graph.nodes if "attn_fwd" in str(n.target)]
+    assert len(calls) == 1, traced[0].code
+    assert calls[0].args[-1] == (dispatch.INLINE if flag == "1" else 0)
+    torch._dynamo.reset()
+
+
 def test_a_compiled_first_call_needs_no_eager_one():
     """``import torch`` then ``import sparse_attention``: the first call of the process may be a
     compiled one (``fullgraph``): the torch backend is loaded at the package's import, since
