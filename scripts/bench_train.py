@@ -23,6 +23,7 @@ keeps what it measured). ``--budget`` seconds: no new variant starts after it.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -323,6 +324,8 @@ def main(argv=None):
     meta["compile"] = "eager" if not args.compile else f"torch.compile of the {args.compile_scope}"
     if args.compile and args.compile_mode != "default":
         meta["compile"] += f", mode={args.compile_mode}"
+    if args.compile and os.environ.get("SPARSE_ATTENTION_INLINE_LAUNCHES", "0") == "1":
+        meta["compile"] += ", our kernel launches in the graph (SPARSE_ATTENTION_INLINE_LAUNCHES=1)"
     meta["model"] = (
         f"{args.n_layer} layers, d_model {args.d_model}, {args.n_head} heads, batch {args.batch}, byte vocabulary"
     )
