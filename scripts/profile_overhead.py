@@ -134,7 +134,7 @@ def main(argv=None):
         callables[f"{mode}/public"] = (pub, pq, pk, pv, pdo)
         if a.compiled:
             # compiled (default mode) public call: the opaque ops, then the ops as kernel launches
-            # that Inductor emits (SPARSE_ATTENTION_INLINE_LAUNCHES, read when a call is traced);
+            # that Inductor emits (SPARSE_ATTENTION_INLINE_LAUNCHES, read as Dynamo traces a call);
             # two functions, so that each has its own compiled graphs
             for inline, comp in (("0", compiled_op), ("1", compiled_launches)):
                 name = f"{mode}/compiled-" + ("launches" if inline == "1" else "op")
