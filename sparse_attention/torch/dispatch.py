@@ -347,13 +347,14 @@ class AttentionOp:
         launches in the graph: the fused engine on built-in layouts, which need no device tables
         (not packed documents, whose tables are made on the host per batch; not custom layouts).
 
-        Opt-in for now, with ``SPARSE_ATTENTION_INLINE_LAUNCHES=1``: it passed
-        ``tests/test_kernels_gpu.py::test_compiled_ops_become_kernel_launches`` on an H100 and cut
-        a compiled training step by 18%, but the whole GPU suite has not run with it, and under
-        Inductor a tile config too big for the device cannot shrink and retry as the eager
-        launcher does. By default the ops stay opaque (the same kernels, launched by the op's
-        Python at run time), and always under Triton's CPU interpreter (tests), whose kernels
-        Inductor cannot emit."""
+        Opt-in for now, with ``SPARSE_ATTENTION_INLINE_LAUNCHES=1``, read here as Dynamo traces
+        the call. With it on, the compiled GPU tests passed on an H100, and each launch's tile
+        config is loaded on the device at trace time (``launch._Kernel._fit_traced``); but this
+        decision's move into the traced graph has not run on a GPU yet, and the one A/B (a
+        compiled training step 18% faster) ran where the compiler's caches may have served both
+        sides. By default the ops stay opaque (the same kernels, launched by the op's Python at
+        run time), and always under Triton's CPU interpreter (tests), whose kernels Inductor
+        cannot emit."""
         if self.n_tensors or index != 0 or os.environ.get("SPARSE_ATTENTION_INLINE_LAUNCHES", "0") != "1":
             return False
         from .kernels.launch import closed_form, interpreting
