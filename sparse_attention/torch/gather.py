@@ -182,34 +182,35 @@ class _Chunk:
         return self.cols.shape[1] + (0 if self.shared is None else len(self.shared))
 
     def scores(self, qc, kf, scale):
-        """Masked scores ``[B, h, n, b, n_keys * b]`` (shared blocks first) and the gathered keys."""
-        B, h, n, b, d = qc.shape
-        keys = _gather_chunk(self, kf, B, h, d)
-        s = _times_t(qc, keys).mul_(scale)
-        nsh = 0 if self.shared is None else len(self.shared) * b
-        self.apply_mask(s[..., nsh:])
-        return s, keys
+        """Masked scores in two parts, ``(shared [B, h, n, b, nsh * b] or None, rest [B, h, n, b,
+        maxc * b])`` (kept apart: a concatenation would copy them), and the gathered keys."""
+        keys = _gather_chunk(self, kf, qc.shape[0], qc.shape[1], qc.shape[-1])
+        sh, rest = _times_t(qc, keys)
+        if sh is not None:
+            sh.mul_(scale)
+        self.apply_mask(rest.mul_(scale))
+        return (sh, rest), keys
 
     def times(self, p, parts):
-        """``p [B, h, n, b, n_keys * b] @`` the gathered blocks ``parts`` -> ``[B, h, n, b, d]``."""
-        shared, rest = parts
+        """``p`` (scores' two parts) ``@`` the gathered blocks ``parts`` -> ``[B, h, n, b, d]``."""
+        (p_sh, p_rest), (shared, rest) = p, parts
+        out = torch.matmul(p_rest, rest)
         if shared is None:
-            return torch.matmul(p, rest)
-        B, h, n, b, _ = p.shape
-        nsh = shared.shape[2]
-        out = torch.matmul(p[..., nsh:], rest)
-        return out.add_(torch.matmul(p[..., :nsh].reshape(B, h, n * b, nsh), shared).view_as(out))
+            return out
+        B, h, n, b, nsh = p_sh.shape
+        return out.add_(torch.matmul(p_sh.reshape(B, h, n * b, nsh), shared).view_as(out))
 
     def scatter_add(self, acc, g, x):
-        """Add ``g^T @ x`` (``g [B, h, n, b, n_keys * b]``, ``x [B, h, n, b, d]``) into the key
-        blocks ``acc [B * h, nb, b * d]``. Padding slots carry g = 0 and add nothing."""
+        """Add ``g^T @ x`` (``g``: scores' two parts, ``x [B, h, n, b, d]``) into the key blocks
+        ``acc [B * h, nb, b * d]``. Padding slots carry g = 0 and add nothing."""
+        g_sh, g_rest = g
         B, h, n, b, d = x.shape
         maxc = self.cols.shape[1]
-        nsh = 0 if self.shared is None else len(self.shared) * b
-        rest = torch.matmul(g[..., nsh:].transpose(-1, -2), x).reshape(B * h, n * maxc, b * d)
+        rest = torch.matmul(g_rest.transpose(-1, -2), x).reshape(B * h, n * maxc, b * d)
         acc.index_add_(1, self.cols.reshape(-1), rest)
-        if nsh:
-            sh = torch.matmul(g[..., :nsh].reshape(B, h, n * b, nsh).transpose(-1, -2), x.reshape(B, h, n * b, d))
+        if g_sh is not None:
+            nsh = g_sh.shape[-1]
+            sh = torch.matmul(g_sh.reshape(B, h, n * b, nsh).transpose(-1, -2), x.reshape(B, h, n * b, d))
             acc.index_add_(1, self.shared, sh.reshape(B * h, nsh // b, b * d))
 
     def _masks(self, layout, pattern, pr, ps, cols, entries):
@@ -255,11 +256,11 @@ def _pattern_forward(q, k, v, layout: Layout, pattern: int):
     out = torch.empty(B, h, nb, b, d, dtype=cd, device=q.device)
     lse = torch.empty(B, h, nb, b, dtype=cd, device=q.device)
     for c in chunks:
-        s, _ = c.scores(qb[:, :, c.r0 : c.r1], kf, scale)  # [B, h, n, b, n_keys * b]
-        m = s.amax(dim=-1, keepdim=True)
+        s, _ = c.scores(qb[:, :, c.r0 : c.r1], kf, scale)  # two parts of [B, h, n, b, n_keys * b]
+        m = _parts(torch.amax, s, dim=-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        p = torch.exp_(s.sub_(m))
-        den = p.sum(dim=-1, keepdim=True)
+        p = tuple(None if x is None else torch.exp_(x.sub_(m)) for x in s)
+        den = _parts(torch.sum, p, dim=-1, keepdim=True)
         pv = c.times(p, _gather_chunk(c, vf, B, h, d))
         out[:, :, c.r0 : c.r1] = pv / torch.where(den > 0, den, torch.ones_like(den))
         # An empty row keeps lse = +inf, so that exp(s - lse) = 0 in the backward pass.
@@ -285,11 +286,12 @@ def _pattern_backward(do, q, k, v, out, lse, layout: Layout, pattern: int):
     for c in chunks:
         qc = qb[:, :, c.r0 : c.r1]  # [B, h, n, b, d]
         s, keys = c.scores(qc, kf, scale)
-        p = torch.exp_(s.sub_(lse[:, :, c.r0 : c.r1, :, None]))  # [B, h, n, b, n_keys * b]
+        rows = lse[:, :, c.r0 : c.r1, :, None]
+        p = tuple(None if x is None else torch.exp_(x.sub_(rows)) for x in s)  # two parts
         doc = dob[:, :, c.r0 : c.r1]  # [B, h, n, b, d]
         vals = _gather_chunk(c, vf, B, h, d)
         dp = _times_t(doc, vals)
-        ds = dp.sub_(delta[:, :, c.r0 : c.r1]).mul_(p).mul_(scale)
+        ds = tuple(None if x is None else x.sub_(delta[:, :, c.r0 : c.r1]).mul_(y).mul_(scale) for x, y in zip(dp, p))
         dq[:, :, c.r0 : c.r1] = c.times(ds, keys)
         c.scatter_add(dk, ds, qc)
         c.scatter_add(dv, p, doc)
@@ -317,11 +319,21 @@ def _gather_chunk(c: _Chunk, xf, B, h, d):
 
 
 def _times_t(x, parts):
-    """``x [B, h, n, b, d] @`` the gathered blocks transposed -> ``[B, h, n, b, n_keys * b]``."""
+    """``x [B, h, n, b, d] @`` the gathered blocks transposed: ``(shared [B, h, n, b, nsh * b] or
+    None, rest [B, h, n, b, maxc * b])``, the two parts of ``[B, h, n, b, n_keys * b]``."""
     shared, rest = parts
     out = torch.matmul(x, rest.transpose(-1, -2))
     if shared is None:
-        return out
+        return None, out
     B, h, n, b, d = x.shape
-    sh = torch.matmul(x.reshape(B, h, n * b, d), shared.transpose(-1, -2)).view(B, h, n, b, -1)
-    return torch.cat([sh, out], dim=-1)
+    return torch.matmul(x.reshape(B, h, n * b, d), shared.transpose(-1, -2)).view(B, h, n, b, -1), out
+
+
+def _parts(reduce, parts, **kw):
+    """``reduce`` (``torch.amax`` or ``torch.sum``) over the last dim of scores in two parts."""
+    sh, rest = parts
+    r = reduce(rest, **kw)
+    if sh is None:
+        return r
+    other = reduce(sh, **kw)
+    return torch.maximum(r, other) if reduce is torch.amax else r.add_(other)
