@@ -226,6 +226,35 @@ def test_traced_launch_records_a_config_that_loads(fake_jit, monkeypatch):
         assert (args["BM"], args["BN"]) == loads[-1][:2]
 
 
+def test_a_refused_launch_shrinks_and_retries(fake_jit, monkeypatch):
+    """Eagerly, a launch that Triton refuses (``OutOfResources``: tiles too big for the device)
+    retries with the next smaller config and keeps it; where nothing smaller is left, the
+    refusal reaches the caller."""
+    refuse = {"area": 32 * 16}
+    real_getitem = _FakeJIT.__getitem__
+
+    def getitem(self, grid):
+        launch_ = real_getitem(self, grid)
+
+        def checked(*args, num_warps, num_stages, **kw):
+            if kw["BM"] * kw["BN"] > refuse["area"] or num_stages > 1:
+                raise triton.runtime.errors.OutOfResources(1 << 20, 1 << 17, "shared memory")
+            return launch_(*args, num_warps=num_warps, num_stages=num_stages, **kw)
+
+        return checked
+
+    monkeypatch.setattr(_FakeJIT, "__getitem__", getitem)
+    lay = make_layout(64, 2, "local", blocksize=16, local_attn_ctx=32)
+    q, k, v, _ = _inputs()
+    launch.forward(q, k, v, lay)
+    kw = launch.plan(lay, q).fwd.kw
+    assert kw["BM"] * kw["BN"] <= 32 * 16 and kw["num_stages"] == 1 and len(fake_jit) == 1
+    refuse["area"] = 0  # nothing fits: Triton's error, not a silent skip
+    launch.plan(lay, q).fwd.bound.clear()
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        launch.forward(q, k, v, lay)
+
+
 def test_traced_launch_survives_a_loader_that_fails(fake_jit, monkeypatch):
     """Where the trace-time check itself cannot run (any error but ``OutOfResources``), the launch
     is recorded with its config as before, with a warning that names the kernel."""

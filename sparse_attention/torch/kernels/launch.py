@@ -349,17 +349,22 @@ class _Kernel:
                     args = _per_tile(raw, kw)
                 compiled = self.kernel[grid_of(kw["BM"], kw["BN"])](*args, **kw, **extra, TAIL=tail)
                 break
-            except triton.runtime.errors.OutOfResources:
-                smaller = shrink(kw, self.fixed_tiles)
-                if smaller is None:
-                    raise
-                self.kw = smaller
-                self.bound.clear()
+            except triton.runtime.errors.OutOfResources as e:
+                self._shrink(e)
         if key is not None and len(self.bound) < MAX_BOUND and hasattr(compiled, "run"):
             merged = {**kw, **extra, "TAIL": tail}
             names = self.kernel.arg_names[len(args) :]
             if all(name in merged for name in names):  # else a default we do not know: keep the JIT
                 self.bound[key] = (compiled, tuple(merged[name] for name in names))
+
+    def _shrink(self, refused: Exception) -> None:
+        """Take the next smaller config (:func:`shrink`) after Triton ``refused`` this one (too
+        big for the device), forgetting the pre-bound launches; re-raise where none is left."""
+        smaller = shrink(self.kw, self.fixed_tiles)
+        if smaller is None:
+            raise refused
+        self.kw = smaller
+        self.bound.clear()
 
     def _fit_traced(self, args: tuple, extra: dict, time: int) -> dict:
         """The config a traced launch records: Inductor compiles and launches it later, where a
@@ -376,12 +381,8 @@ class _Kernel:
             kw = self.kw
             try:
                 load(self.kernel, q.device, values, {**kw, **extra, "TAIL": _tail(kw, time)})
-            except triton.runtime.errors.OutOfResources:
-                smaller = shrink(kw, self.fixed_tiles)
-                if smaller is None:
-                    raise
-                self.kw = smaller
-                self.bound.clear()
+            except triton.runtime.errors.OutOfResources as e:
+                self._shrink(e)
                 key = (_tail(self.kw, time), *key[1:])
                 continue
             except Exception as e:  # noqa: BLE001 - the check could not run: Inductor compiles as before
