@@ -39,6 +39,7 @@ from sparse_attention.utils.benchmark import (
     autocast,
     call_ms,
     environment,
+    median,
     script_parser,
     torch_dtype,
 )
@@ -170,13 +171,15 @@ def time_variant(variant: str, time_: int, args, device) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     compile_s = time.perf_counter() - t0
-    times = sorted(call_ms(step, args.iters, device))  # CUDA events per iteration (perf_counter off the GPU)
+    host = []
+    times = sorted(call_ms(step, args.iters, device, host))  # CUDA events per iteration (perf_counter off the GPU)
     out = {
         "variant": variant,
         "context": time_,
         "ms_median": times[len(times) // 2],
         "ms_min": times[0],
         "ms_max": times[-1],
+        "host_ms_median": median(host),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
         "warmup_s": compile_s,
         "loss": float(losses[-1]),
@@ -246,10 +249,12 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
         f"`{meta['commit'][:10]}`; `{meta['command']}`",
         "",
         f"Median ms per iteration (forward + backward + AdamW, {meta.get('dtype', 'bf16')} autocast, "
-        f"{meta.get('compile', 'torch.compile')}), speed-up over `sdpa:dense`, peak memory.",
+        f"{meta.get('compile', 'torch.compile')}), speed-up over `sdpa:dense`, peak memory; *host*: the "
+        "median host ms until a step returns, from an idle GPU (a step whose host ms is close to its ms "
+        "is host-bound: the GPU waits for the launches).",
         "",
-        "| variant | " + " | ".join(f"T={t} ms | x dense | GiB" for t in contexts) + " |",
-        "| --- |" + " ---: | ---: | ---: |" * len(contexts),
+        "| variant | " + " | ".join(f"T={t} ms | host | x dense | GiB" for t in contexts) + " |",
+        "| --- |" + " ---: | ---: | ---: | ---: |" * len(contexts),
     ]
     for v in variants:
         cells = []
@@ -257,12 +262,13 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
             r = by.get((v, t))
             dense = by.get(("sdpa:dense", t))
             if r is None:
-                cells += ["-", "-", "-"]
+                cells += ["-", "-", "-", "-"]
             elif "error" in r:
-                cells += ["failed", "-", "-"]
+                cells += ["failed", "-", "-", "-"]
             else:
                 sp = f"{dense['ms_median'] / r['ms_median']:.2f}" if dense and "ms_median" in dense else "-"
-                cells += [f"{r['ms_median']:.1f}", sp, f"{r['peak_mem_gib']:.1f}"]
+                host = f"{r['host_ms_median']:.1f}" if "host_ms_median" in r else "-"  # older runs' json: none
+                cells += [f"{r['ms_median']:.1f}", host, sp, f"{r['peak_mem_gib']:.1f}"]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     notes = [f"- {r['variant']} T={r['context']}: {r['error']}" for r in rows if "error" in r]
     paths = {r["variant"]: r["paths"] for r in rows if r.get("paths")}
@@ -360,7 +366,8 @@ def main(argv=None):
             print(
                 f"T={t:6d} {v:28s} "
                 + (
-                    f"{r['ms_median']:8.2f} ms  {r['peak_mem_gib']:5.1f} GiB  (warm-up {r['warmup_s']:.0f} s)"
+                    f"{r['ms_median']:8.2f} ms  host {r['host_ms_median']:6.2f} ms  {r['peak_mem_gib']:5.1f} GiB  "
+                    f"(warm-up {r['warmup_s']:.0f} s)"
                     if "ms_median" in r
                     else r["error"]
                 ),

@@ -327,6 +327,8 @@ def test_timers_and_environment_on_the_cpu(monkeypatch):
     assert timeit(lambda: calls.append(1), budget_s=0.01, max_reps=5, device="cpu") >= 0
     assert 4 <= len(calls) <= 7  # a warm-up, an estimate, 3 to 5 timed calls
     assert len(call_ms(lambda: None, 4, "cpu")) == 4
+    host = []
+    assert call_ms(lambda: time.sleep(0.002), 2, "cpu", host) == host and min(host) >= 2  # off the GPU: the same
     # the arithmetic, on given /proc readings (the kernel's resident-memory counters are
     # approximate under concurrent threads, so a real allocation makes a flaky assertion)
     from sparse_attention.utils import benchmark
@@ -354,6 +356,7 @@ def test_bench_train_smoke_on_the_cpu(tmp_path):
     rows = json.loads((tmp_path / "a" / "results.json").read_text())["results"]
     assert [r["variant"] for r in rows] == ["sdpa:dense", "ours:strided-merged"]
     assert all(r["ms_median"] > 0 and r["check_rel_err"] < 2e-2 for r in rows[1:])
+    assert all(r["host_ms_median"] > 0 for r in rows)
     assert rows[1]["paths"] == [
         "merged local|strided (two passes): gather (tensors are on cpu; the fused kernels need CUDA)"
     ]

@@ -241,9 +241,12 @@ def synchronize(device="cuda") -> None:
         torch.cuda.synchronize(device)
 
 
-def call_ms(fn, reps: int = 1, device="cuda") -> list[float]:
+def call_ms(fn, reps: int = 1, device="cuda", host: list | None = None) -> list[float]:
     """Milliseconds of each of ``reps`` calls of ``fn``, synchronised after each: CUDA events
-    around the call on a GPU, ``perf_counter`` elsewhere."""
+    around the call on a GPU, ``perf_counter`` elsewhere. ``host``: a list that receives each
+    call's host milliseconds (until ``fn`` returns, the GPU idle at its start, so nothing waits
+    for it unless ``fn`` synchronises): where it is close to the call's time, the call is
+    host-bound."""
     out = []
     if is_cuda(device):
         import torch
@@ -251,15 +254,21 @@ def call_ms(fn, reps: int = 1, device="cuda") -> list[float]:
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         for _ in range(reps):
             s.record()
+            t = time.perf_counter()
             fn()
+            t = time.perf_counter() - t
             e.record()
             torch.cuda.synchronize(device)
             out.append(s.elapsed_time(e))
+            if host is not None:
+                host.append(t * 1e3)
         return out
     for _ in range(reps):
         t = time.perf_counter()
         fn()
         out.append((time.perf_counter() - t) * 1e3)
+        if host is not None:
+            host.append(out[-1])
     return out
 
 
