@@ -16,6 +16,7 @@ for s in ${STEPS:-bigdim suite profile}; do
     sweep) step sweep ${SWEEP_S:-300} $PYTEST tests/test_kernels_gpu.py -k "sweep and not (D160 or D192 or D256)";;
     suite) step suite ${SUITE_S:-300} $PYTEST tests/test_kernels.py tests/test_kernels_split.py tests/test_kernels_gpu.py tests/test_ops.py tests/test_merged.py tests/test_kernel_bounds.py tests/test_model_gpu.py -k "not sweep";;
     profile) timeout ${PROFILE_S:-150} python3 scripts/profile_overhead.py --out "$OUT/profile.json" $PROFILE_ARGS > "$OUT/profile.log" 2>&1; echo "== profile rc=$?"; grep -v "^ " "$OUT/profile.log" | tail -n 30;;
+    ops) timeout ${OPS_S:-120} python3 scripts/profile_overhead.py --ops --out "$OUT/ops.json" $OPS_ARGS > "$OUT/ops.log" 2>&1; echo "== ops rc=$?"; grep -A12 "^host us per op" "$OUT/ops.log";;
     decode) step decode ${DECODE_S:-240} $PYTEST tests/test_decode.py tests/test_model_gpu.py;;
     generate) timeout ${GENERATE_S:-420} python3 scripts/bench_generate.py --out "$OUT/generate" --budget ${GENERATE_BUDGET:-300} $GENERATE_ARGS > "$OUT/generate.log" 2>&1; echo "== generate rc=$?"; tail -n 45 "$OUT/generate.log";;
     fixes) step fixes ${FIXES_S:-120} $PYTEST tests/test_ops.py tests/test_kernels_gpu.py -k "compile or graphs";;

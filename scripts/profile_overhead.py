@@ -15,13 +15,17 @@ for FlexAttention ``local`` as the peer; with ``--compiled`` also the public cal
 ``torch.compile`` (default mode), once with the opaque ops and once with the ops as kernel
 launches that Inductor emits (``SPARSE_ATTENTION_INLINE_LAUNCHES=1``). ``calibrate`` first
 times plain PyTorch calls on the machine (an allocation, a tiny kernel, a tiny autograd
-backward) and our forward launcher.
+backward) and our forward launcher. With ``--ops``, only the ops as a compiled graph with opaque
+ops calls them, against PyTorch's flash and cuDNN SDPA ops, and a ``cProfile`` of our backward
+op (a compiled model step's host time in attention; :func:`op_calls`).
 
     python scripts/profile_overhead.py --out results.json
+    python scripts/profile_overhead.py --ops --out ops.json
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -88,6 +92,78 @@ def calibrate(res, args):
     res["calibration"] = cal
 
 
+def op_calls(res, a, out_prefix=None):
+    """Host microseconds of the attention ops as a compiled graph with opaque ops calls them
+    (``torch.ops.sparse_attention.attn_fwd`` / ``attn_bwd`` on ``[B, H, T, D]``), against
+    PyTorch's flash and cuDNN SDPA ops called the same way (forward, then backward from the
+    forward's outputs), interleaved; then ``cProfile`` of our backward op's Python per mode
+    (printed, and written next to ``--out``): where a compiled step's host time in attention
+    goes."""
+    import cProfile
+    import io
+    import pstats
+
+    from sparse_attention.torch.dispatch import attention_op, layout_spec
+
+    B, H, T, D = a.batch, a.n_head, a.n_ctx, a.head_dim
+    dt = torch_dtype(a.dtype)
+    q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dt) for _ in range(4))
+    aten = torch.ops.aten
+    flash, cudnn = aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_cudnn_attention
+    peers = {  # name: (forward, backward from the forward's outputs), as AOTAutograd's graphs call them
+        "flash": (
+            lambda: flash.default(q, k, v, 0.0, True),
+            lambda r: aten._scaled_dot_product_flash_attention_backward.default(
+                do, q, k, v, r[0], r[1], r[2], r[3], r[4], r[5], 0.0, True, r[6], r[7]
+            ),
+        ),
+        "cudnn": (
+            lambda: cudnn.default(q, k, v, None, True, 0.0, True),
+            lambda r: aten._scaled_dot_product_cudnn_attention_backward.default(
+                do, q, k, v, r[0], r[1], r[6], r[7], None, r[2], r[3], r[4], r[5], 0.0, True
+            ),
+        ),
+    }
+    calls = {}
+    for name, (fwd, bwd) in peers.items():
+        try:
+            r = fwd()
+            bwd(r)
+        except Exception as e:  # noqa: BLE001 - a peer this device or build lacks
+            print(f"{name} ops skipped: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            continue
+        calls[f"{name}/fwd"], calls[f"{name}/bwd"] = fwd, functools.partial(bwd, r)
+    fwd_op, bwd_op = attention_op.fwd_op, attention_op.bwd_op
+    bwds = {}
+    for mode in a.modes:
+        key = layout_spec(preset(mode, blocksize=a.blocksize).layout(T, H))
+        o, lse = fwd_op(q, k, v, key, 0)
+        calls[f"{mode}/fwd"] = lambda key=key: fwd_op(q, k, v, key, 0)
+        calls[f"{mode}/bwd"] = bwds[mode] = lambda key=key, o=o, lse=lse: bwd_op(do, q, k, v, o, lse, key, 0)
+    for f in calls.values():
+        f()
+    torch.cuda.synchronize()
+    ops = host_us_interleaved(calls, reps=a.host_reps)
+    print("\nhost us per op call, as a compiled graph calls the ops (interleaved medians):", flush=True)
+    for name, us in ops.items():
+        print(f"  {name:20s} {us:8.1f}", flush=True)
+    res["op_host_us"] = ops
+    for mode, f in bwds.items():
+        prof = cProfile.Profile()
+        torch.cuda.synchronize()
+        prof.enable()
+        for _ in range(100):
+            f()
+        prof.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        print(f"\ncProfile, 100 calls of the {mode} backward op:\n{text.getvalue()}", flush=True)
+        if out_prefix:
+            with open(f"{out_prefix}-cprofile-{mode}-bwd.txt", "w") as fh:
+                fh.write(text.getvalue())
+
+
 @torch.compile(fullgraph=True, dynamic=False)
 def compiled_op(q, k, v, heads, kw):
     return blocksparse_attention_impl(q, k, v, heads, **kw)
@@ -110,6 +186,12 @@ def main(argv=None):
         action="store_true",
         help="also the public call under torch.compile: opaque ops, and ops as kernel launches (Inductor's)",
     )
+    ap.add_argument(
+        "--ops",
+        action="store_true",
+        help="only the host time of the ops as a compiled graph calls them (ours against the flash and "
+        "cuDNN SDPA ops), and cProfile of our backward op",
+    )
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_overhead.py needs a CUDA GPU")
@@ -120,6 +202,12 @@ def main(argv=None):
 
     res, callables = {}, {}
     calibrate(res, a)
+    if a.ops:
+        op_calls(res, a, a.out and os.path.splitext(a.out)[0])
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(dict(meta=environment("cuda", argv, __file__), results=res), f, indent=1)
+        return
     for mode in a.modes:
         lay = preset(mode, blocksize=a.blocksize).layout(T, H)
         q, k, v, do = inputs()
