@@ -348,13 +348,13 @@ class AttentionOp:
         (not packed documents, whose tables are made on the host per batch; not custom layouts).
 
         Opt-in for now, with ``SPARSE_ATTENTION_INLINE_LAUNCHES=1``, read here as Dynamo traces
-        the call. With it on, the compiled GPU tests passed on an H100, and each launch's tile
-        config is loaded on the device at trace time (``launch._Kernel._fit_traced``); but this
-        decision's move into the traced graph has not run on a GPU yet, and the one A/B (a
-        compiled training step 18% faster) ran where the compiler's caches may have served both
-        sides. By default the ops stay opaque (the same kernels, launched by the op's Python at
-        run time), and always under Triton's CPU interpreter (tests), whose kernels Inductor
-        cannot emit."""
+        the call. With it on, the compiled GPU tests pass on an H100 (this choice in the graph
+        included), and each launch's tile config is loaded on the device at trace time
+        (``launch._Kernel._fit_traced``); but no clean A/B has measured it faster (a compiled
+        training step moved by -13% to +3% on a fresh machine, within the run-to-run noise of
+        that host-bound step). By default the ops stay opaque (the same kernels, launched by the
+        op's Python at run time), and always under Triton's CPU interpreter (tests), whose
+        kernels Inductor cannot emit."""
         if self.n_tensors or index != 0 or os.environ.get("SPARSE_ATTENTION_INLINE_LAUNCHES", "0") != "1":
             return False
         from .kernels.launch import closed_form, interpreting
