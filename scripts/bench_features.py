@@ -2,10 +2,12 @@
 run (grouped-query heads: ``scripts/bench_gqa.py``).
 
 * ``packed``: ``time`` tokens in one sequence as documents (``cu_seqlens``): one document, equal
-  documents of ``--doc-len`` tokens, two unequal ones (3/4 + 1/4) and a long-tailed mix; against the same tokens without
-  boundaries (``[1, time]``), the equal documents as a batch (``[time / doc_len, doc_len]``), and
-  Flex under the pattern composed with the document mask. The public call runs equal documents
-  as a batch and mixed lengths of ``all``/``local``/``fixed`` on the document-aware kernels;
+  documents of ``--doc-len`` tokens, two unequal ones (3/4 + 1/4) and a long-tailed mix; against the same tokens
+  without boundaries (``[1, time]``), the equal documents as a batch (``[time / doc_len, doc_len]``), and
+  Flex under the pattern composed with the document mask; and ``[1, time - 1]`` (every launch
+  masks a tail tile, as documents whose lengths the tiles do not divide do; not ``strided``).
+  The public call runs equal documents as a batch and mixed lengths of ``all``/``local``/``fixed``
+  on the document-aware kernels;
   ``packed layout``: the same documents as a packed layout (``attn_mode=packed_layout(...)``, the
   kernels' table-driven path), and ``layout_ms`` the host time to build it (once per batch of
   documents). ``new documents``: what a training step sees, a forward+backward with another
@@ -175,6 +177,17 @@ def run(args) -> list[dict]:
             xs = q, k, v, do = tuple(rand(1, T, H * D) for _ in range(4))
             base = fwd_fb_ms(lambda a, b, c, kw=kw: sa.blocksparse_attention_impl(a, b, c, H, **kw), q, k, v, do, dev)
             _log(t0, mode, "unpacked", base)
+            # the same call on T - 1 tokens: every launch masks its tail tile (TAIL), as packed
+            # documents whose lengths the tiles do not divide do; against base, what the masks
+            # cost (not strided, whose time is a multiple of its stride l)
+            tail = None
+            if mode != "strided":
+                tail = fwd_fb_ms(
+                    lambda a, b, c, kw=kw: sa.blocksparse_attention_impl(a, b, c, H, **kw),
+                    *(x[:, : T - 1] for x in xs),
+                    dev,
+                )
+                _log(t0, mode, "unpacked, T - 1 tokens", tail)
             peer = None if args.no_flex else FlexPeer(kw, H, T, dev, documents=True)
             for name, lens in mixes.items():
                 cu = np.concatenate([[0], np.cumsum(lens)]).tolist()
@@ -182,6 +195,8 @@ def run(args) -> list[dict]:
                 lay = packed_layout(cu, H, **kw)
                 layout_ms = (_time.perf_counter() - t1) * 1e3
                 res = {"unpacked [1, T]": base, "layout_ms": layout_ms}
+                if tail is not None:
+                    res["unpacked [1, T - 1]"] = tail
                 res["packed"] = fwd_fb_ms(
                     lambda a, b, c, cu=cu, kw=kw: sa.blocksparse_attention_impl(a, b, c, H, cu_seqlens=cu, **kw),
                     *xs,
@@ -266,8 +281,8 @@ def table(rows: list[dict]) -> str:
         lines += [
             "| mode | documents | packed | packed, the kernels' other way | packed layout | unpacked [1, T] | "
             "batch of documents | Flex + document mask | packed / unpacked | other way / packed | "
-            "packed layout / packed | Flex / packed | layout build ms |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "packed layout / packed | Flex / packed | layout build ms | unpacked T - 1 / T (tail masks) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in packed:
             r = row["results"]
@@ -277,7 +292,8 @@ def table(rows: list[dict]) -> str:
                 f"{_pair(r, 'packed layout')} | {_pair(r, 'unpacked [1, T]')} | "
                 f"{_pair(r, 'batch of documents')} | {_pair(r, 'flex')} | {_ratio(r, 'packed', 'unpacked [1, T]')} | "
                 f"{_ratio(r, other, 'packed')} | {_ratio(r, 'packed layout', 'packed')} | "
-                f"{_ratio(r, 'flex', 'packed')} | {r['layout_ms']:.0f} |"
+                f"{_ratio(r, 'flex', 'packed')} | {r['layout_ms']:.0f} | "
+                f"{_ratio(r, 'unpacked [1, T - 1]', 'unpacked [1, T]')} |"
             )
         lines.append("")
     fresh = [r for r in rows if r["section"] == "new documents"]

@@ -466,3 +466,5 @@ def test_bench_features_smoke_on_the_cpu(tmp_path):
             if isinstance(v, dict):
                 assert v.get("fwd_ms", 0) > 0 and v.get("fb_ms", 0) > 0, (name, v)
     assert "| fixed | long-tailed |" in (tmp_path / "features.md").read_text()
+    tails = {r["mode"] for r in rows if "unpacked [1, T - 1]" in r["results"]}
+    assert tails == {"all", "local", "fixed"}  # strided's time is a multiple of its stride
