@@ -1,24 +1,29 @@
-"""Compile the backward kernels of a source tree for sm_90 offline (no GPU needed) and write their
+"""Compile the forward and backward kernels of a source tree for sm_90 offline (no GPU needed) and write their
 PTX, to compare the code two trees generate when no device is at hand:
 
     PYTHONPATH=<tree> python scripts/ptx_compare.py OUT_PREFIX --mode fixed
 
-writes ``OUT_PREFIX_<kernel>_<i>.ptx`` for the dQ and dK/dV launches of ``launch.backward`` at
-16,384 tokens, 8 heads, head_dim 64, fp16 (the launches are captured, not run; the target presets'
-layouts). Compare two trees' files with ``diff`` after normalising register numbers.
+writes ``OUT_PREFIX_<kernel>_<i>.ptx`` for the launches of ``launch.forward`` and ``launch.backward`` at
+16,384 tokens (``--n-ctx``), 8 heads, head_dim 64, fp16 (the launches are captured, not run; the target presets'
+layouts). ``--against PREFIX`` then compares each file with the same kernel's file of another
+run (instructions only: registers, labels, line and debug records normalised away), e.g. before
+and after a change to the kernels' source that should compile to the same code.
 """
 
 from __future__ import annotations
 
+import collections
 import os
+import re
 
 from sparse_attention.utils.benchmark import script_parser
 
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int32": "i32", "int64": "i64", "int8": "i8"}
 
 
-def capture(mode: str) -> list:
-    """``[(kernel, args, constexprs)]`` of ``launch.backward`` for ``mode``'s target preset."""
+def capture(mode: str, time: int = 16384) -> list:
+    """``[(kernel, args, constexprs)]`` of ``launch.forward`` and ``launch.backward`` for ``mode``'s
+    target preset."""
     import torch
 
     import sparse_attention as sa
@@ -37,9 +42,10 @@ def capture(mode: str) -> list:
 
     L._Kernel.run = fake_run
     L.shared_memory_limit = lambda device: 232448  # the H100's / H200's
-    lay = sa.make_layout(16384, 8, **preset(mode).kwargs())
-    q = torch.randn(1, 8, 16384, 64, dtype=torch.float16)
-    L.backward(q, q, q, q, torch.empty_like(q), torch.empty(1, 8, 16384), lay)
+    lay = sa.make_layout(time, 8, **preset(mode).kwargs())
+    q = torch.randn(1, 8, time, 64, dtype=torch.float16)
+    L.forward(q, q, q, lay)
+    L.backward(q, q, q, q, torch.empty_like(q), torch.empty(1, 8, time), lay)
     return captured
 
 
@@ -68,18 +74,47 @@ def compile_ptx(kernel, args, kw) -> str:
     return triton_compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
 
 
+def instructions(ptx: str) -> list[str]:
+    """The instructions and directives of ``ptx`` without what a refactor moves: register
+    numbers, labels, line records and debug information."""
+    out = []
+    for line in ptx.splitlines():
+        s = line.strip()
+        if not s or s.startswith((".loc", ".file", "//", "$L__", ".section", ".b8")) or "// DW_AT" in s:
+            continue
+        if "Length of Unit" in s or "debug" in s:
+            continue
+        out.append(re.sub(r"\$L__\w+", "L", re.sub(r"%[a-z]+\d+", "%R", s)))
+    return out
+
+
+def compare(a: str, b: str) -> str:
+    """``identical``, or how the instruction mix of PTX ``b`` differs from ``a``'s."""
+    x, y = instructions(a), instructions(b)
+    if x == y:
+        return f"identical ({len(x)} lines)"
+    mix = collections.Counter(s.split()[0] for s in y)
+    mix.subtract(collections.Counter(s.split()[0] for s in x))
+    return f"differs ({len(x)} -> {len(y)} lines; opcode counts {dict((k, v) for k, v in mix.items() if v)})"
+
+
 def main(argv=None):
     ap = script_parser(__doc__)
     ap.add_argument("out", help="prefix of the PTX files to write")
     ap.add_argument("--mode", default="fixed", choices=["all", "local", "strided", "fixed"])
+    ap.add_argument("--against", help="prefix of an earlier run's files: compare each kernel's PTX with it")
+    ap.add_argument("--n-ctx", type=int, default=16384, help="tokens (one the tiles do not divide: the tail masks)")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter's
-    for i, (kernel, kargs, kw) in enumerate(capture(args.mode)):
+    for i, (kernel, kargs, kw) in enumerate(capture(args.mode, args.n_ctx)):
         ptx = compile_ptx(kernel, kargs, kw)
         path = f"{args.out}_{kernel.__name__}_{i}.ptx"
         with open(path, "w") as fh:
             fh.write(ptx)
         print(f"wrote {path} ({len(ptx)} characters)")
+        if args.against:
+            with open(f"{args.against}_{kernel.__name__}_{i}.ptx") as fh:
+                print(f"  against {args.against}: {compare(fh.read(), ptx)}")
 
 
 if __name__ == "__main__":

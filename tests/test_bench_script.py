@@ -397,6 +397,17 @@ def test_host_us_interleaved_takes_turns():
     assert {order[3 * r] for r in range(6)} == {"a", "b", "c"}
 
 
+def test_ptx_compare_ignores_registers_labels_and_debug_records():
+    """``ptx_compare.compare``: the same instructions under other register numbers, labels, line
+    records and debug information are identical; another instruction is a difference, by opcode."""
+    ptx = _load(ROOT / "scripts" / "ptx_compare.py")
+    a = ".loc 1 10 2\n$L__BB0_1:\n  add.s32 %r1, %r2, 1;\n  @%p1 bra $L__BB0_1;\n.b32 515 // Length of Unit\n"
+    b = ".loc 1 12 4\n$L__BB0_7:\n  add.s32 %r5, %r9, 1;\n  @%p3 bra $L__BB0_7;\n.b32 567 // Length of Unit\n"
+    assert ptx.compare(a, b).startswith("identical (2 lines)")
+    c = b.replace("add.s32 %r5, %r9, 1", "mul.lo.s32 %r5, %r9, 3")
+    assert ptx.compare(a, c).startswith("differs") and "'mul.lo.s32': 1, 'add.s32': -1" in ptx.compare(a, c)
+
+
 def test_bench_context_parallel_runs_on_two_cpu_processes(tmp_path):
     """scripts/bench_context_parallel.py under torchrun with gloo: every check passes, the
     throughput rows and the max-length rows are written."""

@@ -450,6 +450,75 @@ def _fwd_step(acc, l_i, m_i, q, k, v, ok, qk_scale, MASKED: tl.constexpr, DOT_PR
 
 
 @triton.jit
+def _key_tile(
+    k_base,
+    v_base,
+    skt,
+    svt,
+    n0,
+    T,
+    vlo,
+    offs_d,
+    BN: tl.constexpr,
+    MODE: tl.constexpr,
+    SUMMARY: tl.constexpr,
+    P1,
+    P1M,
+    P1S,
+    P1C: tl.constexpr,
+    P2: tl.constexpr,
+    VSB: tl.constexpr,
+    MASKED: tl.constexpr,
+    PAD_D: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    TAIL: tl.constexpr,
+    DOCS: tl.constexpr,
+):
+    """The key tile at block-order position ``n0`` of the forward's and dQ's key loops: ``(kpos,
+    k, v, rmask)``, k and v ``[BN, BLOCK_D]`` with the rows that hold no token (``rmask`` false)
+    read as 0 where they can occur."""
+    kpos = n0 + tl.arange(0, BN)
+    ktok = _tok(kpos, MODE, SUMMARY, P1, P1M, P1S, P1C, P2, VSB, vlo)
+    # rows past time: fixed's virtual summary keys of the last group, or the tail tile of a
+    # time that is not a multiple of the tile (TAIL; a position >= T has no token)
+    if SUMMARY:
+        rmask = ktok < T
+    else:
+        rmask = _valid(kpos, ktok, T, P1, P2, MODE, DOCS)
+    mrows: tl.constexpr = (MASKED and SUMMARY) or (TAIL and not SUMMARY)
+    k = _load_rows(k_base, ktok, skt, offs_d, rmask, mrows, PAD_D, HEAD_D)
+    v = _load_rows(v_base, ktok, svt, offs_d, rmask, mrows, PAD_D, HEAD_D)
+    return kpos, k, v, rmask
+
+
+@triton.jit
+def _pair_mask(
+    qpos,
+    kpos,
+    rmask,
+    MODE: tl.constexpr,
+    SUMMARY: tl.constexpr,
+    P1,
+    P1M,
+    P1S,
+    P1C: tl.constexpr,
+    VSB: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ds,
+    de,
+    DOCS: tl.constexpr,
+):
+    """``[BM, BN]``: which (query, key) pairs of a masked tile (:func:`_key_tile`) the pattern
+    allows, in the same document (``DOCS == 2``)."""
+    ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB, CAUSAL)
+    if not CAUSAL:  # keys past time (in causal patterns, later than every query)
+        ok = ok & rmask[None, :]
+    if DOCS == 2:
+        ok = _same_doc(ok, qpos[:, None], kpos[None, :], ds[:, None], de[:, None], CAUSAL)
+    return ok
+
+
+@triton.jit
 def _fwd_range(
     acc,
     l_i,
@@ -486,23 +555,12 @@ def _fwd_range(
     DOCS: tl.constexpr,
 ):
     for n0 in range(start, end, BN):
-        kpos = n0 + tl.arange(0, BN)
-        ktok = _tok(kpos, MODE, SUMMARY, P1, P1M, P1S, P1C, P2, VSB, vlo)
-        # rows past time: fixed's virtual summary keys of the last group, or the tail tile of a
-        # time that is not a multiple of the tile (TAIL; a position >= T has no token)
-        if SUMMARY:
-            rmask = ktok < T
-        else:
-            rmask = _valid(kpos, ktok, T, P1, P2, MODE, DOCS)
-        mrows: tl.constexpr = (MASKED and SUMMARY) or (TAIL and not SUMMARY)
-        k = _load_rows(k_base, ktok, skt, offs_d, rmask, mrows, PAD_D, HEAD_D)
-        v = _load_rows(v_base, ktok, svt, offs_d, rmask, mrows, PAD_D, HEAD_D)
+        kpos, k, v, rmask = _key_tile(
+            k_base, v_base, skt, svt, n0, T, vlo, offs_d, BN, MODE, SUMMARY, P1, P1M, P1S, P1C, P2, VSB, MASKED,
+            PAD_D, HEAD_D, TAIL, DOCS,
+        )  # fmt: skip
         if MASKED:
-            ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB, CAUSAL)
-            if not CAUSAL:  # keys past time (in causal patterns, later than every query)
-                ok = ok & rmask[None, :]
-            if DOCS == 2:
-                ok = _same_doc(ok, qpos[:, None], kpos[None, :], ds[:, None], de[:, None], CAUSAL)
+            ok = _pair_mask(qpos, kpos, rmask, MODE, SUMMARY, P1, P1M, P1S, P1C, VSB, CAUSAL, ds, de, DOCS)
         else:
             ok = None
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, ok, qk_scale, MASKED, DOT_PREC)
@@ -1108,23 +1166,12 @@ def _dq_range(
     DOCS: tl.constexpr,
 ):
     for n0 in range(start, end, BN):
-        kpos = n0 + tl.arange(0, BN)
-        ktok = _tok(kpos, MODE, SUMMARY, P1, P1M, P1S, P1C, P2, VSB, vlo)
-        # rows past time: fixed's virtual summary keys of the last group, or the tail tile of a
-        # time that is not a multiple of the tile (TAIL; a position >= T has no token)
-        if SUMMARY:
-            rmask = ktok < T
-        else:
-            rmask = _valid(kpos, ktok, T, P1, P2, MODE, DOCS)
-        mrows: tl.constexpr = (MASKED and SUMMARY) or (TAIL and not SUMMARY)
-        k = _load_rows(k_base, ktok, skt, offs_d, rmask, mrows, PAD_D, HEAD_D)
-        v = _load_rows(v_base, ktok, svt, offs_d, rmask, mrows, PAD_D, HEAD_D)
+        kpos, k, v, rmask = _key_tile(
+            k_base, v_base, skt, svt, n0, T, vlo, offs_d, BN, MODE, SUMMARY, P1, P1M, P1S, P1C, P2, VSB, MASKED,
+            PAD_D, HEAD_D, TAIL, DOCS,
+        )  # fmt: skip
         if MASKED:
-            ok = _allowed(qpos[:, None], kpos[None, :], MODE, SUMMARY, P1, P1M, P1S, P1C, VSB, CAUSAL)
-            if not CAUSAL:  # keys past time (in causal patterns, later than every query)
-                ok = ok & rmask[None, :]
-            if DOCS == 2:
-                ok = _same_doc(ok, qpos[:, None], kpos[None, :], ds[:, None], de[:, None], CAUSAL)
+            ok = _pair_mask(qpos, kpos, rmask, MODE, SUMMARY, P1, P1M, P1S, P1C, VSB, CAUSAL, ds, de, DOCS)
         else:
             ok = None
         dq = _dq_step(dq, q, do, k, v, lse, delta, ok, qk_scale, MASKED, DOT_PREC)
