@@ -21,9 +21,10 @@ from sparse_attention.utils.benchmark import script_parser
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int32": "i32", "int64": "i64", "int8": "i8"}
 
 
-def capture(mode: str, time: int = 16384) -> list:
+def capture(mode: str, time: int = 16384, documents: bool = False, doc_rows: bool = False, causal: bool = True):
     """``[(kernel, args, constexprs)]`` of ``launch.forward`` and ``launch.backward`` for ``mode``'s
-    target preset."""
+    target preset; ``documents``: the tokens packed as three documents of unequal lengths (with
+    ``doc_rows``, ``launch.DOC_ROWS``); ``causal=False``: the bidirectional pattern."""
     import torch
 
     import sparse_attention as sa
@@ -35,6 +36,7 @@ def capture(mode: str, time: int = 16384) -> list:
     def fake_run(self, grid_of, *args, **extra):
         kw = dict(self.kw)
         kw.update(extra)
+        args = L._per_tile(args, kw)  # documents' work lists, made for the tiles
         if "time" in kw:  # trees with tail tiles: the flag the launch would set
             T = kw.pop("time")
             kw["TAIL"] = bool(T % kw["BM"] or T % kw["BN"])
@@ -42,10 +44,25 @@ def capture(mode: str, time: int = 16384) -> list:
 
     L._Kernel.run = fake_run
     L.shared_memory_limit = lambda device: 232448  # the H100's / H200's
-    lay = sa.make_layout(time, 8, **preset(mode).kwargs())
+    if mode == "custom":  # a band of 3 blocks of 64 per row, causal inside the diagonal blocks
+        import numpy as np
+
+        nb = time // 64
+        band = np.tril(np.ones((nb, nb), dtype=int)) - np.tril(np.ones((nb, nb), dtype=int), -3)
+        lay = sa.layouts.custom_layout(
+            band, 64, lambda s, h, i, j, n: np.tril(np.ones(s, bool)) if i == j else np.ones(s, bool), heads=8
+        )
+    else:
+        lay = sa.make_layout(time, 8, **preset(mode).kwargs(), causal=causal)
+    L.DOC_ROWS = doc_rows
+    docs = None
+    if documents:
+        import numpy as np
+
+        docs = L.documents(np.array([0, time // 2 - 7, 3 * time // 4, time], dtype=np.int64), "cpu")
     q = torch.randn(1, 8, time, 64, dtype=torch.float16)
-    L.forward(q, q, q, lay)
-    L.backward(q, q, q, q, torch.empty_like(q), torch.empty(1, 8, time), lay)
+    L.forward(q, q, q, lay, docs)
+    L.backward(q, q, q, q, torch.empty_like(q), torch.empty(1, 8, time), lay, docs)
     return captured
 
 
@@ -101,12 +118,16 @@ def compare(a: str, b: str) -> str:
 def main(argv=None):
     ap = script_parser(__doc__)
     ap.add_argument("out", help="prefix of the PTX files to write")
-    ap.add_argument("--mode", default="fixed", choices=["all", "local", "strided", "fixed"])
+    ap.add_argument("--mode", default="fixed", choices=["all", "local", "strided", "fixed", "custom"])
     ap.add_argument("--against", help="prefix of an earlier run's files: compare each kernel's PTX with it")
+    ap.add_argument("--documents", action="store_true", help="the tokens as three packed documents")
+    ap.add_argument("--doc-rows", action="store_true", help="with --documents: launch.DOC_ROWS (all, local)")
+    ap.add_argument("--bidirectional", action="store_true", help="causal=False")
     ap.add_argument("--n-ctx", type=int, default=16384, help="tokens (one the tiles do not divide: the tail masks)")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter's
-    for i, (kernel, kargs, kw) in enumerate(capture(args.mode, args.n_ctx)):
+    launches = capture(args.mode, args.n_ctx, args.documents, args.doc_rows, not args.bidirectional)
+    for i, (kernel, kargs, kw) in enumerate(launches):
         ptx = compile_ptx(kernel, kargs, kw)
         path = f"{args.out}_{kernel.__name__}_{i}.ptx"
         with open(path, "w") as fh:
