@@ -519,6 +519,66 @@ def _pair_mask(
 
 
 @triton.jit
+def _custom_key_tile(
+    COLS,
+    MASK_IDX,
+    e,
+    k_base,
+    v_base,
+    skt,
+    svt,
+    PERM,
+    TN,
+    offs_d,
+    BN: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    TAIL: tl.constexpr,
+    PAD_D: tl.constexpr,
+    HEAD_D: tl.constexpr,
+):
+    """Entry ``e`` of a custom layout's block row: ``(k, v, mi)``, its key block's k and v
+    ``[BN, BLOCK_D]`` and the index of its in-block mask (-1: a full block)."""
+    c = tl.load(COLS + e)
+    mi = tl.load(MASK_IDX + e)
+    kp = c * BN + tl.arange(0, BN)
+    ktok = _custom_tok(kp, PERM, TN, HAS_PERM)
+    # the layout's masks keep keys past time out of every row
+    k = _load_rows(k_base, ktok, skt, offs_d, kp < TN, TAIL, PAD_D, HEAD_D)
+    v = _load_rows(v_base, ktok, svt, offs_d, kp < TN, TAIL, PAD_D, HEAD_D)
+    return k, v, mi
+
+
+@triton.jit
+def _block_mask(MASKS, mi, BM: tl.constexpr, BN: tl.constexpr):
+    """``[BM, BN]`` bool: in-block mask ``mi`` of a custom layout (queries by keys)."""
+    mp = MASKS + mi.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+    return tl.load(mp) != 0
+
+
+@triton.jit
+def _stage_range(stage: tl.constexpr, SPLIT: tl.constexpr, sf, se, sa, sz, lo, flo, fhi, hi):
+    """``(start, end)``: the key positions of the forward's and dQ's ``stage`` (see fwd_kernel):
+    fixed's summary keys ``[0, sf)``, ``[sf, se)``, ``[se, sa)``, ``[sa, sz)`` (0-3), then the
+    pattern's own ``[lo, flo)``, ``[flo, fhi)``, ``[fhi, hi)`` (4-6), or ``[lo, hi)`` at 4 without
+    ``SPLIT``."""
+    if stage == 0:
+        start, end = 0, sf
+    elif stage == 1:
+        start, end = sf, se
+    elif stage == 2:
+        start, end = se, sa
+    elif stage == 3:
+        start, end = sa, sz
+    elif stage == 4:
+        start, end = lo, (flo if SPLIT else hi)
+    elif stage == 5:
+        start, end = flo, fhi
+    else:
+        start, end = fhi, hi
+    return start, end
+
+
+@triton.jit
 def _fwd_range(
     acc,
     l_i,
@@ -675,21 +735,18 @@ def fwd_kernel(
         start = tl.load(rp)
         end = tl.load(rp + 1)
         for e in range(start, end):
-            c = tl.load(COLS + e)
-            mi = tl.load(MASK_IDX + e)
-            kp = c * BN + tl.arange(0, BN)
-            ktok = _custom_tok(kp, PERM, TN, HAS_PERM)
-            # the layout's masks keep keys past time out of every row
-            k = _load_rows(k_base, ktok, skt, offs_d, kp < TN, TAIL, PAD_D, HEAD_D)
-            v = _load_rows(v_base, ktok, svt, offs_d, kp < TN, TAIL, PAD_D, HEAD_D)
+            k, v, mi = _custom_key_tile(
+                COLS, MASK_IDX, e, k_base, v_base, skt, svt, PERM, TN, offs_d, BN, HAS_PERM, TAIL, PAD_D, HEAD_D
+            )
             if mi >= 0:
-                mp = MASKS + mi.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-                ok = tl.load(mp) != 0
+                ok = _block_mask(MASKS, mi, BM, BN)
                 acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, ok, qk_scale, True, DOT_PREC)
             else:
                 acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, None, qk_scale, False, DOT_PREC)
     else:
         vlo = 0
+        sf, se, sa, sz = 0, 0, 0, 0  # fixed's summary ranges (stages 0-3)
+        lo, flo, fhi, hi = 0, 0, 0, 0  # the pattern's own (stages 4-6), set at stage 4
         if MODE == 3:
             vlo = _summary_start(h, VLO_A, VLO_C, VLO_NV)
             sf, se, sa, sz = _summary_bounds(m0, TN, vlo, BM, BN, P1, VSB, CAUSAL)
@@ -707,20 +764,7 @@ def fwd_kernel(
                     # narrowing (the mask drops the other document's keys), full tiles do
                     lo, flo, fhi, hi = _doc_row_bounds(lo, flo, fhi, hi, m0, T, WORK, BM, BN, CAUSAL)
             if (MODE == 3 and (stage < 2 or (stage < 4 and not CAUSAL))) or stage == 4 or (SPLIT and stage > 4):
-                if stage == 0:
-                    start, end = 0, sf
-                elif stage == 1:
-                    start, end = sf, se
-                elif stage == 2:
-                    start, end = se, sa
-                elif stage == 3:
-                    start, end = sa, sz
-                elif stage == 4:
-                    start, end = lo, (flo if SPLIT else hi)
-                elif stage == 5:
-                    start, end = flo, fhi
-                else:
-                    start, end = fhi, hi
+                start, end = _stage_range(stage, SPLIT, sf, se, sa, sz, lo, flo, fhi, hi)
                 acc, l_i, m_i = _fwd_range(
                     acc,
                     l_i,
@@ -1285,21 +1329,18 @@ def dq_kernel(
         start = tl.load(rp)
         end = tl.load(rp + 1)
         for e in range(start, end):
-            c = tl.load(COLS + e)
-            mi = tl.load(MASK_IDX + e)
-            kp = c * BN + tl.arange(0, BN)
-            ktok = _custom_tok(kp, PERM, TN, HAS_PERM)
-            # the layout's masks keep keys past time out of every row
-            k = _load_rows(k_base, ktok, skt, offs_d, kp < TN, TAIL, PAD_D, HEAD_D)
-            v = _load_rows(v_base, ktok, svt, offs_d, kp < TN, TAIL, PAD_D, HEAD_D)
+            k, v, mi = _custom_key_tile(
+                COLS, MASK_IDX, e, k_base, v_base, skt, svt, PERM, TN, offs_d, BN, HAS_PERM, TAIL, PAD_D, HEAD_D
+            )
             if mi >= 0:
-                mp = MASKS + mi.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-                ok = tl.load(mp) != 0
+                ok = _block_mask(MASKS, mi, BM, BN)
                 dq = _dq_step(dq, q, do, k, v, lse, delta, ok, qk_scale, True, DOT_PREC)
             else:
                 dq = _dq_step(dq, q, do, k, v, lse, delta, None, qk_scale, False, DOT_PREC)
     else:
         vlo = 0
+        sf, se, sa, sz = 0, 0, 0, 0  # fixed's summary ranges (stages 0-3)
+        lo, flo, fhi, hi = 0, 0, 0, 0  # the pattern's own (stages 4-6), set at stage 4
         if MODE == 3:
             vlo = _summary_start(h, VLO_A, VLO_C, VLO_NV)
             sf, se, sa, sz = _summary_bounds(m0, TN, vlo, BM, BN, P1, VSB, CAUSAL)
@@ -1312,20 +1353,7 @@ def dq_kernel(
                     # narrowing (the mask drops the other document's keys), full tiles do
                     lo, flo, fhi, hi = _doc_row_bounds(lo, flo, fhi, hi, m0, T, WORK, BM, BN, CAUSAL)
             if (MODE == 3 and (stage < 2 or (stage < 4 and not CAUSAL))) or stage == 4 or (SPLIT and stage > 4):
-                if stage == 0:
-                    start, end = 0, sf
-                elif stage == 1:
-                    start, end = sf, se
-                elif stage == 2:
-                    start, end = se, sa
-                elif stage == 3:
-                    start, end = sa, sz
-                elif stage == 4:
-                    start, end = lo, (flo if SPLIT else hi)
-                elif stage == 5:
-                    start, end = flo, fhi
-                else:
-                    start, end = fhi, hi
+                start, end = _stage_range(stage, SPLIT, sf, se, sa, sz, lo, flo, fhi, hi)
                 dq = _dq_range(
                     dq,
                     q,
