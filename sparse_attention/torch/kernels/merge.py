@@ -22,6 +22,23 @@ ROWS = 32  # rows (tokens) per program
 
 
 @triton.jit
+def _program_rows(T, H, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BT: tl.constexpr):
+    """This program's rows: ``(bh, b, h, t, d, rm, m2)``, the (batch, head) pair and its parts, ``BT``
+    positions ``t`` of that head and the ``BLOCK_D`` columns ``d``, the positions inside time
+    (``rm``) and the elements inside the tensor (``m2``, ``[BT, BLOCK_D]``)."""
+    pid = tl.program_id(0)
+    nt = tl.cdiv(T, BT)
+    bh = pid // nt
+    b = bh // H
+    h = bh % H
+    t = (pid % nt) * BT + tl.arange(0, BT)
+    d = tl.arange(0, BLOCK_D)
+    rm = t < T
+    m2 = rm[:, None] & (d[None, :] < HEAD_D)
+    return bh, b, h, t, d, rm, m2
+
+
+@triton.jit
 def _rows(base, b, h, t, sb, sh, st, offs_d):
     """Pointers to the ``[ROWS, BLOCK_D]`` tile of rows ``t`` of head ``(b, h)``."""
     return base + b.to(tl.int64) * sb + h.to(tl.int64) * sh + t.to(tl.int64)[:, None] * st + offs_d[None, :]
@@ -65,15 +82,7 @@ def _merge_fwd_kernel(
 ):
     # float scalars in float32 however they come (Inductor passes Python floats as constants)
     qk_scale = tl.cast(qk_scale, tl.float32)
-    pid = tl.program_id(0)
-    nt = tl.cdiv(T, BT)
-    bh = pid // nt
-    b = bh // H
-    h = bh % H
-    t = (pid % nt) * BT + tl.arange(0, BT)
-    d = tl.arange(0, BLOCK_D)
-    rm = t < T
-    m2 = rm[:, None] & (d[None, :] < HEAD_D)
+    bh, b, h, t, d, rm, m2 = _program_rows(T, H, HEAD_D, BLOCK_D, BT)
     q = tl.load(_rows(Q, b, h, t, sqb, sqh, sqt, d), mask=m2, other=0.0).to(tl.float32)
     k = tl.load(_rows(K, b, h, t, skb, skh, skt, d), mask=m2, other=0.0).to(tl.float32)
     lrow = bh.to(tl.int64) * T + t
@@ -135,15 +144,7 @@ def _merge_bwd_kernel(
     # float scalars in float32 however they come (Inductor passes Python floats as constants)
     qk_scale = tl.cast(qk_scale, tl.float32)
     sm_scale = tl.cast(sm_scale, tl.float32)
-    pid = tl.program_id(0)
-    nt = tl.cdiv(T, BT)
-    bh = pid // nt
-    b = bh // H
-    h = bh % H
-    t = (pid % nt) * BT + tl.arange(0, BT)
-    d = tl.arange(0, BLOCK_D)
-    rm = t < T
-    m2 = rm[:, None] & (d[None, :] < HEAD_D)
+    bh, b, h, t, d, rm, m2 = _program_rows(T, H, HEAD_D, BLOCK_D, BT)
     do = tl.load(_rows(DO, b, h, t, sdb, sdh, sdt, d), mask=m2, other=0.0).to(tl.float32)
     q = tl.load(_rows(Q, b, h, t, sqb, sqh, sqt, d), mask=m2, other=0.0).to(tl.float32)
     k = tl.load(_rows(K, b, h, t, skb, skh, skt, d), mask=m2, other=0.0).to(tl.float32)
