@@ -186,16 +186,19 @@ def time_variant(variant: str, time_: int, args, device) -> dict:
         "paths": fused_paths(model, device, impl, torch_dtype(args.dtype)),
     }
     if args.profile:
-        profile_steps(step, args.profile, device, Path(args.out) / f"profile-{variant.replace(':', '-')}-{time_}.txt")
+        path = Path(args.out) / f"profile-{variant.replace(':', '-')}-{time_}.txt"
+        out["gpu_ms_profiled"] = profile_steps(step, args.profile, device, path)
     torch._dynamo.reset()
     if cuda:
         torch.cuda.empty_cache()
     return out
 
 
-def profile_steps(step, n: int, device, path: Path) -> None:
+def profile_steps(step, n: int, device, path: Path) -> float | None:
     """``torch.profiler`` over ``n`` calls of ``step``: the top operators by self CPU time, then by
-    self CUDA time, written to ``path`` (and printed)."""
+    self CUDA time, written to ``path`` (and printed). Returns the GPU's busy milliseconds per
+    step (the kernels' summed durations; None off the GPU): against the step's time, what the
+    GPU waits."""
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -211,6 +214,11 @@ def profile_steps(step, n: int, device, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     print(text, flush=True)
+    if device.type != "cuda":
+        return None
+    # the kernels' own events (the operators' device time counts them again)
+    busy_us = sum(e.self_device_time_total for e in ka if e.device_type == torch.autograd.DeviceType.CUDA)
+    return busy_us / n / 1e3
 
 
 def fused_paths(model, device, impl, dtype) -> list[str]:
@@ -271,6 +279,12 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
                 cells += [f"{r['ms_median']:.1f}", host, sp, f"{r['peak_mem_gib']:.1f}"]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     notes = [f"- {r['variant']} T={r['context']}: {r['error']}" for r in rows if "error" in r]
+    busy = [r for r in rows if r.get("gpu_ms_profiled") is not None]
+    if busy:
+        lines += ["", "GPU busy per step (`--profile`: the kernels' summed time), against the step's median:"]
+        lines += [
+            f"- {r['variant']} T={r['context']}: {r['gpu_ms_profiled']:.2f} of {r['ms_median']:.2f} ms" for r in busy
+        ]
     paths = {r["variant"]: r["paths"] for r in rows if r.get("paths")}
     if paths:
         lines += ["", "Paths taken by `ours`:"] + [f"- {v}: {', '.join(p)}" for v, p in paths.items()]

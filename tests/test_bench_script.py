@@ -351,8 +351,10 @@ def test_bench_train_smoke_on_the_cpu(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--device", "cpu", *tiny.split()]
     cmd += ["--iters", "1", "--warmup", "1", "--no-compile", "--variants", "sdpa:dense", "ours:strided-merged"]
     for run in ("a", "b"):
-        proc = subprocess.run(cmd + ["--out", str(tmp_path / run)], capture_output=True, text=True, timeout=300)
+        extra = ["--profile", "1"] if run == "a" else []
+        proc = subprocess.run(cmd + extra + ["--out", str(tmp_path / run)], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Self CPU time total" in (tmp_path / "a" / "profile-ours-strided-merged-64.txt").read_text()
     rows = json.loads((tmp_path / "a" / "results.json").read_text())["results"]
     assert [r["variant"] for r in rows] == ["sdpa:dense", "ours:strided-merged"]
     assert all(r["ms_median"] > 0 and r["check_rel_err"] < 2e-2 for r in rows[1:])
