@@ -1,13 +1,15 @@
-"""Compile the forward and backward kernels of a source tree for sm_90 offline (no GPU needed) and write their
-PTX, to compare the code two trees generate when no device is at hand:
+"""Compile the forward and backward kernels of a source tree for sm_90 offline (no GPU needed) and
+write their PTX, to compare the code two trees generate when no device is at hand:
 
     PYTHONPATH=<tree> python scripts/ptx_compare.py OUT_PREFIX --mode fixed
 
-writes ``OUT_PREFIX_<kernel>_<i>.ptx`` for the launches of ``launch.forward`` and ``launch.backward`` at
-16,384 tokens (``--n-ctx``), 8 heads, head_dim 64, fp16 (the launches are captured, not run; the target presets'
-layouts). ``--against PREFIX`` then compares each file with the same kernel's file of another
-run (instructions only: registers, labels, line and debug records normalised away), e.g. before
-and after a change to the kernels' source that should compile to the same code.
+writes ``OUT_PREFIX_<kernel>_<i>.ptx`` for the launches of ``launch.forward`` and
+``launch.backward`` at 16,384 tokens (``--n-ctx``), 8 heads, head_dim 64, fp16 (the launches are
+captured, not run; the target presets' layouts), each argument specialised as Triton's JIT
+specialises it at a launch. ``--against PREFIX`` then compares each file with the same kernel's
+file of another run (instructions only: registers, labels, line and debug records normalised
+away), e.g. before and after a change to the kernels' source that should compile to the same
+code.
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ import os
 import re
 
 from sparse_attention.utils.benchmark import script_parser
-
-DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int32": "i32", "int64": "i64", "int8": "i8"}
 
 
 def capture(mode: str, time: int = 16384, documents: bool = False, doc_rows: bool = False, causal: bool = True):
@@ -67,28 +67,34 @@ def capture(mode: str, time: int = 16384, documents: bool = False, doc_rows: boo
 
 
 def compile_ptx(kernel, args, kw) -> str:
-    import torch
+    """``kernel``'s sm_90 PTX for these arguments, specialised as Triton's JIT does at a launch
+    (integers equal to 1 as constants, integers and pointers divisible by 16 marked so, except
+    the kernel's ``do_not_specialize`` arguments): without that the loads are not vectorised."""
+    from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
     from triton.compiler import compile as triton_compile
 
+    target = GPUTarget("cuda", 90, 32)
+    backend = CUDABackend(target)
     names = kernel.arg_names
     given = dict(zip([n for n in names if n not in kw], args))
-    sig, const = {}, {}
-    for n in names:
+    sig, const, attrs = {}, {}, {}
+    for i, n in enumerate(names):
         if n in kw:
             sig[n], const[n] = "constexpr", kw[n]
-        elif isinstance(given[n], torch.Tensor):
-            sig[n] = "*" + DTYPES[str(given[n].dtype).replace("torch.", "")]
-        elif isinstance(given[n], bool):
-            sig[n] = "i1"
-        elif isinstance(given[n], int):
-            sig[n] = "i64" if abs(given[n]) >= 2**31 else "i32"
-        else:
-            sig[n] = "fp32"
+            continue
+        ty, attr = native_specialize_impl(CUDABackend, given[n], False, n not in kernel.do_not_specialize, True)
+        if ty == "constexpr":  # an integer equal to 1
+            sig[n], const[n] = ty, attr
+            continue
+        sig[n] = ty
+        if attr:
+            attrs[(i,)] = backend.parse_attr(attr)
     opts = {"num_warps": kw.get("num_warps", 4), "num_stages": kw.get("num_stages", 3)}
-    src = ASTSource(fn=kernel, signature=sig, constexprs=const)
-    return triton_compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
+    src = ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs)
+    return triton_compile(src, target=target, options=opts).asm["ptx"]
 
 
 def instructions(ptx: str) -> list[str]:
