@@ -521,30 +521,19 @@ def _rule_csr(time, b, head_pattern, ent_row, cols, ent_head, rule, cand, key=No
         evaluate = cand
     mask_idx = np.full(cols.size, -1, np.int64)
     empty = np.zeros(cols.size, bool)
-    masks = []
+    masks = tables.MaskTable(b)
     step = max(1, (1 << 22) // (b * b))
     for start in range(0, evaluate.size, step):  # in chunks: a mask per entry is b * b bools
         e = evaluate[start : start + step]
         i = (ent_row[e, None] * b + np.arange(b))[:, :, None]
         j = (cols[e, None] * b + np.arange(b))[:, None, :]
         m = np.broadcast_to(rule(i, j, ent_head[e, None, None]) & (i < time) & (j < time), (e.size, b, b))
-        flat = m.reshape(e.size, -1)
-        empty[e] = ~flat.any(axis=1)
-        part = ~flat.all(axis=1)
-        if part.any():
-            mask_idx[e[part]] = sum(len(x) for x in masks) + np.arange(int(part.sum()))
-            masks.append(np.packbits(flat[part], axis=1))
+        empty[e] = ~m.reshape(e.size, -1).any(axis=1)
+        mask_idx[e] = masks.add(m)  # full blocks: -1
     if key is not None and shared.any():
         rep = cand[shared][first][inverse]  # each shared candidate's evaluated entry
         mask_idx[cand[shared]], empty[cand[shared]] = mask_idx[rep], empty[rep]
-    block_masks = np.zeros((0, b, b), bool)
-    if masks:  # one copy of each mask (rows of packed bits compared as one opaque value each)
-        packed = np.ascontiguousarray(np.concatenate(masks))
-        uniq, inv = np.unique(packed.view(f"V{packed.shape[1]}").reshape(-1), return_inverse=True)
-        uniq = np.frombuffer(uniq.tobytes(), np.uint8).reshape(len(uniq), packed.shape[1])
-        block_masks = np.unpackbits(uniq, axis=1)[:, : b * b].reshape(-1, b, b).astype(bool)
-        has = mask_idx >= 0
-        mask_idx[has] = np.asarray(inv).reshape(-1)[mask_idx[has]]
+    block_masks = masks.stack()
     keep = ~empty
     P = int(np.max(head_pattern)) + 1
     pat = np.zeros(cols.size, np.int64)
@@ -902,7 +891,7 @@ def stack_heads(parts) -> Layout:
         raise ValueError("stack_heads needs at least one (first_head, n_heads, layout)")
     first = parts[0][2]
     row_ptrs, cols, midx, heads = [], [], [], []
-    masks, index = [], {}
+    masks = tables.MaskTable(first.blocksize)
     entries = patterns = expect = 0
     for h0, hn, lay in parts:
         if not isinstance(lay, Layout) or h0 != expect or lay.heads != hn:
@@ -925,20 +914,16 @@ def stack_heads(parts) -> Layout:
             if not sel.size:
                 continue
             block = lay.entry_masks(p, rows[sel], lay.cols[sel].astype(np.int64), sel if lay.mode == "custom" else None)
-            for e, m in zip(sel, block):
-                if m.all():
-                    continue
-                key = m.tobytes()
-                if key not in index:
-                    index[key] = len(masks)
-                    masks.append(m)
-                own[e] = index[key]
+            own[sel] = masks.add(block)
         midx.append(own)
         heads.append(lay.head_pattern + patterns)
         entries += lay.nnz
         patterns += lay.n_patterns
-    b = first.blocksize
-    block_masks = np.stack(masks) if masks else np.zeros((0, b, b), bool)
     return csr_layout(
-        np.concatenate(row_ptrs), np.concatenate(cols), b, np.concatenate(heads), np.concatenate(midx), block_masks
+        np.concatenate(row_ptrs),
+        np.concatenate(cols),
+        first.blocksize,
+        np.concatenate(heads),
+        np.concatenate(midx),
+        masks.stack(),
     )

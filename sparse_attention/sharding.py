@@ -237,7 +237,7 @@ def _sub_layout(lay: Layout, parts, n_rows: int, n_cols: int) -> Layout:
     P = lay.n_patterns
     row_ptr = np.zeros((P, n + 1), np.int64)
     all_cols, all_mask = [], []
-    masks, index = [], {}
+    masks = tables.MaskTable(lay.blocksize)
     base = 0
     for p, (rows, cols, lrows, lcols, ents) in enumerate(parts):
         order = np.lexsort((lcols, lrows))
@@ -249,20 +249,12 @@ def _sub_layout(lay: Layout, parts, n_rows: int, n_cols: int) -> Layout:
         midx = np.full(rows.size, -1, np.int32)
         part = np.nonzero(tables.partial_entries(lay, rows, cols, ents))[0]
         if part.size:
-            m = lay.entry_masks(p, rows[part], cols[part], None if ents is None else ents[part])
-            for e, mask in zip(part, m):
-                if mask.all():
-                    continue
-                key = mask.tobytes()
-                if key not in index:
-                    index[key] = len(masks)
-                    masks.append(mask)
-                midx[e] = index[key]
+            midx[part] = masks.add(lay.entry_masks(p, rows[part], cols[part], None if ents is None else ents[part]))
         all_cols.append(lcols)
         all_mask.append(midx)
-    b = lay.blocksize
-    block_masks = np.stack(masks) if masks else np.zeros((0, b, b), bool)
-    return csr_layout(row_ptr, np.concatenate(all_cols), b, lay.head_pattern, np.concatenate(all_mask), block_masks)
+    return csr_layout(
+        row_ptr, np.concatenate(all_cols), lay.blocksize, lay.head_pattern, np.concatenate(all_mask), masks.stack()
+    )
 
 
 def _same_pattern(a: Layout, b: Layout) -> bool:

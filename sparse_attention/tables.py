@@ -121,6 +121,56 @@ def entry_masks(lay, pattern: int, rows, cols, entries=None) -> np.ndarray:
     return ok
 
 
+class MaskTable:
+    """The distinct in-block masks (``bool [b, b]``) of a layout being built, each stored once, in
+    the order first seen: :meth:`add` gives masks their indices, :meth:`stack` the ``[n, b, b]``
+    array the indices point into. ``seed``: masks that take the first indices. Vectorised (masks
+    compared as their packed bits, one opaque value each): layouts of many documents have
+    thousands of distinct masks."""
+
+    def __init__(self, blocksize: int, seed=()):
+        self.blocksize = blocksize
+        width = -(-blocksize * blocksize // 8)
+        self._keys = np.zeros(0, f"V{width}")  # packed masks, by index
+        self._order = np.zeros(0, np.int64)  # indices sorting _keys
+        if len(seed):
+            self.add(np.asarray(seed, bool), full=None)
+
+    def _packed(self, masks: np.ndarray) -> np.ndarray:
+        packed = np.ascontiguousarray(np.packbits(masks.reshape(len(masks), -1), axis=1))
+        return packed.view(self._keys.dtype).reshape(-1)
+
+    def add(self, masks, full: int | None = -1) -> np.ndarray:
+        """int32 indices of ``masks`` (``bool [n, b, b]``); a full mask gets ``full`` (-1: the
+        tables' "every pair"), or with ``full=None`` an index like any other."""
+        masks = np.asarray(masks, bool)
+        if not len(masks):
+            return np.empty(0, np.int32)
+        uniq, first, inverse = np.unique(self._packed(masks), return_index=True, return_inverse=True)
+        ids = np.full(len(uniq), -2, np.int64)
+        if full is not None:
+            ids[uniq == self._packed(np.ones((1, self.blocksize, self.blocksize), bool))[0]] = full
+        if len(self._keys):  # already in the table
+            known = self._keys[self._order]
+            pos = np.minimum(np.searchsorted(known, uniq), len(known) - 1)
+            hit = (known[pos] == uniq) & (ids == -2)
+            ids[hit] = self._order[pos[hit]]
+        new = np.nonzero(ids == -2)[0]
+        new = new[np.argsort(first[new], kind="stable")]  # first seen, first indexed
+        ids[new] = len(self._keys) + np.arange(len(new))
+        if len(new):
+            self._keys = np.concatenate([self._keys, uniq[new]])
+            self._order = np.argsort(self._keys, kind="stable")
+        return ids[np.asarray(inverse).reshape(-1)].astype(np.int32)
+
+    def stack(self) -> np.ndarray:
+        b = self.blocksize
+        if not len(self._keys):
+            return np.zeros((0, b, b), bool)
+        bits = np.unpackbits(self._keys.view(np.uint8).reshape(len(self._keys), -1), axis=1)
+        return bits[:, : b * b].reshape(-1, b, b).astype(bool)
+
+
 def padded_rows(lay, pattern: int, r0: int, r1: int):
     """The enabled key blocks of query-block rows ``r0:r1`` of a pattern, padded to the longest
     row: ``(cols int64 [n, maxc], valid bool [n, maxc], entries int64 [n, maxc] or None)``.

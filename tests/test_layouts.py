@@ -330,3 +330,21 @@ def test_builtin_pattern_names_causal_and_bidirectional_layouts():
     assert builtin_pattern(retile(bidir, 32))[1]["blocksize"] == 16
     assert builtin_pattern(packed_layout([0, 100, 256], 4, "fixed", blocksize=16, **kw)) is None
     assert builtin_pattern(packed_layout([0, 100, 256], 4, "fixed", blocksize=16, causal=False, **kw)) is None
+
+
+def test_mask_table_keeps_each_mask_once_in_first_seen_order():
+    """``tables.MaskTable``: one copy of each distinct mask, indexed in the order first seen
+    across calls; full masks get -1 (or, with ``full=None``, an index); seeds come first."""
+    from sparse_attention.tables import MaskTable
+
+    rng = np.random.default_rng(0)
+    a, b_, c = (rng.random((4, 4)) < 0.5 for _ in range(3))
+    full = np.ones((4, 4), bool)
+    t = MaskTable(4)
+    assert t.add(np.stack([b_, full, a, b_])).tolist() == [0, -1, 1, 0]
+    assert t.add(np.stack([c, a])).tolist() == [2, 1]
+    assert t.add(np.zeros((0, 4, 4), bool)).tolist() == []
+    assert np.array_equal(t.stack(), np.stack([b_, a, c]))
+    seeded = MaskTable(4, seed=[np.zeros((4, 4), bool), full])
+    assert seeded.add(np.stack([a, full]), full=None).tolist() == [2, 1]
+    assert MaskTable(4).stack().shape == (0, 4, 4)

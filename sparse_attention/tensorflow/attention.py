@@ -23,7 +23,7 @@ import tensorflow as tf
 from ..frontend import Documents
 from ..layouts import Layout
 from ..modes import document_mask, pattern_allowed
-from ..tables import row_chunks, token_index_padded
+from ..tables import MaskTable, row_chunks, token_index_padded
 
 _FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
@@ -170,8 +170,7 @@ def plan_layout(layout: Layout) -> _Plan:
     if plan is not None:
         return plan
     b = layout.blocksize
-    masks = [np.zeros((b, b), bool), np.ones((b, b), bool)]
-    index = {np.packbits(m).tobytes(): i for i, m in enumerate(masks)}
+    masks = MaskTable(b, seed=[np.zeros((b, b), bool), np.ones((b, b), bool)])  # 0: no pair, 1: every pair
     counts = layout.row_counts()
     heads_of, chunks = [], []
     for p in range(layout.n_patterns):
@@ -186,21 +185,12 @@ def plan_layout(layout: Layout) -> _Plan:
             em = layout.entry_masks(p, rows, cols[valid], None if entries is None else entries[valid])
             idx = np.zeros(cols.shape, np.int32)
             if em.shape[0]:
-                packed = np.packbits(em.reshape(em.shape[0], -1), axis=1)
-                uniq, inv = np.unique(packed, axis=0, return_inverse=True)
-                ids = np.empty(len(uniq), np.int32)
-                for u, row in enumerate(uniq):
-                    key = row.tobytes()
-                    if key not in index:
-                        index[key] = len(masks)
-                        masks.append(np.unpackbits(row)[: b * b].reshape(b, b).astype(bool))
-                    ids[u] = index[key]
-                idx[valid] = ids[np.asarray(inv).reshape(-1)]
+                idx[valid] = masks.add(em, full=None)
             pchunks.append(_Chunk(r0, r1, cols.astype(np.int32), idx, b))
         chunks.append(pchunks)
     # block-order positions over whole blocks: past time (no token) the identity
     perm = None if layout.perm is None else token_index_padded(layout.time, layout.nb * b, layout.perm).astype(np.int32)
-    plan = _Plan(heads_of, chunks, np.stack(masks), perm)
+    plan = _Plan(heads_of, chunks, masks.stack(), perm)
     _PLANS[layout] = plan
     return plan
 
