@@ -153,6 +153,7 @@ def test_gather_path_chunking(monkeypatch, budget, mode):
     # Chunks of several rows share key blocks (gathered once); one-row chunks share none. Every
     # chunking must give the reference's result.
     monkeypatch.setattr(gather, "CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(gather, "CPU_CHUNK_ELEMENTS", budget)
     layout = {
         "all": lambda: make_layout(512, 2, "all", blocksize=16),
         "fixed": lambda: make_layout(512, 2, "fixed", 64, 16, 2, 1),
