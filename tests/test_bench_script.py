@@ -481,3 +481,17 @@ def test_bench_features_smoke_on_the_cpu(tmp_path):
     assert "| fixed | long-tailed |" in (tmp_path / "features.md").read_text()
     tails = {r["mode"] for r in rows if "unpacked [1, T - 1]" in r["results"]}
     assert tails == {"all", "local", "fixed"}  # strided's time is a multiple of its stride
+
+
+def test_bench_cpu_smoke(tmp_path):
+    """``bench_cpu.py`` at a tiny size: ours and both SDPA peers for every mode, a table row each."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_cpu.py"), "--times", "256", "--budget", "0.01"]
+    cmd += ["--tag", "smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((tmp_path / "cpu-smoke.json").read_text())
+    assert [(r["mode"], r["time"]) for r in rec["rows"]] == [(m, 256) for m in ("local", "strided", "fixed", "all")]
+    for r in rec["rows"]:
+        assert set(r["results"]) == {"ours", "sdpa causal", "sdpa mask"}
+        assert all(v["fwd_ms"] > 0 and v["fb_ms"] > 0 for v in r["results"].values()), r
+    assert "| fixed | 256 |" in (tmp_path / "cpu-smoke.md").read_text()
