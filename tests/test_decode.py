@@ -100,8 +100,21 @@ def _reference(q, K, V, spec, heads, i, end):
 
 
 def _run_cache(
-    name, kernel, bounded, dtype, D=32, steps=(1, 3), prompts=(5, 40, 64), heads=4, n_ctx=192, kv_heads=None
+    name,
+    kernel,
+    bounded,
+    dtype,
+    D=32,
+    steps=(1, 3),
+    prompts=(5, 40, 64),
+    heads=4,
+    n_ctx=192,
+    kv_heads=None,
+    gather=0.25,
 ):
+    """``kernel`` False: off the kernel, a step gathers the keys a closed form names where they are
+    at most ``gather`` of the slots (1: always; unused slots are then NaN, as for the kernel),
+    else masked attention over every slot (0: always)."""
     from sparse_attention.torch import decode as dec
 
     spec = SPECS[name]
@@ -113,12 +126,12 @@ def _run_cache(
     K, V = (torch.randn(Bn, HK, n_ctx, D, generator=g).to(dev, dtype) for _ in range(2))
     # the reference reads the key/value head of each query head (grouped-query attention)
     Kq, Vq = (x.repeat_interleave(heads // HK, dim=1) for x in (K, V))
-    old = dec.KERNEL_ON_CPU
-    dec.KERNEL_ON_CPU = kernel
+    old = dec.KERNEL_ON_CPU, dec.GATHER_FRACTION
+    dec.KERNEL_ON_CPU, dec.GATHER_FRACTION = kernel, gather
     try:
         layer = dec.CacheLayer(spec, heads, D, B16, Bn, n_ctx, dtype, dev, bounded, max(steps), kv_heads)
         assert layer.kernel == kernel
-        if kernel:
+        if kernel or (gather >= 1 and layer.gathered):
             # slots nobody wrote are NaN: a key read outside the pattern shows up
             layer.k.fill_(float("nan"))
             layer.v.fill_(float("nan"))
@@ -145,14 +158,17 @@ def _run_cache(
                     torch.testing.assert_close(out[b, :, t].cpu().double(), want, rtol=tol, atol=tol)
             lengths += step
     finally:
-        dec.KERNEL_ON_CPU = old
+        dec.KERNEL_ON_CPU, dec.GATHER_FRACTION = old
     return layer
 
 
+@pytest.mark.parametrize("gather", [0.0, 0.25, 1.0], ids=["masked", "default", "gathered"])
 @pytest.mark.parametrize("bounded", [False, True])
 @pytest.mark.parametrize("name", list(SPECS))
-def test_fallback_cache_equals_reference(name, bounded):
-    _run_cache(name, kernel=False, bounded=bounded, dtype=torch.float32)
+def test_fallback_cache_equals_reference(name, bounded, gather):
+    layer = _run_cache(name, kernel=False, bounded=bounded, dtype=torch.float32, gather=gather)
+    # every closed form gathers its keys (the block rows of custom layouts and other unions do not)
+    assert layer.gathered == (not name.startswith("custom") and name != "local|fixed")
 
 
 @pytest.fixture(scope="module")
@@ -174,15 +190,18 @@ GQA_SPECS = ["all", "local", "strided", "fixed", "fixed-nv2", "per-head", "group
 @pytest.mark.parametrize("kv_heads", [1, 2])
 @pytest.mark.parametrize("bounded", [False, True])
 @pytest.mark.parametrize("name", GQA_SPECS)
-@pytest.mark.parametrize("kernel", [False, True], ids=["masked", "kernel"])
+@pytest.mark.parametrize("kernel", [0.0, 1.0, True], ids=["masked", "gathered", "kernel"])
 def test_grouped_query_cache(request, kernel, name, bounded, kv_heads):
     """A cache of ``kv_heads`` key/value heads for 4 query heads (grouped-query attention): the
     decode kernel and the masked path read head ``h // (4 // kv_heads)``, and equal the float64
     reference at every step; a bounded cache stays bounded where the group shares its summary
     keys (one summary class), and keeps every position where it does not (fixed-nv2)."""
-    if kernel:
+    if kernel is True:
         request.getfixturevalue("kernels")
-    layer = _run_cache(name, kernel=kernel, bounded=bounded, dtype=torch.float32, kv_heads=kv_heads)
+    gather = 0.25 if kernel is True else kernel
+    layer = _run_cache(
+        name, kernel=kernel is True, bounded=bounded, dtype=torch.float32, kv_heads=kv_heads, gather=gather
+    )
     assert layer.k.shape[1] == kv_heads
     if bounded and name == "fixed-nv2":
         assert layer.slots == 192
@@ -229,7 +248,7 @@ FUNCTIONAL = {
 }
 
 
-@pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize("kernel", [False, "gathered", True])
 @pytest.mark.parametrize("name", list(FUNCTIONAL) + ["layout"])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 def test_blocksparse_decode_equals_the_full_attention(name, kernel, kv_heads, monkeypatch):
@@ -239,12 +258,13 @@ def test_blocksparse_decode_equals_the_full_attention(name, kernel, kv_heads, mo
     from sparse_attention.torch import blocksparse_decode
     from sparse_attention.torch import decode as dec
 
-    if kernel:
+    monkeypatch.setattr(dec, "GATHER_FRACTION", 1.0 if kernel == "gathered" else 0.0)
+    if kernel is True:
         pytest.importorskip("triton")
         if not INTERPRET and not torch.cuda.is_available():
             pytest.skip("needs CUDA or TRITON_INTERPRET=1")
         monkeypatch.setattr(dec, "KERNEL_ON_CPU", True)
-    dev = device() if kernel else "cpu"
+    dev = device() if kernel is True else "cpu"
     kw = FUNCTIONAL.get(name) or dict(attn_mode=_custom(causal=True, diagonal=True).layout)
     B, N, heads, d, t = 3, (192 if name in FUNCTIONAL else 256), 4, 16, 2
     g = torch.Generator().manual_seed(0)

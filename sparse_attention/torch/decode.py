@@ -7,23 +7,41 @@ every position: nothing grows with the context on the host, and the step can be 
 CUDA graph. Sequences of one batch may sit at different positions (prompts of different lengths).
 
 :meth:`CacheLayer.attend` runs the decode kernel (:mod:`.kernels.decode`) on CUDA, one launch per
-head group of the layer's pattern; elsewhere (CPU, a pattern with no plan: custom layouts, other
-unions) it runs masked attention over the cache's slots under the spec's closed form
-(:meth:`Spec.allowed` at the positions each slot holds).
+head group of the layer's pattern. Elsewhere (the CPU) a pattern whose keys are runs in closed
+form (:mod:`sparse_attention.decoding`: the built-in modes and their unions) gathers exactly the
+slots the kernel would read and attends to them (:func:`_gathered_step`), so a step costs what its
+pattern reads, not the whole cache; any other pattern (custom layouts, other unions) runs masked
+attention over the cache's slots under the spec's closed form (:meth:`Spec.allowed` at the
+positions each slot holds).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
 
-from ..decoding import DecodePlan, spec_plans
-from .reference import masked_attention
+from ..decoding import (
+    RUN_GROUP,
+    RUN_NONE,
+    RUN_WINDOW,
+    SECOND_BLOCKS,
+    SECOND_STRIDED,
+    SECOND_SUMMARY,
+    DecodePlan,
+    spec_plans,
+)
+from .reference import compute_dtype, masked_attention
 
 # Tests set this (with TRITON_INTERPRET=1) to run the decode kernel on CPU tensors (read when a
 # cache is made).
 KERNEL_ON_CPU = False
+# Off a GPU, a step whose queries read at most this fraction of a cache's slots gathers the keys a
+# closed-form plan names; others run masked attention over every slot, as custom layouts do (on 2
+# CPU cores, 8 heads, head_dim 64: gathering 128 keys costs about what SDPA over 4,096 does, and
+# stays flat as the cache grows). Tests set 0 (always masked) and 1 (always gathered).
+GATHER_FRACTION = 0.25
 
 
 class CacheLayer:
@@ -59,6 +77,9 @@ class CacheLayer:
         # the decode kernel finds its keys' slots in closed form; the masked path reads positions
         dev = torch.device(device)
         self.kernel = all(p is not None for _, _, p in self.groups) and (dev.type == "cuda" or KERNEL_ON_CPU)
+        # off the kernel: the keys a closed form names, or (custom layouts; a step that reads most
+        # slots anyway) masked attention over the slots at the positions they hold
+        self.gathered = not self.kernel and all(_closed(p) for _, _, p in self.groups)
         self.pos = None if self.kernel else torch.full((batch, kv_heads, S), -1, dtype=torch.int64, device=device)
         self._heads = torch.arange(kv_heads, device=device)
         self.splits: dict = {}
@@ -107,6 +128,10 @@ class CacheLayer:
         if self.kernel:
             out = torch.empty(qh.shape, dtype=qh.dtype, device=qh.device)
             return _kernel_step(qh, self.k, self.v, lengths, self.groups, self.n_ctx, out, self.splits)
+        if self.gathered:
+            out = _gathered_step(qh, self.k, self.v, lengths, self.groups, self.slots)
+            if out is not None:
+                return out
         i = lengths[:, None] + torch.arange(qh.shape[2], device=qh.device)  # [B, t]
         j = _per_query_head(self.pos[:, :, : self.slots], self.group)
         extra = None
@@ -117,7 +142,8 @@ class CacheLayer:
             summary = torch.arange(self.slots, device=qh.device) >= p.sum_base
             extra = summary == ((j // p.P)[:, :, None, :] < (i // p.P)[:, None, :, None])
         k, v = (_per_query_head(x[:, :, : self.slots], self.group) for x in (self.k, self.v))
-        return _masked_step(self.spec, self.heads, self.blocksize, qh, k, v, i, j, j >= 0, extra)
+        # (a slot holds zeros or keys written before: finite, so masked weights need no zeroing)
+        return _masked_step(self.spec, self.heads, self.blocksize, qh, k, v, i, j, j >= 0, extra, finite=True)
 
 
 def _per_query_head(x, group: int):
@@ -145,17 +171,98 @@ def _kernel_step(qh, kh, vh, lengths, groups, n_ctx, out, splits=None):
     return out
 
 
-def _masked_step(spec, heads, blocksize, qh, kh, vh, i, j, keep, extra=None):
+def _closed(plan) -> bool:
+    """Whether ``plan`` names its keys in closed form (not a layout's block rows)."""
+    return plan is not None and plan.second != SECOND_BLOCKS
+
+
+def _gathered_step(qh, kh, vh, lengths, groups, slots: int):
+    """:func:`_kernel_step` in tensor operations, for any device: per head group, the cache slots
+    of the keys each query reads (:func:`_plan_slots`, the decode kernel's enumeration), gathered
+    and attended to; ``kh, vh [B, kv_heads, slots, d]`` (``H % kv_heads == 0``). Reads nothing
+    else, so slots that hold no key may hold anything. None where a query may read more than
+    :data:`GATHER_FRACTION` of the ``slots`` (``all``, a bounded cache): masked attention over
+    every slot costs less there than gathering them."""
+    B, H, t, D = qh.shape
+    group = H // kh.shape[1]
+    last = int(lengths.max()) + t
+    counts = [max(plan.max_keys(last), 1) for _, _, plan in groups]
+    if max(counts) > GATHER_FRACTION * slots:
+        return None
+    i = lengths[:, None] + torch.arange(t, device=qh.device)  # [B, t]
+    outs = []
+    for (h0, hn, plan), V in zip(groups, counts):
+        slot, valid = _plan_slots(plan, i, torch.arange(h0, h0 + hn, device=qh.device), V)  # [B, hn, t, V]
+        # (batch row, key/value head, slot) of each key: only those rows are read, whatever the strides
+        rows = torch.arange(B, device=qh.device)[:, None, None]
+        kv = (torch.arange(h0, h0 + hn, device=qh.device) // group)[None, :, None]
+        k, v = (x[rows, kv, slot.view(B, hn, t * V)].view(B, hn, t, V, D) for x in (kh, vh))
+        outs.append(_attend_rows(qh[:, h0 : h0 + hn], k, v, valid))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def _attend_rows(q, k, v, valid):
+    """Each query ``q [B, h, t, d]`` over its own keys ``k, v [B, h, t, V, d]`` where ``valid``
+    ``[B, h, t, V]``; computed in :func:`compute_dtype`, returned in ``q``'s dtype; a query with
+    no key gets 0."""
+    cd = compute_dtype(q.dtype)
+    s = torch.matmul(k.to(cd), q.to(cd)[..., None])[..., 0] * (1.0 / math.sqrt(q.shape[-1]))  # [B, h, t, V]
+    s = s.masked_fill(~valid, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isfinite(m), m, 0.0))
+    den = p.sum(dim=-1, keepdim=True)
+    p = p / torch.where(den > 0, den, 1.0)
+    # (keys not read may hold anything: zero weights must not multiply them)
+    v = torch.where(valid[..., None], v.to(cd), 0.0)
+    return torch.matmul(p[..., None, :], v)[..., 0, :].to(q.dtype)
+
+
+def _plan_slots(plan, i, heads, V: int):
+    """``(slot, valid)``, ``[B, len(heads), t, V]``: the cache slots of the keys a query at ``i``
+    ``[B, t]`` of head ``heads[h]`` reads under ``plan`` (a closed form: :func:`_closed`), key
+    ``v`` of :func:`sparse_attention.decoding.keys`' order, and whether it exists (``v`` below the
+    query's count); slot 0 where it does not."""
+    I = i[:, None, :, None]  # noqa: E741 - [B, 1, t, 1]
+    h = heads[None, :, None, None]
+    v = torch.arange(V, device=i.device)
+    if plan.second == SECOND_STRIDED:
+        n2 = torch.clamp(I - plan.excl - I % plan.P + plan.P, min=0) // plan.P
+        second = I % plan.P + v * plan.P
+    elif plan.second == SECOND_SUMMARY:
+        n2 = I // plan.P * plan.c
+        second = v // plan.c * plan.P + (plan.vlo_a - h % plan.nv * plan.vlo_c) + v % plan.c
+    else:
+        n2, second = torch.zeros_like(I), v
+    if plan.run == RUN_WINDOW:
+        start = torch.clamp(I - plan.W + 1, min=0)
+    elif plan.run == RUN_GROUP:
+        start = I // plan.W * plan.W
+    else:  # RUN_ALL from 0; RUN_NONE reads no run
+        start = torch.zeros_like(I)
+    n1 = torch.zeros_like(I) if plan.run == RUN_NONE else I - start + 1
+    is2 = v < n2
+    pos = torch.where(is2, second, start + (v - n2))
+    slot = pos % plan.ring if plan.ring else pos
+    if plan.sum_base >= 0:  # a bounded cache keeps summary key v at sum_base + v
+        slot = torch.where(is2, plan.sum_base + v, slot)
+    shape = (i.shape[0], len(heads), i.shape[1], V)
+    valid = (v < n2 + n1).expand(shape)
+    return torch.where(valid, slot, 0), valid
+
+
+def _masked_step(spec, heads, blocksize, qh, kh, vh, i, j, keep, extra=None, finite=False):
     """Masked attention of ``qh [B, H, t, d]`` at positions ``i [B, t]`` over keys at positions ``j``
     (``[B, H or 1, S]``) that count where ``keep`` (same shape) and ``extra`` (``[B, H, t, S]``, if
-    given) allow, under the spec's closed form; keys not kept are zeroed first (they may hold NaN)."""
+    given) allow, under the spec's closed form; keys not kept are zeroed first (they may hold NaN),
+    unless every slot is known to be ``finite``."""
     h = torch.arange(heads, device=qh.device)[None, :, None, None]
     mask = spec.allowed(i[:, None, :, None], j.clamp(min=0)[:, :, None, :], h, heads, blocksize)
     mask = mask & keep[:, :, None, :]
     if extra is not None:
         mask = mask & extra
-    k, v = (torch.where(keep[..., None], x, 0) for x in (kh, vh))
-    return masked_attention(qh, k, v, mask)
+    if not finite:
+        kh, vh = (torch.where(keep[..., None], x, 0) for x in (kh, vh))
+    return masked_attention(qh, kh, vh, mask)
 
 
 def _with_slots(plan: DecodePlan, cache_plan: DecodePlan) -> DecodePlan:
@@ -255,6 +362,11 @@ def blocksparse_decode(
         _kernel_step(qh, kh, vh, lengths, groups, n_ctx, out.transpose(1, 2))
         return out.view(B, t, dim)
     end = int(lengths.max()) + t
+    if all(_closed(p) for _, _, p in groups):
+        o = _gathered_step(qh, kh, vh, lengths, groups, end)
+        if o is not None:
+            out.transpose(1, 2).copy_(o)
+            return out.view(B, t, dim)
     i = lengths[:, None] + torch.arange(t, device=q.device)  # [B, t]
     j = torch.arange(end, device=q.device).expand(B, 1, end)
     keep = j < (lengths + t)[:, None, None]  # rows past each sequence are not read
