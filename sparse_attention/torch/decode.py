@@ -17,7 +17,6 @@ positions each slot holds).
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
@@ -32,7 +31,7 @@ from ..decoding import (
     DecodePlan,
     spec_plans,
 )
-from .reference import compute_dtype, masked_attention
+from .reference import masked_attention
 
 # Tests set this (with TRITON_INTERPRET=1) to run the decode kernel on CPU tensors (read when a
 # cache is made).
@@ -203,18 +202,10 @@ def _gathered_step(qh, kh, vh, lengths, groups, slots: int):
 
 def _attend_rows(q, k, v, valid):
     """Each query ``q [B, h, t, d]`` over its own keys ``k, v [B, h, t, V, d]`` where ``valid``
-    ``[B, h, t, V]``; computed in :func:`compute_dtype`, returned in ``q``'s dtype; a query with
-    no key gets 0."""
-    cd = compute_dtype(q.dtype)
-    s = torch.matmul(k.to(cd), q.to(cd)[..., None])[..., 0] * (1.0 / math.sqrt(q.shape[-1]))  # [B, h, t, V]
-    s = s.masked_fill(~valid, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
-    p = torch.exp(s - torch.where(torch.isfinite(m), m, 0.0))
-    den = p.sum(dim=-1, keepdim=True)
-    p = p / torch.where(den > 0, den, 1.0)
-    # (keys not read may hold anything: zero weights must not multiply them)
-    v = torch.where(valid[..., None], v.to(cd), 0.0)
-    return torch.matmul(p[..., None, :], v)[..., 0, :].to(q.dtype)
+    ``[B, h, t, V]`` (:func:`masked_attention`, one key row per query); keys not valid may hold
+    anything, so their values are zeroed first."""
+    v = torch.where(valid[..., None], v, 0)
+    return masked_attention(q[..., None, :], k, v, valid[..., None, :])[..., 0, :]
 
 
 def _plan_slots(plan, i, heads, V: int):
